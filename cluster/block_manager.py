@@ -1,0 +1,192 @@
+"""KV block bookkeeping: reference counts, hash-chained prefix caching, LRU eviction.
+
+Pure Python; owned by the scheduler. Workers only ever see block ids (block tables).
+
+Lifecycle of a block:
+    free (never used, or evicted)  --allocate-->  in use (ref_count >= 1)
+    in use  --cache_blocks (full, KV written)-->  in use + hashed (shareable by later requests)
+    in use + hashed  --free (ref_count -> 0)-->  cached: still findable by hash, at the tail of the
+        free queue, so it is evicted only when every older free block has been reused (LRU)
+    cached  --a later request's prefix matches-->  in use again (a "hit")
+
+A block's hash is chained: hash(parent block's hash, this block's token ids), so equal hashes
+mean equal whole prefixes. The hash is stable across processes (blake2b), which lets the router
+compute a prompt's block hashes itself and route on the hashes groups publish.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+def hash_block(parent: int | None, token_ids: Sequence[int]) -> int:
+    """Stable 63-bit hash of a full block given its parent's hash."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update((parent if parent is not None else -1).to_bytes(8, "little", signed=True))
+    h.update(array("q", token_ids).tobytes())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
+    """Hashes of every full block of `token_ids`, in order."""
+    out: list[int] = []
+    parent: int | None = None
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = hash_block(parent, token_ids[start : start + block_size])
+        out.append(parent)
+    return out
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be >= 1")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Blocks with ref_count 0, least recently freed first. Dict-as-ordered-set: O(1) removal
+        # when a cached block is hit again.
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._cached: dict[int, int] = {}  # hash -> block id
+        self._tables: dict[str, list[int]] = {}
+        self._num_hashed: dict[str, int] = {}  # req -> full blocks already hashed
+        self._hashes: dict[str, list[int]] = {}  # req -> chain of its hashed blocks
+        self.prefix_queries = 0  # tokens looked up in the prefix cache
+        self.prefix_hits = 0  # tokens found there
+
+    # ---- queries -----------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self._free) / self.num_blocks
+
+    def block_table(self, req_id: str) -> list[int]:
+        return self._tables.get(req_id, [])
+
+    def cached_block_hashes(self) -> list[int]:
+        return list(self._cached)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- prefix cache -------------------------------------------------------------------
+    def find_cached_prefix(self, token_ids: Sequence[int]) -> list[int]:
+        """Block ids holding the longest cached chain of full blocks of `token_ids`.
+
+        At least one token is always left to compute (the step that computes it samples the
+        next token), so a fully cached prompt matches one block less. Takes no references.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        hits: list[int] = []
+        parent: int | None = None
+        limit = (len(token_ids) - 1) // self.block_size
+        for i in range(limit):
+            parent = hash_block(parent, token_ids[i * self.block_size : (i + 1) * self.block_size])
+            block_id = self._cached.get(parent)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits
+
+    def record_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
+        self.prefix_queries += num_prompt_tokens
+        self.prefix_hits += num_hit_tokens
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+    # ---- allocation ---------------------------------------------------------------------
+    def can_allocate(self, req_id: str, num_tokens: int, hit_blocks: Sequence[int] = ()) -> bool:
+        have = len(self._tables.get(req_id, ())) or len(hit_blocks)
+        need = self.blocks_needed(num_tokens) - have
+        # Hit blocks that sit in the free queue are taken out of it, so they don't count as free.
+        reclaimed = sum(1 for b in hit_blocks if self.blocks[b].ref_count == 0)
+        return need <= len(self._free) - reclaimed
+
+    def allocate(self, req_id: str, num_tokens: int, hit_blocks: Sequence[int] = ()) -> bool:
+        """Grow `req_id`'s table to hold `num_tokens` tokens. A new request first shares
+        `hit_blocks` (its cached prefix). Returns False, changing nothing, if blocks run out."""
+        if not self.can_allocate(req_id, num_tokens, hit_blocks):
+            return False
+        table = self._tables.get(req_id)
+        if table is None:
+            table = self._tables[req_id] = []
+            for b in hit_blocks:
+                table.append(self._take(b, keep_hash=True))
+            self._num_hashed[req_id] = len(hit_blocks)
+            self._hashes[req_id] = [self.blocks[b].hash for b in hit_blocks]  # type: ignore[misc]
+        while len(table) < self.blocks_needed(num_tokens):
+            table.append(self._take(next(iter(self._free))))
+        return True
+
+    def _take(self, block_id: int, keep_hash: bool = False) -> int:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self._free[block_id]
+            if block.hash is not None and not keep_hash:
+                # Reused for new content: its cached prefix is evicted.
+                del self._cached[block.hash]
+                block.hash = None
+        block.ref_count += 1
+        return block_id
+
+    def cache_blocks(self, req_id: str, token_ids: Sequence[int], num_computed: int) -> None:
+        """Register hashes of `req_id`'s blocks that are now full and computed."""
+        if not self.enable_prefix_caching or req_id not in self._tables:
+            return
+        table = self._tables[req_id]
+        done = self._num_hashed[req_id]
+        chain = self._hashes[req_id]
+        full = min(num_computed // self.block_size, len(table))
+        for i in range(done, full):
+            parent = chain[-1] if chain else None
+            h = hash_block(parent, token_ids[i * self.block_size : (i + 1) * self.block_size])
+            chain.append(h)
+            block = self.blocks[table[i]]
+            if h in self._cached:
+                continue  # an identical block exists already (computed concurrently); keep it
+            block.hash = h
+            self._cached[h] = block.block_id
+        self._num_hashed[req_id] = max(done, full)
+
+    def free(self, req_id: str) -> None:
+        """Drop `req_id`'s references. Blocks are queued tail-first so a sequence's last blocks
+        (least likely to be shared) are evicted before its first ones."""
+        table = self._tables.pop(req_id, None)
+        self._num_hashed.pop(req_id, None)
+        self._hashes.pop(req_id, None)
+        if table is None:
+            return
+        for b in reversed(table):
+            block = self.blocks[b]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                if block.hash is None:
+                    # Uncached blocks are worth nothing: reuse them first.
+                    self._free[b] = None
+                    self._free.move_to_end(b, last=False)
+                else:
+                    self._free[b] = None
+
+    def reset_prefix_cache(self) -> None:
+        for h, b in list(self._cached.items()):
+            if self.blocks[b].ref_count == 0:
+                self.blocks[b].hash = None
+                del self._cached[h]

@@ -1,0 +1,263 @@
+"""The engine of one model replica: validation, scheduler + block manager, executor, output
+processing (incremental detokenization, stop conditions).
+
+    add_request ──▶ waiting ──schedule()──▶ StepPlan ──executor──▶ StepResult
+        ──update()──▶ new tokens ──▶ stop checks / detokenize ──▶ RequestOutput deltas
+
+`generate()` is the offline API; `cluster.async_engine.AsyncEngine` wraps the same object with
+per-request async streams for serving. Everything is single-threaded here by design: the async
+wrapper funnels every call through its one engine thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from cluster.block_manager import BlockManager
+from cluster.config import EngineConfig
+from cluster.detokenizer import IncrementalDetokenizer
+from cluster.executor import Executor, make_executor
+from cluster.request import Request
+from cluster.scheduler import Scheduler
+from workers.errors import EngineOverloaded, InvalidRequest
+from workers.loader import load_tokenizer, resolve_model_path
+from workers.messages import TokenLogprobs
+from workers.sampling_params import SamplingParams
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # every output token so far
+    new_token_ids: list[int]  # this delta
+    text: str  # every output character emitted so far
+    delta_text: str
+    finished: bool
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    new_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)  # every token so far
+    num_cached_tokens: int = 0
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_free_blocks: int
+    num_blocks: int
+    prefix_hit_rate: float
+    num_preemptions: int
+
+
+class _Track:
+    """Output-side state of one request."""
+
+    __slots__ = ("detok", "text", "sent_tokens")
+
+    def __init__(self, detok: IncrementalDetokenizer):
+        self.detok = detok
+        self.text = ""
+        self.sent_tokens = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, executor: Executor | None = None):
+        self.config = config = config or EngineConfig()
+        path = resolve_model_path(config.model.model)
+        self.tokenizer = load_tokenizer(path)
+        self.executor = executor or make_executor(config)
+        hf = self.executor.hf_config
+        self.vocab_size = hf.vocab_size
+        self.max_model_len = min(
+            config.model.max_model_len or hf.max_position_embeddings, hf.max_position_embeddings
+        )
+        eos = hf.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self.block_manager = BlockManager(
+            self.executor.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self._tracks: dict[str, _Track] = {}
+        self._ids = itertools.count()
+
+    # ---- requests ---------------------------------------------------------------------------
+    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequest("prompt", "must not be empty")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequest naming the field and the limit; changes no state."""
+        n = len(token_ids)
+        if n == 0:
+            raise InvalidRequest("prompt", "must not be empty")
+        bad = next((t for t in token_ids if not (0 <= t < self.vocab_size)), None)
+        if bad is not None:
+            raise InvalidRequest(
+                "prompt_token_ids", f"token id {bad} is outside the vocabulary [0, {self.vocab_size})"
+            )
+        if n >= self.max_model_len:
+            raise InvalidRequest(
+                "prompt", f"{n} tokens; the limit is max_model_len - 1 = {self.max_model_len - 1}"
+            )
+        if n + params.max_tokens > self.max_model_len:
+            raise InvalidRequest(
+                "max_tokens",
+                f"{params.max_tokens} + {n} prompt tokens exceeds max_model_len={self.max_model_len}"
+                f" (at most {self.max_model_len - n})",
+            )
+        bm = self.block_manager
+        if bm.blocks_needed(n + params.max_tokens) > bm.num_blocks:
+            raise InvalidRequest(
+                "max_tokens",
+                f"prompt + max_tokens = {n + params.max_tokens} tokens needs more KV blocks than "
+                f"the cache holds ({bm.num_blocks} x {bm.block_size} tokens)",
+            )
+        if any(t < 0 or t >= self.vocab_size for t in params.stop_token_ids):
+            raise InvalidRequest("stop_token_ids", f"ids must be in [0, {self.vocab_size})")
+
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
+        params = params or SamplingParams()
+        token_ids = self.tokenize(prompt)
+        self.validate(token_ids, params)
+        if self.scheduler.num_waiting >= self.config.scheduler.max_waiting:
+            raise EngineOverloaded(
+                f"{self.scheduler.num_waiting} requests waiting (max_waiting="
+                f"{self.config.scheduler.max_waiting})"
+            )
+        req_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if req_id in self.scheduler.requests:
+            raise InvalidRequest("request_id", f"{req_id!r} is already in flight")
+        req = Request(req_id, token_ids, params)
+        if arrival_time is not None:
+            req.arrival_time = arrival_time
+        self._tracks[req_id] = _Track(
+            IncrementalDetokenizer(self.tokenizer, token_ids, stop=list(params.stop))
+        )
+        self.scheduler.add(req)
+        return req_id
+
+    def abort(self, request_id: str) -> bool:
+        req = self.scheduler.requests.get(request_id)
+        if req is None:
+            return False
+        self.scheduler.finish(req, "abort")
+        self._tracks.pop(request_id, None)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if not plan.seqs and not plan.finished_req_ids:
+            return []
+        result = self.executor.execute(plan)
+        now = time.monotonic()
+        return [self._process(req, now) for req in self.scheduler.update(plan, result)]
+
+    def _process(self, req: Request, now: float) -> RequestOutput:
+        track = self._tracks[req.req_id]
+        if req.first_token_time is None:
+            req.first_token_time = now
+        tok = req.token_ids[-1]
+        p = req.params
+        delta = ""
+        reason: str | None = None
+        if tok in p.stop_token_ids:
+            reason, req.stop_reason = "stop", tok
+        elif tok in self.eos_token_ids and not p.ignore_eos:
+            reason, req.stop_reason = "stop", tok
+        else:
+            delta, matched = track.detok.add_tokens([tok])
+            if matched is not None:
+                reason, req.stop_reason = "stop", matched
+        if reason is None and (
+            req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len
+        ):
+            reason = "length"
+        if reason is not None:
+            if not isinstance(req.stop_reason, str):
+                delta += track.detok.flush()
+            self.scheduler.finish(req, reason)
+            del self._tracks[req.req_id]
+        track.text += delta
+        new_ids = req.token_ids[req.prompt_len + track.sent_tokens :]
+        track.sent_tokens = req.num_output_tokens
+        return RequestOutput(
+            request_id=req.req_id,
+            prompt_token_ids=req.prompt_token_ids,
+            token_ids=req.output_token_ids,
+            new_token_ids=new_ids,
+            text=track.text,
+            delta_text=delta,
+            finished=reason is not None,
+            finish_reason=reason,
+            stop_reason=req.stop_reason,
+            new_logprobs=req.logprobs[-len(new_ids) :] if p.logprobs is not None else [],
+            logprobs=req.logprobs,
+            num_cached_tokens=req.num_cached_tokens,
+            arrival_time=req.arrival_time,
+            first_token_time=req.first_token_time,
+        )
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Offline batch generation; returns the final output of each prompt, in order."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise InvalidRequest("params", f"{len(params)} params for {len(prompts)} prompts")
+        # Validate everything first so a bad prompt leaves no request behind.
+        tokenized = [self.tokenize(p) for p in prompts]
+        for ids, sp in zip(tokenized, params, strict=True):
+            self.validate(ids, sp)
+        order = [self.add_request(ids, sp) for ids, sp in zip(tokenized, params, strict=True)]
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(order):
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[r] for r in order]
+
+    # ---- introspection ------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_usage=bm.usage,
+            num_free_blocks=bm.num_free_blocks,
+            num_blocks=bm.num_blocks,
+            prefix_hit_rate=bm.prefix_hit_rate,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    def cached_block_hashes(self) -> list[int]:
+        return self.block_manager.cached_block_hashes()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

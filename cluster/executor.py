@@ -1,0 +1,61 @@
+"""Executors run a StepPlan on the ranks of one replica group.
+
+`LocalExecutor` runs a single rank in this process. Multi-rank groups (tensor / pipeline /
+expert parallel, one Ray actor per rank) implement the same interface, so the engine does not
+know how many ranks it drives.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from cluster.config import EngineConfig
+from workers.messages import StepPlan, StepResult
+
+
+class Executor(Protocol):
+    num_blocks: int
+    hf_config: Any
+
+    def execute(self, plan: StepPlan) -> StepResult: ...
+
+    def export_blocks(self, block_ids: list[int]) -> Any: ...
+
+    def import_blocks(self, block_ids: list[int], data: Any) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+class LocalExecutor:
+    def __init__(self, config: EngineConfig):
+        from workers.model_runner import ModelRunner
+
+        self.runner = ModelRunner(
+            config.model,
+            block_size=config.cache.block_size,
+            num_blocks=config.cache.num_blocks,
+            kv_cache_memory_gib=config.cache.kv_cache_memory_gib,
+        )
+        self.num_blocks = self.runner.num_blocks
+        self.hf_config = self.runner.hf_config
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        return self.runner.execute(plan)
+
+    def export_blocks(self, block_ids: list[int]):
+        return self.runner.export_blocks(block_ids)
+
+    def import_blocks(self, block_ids: list[int], data) -> None:
+        self.runner.import_blocks(block_ids, data)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def make_executor(config: EngineConfig) -> Executor:
+    p = config.parallel
+    if p.tp * p.pp * p.ep == 1:
+        return LocalExecutor(config)
+    raise NotImplementedError(
+        f"parallel tp={p.tp} pp={p.pp} ep={p.ep}: multi-rank replica groups are not built yet"
+    )

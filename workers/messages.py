@@ -1,0 +1,54 @@
+"""Typed messages between a replica group's scheduler and its worker ranks.
+
+Small by design: ids, the tokens to feed this step, and block tables. A request's prompt and
+sampling parameters travel once (in `new_requests`); each worker keeps its own per-request state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from workers.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequest:
+    req_id: str
+    prompt_token_ids: list[int]  # sent once: penalties need the prompt
+    params: SamplingParams
+
+
+@dataclass
+class SeqPlan:
+    req_id: str
+    token_ids: list[int]  # the tokens to compute this step (positions start_pos ..)
+    start_pos: int  # tokens already in the KV cache for this request
+    block_table: list[int]
+    sample: bool  # this chunk reaches the end of the known tokens: sample the next one
+
+    @property
+    def is_decode(self) -> bool:
+        return len(self.token_ids) == 1 and self.start_pos > 0
+
+
+@dataclass
+class StepPlan:
+    step_id: int
+    seqs: list[SeqPlan]
+    new_requests: list[NewRequest] = field(default_factory=list)
+    finished_req_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TokenLogprobs:
+    token_logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass
+class StepResult:
+    step_id: int
+    req_ids: list[str]  # the requests that sampled this step, in plan order
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None] | None = None

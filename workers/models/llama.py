@@ -1,0 +1,270 @@
+"""The Llama family over a paged KV cache: Llama 2/3, SmolLM2, Qwen2 (QKV bias), Qwen3 (q/k
+norm), Mistral (sliding window). One definition; the differences are fields of `LlamaArch`.
+
+Numerics follow the Hugging Face reference: RMSNorm in float32 then cast back, rotary tables
+from transformers' own rope-init functions, residual adds in the model dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parallel.layers import (
+    SINGLE,
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    TPGroup,
+    VocabParallelEmbedding,
+)
+from workers.attention import AttentionMetadata, paged_attention
+
+SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
+
+
+@dataclass(frozen=True)
+class LlamaArch:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    tie_word_embeddings: bool
+    windows: tuple[int | None, ...]  # sliding window per layer (None = full attention)
+    max_position_embeddings: int
+
+    @classmethod
+    def from_hf(cls, cfg) -> LlamaArch:
+        mt = cfg.model_type
+        if mt not in SUPPORTED:
+            raise ValueError(f"model_type={mt!r} is not supported (supported: {', '.join(SUPPORTED)})")
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        attn_bias = bool(getattr(cfg, "attention_bias", False))
+        window = getattr(cfg, "sliding_window", None)
+        if mt == "mistral":
+            windows = (window,) * cfg.num_hidden_layers
+        elif getattr(cfg, "layer_types", None) and window:
+            windows = tuple(window if t == "sliding_attention" else None for t in cfg.layer_types)
+        else:
+            windows = (None,) * cfg.num_hidden_layers
+        return cls(
+            model_type=mt,
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_layers=cfg.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            rms_norm_eps=cfg.rms_norm_eps,
+            qkv_bias=True if mt == "qwen2" else attn_bias,
+            o_bias=False if mt == "qwen2" else attn_bias,
+            mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+            qk_norm=mt == "qwen3",
+            tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            windows=windows,
+            max_position_embeddings=cfg.max_position_embeddings,
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_tables(hf_config, head_dim: int, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [max_pos, head_dim] in float32, from transformers' own rope-init functions."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        scaling = 1.0
+    else:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+    freqs = torch.arange(max_pos, dtype=torch.float)[:, None] * inv_freq.float()[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * scaling, emb.sin() * scaling
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, D]; cos/sin: [T, 1, D] already in x's dtype
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, arch: LlamaArch, window: int | None, tp: TPGroup):
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(
+            arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads, arch.qkv_bias, tp
+        )
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.head_dim = arch.head_dim
+        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, arch.o_bias, tp)
+        if arch.qk_norm:
+            self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
+            self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
+        self.qk_norm = arch.qk_norm
+        self.window = window
+        self.scale = arch.head_dim**-0.5
+
+    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.sizes, dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = paged_attention(q, k, v, kv_cache, meta, self.scale, self.window)
+        return self.o_proj(o.view(T, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, arch: LlamaArch, tp: TPGroup):
+        super().__init__()
+        n = arch.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(arch.hidden_size, [n, n], arch.mlp_bias, tp)
+        self.down_proj = RowParallelLinear(n, arch.hidden_size, arch.mlp_bias, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, arch: LlamaArch, window: int | None, tp: TPGroup):
+        super().__init__()
+        self.self_attn = LlamaAttention(arch, window, tp)
+        self.mlp = LlamaMLP(arch, tp)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+
+    def forward(self, x, cos, sin, kv_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# HF checkpoint name -> (our parameter name, shard id) for fused layers.
+_FUSED = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+class LlamaForCausalLM(nn.Module):
+    """Layers [first_layer, last_layer) of the model; embedding on the first pipeline stage,
+    final norm and LM head on the last."""
+
+    def __init__(self, hf_config, tp: TPGroup = SINGLE, layer_range: tuple[int, int] | None = None):
+        super().__init__()
+        arch = self.arch = LlamaArch.from_hf(hf_config)
+        self.first_layer, self.last_layer = layer_range or (0, arch.num_layers)
+        self.is_first = self.first_layer == 0
+        self.is_last = self.last_layer == arch.num_layers
+        if self.is_first:
+            self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp)
+        self.layers = nn.ModuleDict(
+            {
+                str(i): LlamaLayer(arch, arch.windows[i], tp)
+                for i in range(self.first_layer, self.last_layer)
+            }
+        )
+        if self.is_last:
+            self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+            self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp)
+            if arch.tie_word_embeddings and self.is_first:
+                self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(hf_config, arch.head_dim, arch.max_position_embeddings)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def kv_layout(self) -> tuple[int, int, int]:
+        """(layers on this rank, kv heads per rank, head dim)."""
+        attn = next(iter(self.layers.values())).self_attn
+        return len(self.layers), attn.num_kv_heads, attn.head_dim
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        hidden: torch.Tensor | None,
+        meta: AttentionMetadata,
+        kv_caches: list[torch.Tensor],
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids) if self.is_first else hidden
+        dtype = x.dtype
+        cos = self.cos[meta.positions].to(dtype)[:, None, :]
+        sin = self.sin[meta.positions].to(dtype)[:, None, :]
+        for layer, cache in zip(self.layers.values(), kv_caches, strict=True):
+            x = layer(x, cos, sin, cache, meta)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden)).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy this rank's slices in; returns the names of the parameters that were loaded."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if name.startswith("layers."):
+                idx = int(name.split(".")[1])
+                if not self.first_layer <= idx < self.last_layer:
+                    continue
+            elif name.startswith("embed_tokens") and not self.is_first:
+                if self.is_last and self.arch.tie_word_embeddings:
+                    name = "lm_head.weight"  # the tied head on a last stage without the embedding
+                else:
+                    continue
+            elif name.startswith(("norm", "lm_head")) and not self.is_last:
+                continue
+            shard = None
+            for hf, (ours, sid) in _FUSED.items():
+                if f".{hf}." in name:
+                    name, shard = name.replace(hf, ours), sid
+                    break
+            param = params.get(name)
+            if param is None:
+                if name == "lm_head.weight" and self.arch.tie_word_embeddings:
+                    continue
+                raise ValueError(f"checkpoint tensor {name!r} has no parameter in {self.arch.model_type}")
+            loader = getattr(param, "weight_loader", None)
+            if loader is None:
+                param.data.copy_(tensor)
+            else:
+                loader(param, tensor.to(param.dtype), shard)
+            loaded.add(name)
+        return loaded

@@ -1,0 +1,125 @@
+"""Token sampling for a batch of requests with mixed parameters.
+
+Order of operations (as in vLLM): raw logprobs (reported to clients) -> penalties ->
+greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw. The draw is an
+exponential race (argmax of p / E, E ~ Exp(1)), which samples exactly from p. A request with
+a seed draws its noise from its own generator, one row of V values per token, so its tokens do
+not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from workers.messages import TokenLogprobs
+from workers.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingState:
+    """What one worker keeps per request across steps."""
+
+    params: SamplingParams
+    prompt_len: int
+    token_ids: list[int] = field(default_factory=list)  # prompt + outputs fed so far
+    generator: torch.Generator | None = None
+
+    @classmethod
+    def create(cls, params: SamplingParams, prompt_len: int) -> SamplingState:
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator()
+            gen.manual_seed(params.seed)
+        return cls(params, prompt_len, [], gen)
+
+
+def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
+    vocab = logits.shape[1]
+    for i, st in enumerate(states):
+        p = st.params
+        if not p.needs_penalties:
+            continue
+        row = logits[i]
+        ids = torch.tensor(st.token_ids, dtype=torch.long)
+        ids = ids[ids < vocab]
+        if p.repetition_penalty != 1.0 and len(ids):
+            seen = torch.unique(ids)
+            vals = row[seen]
+            row[seen] = torch.where(
+                vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
+            )
+        out = ids[st.prompt_len :] if len(ids) > st.prompt_len else ids[:0]
+        if len(out) and (p.presence_penalty or p.frequency_penalty):
+            counts = torch.bincount(out, minlength=vocab).to(row.dtype)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p, vectorised across rows."""
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
+    logits = logits / temps[:, None]
+    vocab = logits.shape[1]
+    top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
+    top_p = [p.top_p for p in params]
+    min_p = [p.min_p for p in params]
+    if any(k < vocab for k in top_k) or any(tp < 1.0 for tp in top_p):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        rank = torch.arange(vocab)[None, :]
+        drop = rank >= torch.tensor(top_k)[:, None]
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the mass before it already reaches top_p (always keep the first).
+        before = probs.cumsum(dim=-1) - probs
+        drop = before >= torch.tensor(top_p, dtype=probs.dtype)[:, None]
+        drop[:, 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    if any(m > 0 for m in min_p):
+        floor = torch.tensor(min_p, dtype=probs.dtype)[:, None] * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < floor, 0.0)
+    return probs
+
+
+def sample(
+    logits: torch.Tensor, states: list[SamplingState], default_gen: torch.Generator
+) -> tuple[list[int], list[TokenLogprobs | None] | None]:
+    """logits: [N, V] float32, one row per sampling request. Returns token ids (+ logprobs)."""
+    want_lp = [st.params.logprobs is not None for st in states]
+    raw_lp = logits.log_softmax(dim=-1) if any(want_lp) else None
+    if any(st.params.needs_penalties for st in states):
+        logits = logits.clone()
+        _apply_penalties(logits, states)
+
+    tokens = logits.argmax(dim=-1)
+    rand = [i for i, st in enumerate(states) if not st.params.greedy]
+    if rand:
+        idx = torch.tensor(rand)
+        probs = _filter(logits[idx], [states[i].params for i in rand])
+        noise = torch.empty_like(probs)
+        for j, i in enumerate(rand):
+            gen = states[i].generator or default_gen
+            noise[j].exponential_(generator=gen)
+        tokens[idx] = (probs / noise).argmax(dim=-1)
+    token_list = tokens.tolist()
+
+    lps: list[TokenLogprobs | None] | None = None
+    if raw_lp is not None:
+        lps = []
+        for i, st in enumerate(states):
+            n = st.params.logprobs
+            if n is None:
+                lps.append(None)
+                continue
+            row = raw_lp[i]
+            top = row.topk(n) if n else None
+            lps.append(
+                TokenLogprobs(
+                    token_logprob=float(row[token_list[i]]),
+                    top_ids=top.indices.tolist() if top is not None else [],
+                    top_logprobs=top.values.tolist() if top is not None else [],
+                )
+            )
+    return token_list, lps

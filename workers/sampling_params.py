@@ -1,0 +1,68 @@
+"""Per-request sampling parameters, validated once at the front door.
+
+Pure Python (no torch) so the router can validate requests without loading a model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from workers.errors import InvalidRequest
+
+MAX_LOGPROBS = 20
+
+
+class SamplingParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: int = Field(16, ge=1, description="Most tokens to generate.")
+    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 means greedy.")
+    top_k: int = Field(-1, ge=-1, description="Keep the k most likely tokens; -1 or 0 keeps all.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus mass to keep, in (0, 1].")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p * p(max).")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="Per-request RNG seed.")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    stop: list[str] = Field(default_factory=list, max_length=16, description="Stop strings (not emitted).")
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
+    ignore_eos: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Top-n logprobs per token.")
+
+    @field_validator("stop")
+    @classmethod
+    def _nonempty_stops(cls, v: list[str]) -> list[str]:
+        if any(not s for s in v):
+            raise ValueError("stop strings must be non-empty")
+        return v
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SamplingParams:
+        """Build from untrusted input; any problem becomes an InvalidRequest naming the field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise invalid_from_pydantic(e) from None
+
+
+def invalid_from_pydantic(e: ValidationError) -> InvalidRequest:
+    err = e.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "request"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    return InvalidRequest(field, msg)
