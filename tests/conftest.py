@@ -72,7 +72,7 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
                     if p.dim() == 2:
                         p.mul_(4.0)
             path = tmp_path_factory.mktemp(f"tiny-{arch}")
-            model.save_pretrained(path, safe_serialization=True)
+            model.save_pretrained(path)
             smollm2_tokenizer.save_pretrained(path)
             made[arch] = str(path)
         return made[arch]

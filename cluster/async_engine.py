@@ -1,0 +1,157 @@
+"""Async per-request streams over one LLMEngine, for serving.
+
+The engine is single-threaded; this wrapper owns it from one background thread ("engine
+thread") that drains a command queue (add / abort), runs `step()` while there is work, and
+hands each output to the asyncio loop of the stream that asked for it. Callers on any event
+loop only ever touch thread-safe queues.
+
+Lifecycle of a stream:
+    generate() validates (read-only, caller's thread) -> "add" command -> accepted or refused
+    (EngineOverloaded) -> deltas until finished. If the consumer stops early (client cancel,
+    deadline, disconnect: asyncio.CancelledError or generator close), an "abort" command frees
+    the request's KV blocks. If a step raises, every in-flight stream fails with EngineDead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from cluster.config import EngineConfig
+from cluster.engine import EngineStats, LLMEngine, RequestOutput
+from workers.errors import EngineDead
+from workers.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+class _Stream:
+    __slots__ = ("loop", "queue")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None):
+        self.engine = engine or LLMEngine(config)
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stopped = False
+        self.dead: BaseException | None = None
+        self._ids = 0
+        self._thread = threading.Thread(target=self._run, name="flotilla-engine", daemon=True)
+        self._thread.start()
+
+    # ---- caller side ------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def _send(self, *cmd: Any) -> None:
+        self._cmds.put(cmd)
+        self._wake.set()
+
+    async def generate(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream RequestOutput deltas for one request; the last one has finished=True."""
+        if self.dead is not None:
+            raise EngineDead(f"engine failed: {self.dead!r}")
+        params = params or SamplingParams()
+        token_ids = self.engine.tokenize(prompt)
+        self.engine.validate(token_ids, params)  # InvalidRequest before any state changes
+        if request_id is None:
+            self._ids += 1
+            request_id = f"async-{id(self):x}-{self._ids}"
+        stream = _Stream(asyncio.get_running_loop())
+        self._send("add", request_id, token_ids, params, stream)
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._send("abort", request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._send("abort", request_id)
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def cached_block_hashes(self) -> list[int]:
+        return self.engine.cached_block_hashes()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+        self.engine.shutdown()
+
+    # ---- engine thread ----------------------------------------------------------------------
+    def _drain(self) -> None:
+        while True:
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                _, req_id, token_ids, params, stream = cmd
+                try:
+                    self.engine.add_request(token_ids, params, request_id=req_id)
+                    self._streams[req_id] = stream
+                except Exception as e:  # refused: overloaded or duplicate id
+                    stream.put(e)
+            elif cmd[0] == "abort":
+                self.engine.abort(cmd[1])
+                stream = self._streams.pop(cmd[1], None)
+                if stream is not None:
+                    stream.put(asyncio.CancelledError())
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._drain()
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except BaseException as e:  # a rank died or a kernel failed: fail loudly, never hang
+                log.exception("engine step failed")
+                self.dead = e
+                err = EngineDead(f"engine step failed: {e!r}")
+                for req_id, stream in list(self._streams.items()):
+                    self.engine.abort(req_id)
+                    stream.put(err)
+                self._streams.clear()
+                return
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is None:
+                    continue
+                stream.put(out)
+                if out.finished:
+                    del self._streams[out.request_id]
