@@ -235,9 +235,14 @@ class LLMEngine:
         tokenized = [self.tokenize(p) for p in prompts]
         for ids, sp in zip(tokenized, params, strict=True):
             self.validate(ids, sp)
-        order = [self.add_request(ids, sp) for ids, sp in zip(tokenized, params, strict=True)]
+        pending = list(zip(tokenized, params, strict=True))[::-1]
+        order: list[str] = []
         final: dict[str, RequestOutput] = {}
-        while len(final) < len(order):
+        limit = self.config.scheduler.max_waiting
+        while pending or len(final) < len(order):
+            # Offline callers are never refused: keep the queue under its limit by stepping.
+            while pending and self.scheduler.num_waiting < limit:
+                order.append(self.add_request(*pending.pop()))
             for out in self.step():
                 if out.finished:
                     final[out.request_id] = out
