@@ -36,6 +36,22 @@ def _tiny_config(arch: str):
         return transformers.Qwen3Config(**common, head_dim=32)
     if arch == "mistral":
         return transformers.MistralConfig(**common, head_dim=16, sliding_window=12)
+    moe = dict(num_experts_per_tok=2)
+    if arch == "mixtral":
+        return transformers.MixtralConfig(**common, head_dim=16, num_local_experts=4, **moe)
+    if arch == "qwen2_moe":
+        return transformers.Qwen2MoeConfig(
+            **common,
+            num_experts=4,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=96,
+            norm_topk_prob=False,
+            **moe,
+        )
+    if arch == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(
+            **common, head_dim=16, num_experts=4, moe_intermediate_size=32, norm_topk_prob=True, **moe
+        )
     raise ValueError(arch)
 
 

@@ -18,7 +18,7 @@ from cluster.engine import LLMEngine
 from workers.config import ModelConfig
 from workers.sampling_params import SamplingParams
 
-ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
+ARCHS = ["llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe"]
 NEW_TOKENS = 24
 
 

@@ -1,5 +1,6 @@
 """The Llama family over a paged KV cache: Llama 2/3, SmolLM2, Qwen2 (QKV bias), Qwen3 (q/k
-norm), Mistral (sliding window). One definition; the differences are fields of `LlamaArch`.
+norm), Mistral (sliding window), and their mixture-of-experts siblings Mixtral, Qwen2-MoE
+(shared expert) and Qwen3-MoE. One definition; the differences are fields of `LlamaArch`.
 
 Numerics follow the Hugging Face reference: RMSNorm in float32 then cast back, rotary tables
 from transformers' own rope-init functions, residual adds in the model dtype.
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+import re
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +26,12 @@ from parallel.layers import (
     TPGroup,
     VocabParallelEmbedding,
 )
+from parallel.moe import EP_SINGLE, EPGroup, FusedExperts, route
 from workers.attention import AttentionMetadata, paged_attention
 
-SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
+SUPPORTED = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe")
+_QKV_BIAS = ("qwen2", "qwen2_moe")
+_QK_NORM = ("qwen3", "qwen3_moe")
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,13 @@ class LlamaArch:
     tie_word_embeddings: bool
     windows: tuple[int | None, ...]  # sliding window per layer (None = full attention)
     max_position_embeddings: int
+    # Mixture of experts (num_experts == 0: dense).
+    num_experts: int = 0
+    top_k: int = 0
+    moe_intermediate_size: int = 0
+    renormalize: bool = False
+    shared_expert_intermediate_size: int = 0
+    moe_layers: frozenset[int] = frozenset()
 
     @classmethod
     def from_hf(cls, cfg) -> LlamaArch:
@@ -56,7 +69,7 @@ class LlamaArch:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         attn_bias = bool(getattr(cfg, "attention_bias", False))
         window = getattr(cfg, "sliding_window", None)
-        if mt == "mistral":
+        if mt in ("mistral", "mixtral") and window:
             windows = (window,) * cfg.num_hidden_layers
         elif getattr(cfg, "layer_types", None) and window:
             windows = tuple(window if t == "sliding_attention" else None for t in cfg.layer_types)
@@ -72,14 +85,42 @@ class LlamaArch:
             num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
             head_dim=head_dim,
             rms_norm_eps=cfg.rms_norm_eps,
-            qkv_bias=True if mt == "qwen2" else attn_bias,
-            o_bias=False if mt == "qwen2" else attn_bias,
+            qkv_bias=True if mt in _QKV_BIAS else attn_bias,
+            o_bias=False if mt in _QKV_BIAS else attn_bias,
             mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
-            qk_norm=mt == "qwen3",
+            qk_norm=mt in _QK_NORM,
             tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
             windows=windows,
             max_position_embeddings=cfg.max_position_embeddings,
+            **_moe_fields(cfg),
         )
+
+
+def _moe_fields(cfg) -> dict:
+    mt = cfg.model_type
+    if mt == "mixtral":
+        return dict(
+            num_experts=cfg.num_local_experts,
+            top_k=cfg.num_experts_per_tok,
+            moe_intermediate_size=cfg.intermediate_size,
+            renormalize=True,
+            moe_layers=frozenset(range(cfg.num_hidden_layers)),
+        )
+    if mt in ("qwen2_moe", "qwen3_moe"):
+        experts = getattr(cfg, "num_experts", None) or cfg.num_local_experts
+        step = getattr(cfg, "decoder_sparse_step", 1) or 1
+        skip = set(getattr(cfg, "mlp_only_layers", None) or [])
+        return dict(
+            num_experts=experts,
+            top_k=cfg.num_experts_per_tok,
+            moe_intermediate_size=cfg.moe_intermediate_size,
+            renormalize=bool(cfg.norm_topk_prob),
+            shared_expert_intermediate_size=getattr(cfg, "shared_expert_intermediate_size", 0) or 0,
+            moe_layers=frozenset(
+                i for i in range(cfg.num_hidden_layers) if i not in skip and (i + 1) % step == 0
+            ),
+        )
+    return {}
 
 
 class RMSNorm(nn.Module):
@@ -150,9 +191,9 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, arch: LlamaArch, tp: TPGroup):
+    def __init__(self, arch: LlamaArch, tp: TPGroup, intermediate: int | None = None):
         super().__init__()
-        n = arch.intermediate_size
+        n = intermediate or arch.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(arch.hidden_size, [n, n], arch.mlp_bias, tp)
         self.down_proj = RowParallelLinear(n, arch.hidden_size, arch.mlp_bias, tp)
 
@@ -161,11 +202,34 @@ class LlamaMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-class LlamaLayer(nn.Module):
-    def __init__(self, arch: LlamaArch, window: int | None, tp: TPGroup):
+class SparseMoE(nn.Module):
+    """Router + experts (+ a sigmoid-gated shared expert for Qwen2-MoE)."""
+
+    def __init__(self, arch: LlamaArch, tp: TPGroup, ep: EPGroup):
         super().__init__()
-        self.self_attn = LlamaAttention(arch, window, tp)
-        self.mlp = LlamaMLP(arch, tp)
+        self.top_k, self.renormalize = arch.top_k, arch.renormalize
+        self.gate = nn.Linear(arch.hidden_size, arch.num_experts, bias=False)
+        self.experts = FusedExperts(
+            arch.num_experts, arch.hidden_size, arch.moe_intermediate_size, tp, ep
+        )
+        self.shared_expert = None
+        if arch.shared_expert_intermediate_size:
+            self.shared_expert = LlamaMLP(arch, tp, arch.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(arch.hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        y = self.experts(x, weights, ids)
+        if self.shared_expert is not None:
+            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return y
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, arch: LlamaArch, idx: int, tp: TPGroup, ep: EPGroup):
+        super().__init__()
+        self.self_attn = LlamaAttention(arch, arch.windows[idx], tp)
+        self.mlp = SparseMoE(arch, tp, ep) if idx in arch.moe_layers else LlamaMLP(arch, tp)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
@@ -173,6 +237,11 @@ class LlamaLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+
+_EXPERT = re.compile(
+    r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\."
+)
+_EXPERT_PART = {"w1": 0, "gate_proj": 0, "w3": 1, "up_proj": 1}
 
 # HF checkpoint name -> (our parameter name, shard id) for fused layers.
 _FUSED = {
@@ -188,7 +257,13 @@ class LlamaForCausalLM(nn.Module):
     """Layers [first_layer, last_layer) of the model; embedding on the first pipeline stage,
     final norm and LM head on the last."""
 
-    def __init__(self, hf_config, tp: TPGroup = SINGLE, layer_range: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        hf_config,
+        tp: TPGroup = SINGLE,
+        layer_range: tuple[int, int] | None = None,
+        ep: EPGroup = EP_SINGLE,
+    ):
         super().__init__()
         arch = self.arch = LlamaArch.from_hf(hf_config)
         self.first_layer, self.last_layer = layer_range or (0, arch.num_layers)
@@ -198,7 +273,7 @@ class LlamaForCausalLM(nn.Module):
             self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp)
         self.layers = nn.ModuleDict(
             {
-                str(i): LlamaLayer(arch, arch.windows[i], tp)
+                str(i): LlamaLayer(arch, i, tp, ep)
                 for i in range(self.first_layer, self.last_layer)
             }
         )
@@ -251,8 +326,15 @@ class LlamaForCausalLM(nn.Module):
                     continue
             elif name.startswith(("norm", "lm_head")) and not self.is_last:
                 continue
+            name = name.replace("block_sparse_moe.", "mlp.")
             shard = None
-            for hf, (ours, sid) in _FUSED.items():
+            m = _EXPERT.match(name)
+            if m is not None:
+                layer, expert, w = m.groups()
+                part = _EXPERT_PART.get(w)
+                name = f"layers.{layer}.mlp.experts.{'w2' if part is None else 'w13'}"
+                shard = (int(expert), part)
+            for hf, (ours, sid) in ({} if m else _FUSED).items():
                 if f".{hf}." in name:
                     name, shard = name.replace(hf, ours), sid
                     break
