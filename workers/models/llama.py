@@ -8,10 +8,9 @@ from transformers' own rope-init functions, residual adds in the model dtype.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-import re
 
 import torch
 import torch.nn.functional as F
