@@ -9,6 +9,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Keep every Ray cluster the tests start on loopback: without this, Ray resolves 127.0.0.1 to
+# the machine's interface address and its processes talk over that.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def _tiny_config(arch: str):
