@@ -30,12 +30,9 @@ class LocalExecutor:
     def __init__(self, config: EngineConfig):
         from workers.model_runner import ModelRunner
 
-        self.runner = ModelRunner(
-            config.model,
-            block_size=config.cache.block_size,
-            num_blocks=config.cache.num_blocks,
-            kv_cache_memory_gib=config.cache.kv_cache_memory_gib,
-        )
+        self.runner = ModelRunner(config.model, block_size=config.cache.block_size)
+        c = config.cache
+        self.runner.allocate_kv(c.num_blocks or self.runner.blocks_for_memory(c.kv_cache_memory_gib))
         self.num_blocks = self.runner.num_blocks
         self.hf_config = self.runner.hf_config
 
@@ -53,9 +50,8 @@ class LocalExecutor:
 
 
 def make_executor(config: EngineConfig) -> Executor:
-    p = config.parallel
-    if p.tp * p.pp * p.ep == 1:
+    if config.parallel.is_single:
         return LocalExecutor(config)
-    raise NotImplementedError(
-        f"parallel tp={p.tp} pp={p.pp} ep={p.ep}: multi-rank replica groups are not built yet"
-    )
+    from cluster.ray_executor import RayExecutor
+
+    return RayExecutor(config)

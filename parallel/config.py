@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ParallelConfig(BaseModel):
@@ -17,7 +17,31 @@ class ParallelConfig(BaseModel):
         "auto", description="torch.distributed backend; auto = nccl on CUDA, gloo on CPU."
     )
     cpus_per_rank: float = Field(1.0, gt=0, description="Ray CPUs reserved per worker actor.")
+    placement_timeout_s: float = Field(
+        60.0, gt=0, description="How long to wait for the group's placement before failing."
+    )
+    step_timeout_s: float = Field(
+        300.0, gt=0, description="A step taking longer marks the group unhealthy."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ParallelConfig:
+        if self.tp > 1 and self.ep > 1 and self.tp != self.ep:
+            raise ValueError(
+                f"tp={self.tp} and ep={self.ep}: expert parallelism runs on the tensor-parallel "
+                "ranks of a stage, so when both are > 1 they must be equal"
+            )
+        return self
+
+    @property
+    def stage_size(self) -> int:
+        """Ranks per pipeline stage (they share attention by TP and experts by EP)."""
+        return max(self.tp, self.ep)
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp
+        return self.pp * self.stage_size
+
+    @property
+    def is_single(self) -> bool:
+        return self.world_size == 1

@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 
-from parallel.layers import SINGLE, TPGroup
+from parallel.groups import SINGLE_RANK, ParallelGroups
 from workers.attention import build_metadata
 from workers.config import ModelConfig
 from workers.loader import iter_weights, load_hf_config, resolve_model_path
 from workers.messages import SeqPlan, StepPlan, StepResult
-from workers.models.llama import LlamaForCausalLM
+from workers.models.llama import LlamaArch, LlamaForCausalLM
 from workers.sampler import SamplingState, sample
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,40 +49,69 @@ def _default_dtype(dtype: torch.dtype):
 
 
 class ModelRunner:
+    """One rank's model slice. With pipeline parallelism a step's sequences are split into
+    micro-batches; a stage sends each micro-batch's hidden states on (non-blocking) as soon as
+    it is done and starts the next, so consecutive stages work at the same time."""
+
     def __init__(
         self,
         config: ModelConfig,
         block_size: int,
-        num_blocks: int | None = None,
-        kv_cache_memory_gib: float = 1.0,
-        tp: TPGroup = SINGLE,
+        groups: ParallelGroups = SINGLE_RANK,
         layer_range: tuple[int, int] | None = None,
+        num_microbatches: int | None = None,
     ):
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.config = config
+        self.groups = groups
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype, config.device)
         self.block_size = block_size
+        self.num_microbatches = num_microbatches or groups.pp_size
         path = resolve_model_path(config.model)
         self.hf_config = load_hf_config(path)
+        arch = LlamaArch.from_hf(self.hf_config)
+        first, last = layer_range or (0, arch.num_layers)
         with torch.device(self.device), _default_dtype(self.dtype):
-            self.model = LlamaForCausalLM(self.hf_config, tp, layer_range)
-        self.model.load_weights(iter_weights(path, self.dtype))
+            self.model = LlamaForCausalLM(self.hf_config, groups.tp, (first, last), groups.ep)
+        self.model.load_weights(iter_weights(path, self.dtype, shard_filter=self._wants(first, last)))
         self.model.eval()
-
-        layers, kvh, hd = self.model.kv_layout()
-        bytes_per_block = 2 * layers * block_size * kvh * hd * self.dtype.itemsize
-        if num_blocks is None:
-            num_blocks = max(2, int(kv_cache_memory_gib * 2**30) // bytes_per_block)
-        self.num_blocks = num_blocks
-        self.kv_caches = [
-            torch.zeros(2, num_blocks, block_size, kvh, hd, dtype=self.dtype, device=self.device)
-            for _ in range(layers)
-        ]
+        self.hidden_size = arch.hidden_size
+        self.kv_caches: list[torch.Tensor] = []
+        self.num_blocks = 0
         self.states: dict[str, SamplingState] = {}
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(config.seed)
+
+    def _wants(self, first: int, last: int):
+        tied = self.model.arch.tie_word_embeddings and self.model.is_last
+
+        def wants(name: str) -> bool:
+            if ".layers." in name or name.startswith("layers."):
+                idx = int(name.split("layers.")[1].split(".")[0])
+                return first <= idx < last
+            if "embed_tokens" in name:
+                return self.model.is_first or tied
+            return self.model.is_last  # final norm, lm_head
+
+        return wants
+
+    # ---- KV cache -------------------------------------------------------------------------
+    def bytes_per_block(self) -> int:
+        layers, kvh, hd = self.model.kv_layout()
+        return 2 * layers * self.block_size * kvh * hd * self.dtype.itemsize
+
+    def blocks_for_memory(self, gib: float) -> int:
+        return max(2, int(gib * 2**30) // self.bytes_per_block())
+
+    def allocate_kv(self, num_blocks: int) -> None:
+        layers, kvh, hd = self.model.kv_layout()
+        self.num_blocks = num_blocks
+        self.kv_caches = [
+            torch.zeros(2, num_blocks, self.block_size, kvh, hd, dtype=self.dtype, device=self.device)
+            for _ in range(layers)
+        ]
 
     # ---- per-request state ------------------------------------------------------------------
     def _update_states(self, plan: StepPlan) -> None:
@@ -98,14 +128,10 @@ class ModelRunner:
                 hist.extend(seq.token_ids[len(hist) - seq.start_pos :])
 
     # ---- one step ---------------------------------------------------------------------------
-    @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult:
-        self._update_states(plan)
-        if not plan.seqs:
-            return StepResult(plan.step_id, [], [])
-        decodes = [s for s in plan.seqs if s.is_decode]
-        prefills = [s for s in plan.seqs if not s.is_decode]
-        ordered = decodes + prefills
+    def _prepare(self, seqs: list[SeqPlan]):
+        """Flat inputs for `seqs`: decodes first, then prefill chunks."""
+        decodes = [s for s in seqs if s.is_decode]
+        ordered = decodes + [s for s in seqs if not s.is_decode]
         ids, positions, slots = [], [], []
         bs = self.block_size
         prefill_meta = []
@@ -134,18 +160,58 @@ class ModelRunner:
             bs,
             self.device,
         )
-        input_ids = torch.tensor(ids, device=self.device)
-        hidden = self.model(input_ids, None, meta, self.kv_caches)
-        if not sample_seqs:
-            return StepResult(plan.step_id, [], [])
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-        states = [self.states[s.req_id] for s in sample_seqs]
-        tokens, lps = sample(logits.cpu(), states, self.generator)
-        # Report in plan order.
-        order = {s.req_id: i for i, s in enumerate(sample_seqs)}
+        return torch.tensor(ids, device=self.device), meta, sample_rows, sample_seqs
+
+    def _microbatches(self, seqs: list[SeqPlan]) -> list[list[SeqPlan]]:
+        m = min(self.num_microbatches, len(seqs))
+        if m <= 1:
+            return [seqs]
+        # Greedy balance by token count, keeping each micro-batch's plan order.
+        loads = [0] * m
+        buckets: list[list[SeqPlan]] = [[] for _ in range(m)]
+        for seq in sorted(seqs, key=lambda s: -len(s.token_ids)):
+            i = loads.index(min(loads))
+            buckets[i].append(seq)
+            loads[i] += len(seq.token_ids)
+        rank = {s.req_id: i for i, s in enumerate(seqs)}
+        return [sorted(b, key=lambda s: rank[s.req_id]) for b in buckets]
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult | None:
+        """Run one step. Returns the StepResult on the driver rank, None elsewhere."""
+        self._update_states(plan)
+        g = self.groups
+        sampled: dict[str, tuple[int, object]] = {}
+        sends = []
+        for mb in self._microbatches(plan.seqs) if plan.seqs else []:
+            input_ids, meta, rows, sample_seqs = self._prepare(mb)
+            hidden = None
+            if not g.is_first_stage:
+                hidden = torch.empty(len(input_ids), self.hidden_size, dtype=self.dtype)
+                dist.recv(hidden, src=g.prev_rank)
+                hidden = hidden.to(self.device)
+            hidden = self.model(input_ids, hidden, meta, self.kv_caches)
+            if not g.is_last_stage:
+                out = hidden.cpu() if hidden.device.type != "cpu" else hidden
+                sends.append((dist.isend(out, dst=g.next_rank), out))
+                continue
+            if not sample_seqs:
+                continue
+            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+            if not g.is_driver:
+                continue
+            states = [self.states[s.req_id] for s in sample_seqs]
+            tokens, lps = sample(logits.cpu(), states, self.generator)
+            for i, s in enumerate(sample_seqs):
+                sampled[s.req_id] = (tokens[i], lps[i] if lps is not None else None)
+        for work, _ in sends:
+            work.wait()
+        if not g.is_driver:
+            return None
         req_ids = [s.req_id for s in plan.seqs if s.sample]
-        toks = [tokens[order[r]] for r in req_ids]
-        lp = [lps[order[r]] for r in req_ids] if lps is not None else None
+        toks = [sampled[r][0] for r in req_ids]
+        want_lp = any(sampled[r][1] is not None for r in req_ids)
+        lp = [sampled[r][1] for r in req_ids] if want_lp else None
         return StepResult(plan.step_id, req_ids, toks, lp)
 
     # ---- KV export / import (disaggregated prefill) ----------------------------------------
@@ -158,3 +224,8 @@ class ModelRunner:
         idx = torch.tensor(block_ids, device=self.device)
         for c, d in zip(self.kv_caches, data, strict=True):
             c[:, idx] = d.to(device=self.device, dtype=c.dtype)
+
+    def param_bytes(self) -> int:
+        """Bytes of this rank's parameters (tied weights counted once)."""
+        seen = {p.data_ptr(): p.numel() * p.element_size() for p in self.model.parameters()}
+        return sum(seen.values())

@@ -95,6 +95,41 @@ class LlamaArch:
         )
 
 
+def check_parallel(arch: LlamaArch, tp: int, pp: int, ep: int) -> None:
+    """Raise ValueError naming the numbers when a parallel layout cannot hold this model."""
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ValueError(f"{arch.model_type}: {msg}")
+
+    need(arch.num_heads % tp == 0, f"tp={tp} does not divide {arch.num_heads} attention heads")
+    kv = arch.num_kv_heads
+    need(
+        kv % tp == 0 or tp % kv == 0,
+        f"tp={tp} and {kv} key/value heads: one must divide the other",
+    )
+    dense = set(range(arch.num_layers)) - arch.moe_layers
+    if dense:
+        need(
+            arch.intermediate_size % tp == 0,
+            f"tp={tp} does not divide the intermediate size {arch.intermediate_size}",
+        )
+    if arch.shared_expert_intermediate_size:
+        need(
+            arch.shared_expert_intermediate_size % tp == 0,
+            f"tp={tp} does not divide the shared expert size {arch.shared_expert_intermediate_size}",
+        )
+    if ep > 1:
+        need(arch.num_experts > 0, f"ep={ep} but the model has no experts")
+        need(arch.num_experts % ep == 0, f"ep={ep} does not divide {arch.num_experts} experts")
+    elif arch.num_experts:
+        need(
+            arch.moe_intermediate_size % tp == 0,
+            f"tp={tp} does not divide the expert intermediate size {arch.moe_intermediate_size}",
+        )
+    need(pp <= arch.num_layers, f"pp={pp} is larger than the {arch.num_layers} layers")
+
+
 def _moe_fields(cfg) -> dict:
     mt = cfg.model_type
     if mt == "mixtral":

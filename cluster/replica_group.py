@@ -1,0 +1,209 @@
+"""One replica group as a Ray Serve deployment: an AsyncEngine behind a small typed API.
+
+deploy/app.py wraps this class with `serve.deployment` (one deployment per group, so the router
+can address each group by name). Everything crossing the boundary is a plain dict or list of
+numbers: token ids in, token deltas out.
+
+Lifecycle of one request:
+    router calls generate_stream(request_id, token_ids, params) (a streaming handle call)
+    -> SamplingParams.from_dict -> AsyncEngine.generate
+    -> the first message is either {"error": ...} (invalid / overloaded / dead: nothing was
+       queued, no KV blocks held) or the first token delta
+    -> one message per batch of new tokens; the last has "finish" and "usage"
+    If the caller goes away (client cancel, deadline, HTTP disconnect) Serve cancels this
+    coroutine: asyncio.CancelledError -> abort (frees the request's KV blocks) -> re-raise.
+
+Errors never travel as exceptions (custom exception classes do not survive pickling well and
+Serve would wrap them); they are messages: {"error": {"kind", "field", "message"}} with kind in
+ERROR_KINDS.
+
+Groups publish load and the hashes of their cached KV blocks through stats(); the router's
+prefix-aware policy matches a prompt's own block hashes (cluster.block_manager.block_hashes)
+against them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from cluster.config import EngineConfig
+from workers.errors import EngineDead, EngineOverloaded, InvalidRequest
+from workers.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+ERROR_KINDS = ("invalid", "overloaded", "dead")
+
+
+def encode_error(exc: BaseException) -> dict[str, Any]:
+    """The wire form of an engine error (see the module docstring)."""
+    if isinstance(exc, InvalidRequest):
+        return {"kind": "invalid", "field": exc.field, "message": exc.message}
+    if isinstance(exc, EngineOverloaded):
+        return {"kind": "overloaded", "field": None, "message": str(exc)}
+    return {"kind": "dead", "field": None, "message": f"replica group failed: {exc}"}
+
+
+def _fingerprint(hashes: list[int]) -> int:
+    return hash(frozenset(hashes)) if hashes else 0
+
+
+class ReplicaGroup:
+    def __init__(self, config: EngineConfig | dict, name: str = "group-0"):
+        # Imported here so that deploy/ (which only names this class) never imports torch.
+        from cluster.async_engine import AsyncEngine
+
+        if isinstance(config, dict):
+            config = EngineConfig.model_validate(config)
+        self.name = name
+        self.config = config
+        self.engine = AsyncEngine(config)
+        self.num_aborted = 0  # requests whose caller went away before they finished
+        self.num_requests = 0  # generate calls, including refused ones
+
+    # ---- requests ------------------------------------------------------------------------
+    async def generate_stream(
+        self, request_id: str, token_ids: list[int], params: dict[str, Any]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stream token deltas (see the module docstring for the message shapes)."""
+        self.num_requests += 1
+        finished = False
+        try:
+            sampling = SamplingParams.from_dict(params)
+            stream = self.engine.generate(token_ids, sampling, request_id)
+            async for out in stream:
+                finished = out.finished
+                yield self._delta(out, sampling)
+        except (InvalidRequest, EngineOverloaded, EngineDead) as e:
+            finished = True
+            yield {"error": encode_error(e)}
+        except Exception as e:  # never let a traceback reach the client
+            finished = True
+            log.exception("request %s failed", request_id)
+            yield {"error": encode_error(e)}
+        finally:
+            # Cancelled (CancelledError) or closed early (GeneratorExit): free the KV blocks now.
+            # The engine stream sends the same abort from its own finally; abort is idempotent.
+            if not finished:
+                self.num_aborted += 1
+                await self.engine.abort(request_id)
+
+    async def generate(
+        self, request_id: str, token_ids: list[int], params: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The whole completion as one message (unary calls: one handle round trip)."""
+        merged: dict[str, Any] = {"ids": [], "text": "", "lp": None}
+        async for msg in self.generate_stream(request_id, token_ids, params):
+            if "error" in msg:
+                return msg
+            merged["ids"] += msg["ids"]
+            merged["text"] += msg["text"]
+            if msg["lp"] is not None:
+                merged["lp"] = (merged["lp"] or []) + msg["lp"]
+            for key in ("finish", "usage", "ttft"):
+                if key in msg:
+                    merged[key] = msg[key]
+        return merged
+
+    def _delta(self, out, params: SamplingParams) -> dict[str, Any]:
+        msg: dict[str, Any] = {"ids": out.new_token_ids, "text": out.delta_text, "lp": None}
+        if params.logprobs is not None:
+            msg["lp"] = [
+                None if lp is None else (lp.token_logprob, lp.top_ids, lp.top_logprobs)
+                for lp in out.new_logprobs
+            ]
+        if out.finished:
+            msg["finish"] = out.finish_reason
+            msg["usage"] = {
+                "prompt_tokens": len(out.prompt_token_ids),
+                "completion_tokens": len(out.token_ids),
+                "cached_tokens": out.num_cached_tokens,
+            }
+        if out.first_token_time is not None and len(out.token_ids) == len(out.new_token_ids):
+            msg["ttft"] = out.first_token_time - out.arrival_time  # queue + prefill in the group
+        return msg
+
+    # ---- introspection -----------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """What the router needs once: limits, block size and the tokenizer's files (so the
+        router tokenizes exactly as this engine does without loading the model)."""
+        eng = self.engine.engine
+        return {
+            "name": self.name,
+            "model": self.config.model.name,
+            "max_model_len": eng.max_model_len,
+            "vocab_size": eng.vocab_size,
+            "block_size": self.config.cache.block_size,
+            "num_blocks": eng.block_manager.num_blocks,
+            "max_logprobs": 20,
+            "tokenizer_files": _tokenizer_files(eng.tokenizer),
+        }
+
+    def stats(self, known_fingerprint: int | None = None) -> dict[str, Any]:
+        """Load, KV usage and prefix-cache counters; the cached block hashes only when they
+        changed since `known_fingerprint` (the router's last copy)."""
+        s = self.engine.stats()
+        bm = self.engine.engine.block_manager
+        hashes = self.engine.cached_block_hashes()
+        fp = _fingerprint(hashes)
+        return {
+            "name": self.name,
+            "healthy": self.engine.dead is None,
+            "time": time.time(),
+            "num_running": s.num_running,
+            "num_waiting": s.num_waiting,
+            "kv_usage": s.kv_usage,
+            "num_free_blocks": s.num_free_blocks,
+            "num_blocks": s.num_blocks,
+            "prefix_hit_rate": s.prefix_hit_rate,
+            "prefix_queries": bm.prefix_queries,
+            "prefix_hits": bm.prefix_hits,
+            "num_preemptions": s.num_preemptions,
+            "num_requests": self.num_requests,
+            "num_aborted": self.num_aborted,
+            "hash_fingerprint": fp,
+            "hashes": None if fp == known_fingerprint else hashes,
+        }
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Custom metrics Serve forwards to autoscaling policies (see deploy/)."""
+        s = self.engine.stats()
+        return {
+            "num_running": float(s.num_running),
+            "num_waiting": float(s.num_waiting),
+            "kv_usage": float(s.kv_usage),
+        }
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising makes Serve replace the replica."""
+        if self.engine.dead is not None:
+            raise EngineDead(f"engine failed: {self.engine.dead!r}")
+
+    def health(self) -> bool:
+        return self.engine.dead is None
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            try:
+                engine.shutdown()
+            except Exception:  # interpreter shutdown: nothing left to free
+                pass
+
+
+def _tokenizer_files(tokenizer) -> dict[str, bytes]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="flotilla-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        files = {}
+        for name in os.listdir(tmp):
+            path = os.path.join(tmp, name)
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    files[name] = f.read()
+        return files
