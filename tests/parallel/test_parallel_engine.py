@@ -62,7 +62,7 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("arch,layout", LAYOUTS, ids=[f"{a}-{l}" for a, l in LAYOUTS])
+@pytest.mark.parametrize("arch,layout", LAYOUTS, ids=[f"{a}-{lay}" for a, lay in LAYOUTS])
 def test_parallel_matches_single_process(arch, layout, tiny_model_dir):
     model = tiny_model_dir(arch)
     eng = LLMEngine(_config(model, **layout))
