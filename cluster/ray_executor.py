@@ -114,6 +114,10 @@ class RayExecutor:
     def param_bytes(self) -> list[int]:
         return self._get([a.param_bytes.remote() for a in self.actors], 60)
 
+    def comm_timing(self, enabled: bool) -> list[tuple[float, int]]:
+        """Per rank: seconds spent in collectives / transfers since the last call."""
+        return self._get([a.comm_timing.remote(enabled) for a in self.actors], 60)
+
     def shutdown(self) -> None:
         for a in getattr(self, "actors", []):
             try:

@@ -13,6 +13,7 @@ Two ways to split experts over the ranks of a stage:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from parallel.comm_timer import COMM
 from parallel.layers import SINGLE, TPGroup, divide
 
 
@@ -111,6 +113,15 @@ class FusedExperts(nn.Module):
         return self._forward_ep(x, weights, ids)
 
     def _forward_ep(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        with COMM.time():
+            # Counted as communication: the routing bookkeeping here is small next to the
+            # all-to-alls; expert compute is subtracted below.
+            y, compute_s = self._dispatch_compute_combine(x, weights, ids)
+            if COMM.enabled:
+                COMM.seconds -= compute_s
+        return y
+
+    def _dispatch_compute_combine(self, x, weights, ids):
         n, g = self.ep.size, self.ep.group
         T, k = ids.shape
         chunk = -(-T // n)
@@ -131,7 +142,9 @@ class FusedExperts(nn.Module):
         dist.all_to_all_single(in_rows, rows, recv, send, group=g)
         in_ids = pair_ids.new_empty(sum(recv))
         dist.all_to_all_single(in_ids, pair_ids, recv, send, group=g)
+        t_c = time.perf_counter()
         y = self._compute(in_rows, in_ids - self.first)
+        compute_s = time.perf_counter() - t_c
         # Combine: results go back to where the pairs came from, in the order they were sent.
         back = x.new_empty(rows.shape)
         dist.all_to_all_single(back, y, send, recv, group=g)
@@ -140,4 +153,4 @@ class FusedExperts(nn.Module):
         part.index_add_(0, pair_tok - lo, back * w[:, None])
         gathered = [torch.empty_like(part) for _ in range(n)]
         dist.all_gather(gathered, part, group=g)
-        return torch.cat(gathered)[:T]
+        return torch.cat(gathered)[:T], compute_s

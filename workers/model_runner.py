@@ -12,6 +12,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 
+from parallel.comm_timer import COMM
 from parallel.groups import SINGLE_RANK, ParallelGroups
 from workers.attention import build_metadata
 from workers.config import ModelConfig
@@ -188,7 +189,8 @@ class ModelRunner:
             hidden = None
             if not g.is_first_stage:
                 hidden = torch.empty(len(input_ids), self.hidden_size, dtype=self.dtype)
-                dist.recv(hidden, src=g.prev_rank)
+                with COMM.time():
+                    dist.recv(hidden, src=g.prev_rank)
                 hidden = hidden.to(self.device)
             hidden = self.model(input_ids, hidden, meta, self.kv_caches)
             if not g.is_last_stage:
@@ -204,8 +206,9 @@ class ModelRunner:
             tokens, lps = sample(logits.cpu(), states, self.generator)
             for i, s in enumerate(sample_seqs):
                 sampled[s.req_id] = (tokens[i], lps[i] if lps is not None else None)
-        for work, _ in sends:
-            work.wait()
+        with COMM.time():
+            for work, _ in sends:
+                work.wait()
         if not g.is_driver:
             return None
         req_ids = [s.req_id for s in plan.seqs if s.sample]

@@ -87,6 +87,13 @@ class Worker:
     def param_bytes(self) -> int:
         return self.runner.param_bytes()
 
+    def comm_timing(self, enabled: bool) -> tuple[float, int]:
+        """Switch collective timing on/off; returns (seconds, calls) since the last call."""
+        from parallel.comm_timer import COMM
+
+        COMM.enabled = enabled
+        return COMM.take()
+
     def ping(self) -> int:
         return self.rank
 
