@@ -15,6 +15,7 @@ import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from cluster.block_manager import BlockManager
 from cluster.config import EngineConfig
@@ -237,14 +238,16 @@ class LLMEngine:
             self.validate(ids, sp)
         pending = list(zip(tokenized, params, strict=True))[::-1]
         order: list[str] = []
+        mine: set[str] = set()
         final: dict[str, RequestOutput] = {}
         limit = self.config.scheduler.max_waiting
         while pending or len(final) < len(order):
             # Offline callers are never refused: keep the queue under its limit by stepping.
             while pending and self.scheduler.num_waiting < limit:
                 order.append(self.add_request(*pending.pop()))
+                mine.add(order[-1])
             for out in self.step():
-                if out.finished:
+                if out.finished and out.request_id in mine:
                     final[out.request_id] = out
         return [final[r] for r in order]
 
@@ -260,6 +263,34 @@ class LLMEngine:
             prefix_hit_rate=bm.prefix_hit_rate,
             num_preemptions=self.scheduler.num_preemptions,
         )
+
+    # ---- KV export / import (the hand-off between prefill and decode groups) ---------------
+    def export_kv(self, request_id: str) -> tuple[list[int], Any]:
+        """The computed full blocks of a running request: (their token ids, block data)."""
+        req = self.scheduler.requests.get(request_id)
+        if req is None:
+            raise KeyError(f"request {request_id!r} is not in flight")
+        bs = self.block_manager.block_size
+        n_full = req.num_computed_tokens // bs
+        blocks = self.block_manager.block_table(request_id)[:n_full]
+        return req.token_ids[: n_full * bs], self.executor.export_blocks(blocks)
+
+    def import_kv(self, token_ids: Sequence[int], data: Any) -> int:
+        """Write exported blocks into this engine's prefix cache; a later request with these
+        tokens as its prefix reuses them instead of recomputing. Returns tokens imported."""
+        bm = self.block_manager
+        n_full = len(token_ids) // bm.block_size
+        if n_full == 0:
+            return 0
+        tmp = f"__import-{next(self._ids)}"
+        if not bm.allocate(tmp, n_full * bm.block_size):
+            raise EngineOverloaded(f"no free KV blocks to import {n_full} blocks")
+        try:
+            self.executor.import_blocks(bm.block_table(tmp), data)
+            bm.cache_blocks(tmp, token_ids, n_full * bm.block_size)
+        finally:
+            bm.free(tmp)
+        return n_full * bm.block_size
 
     def cached_block_hashes(self) -> list[int]:
         return self.block_manager.cached_block_hashes()
