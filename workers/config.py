@@ -28,6 +28,9 @@ class ModelConfig(BaseModel):
     )
     seed: int = Field(0, ge=0, description="Seed for random-weight models and default sampling.")
     num_threads: int | None = Field(None, ge=1, le=512, description="torch intra-op threads per rank.")
+    prepack: bool = Field(
+        True, description="Prepack bf16 linear weights for oneDNN on CPUs that support it."
+    )
 
     @property
     def name(self) -> str:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from parallel.comm_timer import COMM
 from parallel.groups import SINGLE_RANK, ParallelGroups
+from parallel.layers import pack_linears
 from workers.attention import build_metadata
 from workers.config import ModelConfig
 from workers.loader import iter_weights, load_hf_config, resolve_model_path
@@ -78,6 +79,9 @@ class ModelRunner:
             self.model = LlamaForCausalLM(self.hf_config, groups.tp, (first, last), groups.ep)
         self.model.load_weights(iter_weights(path, self.dtype, shard_filter=self._wants(first, last)))
         self.model.eval()
+        self._param_bytes = self._count_param_bytes()
+        if config.prepack:
+            pack_linears(self.model)
         self.hidden_size = arch.hidden_size
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
@@ -229,6 +233,9 @@ class ModelRunner:
             c[:, idx] = d.to(device=self.device, dtype=c.dtype)
 
     def param_bytes(self) -> int:
-        """Bytes of this rank's parameters (tied weights counted once)."""
+        """Bytes of this rank's loaded parameters (tied weights counted once)."""
+        return self._param_bytes
+
+    def _count_param_bytes(self) -> int:
         seen = {p.data_ptr(): p.numel() * p.element_size() for p in self.model.parameters()}
         return sum(seen.values())
