@@ -123,10 +123,12 @@ def paged_attention(
 
     nd = meta.num_decodes
     if nd:
-        tables = meta.decode_block_tables
-        # [B, MB, bs, KVH, D] -> [B, KVH, MB*bs, D]
-        kd = k_cache[tables].flatten(1, 2).transpose(1, 2)
-        vd = v_cache[tables].flatten(1, 2).transpose(1, 2)
+        # index_select on the flat block list is a plain row copy (faster than advanced
+        # indexing); [B*MB, bs, KVH, D] -> [B, KVH, MB*bs, D] as a view.
+        flat = meta.decode_block_tables.view(-1)
+        L = meta.decode_block_tables.shape[1] * meta.block_size
+        kd = k_cache.index_select(0, flat).view(nd, L, kvh, D).transpose(1, 2)
+        vd = v_cache.index_select(0, flat).view(nd, L, kvh, D).transpose(1, 2)
         qd = q[:nd].view(nd, kvh, H // kvh, D)
         od = F.scaled_dot_product_attention(
             qd, kd, vd, attn_mask=meta.decode_mask(window), scale=scale
@@ -140,8 +142,8 @@ def paged_attention(
             kp, vp = k[s:e], v[s:e]
         else:
             n_ctx = c.start_pos + c.q_len
-            kp = k_cache[c.block_table].flatten(0, 1)[:n_ctx]
-            vp = v_cache[c.block_table].flatten(0, 1)[:n_ctx]
+            kp = k_cache.index_select(0, c.block_table).flatten(0, 1)[:n_ctx]
+            vp = v_cache.index_select(0, c.block_table).flatten(0, 1)[:n_ctx]
         mask = meta.prefill_mask(i, window)
         op = F.scaled_dot_product_attention(
             qp,
