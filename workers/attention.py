@@ -3,8 +3,8 @@
 The flat token batch is laid out decodes first (one token per sequence), then prefill chunks.
 Per step, `build_metadata` turns block tables into index tensors once; every layer reuses them.
 
-- Decodes: one batched SDPA call. Keys/values are gathered block-wise from the cache into a
-  padded [B, kv_heads, L, D] view with a length mask. Queries are grouped per KV head
+- Decodes: batched SDPA calls, one per group of similar context length. Keys/values are
+  gathered block-wise from the cache into a padded [B, kv_heads, L, D] view with a length mask. Queries are grouped per KV head
   ([B, kv_heads, q_per_kv, D]) so grouped-query attention needs no K/V repetition.
 - Prefill chunks: one SDPA call each. A chunk with nothing cached before it attends to its own
   K/V (causal); a later chunk (chunked prefill or a prefix-cache hit) gathers the earlier
@@ -32,31 +32,41 @@ class PrefillChunk:
 
 
 @dataclass
+class DecodeGroup:
+    """Decodes of similar context length, batched into one attention call. Grouping by length
+    keeps the padding (gathered but masked keys) small when lengths vary widely."""
+
+    start: int  # offset of the group's first token in the flat batch
+    count: int
+    flat_blocks: torch.Tensor  # [count * max_blocks] block ids, row-major, zero-padded
+    context_lens: torch.Tensor  # [count]
+    max_blocks: int
+    _masks: dict | None = None
+
+    def mask(self, window: int | None, block_size: int) -> torch.Tensor:
+        if self._masks is None:
+            self._masks = {}
+        mask = self._masks.get(window)
+        if mask is None:
+            k = torch.arange(self.max_blocks * block_size)[None, :]
+            ctx = self.context_lens[:, None]
+            mask = k < ctx
+            if window is not None:
+                mask &= k > ctx - 1 - window
+            mask = self._masks[window] = mask[:, None, None, :]
+        return mask
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V goes to
     positions: torch.Tensor  # [T]
     num_decodes: int
-    decode_block_tables: torch.Tensor | None  # [B, max_blocks]
-    decode_context_lens: torch.Tensor | None  # [B]
+    decodes: list[DecodeGroup]
     prefills: list[PrefillChunk]
     block_size: int
     # Built lazily per window size and cached for the step (layers share them).
-    _decode_masks: dict | None = None
     _prefill_masks: dict | None = None
-
-    def decode_mask(self, window: int | None) -> torch.Tensor:
-        if self._decode_masks is None:
-            self._decode_masks = {}
-        mask = self._decode_masks.get(window)
-        if mask is None:
-            L = self.decode_block_tables.shape[1] * self.block_size
-            k = torch.arange(L)
-            ctx = self.decode_context_lens[:, None]
-            mask = k[None, :] < ctx
-            if window is not None:
-                mask &= k[None, :] > ctx - 1 - window
-            mask = self._decode_masks[window] = mask[:, None, None, :]
-        return mask
 
     def prefill_mask(self, i: int, window: int | None) -> torch.Tensor | None:
         chunk = self.prefills[i]
@@ -76,6 +86,20 @@ class AttentionMetadata:
         return mask
 
 
+def group_by_length(lens: list[int], min_group: int = 8, ratio: float = 1.5) -> list[int]:
+    """Split decodes sorted by ascending context length into runs whose longest is at most
+    `ratio` x their shortest (runs of at least `min_group`); returns the run sizes."""
+    sizes: list[int] = []
+    start = 0
+    for i, n in enumerate(lens):
+        if i - start >= min_group and n > ratio * lens[start]:
+            sizes.append(i - start)
+            start = i
+    if lens:
+        sizes.append(len(lens) - start)
+    return sizes
+
+
 def build_metadata(
     positions: list[int],
     slots: list[int],
@@ -85,11 +109,24 @@ def build_metadata(
     block_size: int,
     device: torch.device,
 ) -> AttentionMetadata:
-    dec_tables = dec_lens = None
-    if decode_tables:
-        width = max(len(t) for t in decode_tables)
-        dec_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=device)
-        dec_lens = torch.tensor(decode_lens, device=device)
+    """`decode_tables`/`decode_lens` must be sorted by ascending length (the runner lays
+    decodes out that way)."""
+    groups: list[DecodeGroup] = []
+    start = 0
+    for size in group_by_length(decode_lens):
+        tables = decode_tables[start : start + size]
+        width = max(len(t) for t in tables)
+        flat = [b for t in tables for b in t + [0] * (width - len(t))]
+        groups.append(
+            DecodeGroup(
+                start=start,
+                count=size,
+                flat_blocks=torch.tensor(flat, device=device),
+                context_lens=torch.tensor(decode_lens[start : start + size], device=device),
+                max_blocks=width,
+            )
+        )
+        start += size
     chunks = [
         PrefillChunk(q0, n, start, torch.tensor(table, device=device) if start else None)
         for q0, n, start, table in prefills
@@ -98,8 +135,7 @@ def build_metadata(
         slot_mapping=torch.tensor(slots, device=device),
         positions=torch.tensor(positions, device=device),
         num_decodes=len(decode_tables),
-        decode_block_tables=dec_tables,
-        decode_context_lens=dec_lens,
+        decodes=groups,
         prefills=chunks,
         block_size=block_size,
     )
@@ -121,19 +157,18 @@ def paged_attention(
     v_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
 
-    nd = meta.num_decodes
-    if nd:
+    for grp in meta.decodes:
+        n, L = grp.count, grp.max_blocks * meta.block_size
         # index_select on the flat block list is a plain row copy (faster than advanced
-        # indexing); [B*MB, bs, KVH, D] -> [B, KVH, MB*bs, D] as a view.
-        flat = meta.decode_block_tables.view(-1)
-        L = meta.decode_block_tables.shape[1] * meta.block_size
-        kd = k_cache.index_select(0, flat).view(nd, L, kvh, D).transpose(1, 2)
-        vd = v_cache.index_select(0, flat).view(nd, L, kvh, D).transpose(1, 2)
-        qd = q[:nd].view(nd, kvh, H // kvh, D)
+        # indexing); [n*MB, bs, KVH, D] -> [n, KVH, MB*bs, D] as a view.
+        kd = k_cache.index_select(0, grp.flat_blocks).view(n, L, kvh, D).transpose(1, 2)
+        vd = v_cache.index_select(0, grp.flat_blocks).view(n, L, kvh, D).transpose(1, 2)
+        s, e = grp.start, grp.start + n
+        qd = q[s:e].view(n, kvh, H // kvh, D)
         od = F.scaled_dot_product_attention(
-            qd, kd, vd, attn_mask=meta.decode_mask(window), scale=scale
+            qd, kd, vd, attn_mask=grp.mask(window, meta.block_size), scale=scale
         )
-        out[:nd] = od.reshape(nd, H, D)
+        out[s:e] = od.reshape(n, H, D)
 
     for i, c in enumerate(meta.prefills):
         s, e = c.q_start, c.q_start + c.q_len

@@ -135,7 +135,7 @@ class ModelRunner:
     # ---- one step ---------------------------------------------------------------------------
     def _prepare(self, seqs: list[SeqPlan]):
         """Flat inputs for `seqs`: decodes first, then prefill chunks."""
-        decodes = [s for s in seqs if s.is_decode]
+        decodes = sorted((s for s in seqs if s.is_decode), key=lambda s: s.start_pos)
         ordered = decodes + [s for s in seqs if not s.is_decode]
         ids, positions, slots = [], [], []
         bs = self.block_size

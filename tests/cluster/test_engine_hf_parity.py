@@ -117,3 +117,22 @@ def test_bf16_close_to_fp32_reference(tiny_model_dir, hf_models):
         theirs, their_tops = hf_greedy(hf_models["llama"], prompt, NEW_TOKENS)
         our_tops = [set(lp.top_ids) for lp in out.logprobs]
         assert_close_greedy(out.token_ids, theirs, our_tops, their_tops, "llama/bf16")
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_many_decodes_grouped_by_length(arch, tiny_model_dir, hf_models):
+    """20 running requests with context lengths from 2 to ~230: decode attention splits them
+    into several length groups; every request still matches HF."""
+    engine = LLMEngine(
+        EngineConfig(
+            model=ModelConfig(model=tiny_model_dir(arch), dtype="float32"),
+            cache=CacheConfig(block_size=8),
+        )
+    )
+    lengths = [2 + (i * 37) % 211 for i in range(20)]
+    prompts = prompts_for(11, lengths)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=5)
+    for prompt, out in zip(prompts, engine.generate(prompts, params), strict=True):
+        theirs, their_tops = hf_greedy(hf_models[arch], prompt, 8)
+        our_tops = [set(lp.top_ids) for lp in out.logprobs]
+        assert_close_greedy(out.token_ids, theirs, our_tops, their_tops, f"{arch}/many")
