@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format serve bench clean
+.PHONY: install test lint format serve proto bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -29,7 +29,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 serve: $(STAMP)
-	$(BIN)/python -m deploy.demo
+	$(BIN)/flotilla serve
+
+# Regenerate the gRPC stubs after editing router/proto/flotilla.proto (a test checks they match).
+proto: $(STAMP)
+	$(BIN)/python -m router.proto.codegen
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/offline_throughput.py

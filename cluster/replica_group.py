@@ -1,20 +1,26 @@
 """One replica group as a Ray Serve deployment: an AsyncEngine behind a small typed API.
 
-deploy/app.py wraps this class with `serve.deployment` (one deployment per group, so the router
-can address each group by name). Everything crossing the boundary is a plain dict or list of
-numbers: token ids in, token deltas out.
+deploy/app.py wraps this class with `serve.deployment` (one deployment per group, one replica
+each, so the router addresses each group by name). Everything crossing the boundary is plain
+data: token ids in, token deltas out.
 
-Lifecycle of one request:
-    router calls generate_stream(request_id, token_ids, params) (a streaming handle call)
-    -> SamplingParams.from_dict -> AsyncEngine.generate
-    -> the first message is either {"error": ...} (invalid / overloaded / dead: nothing was
-       queued, no KV blocks held) or the first token delta
-    -> one message per batch of new tokens; the last has "finish" and "usage"
-    If the caller goes away (client cancel, deadline, HTTP disconnect) Serve cancels this
-    coroutine: asyncio.CancelledError -> abort (frees the request's KV blocks) -> re-raise.
+Two ways to run requests:
+
+* Multiplexed (what the router uses): each router replica holds ONE long-lived stream per group,
+  `subscribe(router_id)`, and sends requests with `submit(...)` / `abort(...)`. Every message on
+  the stream is a batch `[(request_id, delta), ...]` -- everything that happened since the last
+  one, typically one engine step's tokens for all of that router's requests -- so the per-message
+  cost of a Serve stream is paid once per step, not once per token per request. If the stream
+  closes (the router went away), every request it carried is aborted.
+* Per request: `generate_stream(request_id, token_ids, params)`, one Serve streaming call per
+  request; cancelling the call (asyncio.CancelledError / generator close) aborts the request.
+
+Either way a request's first delta is an error (invalid / overloaded / dead: nothing was
+queued, no KV blocks held) or its first tokens; its last delta carries "finish" and "usage".
+Aborting frees the request's KV blocks at the engine's next step boundary.
 
 Errors never travel as exceptions (custom exception classes do not survive pickling well and
-Serve would wrap them); they are messages: {"error": {"kind", "field", "message"}} with kind in
+Serve would wrap them); they are deltas: {"error": {"kind", "field", "message"}}, kind in
 ERROR_KINDS.
 
 Groups publish load and the hashes of their cached KV blocks through stats(); the router's
@@ -24,9 +30,11 @@ against them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -52,6 +60,29 @@ def _fingerprint(hashes: list[int]) -> int:
     return hash(frozenset(hashes)) if hashes else 0
 
 
+class _Subscriber:
+    """Deltas waiting to go out on one router's stream, and that router's running requests."""
+
+    # Aborts of ids not (yet) submitted: remembered so that a submit overtaken by its own
+    # abort (the two are separate Serve calls) is refused instead of running unread.
+    MAX_EARLY_ABORTS = 4096
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[str, dict[str, Any]]] = []
+        self.wake = asyncio.Event()
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.early_aborts: OrderedDict[str, None] = OrderedDict()
+
+    def abort_early(self, request_id: str) -> None:
+        self.early_aborts[request_id] = None
+        while len(self.early_aborts) > self.MAX_EARLY_ABORTS:
+            self.early_aborts.popitem(last=False)
+
+    def push(self, request_id: str, delta: dict[str, Any]) -> None:
+        self.pending.append((request_id, delta))
+        self.wake.set()
+
+
 class ReplicaGroup:
     def __init__(self, config: EngineConfig | dict, name: str = "group-0"):
         # Imported here so that deploy/ (which only names this class) never imports torch.
@@ -63,7 +94,72 @@ class ReplicaGroup:
         self.config = config
         self.engine = AsyncEngine(config)
         self.num_aborted = 0  # requests whose caller went away before they finished
-        self.num_requests = 0  # generate calls, including refused ones
+        self.num_requests = 0  # requests received, including refused ones
+        self._subscribers: dict[str, _Subscriber] = {}
+
+    # ---- multiplexed requests --------------------------------------------------------------
+    async def subscribe(self, router_id: str) -> AsyncIterator[list[tuple[str, dict[str, Any]]]]:
+        """The stream of `router_id`'s deltas (see the module docstring). The first message is
+        an empty batch: the subscription is live and `submit` will be accepted."""
+        old = self._subscribers.get(router_id)
+        if old is not None:  # the router reconnected: its old requests have no reader left
+            for task in list(old.tasks.values()):
+                task.cancel()
+        sub = self._subscribers[router_id] = _Subscriber()
+        try:
+            yield []
+            while True:
+                await sub.wake.wait()
+                sub.wake.clear()
+                batch, sub.pending = sub.pending, []
+                if batch:
+                    yield batch
+        finally:
+            if self._subscribers.get(router_id) is sub:
+                del self._subscribers[router_id]
+            for task in list(sub.tasks.values()):
+                task.cancel()
+
+    async def submit(
+        self, router_id: str, request_id: str, token_ids: list[int], params: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Start a request whose deltas go to `router_id`'s stream. Returns None, or an error
+        when that router has no live subscription here (e.g. this replica restarted)."""
+        sub = self._subscribers.get(router_id)
+        if sub is None:
+            return {"error": {"kind": "dead", "field": None, "message": "not subscribed"}}
+        if request_id in sub.tasks:
+            return {"error": encode_error(InvalidRequest("request_id", "already in flight"))}
+        if request_id in sub.early_aborts:
+            del sub.early_aborts[request_id]
+            self.num_aborted += 1
+            return {"error": {"kind": "dead", "field": None, "message": "aborted"}}
+        sub.tasks[request_id] = asyncio.get_running_loop().create_task(
+            self._pump(sub, request_id, token_ids, params)
+        )
+        return None
+
+    async def abort(self, router_id: str, request_ids: list[str]) -> None:
+        """Abort requests of `router_id` (their callers went away). An id that is not running
+        is remembered, so that its submit, if still on the way, is refused."""
+        sub = self._subscribers.get(router_id)
+        if sub is None:
+            return
+        for request_id in request_ids:
+            task = sub.tasks.get(request_id)
+            if task is not None:
+                task.cancel()
+            else:  # finished already, or its submit is still on the way
+                sub.abort_early(request_id)
+
+    async def _pump(
+        self, sub: _Subscriber, request_id: str, token_ids: list[int], params: dict[str, Any]
+    ) -> None:
+        try:
+            async for delta in self.generate_stream(request_id, token_ids, params):
+                sub.push(request_id, delta)
+        finally:
+            sub.tasks.pop(request_id, None)
 
     # ---- requests ------------------------------------------------------------------------
     async def generate_stream(
@@ -91,23 +187,6 @@ class ReplicaGroup:
             if not finished:
                 self.num_aborted += 1
                 await self.engine.abort(request_id)
-
-    async def generate(
-        self, request_id: str, token_ids: list[int], params: dict[str, Any]
-    ) -> dict[str, Any]:
-        """The whole completion as one message (unary calls: one handle round trip)."""
-        merged: dict[str, Any] = {"ids": [], "text": "", "lp": None}
-        async for msg in self.generate_stream(request_id, token_ids, params):
-            if "error" in msg:
-                return msg
-            merged["ids"] += msg["ids"]
-            merged["text"] += msg["text"]
-            if msg["lp"] is not None:
-                merged["lp"] = (merged["lp"] or []) + msg["lp"]
-            for key in ("finish", "usage", "ttft"):
-                if key in msg:
-                    merged[key] = msg[key]
-        return merged
 
     def _delta(self, out, params: SamplingParams) -> dict[str, Any]:
         msg: dict[str, Any] = {"ids": out.new_token_ids, "text": out.delta_text, "lp": None}

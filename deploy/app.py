@@ -1,0 +1,115 @@
+"""Config -> Ray Serve application: N replica-group deployments bound into the router ingress.
+
+    build_app(FlotillaConfig) -> Application    (also usable as a Serve YAML `import_path`:
+                                                  deploy.app:build_app with the config as args)
+
+Each group is its own deployment with one replica (named group-0, group-1, ...), so the
+router's policy -- not Serve's default load balancing -- decides where a request goes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ray import serve
+from ray.serve.config import gRPCOptions
+
+from cluster.config import EngineConfig
+from cluster.replica_group import ReplicaGroup
+from deploy.config import FlotillaConfig
+from router.ingress import Ingress
+
+# Our registration wraps the stock one; see router/grpc_server.py for why.
+GRPC_SERVICER = "router.grpc_server.add_servicer"
+
+# Serve calls for stats / info besides the requests themselves.
+_GROUP_CONTROL_HEADROOM = 64
+
+
+def group_names(config: FlotillaConfig) -> list[str]:
+    return [f"group-{i}" for i in range(config.groups)]
+
+
+def engine_config(config: FlotillaConfig) -> EngineConfig:
+    """The groups' EngineConfig. Unset torch threads become this machine's cores shared among
+    the groups: Ray starts workers with OMP_NUM_THREADS=1, which would leave each engine one
+    thread. (On a multi-node cluster, set engine.model.num_threads explicitly.)"""
+    engine = config.engine
+    if engine.model.num_threads is None:
+        threads = max(1, (os.cpu_count() or 1) // config.groups)
+        engine = engine.model_copy(
+            update={"model": engine.model.model_copy(update={"num_threads": threads})}
+        )
+    return engine
+
+
+def build_app(config: FlotillaConfig | dict[str, Any]) -> serve.Application:
+    if not isinstance(config, FlotillaConfig):
+        config = FlotillaConfig.model_validate(config)
+    s, sched = config.serve, config.engine.scheduler
+    engine = engine_config(config)
+    group_deployment = serve.deployment(ReplicaGroup)
+    groups = {
+        name: group_deployment.options(
+            name=name,
+            num_replicas=1,
+            # Above what the engine admits, so an overloaded engine refuses (429 /
+            # RESOURCE_EXHAUSTED) instead of Serve queueing silently in front of it.
+            max_ongoing_requests=sched.max_num_seqs + sched.max_waiting + _GROUP_CONTROL_HEADROOM,
+            ray_actor_options={"num_cpus": s.group_num_cpus},
+            health_check_period_s=s.health_check_period_s,
+            graceful_shutdown_timeout_s=s.group_graceful_shutdown_s,
+            graceful_shutdown_wait_loop_s=0.5,
+            # The router polls stats() several times a second: keep those calls out of the log.
+            logging_config={"enable_access_log": False},
+        ).bind(engine, name)
+        for name in group_names(config)
+    }
+    ingress = serve.deployment(Ingress).options(
+        name="router",
+        num_replicas=s.ingress_replicas,
+        max_ongoing_requests=s.ingress_max_ongoing_requests,
+        max_queued_requests=s.ingress_max_queued_requests,
+        ray_actor_options={"num_cpus": s.ingress_num_cpus},
+        health_check_period_s=s.health_check_period_s,
+    )
+    return ingress.bind(config.router, config.model_name, groups)
+
+
+def grpc_options(config: FlotillaConfig) -> gRPCOptions:
+    return gRPCOptions(
+        port=config.serve.grpc_port,
+        grpc_servicer_functions=[GRPC_SERVICER],
+        request_timeout_s=config.serve.request_timeout_s,
+    )
+
+
+def http_options(config: FlotillaConfig) -> dict[str, Any]:
+    return {
+        "host": config.serve.host,
+        "port": config.serve.http_port,
+        "request_timeout_s": config.serve.request_timeout_s,
+    }
+
+
+def runtime_env(config: FlotillaConfig) -> dict[str, Any]:
+    """The `runtime_env` for ray.init when we start the cluster: every process Serve starts for
+    this job (controller, proxies, replicas) inherits these variables."""
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if config.serve.throughput_optimized:
+        env |= {
+            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",  # keep the HTTP and gRPC proxies
+            "RAY_SERVE_PROXY_USE_GRPC": "1",
+        }
+    return {"env_vars": env}
+
+
+def start(config: FlotillaConfig, blocking: bool = False) -> serve.handle.DeploymentHandle:
+    """serve.start with our proxies' options, then run the app; returns the router's handle.
+    Ray must be initialized. Proxy options are fixed by the first serve.start in a cluster."""
+    serve.start(http_options=http_options(config), grpc_options=grpc_options(config))
+    return serve.run(
+        build_app(config), name=config.serve.app_name, route_prefix="/", blocking=blocking
+    )

@@ -1,0 +1,49 @@
+"""Router sub-config: routing policy, sessions, API limits. Part of deploy.config.FlotillaConfig."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PolicyName = Literal["round_robin", "power_of_two", "prefix_aware"]
+
+
+class RouterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: PolicyName = Field(
+        "prefix_aware",
+        description="How a request picks its replica group: round_robin, power_of_two (the "
+        "less loaded of two random groups) or prefix_aware (the group holding the longest "
+        "cached prefix of the prompt, ties broken by load).",
+    )
+    session_header: str = Field(
+        "x-session-id",
+        min_length=1,
+        description="HTTP header (gRPC: the session_id field) that pins a conversation to one "
+        "group while that group stays healthy.",
+    )
+    max_sessions: int = Field(100_000, ge=1, description="Pinned sessions kept (LRU).")
+    stats_interval_s: float = Field(
+        0.25, ge=0.01, le=60, description="How often the router polls each group's load and cache."
+    )
+    max_load_imbalance: float = Field(
+        8.0,
+        ge=0,
+        description="prefix_aware: ignore a cache hit on a group whose load exceeds the least "
+        "loaded group's by more than this many requests.",
+    )
+    pending_prefix_ttl_s: float = Field(
+        10.0,
+        ge=0,
+        description="prefix_aware: how long the hashes of a prompt just routed to a group count "
+        "as cached there before the group's own published hashes confirm them.",
+    )
+    max_n: int = Field(8, ge=1, le=128, description="Most completions per request (`n`).")
+    max_prompt_chars: int = Field(
+        1_000_000, ge=1, description="Longest prompt text accepted before tokenizing."
+    )
+    startup_timeout_s: float = Field(
+        600, gt=0, description="How long the router waits for a first group to answer."
+    )

@@ -1,0 +1,397 @@
+"""The router proper: pick a replica group, relay its deltas, keep group state fresh.
+
+Both front ends (router.grpc_api, router.openai_api) call `Router.stream()` / `Router.complete()`
+with token ids and validated SamplingParams. Lifecycle of one request:
+
+    choose a group (session pin, else the policy; unhealthy or unlinked groups are skipped)
+    -> submit it over the group's link (router.link: one multiplexed stream per group); its
+       first delta says accepted (tokens) or refused (overloaded: try the next group;
+       invalid: raise)
+    -> relay deltas; on the last one record metrics
+    -> if our caller goes away first (CancelledError / generator close) or anything fails,
+       close it with abort: the group stops the request and frees its KV blocks
+
+A background task polls every group's `stats()` (load, KV usage, prefix counters and, when
+they changed, the hashes of its cached blocks) every `stats_interval_s`; a group that fails
+to answer is marked unhealthy until it answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.block_manager import block_hashes
+from router.config import RouterConfig
+from router.errors import NoHealthyGroup, error_from_group
+from router.link import GroupLink, Inbox
+from router.metrics import RequestMetrics
+from router.policies import GroupView, Policy, SessionTable, make_policy
+from router.tokenize import Tokenizer
+from router.validation import Limits
+from workers.errors import EngineDead, EngineOverloaded, InvalidRequest
+from workers.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Chunk:
+    """New output of one request (one or more tokens)."""
+
+    ids: list[int]
+    text: str
+    logprobs: list[Any] | None  # per token: (logprob, top_ids, top_logprobs) or None
+    finish: str | None = None
+    usage: dict[str, int] | None = None
+    group: str = ""
+    index: int = 0  # which of the request's n choices
+
+
+@dataclass
+class GroupState(GroupView):
+    handle: Any = None
+    link: GroupLink | None = None
+    fingerprint: int | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Router:
+    def __init__(
+        self,
+        groups: dict[str, Any],
+        config: RouterConfig,
+        model: str,
+        metrics: RequestMetrics | None = None,
+    ):
+        if not groups:
+            raise ValueError("a router needs at least one replica group")
+        self.config = config
+        self.model = model
+        self.router_id = uuid.uuid4().hex  # names this router replica to the groups
+        self.groups = {name: GroupState(name=name, handle=h) for name, h in groups.items()}
+        self.policy: Policy = make_policy(config.policy, config.max_load_imbalance)
+        self.sessions = SessionTable(config.max_sessions)
+        self.metrics = metrics or RequestMetrics(model, enabled=False)
+        self.tokenizer: Tokenizer | None = None
+        self.limits: Limits | None = None
+        self.block_size = 0
+        self._poller: asyncio.Task | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Fetch the model's limits and tokenizer from the first group that answers, then
+        start polling stats. Raises NoHealthyGroup after `startup_timeout_s`."""
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        info, last_err = None, None
+        while info is None and time.monotonic() < deadline:
+            for g in self.groups.values():
+                try:
+                    info = await asyncio.wait_for(
+                        g.handle.info.remote(), max(1.0, deadline - time.monotonic())
+                    )
+                    break
+                except Exception as e:  # not up yet, or restarting: try the next / again
+                    last_err = e
+            if info is None:
+                await asyncio.sleep(1.0)
+        if info is None:
+            raise NoHealthyGroup(
+                f"no replica group answered within the startup timeout: {last_err}"
+            )
+        self.tokenizer = Tokenizer(info["tokenizer_files"])
+        self.block_size = info["block_size"]
+        self.limits = Limits(
+            max_model_len=info["max_model_len"],
+            vocab_size=info["vocab_size"],
+            max_n=self.config.max_n,
+            max_prompt_chars=self.config.max_prompt_chars,
+        )
+        for g in self.groups.values():
+            g.link = GroupLink(g.name, g.handle, self.router_id)
+            g.link.start()
+        live = [asyncio.ensure_future(g.link.live.wait()) for g in self.groups.values()]
+        try:  # one live link is enough to serve; the others join as they come up
+            await asyncio.wait(
+                live,
+                timeout=max(1.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            for w in live:
+                w.cancel()
+        await self.poll_once()
+        self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+
+    def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        for g in self.groups.values():
+            if g.link is not None:
+                g.link.stop()
+
+    def set_policy(self, name: str) -> None:
+        self.policy = make_policy(name, self.config.max_load_imbalance)
+        self.config = self.config.model_copy(update={"policy": name})
+
+    # ---- group state -----------------------------------------------------------------------
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.stats_interval_s)
+            try:
+                await self.poll_once()
+            except Exception:  # keep polling whatever happens
+                log.exception("polling group stats failed")
+
+    async def poll_once(self) -> None:
+        await asyncio.gather(*(self._poll(g) for g in self.groups.values()))
+
+    async def _poll(self, g: GroupState) -> None:
+        timeout = max(2.0, 10 * self.config.stats_interval_s)
+        try:
+            s = await asyncio.wait_for(g.handle.stats.remote(g.fingerprint), timeout)
+        except Exception as e:
+            if g.healthy:
+                log.warning("replica group %s is not answering: %r", g.name, e)
+            g.healthy = False
+            return
+        g.healthy = bool(s["healthy"])
+        g.num_running, g.num_waiting, g.kv_usage = s["num_running"], s["num_waiting"], s["kv_usage"]
+        if s["hashes"] is not None:
+            g.publish(s["hashes"])
+            g.fingerprint = s["hash_fingerprint"]
+        g.stats = s
+        self.metrics.record_group(g.name, s)
+
+    def healthy_groups(self) -> list[GroupState]:
+        return [
+            g
+            for g in self.groups.values()
+            if g.healthy and g.link is not None and g.link.live.is_set()
+        ]
+
+    def group_stats(self) -> list[dict[str, Any]]:
+        return [
+            {k: v for k, v in g.stats.items() if k != "hashes"} | {"healthy": g.healthy}
+            for g in self.groups.values()
+        ]
+
+    def _candidates(self, prompt_hashes: Sequence[int], session_id: str | None) -> list[GroupState]:
+        """Groups to try, best first: the pinned or chosen one, then the rest by load."""
+        healthy = self.healthy_groups()
+        if not healthy:
+            raise NoHealthyGroup("every replica group is down or restarting")
+        first = None
+        if session_id:
+            pinned = self.sessions.get(session_id)
+            first = next((g for g in healthy if g.name == pinned), None)
+        if first is None:
+            first = self.policy.choose(healthy, prompt_hashes)  # type: ignore[assignment]
+        rest = sorted((g for g in healthy if g is not first), key=lambda g: g.load)
+        return [first, *rest]  # type: ignore[list-item]
+
+    # ---- requests --------------------------------------------------------------------------
+    def _hashes(self, token_ids: list[int]) -> list[int]:
+        return block_hashes(token_ids, self.block_size) if self.block_size else []
+
+    async def stream(
+        self,
+        token_ids: list[int],
+        params: SamplingParams,
+        session_id: str | None = None,
+        request_id: str | None = None,
+        index: int = 0,
+    ) -> AsyncIterator[Chunk]:
+        """Deltas of one request; the last has finish and usage."""
+        request_id = request_id or uuid.uuid4().hex
+        arrival = time.monotonic()
+        hashes = self._hashes(token_ids)
+        wire = params.model_dump(exclude_defaults=True)
+        group: GroupState | None = None
+        outcome, ttft, n_out, last = "error", None, 0, arrival
+        ended = False  # the group ended the request itself (finished or failed)
+        released = False
+
+        def release(_task: object = None) -> None:
+            """Close the request exactly once: from the finally below, or -- when whoever
+            iterates us is cancelled while we sit at a `yield`, so no exception reaches this
+            frame -- from the done-callback of the task that was driving us."""
+            nonlocal released
+            if released or group is None:
+                return
+            released = True
+            assert group.link is not None
+            group.link.close(request_id, abort=not ended)
+            group.inflight -= 1
+            e2e = time.monotonic() - arrival
+            result = outcome if ended or outcome != "error" else "cancelled"
+            self.metrics.record_finished(group.name, result, len(token_ids), n_out, ttft, e2e)
+
+        driver = asyncio.current_task()
+        try:
+            inbox, group, msg = await self._open(request_id, token_ids, wire, hashes, session_id)
+            if driver is not None:
+                driver.add_done_callback(release)
+            tags = self.metrics.tags(group.name)
+            while True:
+                if "error" in msg:
+                    ended = True
+                    raise error_from_group(msg["error"])
+                now = time.monotonic()
+                k = len(msg["ids"])
+                if k:
+                    if ttft is None:
+                        ttft = now - arrival
+                    elif n_out:
+                        for _ in range(k):
+                            self.metrics.itl.observe((now - last) / k, tags=tags)
+                    n_out += k
+                    last = now
+                finish = msg.get("finish")
+                if finish is not None:
+                    outcome, ended = "finished", True
+                yield Chunk(
+                    msg["ids"], msg["text"], msg["lp"], finish, msg.get("usage"), group.name, index
+                )
+                if finish is not None:
+                    return
+                msg = await inbox.next()
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"
+            raise
+        finally:
+            release()
+            if driver is not None:
+                driver.remove_done_callback(release)
+
+    async def _open(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        wire: dict[str, Any],
+        hashes: list[int],
+        session_id: str | None,
+    ) -> tuple[Inbox, GroupState, dict[str, Any]]:
+        """Start the request on the best group that accepts it -> (its inbox, the group, its
+        first delta). Refusals and unreachable groups move on to the next candidate."""
+        overloaded: Exception | None = None
+        for g in self._candidates(hashes, session_id):
+            link = g.link
+            assert link is not None
+            inbox = link.open(request_id)
+            g.inflight += 1
+            accepted = False
+            running = True  # the group may be running it: abort if we leave before its answer
+            try:
+                refused = await link.submit(request_id, token_ids, wire)
+                first = refused or await inbox.next()
+                running = False
+                accepted = "error" not in first
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the group died or is restarting: try the next one
+                running = False
+                log.warning("replica group %s failed a request: %r", g.name, e)
+                g.healthy = False
+                continue
+            finally:
+                if not accepted:
+                    g.inflight -= 1
+                    link.close(request_id, abort=running)
+            if accepted:
+                if session_id:
+                    self.sessions.pin(session_id, g.name)
+                if self.policy.uses_prefix:
+                    g.add_pending(hashes, self.config.pending_prefix_ttl_s)
+                return inbox, g, first
+            err = error_from_group(first["error"])
+            if isinstance(err, EngineOverloaded):
+                overloaded = err
+            elif isinstance(err, EngineDead):
+                g.healthy = False
+            else:
+                raise err
+        if overloaded is not None:
+            raise overloaded
+        raise NoHealthyGroup("no replica group accepted the request")
+
+    async def complete(
+        self,
+        token_ids: list[int],
+        params: SamplingParams,
+        session_id: str | None = None,
+        request_id: str | None = None,
+        index: int = 0,
+    ) -> Chunk:
+        """The whole output of one request as one Chunk."""
+        ids: list[int] = []
+        text: list[str] = []
+        lps: list[Any] | None = [] if params.logprobs is not None else None
+        last = None
+        async for c in self.stream(token_ids, params, session_id, request_id, index):
+            ids += c.ids
+            text.append(c.text)
+            if lps is not None and c.logprobs:
+                lps += c.logprobs
+            last = c
+        assert last is not None  # stream() raises rather than end without a finished chunk
+        return Chunk(ids, "".join(text), lps, last.finish, last.usage, last.group, index)
+
+    async def stream_n(
+        self, token_ids: list[int], params: list[SamplingParams], session_id: str | None
+    ) -> AsyncIterator[Chunk]:
+        """n choices of one prompt, interleaved as they arrive (Chunk.index tells them apart)."""
+        if len(params) == 1:
+            async for c in self.stream(token_ids, params[0], session_id):
+                yield c
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(i: int, sp: SamplingParams) -> None:
+            try:
+                async for c in self.stream(token_ids, sp, session_id, index=i):
+                    await queue.put(c)
+            except Exception as e:
+                await queue.put(e)
+            finally:
+                await queue.put(done)
+
+        tasks = [asyncio.ensure_future(pump(i, sp)) for i, sp in enumerate(params)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    def prompt_limits(self) -> Limits:
+        if self.limits is None:
+            raise NoHealthyGroup("the router has not reached a replica group yet")
+        return self.limits
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        from router.validation import check_prompt_text, check_token_ids
+
+        limits = self.prompt_limits()
+        if isinstance(prompt, str):
+            check_prompt_text(prompt, limits)
+            assert self.tokenizer is not None
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise InvalidRequest("prompt", "must not be empty")
+        check_token_ids(ids, limits)
+        return ids

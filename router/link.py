@@ -1,0 +1,148 @@
+"""The router's end of one replica group's multiplexed stream.
+
+cluster.replica_group.ReplicaGroup.subscribe(router_id) is one long-lived Serve stream per
+(router replica, group); each message is a batch of (request_id, delta). GroupLink reads it in
+a background task and hands each delta to the inbox of the request it belongs to.
+
+Lifecycle:
+    start() -> subscribe; the group's first (empty) batch sets `live`
+    open(request_id) -> an Inbox; submit() -> the group starts the request
+    ... deltas arrive in the inbox ...
+    close(request_id, abort) -> forget the inbox; `abort` tells the group to stop the request
+    If the stream breaks (the group died or restarted), every open request gets a "dead" error
+    delta, `live` clears, and the link subscribes again with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def dead(message: str) -> dict[str, Any]:
+    return {"error": {"kind": "dead", "field": None, "message": message}}
+
+
+def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two consecutive token deltas of one request as one."""
+    lp = a["lp"] + b["lp"] if a["lp"] is not None and b["lp"] is not None else None
+    return b | {"ids": a["ids"] + b["ids"], "text": a["text"] + b["text"], "lp": lp}
+
+
+class Inbox:
+    """Deltas of one request, in order. `next()` returns everything that queued up while the
+    reader was busy as ONE delta, so a slow client (or proxy) gets fewer, larger messages
+    instead of falling further behind. An error is never merged: it comes out on its own."""
+
+    __slots__ = ("_items", "_ready")
+
+    def __init__(self) -> None:
+        self._items: deque[dict[str, Any]] = deque()
+        self._ready = asyncio.Event()
+
+    def put(self, delta: dict[str, Any]) -> None:
+        self._items.append(delta)
+        self._ready.set()
+
+    async def next(self) -> dict[str, Any]:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        msg = self._items.popleft()
+        while (
+            self._items
+            and "error" not in msg
+            and msg.get("finish") is None
+            and "error" not in self._items[0]
+        ):
+            msg = merge(msg, self._items.popleft())
+        return msg
+
+
+class GroupLink:
+    def __init__(self, name: str, handle: Any, router_id: str):
+        self.name = name
+        self.handle = handle
+        self.streaming = handle.options(stream=True)
+        self.router_id = router_id
+        self.live = asyncio.Event()
+        self._inboxes: dict[str, Inbox] = {}
+        self._to_abort: list[str] = []
+        self._abort_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        """Call outside any request (e.g. from the router's constructor): the tasks started here
+        must not belong to a request, see _abort_forever."""
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run()), loop.create_task(self._abort_forever())]
+
+    def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                async for batch in self.streaming.subscribe.remote(self.router_id):
+                    self.live.set()
+                    backoff = 0.05
+                    for request_id, delta in batch:
+                        inbox = self._inboxes.get(request_id)
+                        if inbox is not None:  # else: closed already (the client went away)
+                            inbox.put(delta)
+                reason = "the replica group closed its stream"
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the group died or is restarting
+                reason = f"lost the replica group's stream: {e!r}"
+            if self.live.is_set():
+                log.warning("group %s: %s", self.name, reason)
+            self.live.clear()
+            for inbox in self._inboxes.values():
+                inbox.put(dead(reason))
+            await asyncio.sleep(backoff)
+            backoff = min(2 * backoff, 2.0)
+
+    @property
+    def num_open(self) -> int:
+        return len(self._inboxes)
+
+    def open(self, request_id: str) -> Inbox:
+        inbox = self._inboxes[request_id] = Inbox()
+        return inbox
+
+    async def submit(
+        self, request_id: str, token_ids: list[int], params: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """None when the group started the request (deltas follow in the inbox), else an error
+        delta. Raises if the group cannot be reached."""
+        return await self.handle.submit.remote(self.router_id, request_id, token_ids, params)
+
+    def close(self, request_id: str, abort: bool) -> None:
+        """Forget the request; with `abort`, tell the group to stop it and free its blocks.
+        Never blocks: safe while the calling task is being cancelled."""
+        self._inboxes.pop(request_id, None)
+        if abort:
+            self._to_abort.append(request_id)
+            self._abort_wake.set()
+
+    async def _abort_forever(self) -> None:
+        """Send aborts, batched. This runs in its own long-lived task on purpose: a handle call
+        made from inside a request that Serve is cancelling counts as that request's child and
+        is cancelled with it -- exactly when an abort matters most."""
+        while True:
+            await self._abort_wake.wait()
+            self._abort_wake.clear()
+            batch, self._to_abort = self._to_abort, []
+            if not batch:
+                continue
+            try:
+                await self.handle.abort.remote(self.router_id, batch)
+            except Exception as e:  # the group is gone: its requests went with it
+                log.info("group %s: aborts not delivered: %r", self.name, e)

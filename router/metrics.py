@@ -1,0 +1,100 @@
+"""Request and group metrics, exported by Ray's metrics agent in Prometheus format.
+
+Ray prefixes every name with `ray_` (e.g. `ray_flotilla_time_to_first_token_seconds`); scrape
+the node's metrics export port (`flotilla serve` prints it). Every series carries `model` and
+`group` tags. Latencies are measured in the router, so they include routing and the hops
+between router and group -- what a client sees minus the proxy.
+
+Outside a Ray worker (unit tests) `RequestMetrics(enabled=False)` records nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Seconds. TTFT and end-to-end span interactive to long generations; ITL is per token.
+# fmt: off
+_TTFT_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+                 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0]
+_ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
+                0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5]
+_E2E_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                60.0, 120.0, 240.0, 480.0, 960.0]
+# fmt: on
+_TAGS = ("model", "group")
+
+
+class _Noop:
+    def observe(self, *a: Any, **k: Any) -> None: ...
+    def inc(self, *a: Any, **k: Any) -> None: ...
+    def set(self, *a: Any, **k: Any) -> None: ...
+
+
+class RequestMetrics:
+    def __init__(self, model: str, enabled: bool = True):
+        self.model = model
+        if enabled:
+            from ray.util import metrics as m
+
+            def hist(name, desc, buckets):
+                return m.Histogram(name, desc, boundaries=buckets, tag_keys=_TAGS)
+
+            def gauge(name, desc):
+                return m.Gauge(name, desc, tag_keys=_TAGS)
+
+            def counter(name, desc, tags=_TAGS):
+                return m.Counter(name, desc, tag_keys=tags)
+        else:
+            hist = gauge = counter = lambda *a, **k: _Noop()  # noqa: E731
+
+        self.ttft = hist(
+            "flotilla_time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS
+        )
+        self.itl = hist(
+            "flotilla_inter_token_latency_seconds", "Time between output tokens.", _ITL_BUCKETS
+        )
+        self.e2e = hist(
+            "flotilla_e2e_request_latency_seconds",
+            "Request latency, arrival to last token.",
+            _E2E_BUCKETS,
+        )
+        self.prompt_tokens = counter("flotilla_prompt_tokens", "Prompt tokens processed.")
+        self.generation_tokens = counter("flotilla_generation_tokens", "Tokens generated.")
+        self.requests = counter(
+            "flotilla_requests", "Finished requests by outcome.", _TAGS + ("outcome",)
+        )
+        self.running = gauge("flotilla_requests_running", "Requests running in the group.")
+        self.waiting = gauge("flotilla_requests_waiting", "Requests waiting in the group's queue.")
+        self.kv_usage = gauge("flotilla_kv_cache_usage", "Fraction of KV blocks in use (0-1).")
+        self.prefix_hit_rate = gauge(
+            "flotilla_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache (0-1)."
+        )
+
+    def tags(self, group: str) -> dict[str, str]:
+        return {"model": self.model, "group": group}
+
+    def record_group(self, group: str, stats: dict[str, Any]) -> None:
+        t = self.tags(group)
+        self.running.set(stats["num_running"], tags=t)
+        self.waiting.set(stats["num_waiting"], tags=t)
+        self.kv_usage.set(stats["kv_usage"], tags=t)
+        self.prefix_hit_rate.set(stats["prefix_hit_rate"], tags=t)
+
+    def record_finished(
+        self,
+        group: str,
+        outcome: str,
+        prompt_tokens: int,
+        output_tokens: int,
+        ttft: float | None,
+        e2e: float,
+    ) -> None:
+        t = self.tags(group)
+        self.requests.inc(1, tags={**t, "outcome": outcome})
+        if prompt_tokens:
+            self.prompt_tokens.inc(prompt_tokens, tags=t)
+        if output_tokens:
+            self.generation_tokens.inc(output_tokens, tags=t)
+        if ttft is not None:
+            self.ttft.observe(ttft, tags=t)
+        self.e2e.observe(e2e, tags=t)

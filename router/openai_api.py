@@ -1,0 +1,292 @@
+"""OpenAI-compatible HTTP front end: /v1/completions, /v1/chat/completions (the model's chat
+template), /v1/models, /health. Streaming is SSE ending with `data: [DONE]`.
+
+Errors use OpenAI's JSON shape ({"error": {"message", "type", "param", "code"}}) with 400
+(invalid field or malformed JSON), 404 (unknown model), 429 (every group's queue is full) or
+503 (no healthy group). A request is only answered 200 once a group has accepted it and
+produced its first token, so overload and validation errors always get their status code;
+an error after that (a group dying mid-stream) arrives as a final SSE `error` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from router.core import Chunk, Router
+from router.errors import ModelNotFound, api_error
+from router.validation import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_params,
+    completion_params,
+    completion_prompt,
+    finalize,
+    parse_body,
+    seeded,
+)
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def error_response(exc: BaseException, request_id: str = "") -> JSONResponse:
+    err = api_error(exc, request_id)
+    return JSONResponse(err.openai_body(), status_code=err.http_status)
+
+
+def _check_model(router: Router, model: str | None) -> None:
+    if model and model != router.model:
+        raise ModelNotFound(model, router.model)
+
+
+def _usage(chunks: list[Chunk]) -> dict[str, int]:
+    prompt = chunks[0].usage["prompt_tokens"] if chunks and chunks[0].usage else 0
+    completion = sum(c.usage["completion_tokens"] for c in chunks if c.usage)
+    cached = chunks[0].usage.get("cached_tokens", 0) if chunks and chunks[0].usage else 0
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def _completion_logprobs(router: Router, c: Chunk, offset: int) -> dict[str, Any] | None:
+    if c.logprobs is None:
+        return None
+    tok = router.tokenizer
+    assert tok is not None
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for token_id, lp in zip(c.ids, c.logprobs, strict=False):
+        text = tok.token_text(token_id)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+        if lp is None:
+            token_lps.append(None)
+            tops.append(None)
+            continue
+        token_lps.append(lp[0])
+        tops.append({tok.token_text(i): v for i, v in zip(lp[1], lp[2], strict=False)})
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_lps,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprobs(router: Router, c: Chunk) -> dict[str, Any] | None:
+    if c.logprobs is None:
+        return None
+    tok = router.tokenizer
+    assert tok is not None
+
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text = tok.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    content = []
+    for token_id, lp in zip(c.ids, c.logprobs, strict=False):
+        if lp is None:
+            continue
+        item = entry(token_id, lp[0])
+        item["top_logprobs"] = [entry(i, v) for i, v in zip(lp[1], lp[2], strict=False)]
+        content.append(item)
+    return {"content": content}
+
+
+def _session(router: Router, request: Request) -> str | None:
+    return request.headers.get(router.config.session_header)
+
+
+async def completions(router: Router, request: Request) -> Response:
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    try:
+        req = parse_body(await request.body(), CompletionRequest)
+        _check_model(router, req.model)
+        limits = router.prompt_limits()
+        params, opts = completion_params(req, limits)
+        token_ids = router.tokenize(completion_prompt(req))
+        sp = finalize(params, opts, len(token_ids), limits)
+    except Exception as e:
+        return error_response(e, request_id)
+    choice_params = [seeded(sp, i) for i in range(opts.n)]
+    return await _respond(router, request, request_id, token_ids, choice_params, opts, chat=False)
+
+
+async def chat_completions(router: Router, request: Request) -> Response:
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    try:
+        req = parse_body(await request.body(), ChatCompletionRequest)
+        _check_model(router, req.model)
+        limits = router.prompt_limits()
+        params, opts = chat_params(req, limits)
+        messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
+        assert router.tokenizer is not None
+        token_ids = router.tokenizer.apply_chat_template(messages, req.add_generation_prompt)
+        sp = finalize(params, opts, len(token_ids), limits)
+    except Exception as e:
+        return error_response(e, request_id)
+    choice_params = [seeded(sp, i) for i in range(opts.n)]
+    return await _respond(router, request, request_id, token_ids, choice_params, opts, chat=True)
+
+
+async def _respond(router, request, request_id, token_ids, choice_params, opts, chat: bool):
+    session = _session(router, request)
+    created = int(time.time())
+    if not opts.stream:
+        # One message per choice from the group (Router.complete): no per-token hops.
+        tasks = [
+            asyncio.ensure_future(router.complete(token_ids, sp, session, index=i))
+            for i, sp in enumerate(choice_params)
+        ]
+        try:
+            chunks = list(await asyncio.gather(*tasks))
+        except Exception as e:
+            for t in tasks:  # one choice failed: stop the others (frees their KV blocks)
+                t.cancel()
+            return error_response(e, request_id)
+        headers = {"x-flotilla-group": chunks[0].group, "x-request-id": request_id}
+        body = _merge(router, request_id, created, chunks, len(choice_params), chat)
+        return JSONResponse(body, headers=headers)
+    stream = router.stream_n(token_ids, choice_params, session)
+    try:
+        first = await stream.__anext__()  # accepted (200) or the error's own status code
+    except Exception as e:
+        await stream.aclose()
+        return error_response(e, request_id)
+    headers = {"x-flotilla-group": first.group, "x-request-id": request_id}
+    body = _sse(router, request_id, created, first, stream, opts, chat)
+    return StreamingResponse(body, media_type="text/event-stream", headers=headers | _SSE_HEADERS)
+
+
+def _merge(router, request_id, created, chunks: list[Chunk], n: int, chat: bool) -> dict[str, Any]:
+    choices = []
+    finals = []
+    for i in range(n):
+        mine = [c for c in chunks if c.index == i]
+        merged = Chunk(
+            ids=[t for c in mine for t in c.ids],
+            text="".join(c.text for c in mine),
+            logprobs=None
+            if mine[0].logprobs is None
+            else [x for c in mine for x in (c.logprobs or [])],
+            finish=mine[-1].finish,
+            usage=mine[-1].usage,
+        )
+        finals.append(merged)
+        if chat:
+            choices.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": merged.text},
+                    "logprobs": _chat_logprobs(router, merged),
+                    "finish_reason": merged.finish,
+                }
+            )
+        else:
+            choices.append(
+                {
+                    "index": i,
+                    "text": merged.text,
+                    "logprobs": _completion_logprobs(router, merged, 0),
+                    "finish_reason": merged.finish,
+                }
+            )
+    return {
+        "id": request_id,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": router.model,
+        "choices": choices,
+        "usage": _usage(finals),
+    }
+
+
+async def _sse(
+    router, request_id, created, first: Chunk, rest, opts, chat: bool
+) -> AsyncIterator[str]:
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    offsets: dict[int, int] = {}
+    finals: list[Chunk] = []
+
+    def event(payload: dict[str, Any]) -> str:
+        return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+    def base(choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": request_id,
+            "object": obj,
+            "created": created,
+            "model": router.model,
+            "choices": choices,
+        }
+
+    def render(c: Chunk) -> str:
+        if c.finish is not None:
+            finals.append(c)
+        if chat:
+            delta: dict[str, Any] = {"content": c.text}
+            if c.index not in offsets:
+                delta["role"] = "assistant"
+                offsets[c.index] = 0
+            choice = {
+                "index": c.index,
+                "delta": delta,
+                "logprobs": _chat_logprobs(router, c),
+                "finish_reason": c.finish,
+            }
+        else:
+            off = offsets.get(c.index, 0)
+            choice = {
+                "index": c.index,
+                "text": c.text,
+                "logprobs": _completion_logprobs(router, c, off),
+                "finish_reason": c.finish,
+            }
+            offsets[c.index] = off + len(c.text)
+        return event(base([choice]))
+
+    try:
+        yield render(first)
+        async for c in rest:
+            yield render(c)
+        if opts.include_usage:
+            yield event(base([]) | {"usage": _usage(finals)})
+    except Exception as e:  # after the 200: report in-band, then end the stream properly
+        yield event(api_error(e, request_id).openai_body())
+    finally:
+        await rest.aclose()
+    yield "data: [DONE]\n\n"
+
+
+def models(router: Router) -> dict[str, Any]:
+    limits = router.limits
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": router.model,
+                "object": "model",
+                "created": 0,
+                "owned_by": "flotilla",
+                "max_model_len": limits.max_model_len if limits else None,
+            }
+        ],
+    }
+
+
+def health(router: Router) -> Response:
+    groups = {g.name: g.healthy for g in router.groups.values()}
+    ok = any(groups.values()) and router.limits is not None
+    return JSONResponse(
+        {"status": "ok" if ok else "unavailable", "groups": groups}, status_code=200 if ok else 503
+    )

@@ -1,0 +1,1 @@
+"""Flotilla's gRPC API: `flotilla.proto` and the stubs generated from it (`make proto`)."""

@@ -1,0 +1,75 @@
+"""The root config: YAML in, one validated object out; typos and out-of-range values refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from deploy.app import GRPC_SERVICER, engine_config, group_names, grpc_options
+from deploy.cli import main, usage_text
+from deploy.config import FlotillaConfig
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "default.yaml"
+
+
+def test_example_yaml_is_the_default_deployment():
+    cfg = FlotillaConfig.from_yaml(EXAMPLE)
+    assert cfg.groups == 1 and cfg.router.policy == "prefix_aware"
+    assert (cfg.serve.http_port, cfg.serve.grpc_port) == (8000, 9000)
+    assert cfg.model_name == "smollm2-135m-instruct"
+
+
+def test_defaults_need_no_file():
+    cfg = FlotillaConfig()
+    assert group_names(cfg) == ["group-0"]
+    opts = grpc_options(cfg)
+    assert opts.port == 9000 and opts.grpc_servicer_functions == [GRPC_SERVICER]
+    assert callable(opts.grpc_servicer_func_callable[0])  # importable where Serve runs
+
+
+def test_engine_threads_default_to_cores_per_group(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert engine_config(FlotillaConfig(groups=2)).model.num_threads == 4
+    assert engine_config(FlotillaConfig(groups=16)).model.num_threads == 1
+    pinned = FlotillaConfig.model_validate({"engine": {"model": {"num_threads": 3}}})
+    assert engine_config(pinned).model.num_threads == 3
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"groups": 0},
+        {"gropus": 2},
+        {"router": {"policy": "random"}},
+        {"router": {"stats_interval_s": 0}},
+        {"serve": {"http_port": 9000}},  # clashes with grpc_port
+        {"serve": {"grpc_port": 70000}},
+        {"engine": {"cache": {"block_size": 0}}},
+    ],
+)
+def test_bad_config_is_refused(data):
+    with pytest.raises(ValidationError):
+        FlotillaConfig.model_validate(data)
+
+
+def test_yaml_must_be_a_mapping(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError):
+        FlotillaConfig.from_yaml(bad)
+
+
+def test_usage_text_names_every_way_to_call():
+    text = usage_text(FlotillaConfig())
+    assert "flotilla generate" in text and "curl" in text and "openai.OpenAI" in text
+    assert "127.0.0.1:9000" in text and "http://127.0.0.1:8000" in text
+
+
+def test_generate_reports_unreachable_server(capsys):
+    # Nothing listens on this port: a clean error and exit code 1, not a traceback.
+    assert main(["generate", "hi", "--address", "127.0.0.1:1", "--timeout", "2"]) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
