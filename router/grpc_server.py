@@ -11,6 +11,11 @@ handler in a task of its own, which is always suspended at an await, and cancel 
 from the call's done-callback: the cancel then always reaches the replica, whose router aborts
 the request and frees its KV blocks.
 
+Serve's handler may then still be winding down (setting a status, writing its access log) after
+grpc has finished -- and freed -- the call, so it gets a guarded context: live calls go to the
+real one; after the call ended, reads come from a snapshot and writes are dropped. (Touching the
+freed call crashes the proxy.)
+
 If Serve's server internals differ from what this expects, the stock registration is used.
 """
 
@@ -47,16 +52,51 @@ def add_servicer(servicer: Any, server: Any) -> None:
         server.service_handler_factory = factory
 
 
+class GuardedContext:
+    """A grpc ServicerContext that is safe to use after its call ended (see the docstring)."""
+
+    _SNAPSHOT = ("invocation_metadata", "peer", "auth_context", "peer_identities",
+                 "peer_identity_key")  # fmt: skip
+
+    def __init__(self, context: Any):
+        self._context = context
+        self._alive = True
+        self._snapshot: dict[str, Any] = {}
+        for name in self._SNAPSHOT:
+            try:
+                self._snapshot[name] = getattr(context, name)()
+            except Exception:  # not every context implements every getter
+                self._snapshot[name] = None
+
+    def end(self) -> None:
+        self._alive = False
+
+    def __getattr__(self, name: str) -> Any:
+        if self._alive:
+            return getattr(self._context, name)
+        if name in self._snapshot:
+            value = self._snapshot[name]
+            return lambda: value
+        if name in ("cancelled", "done"):
+            return lambda: True
+        return lambda *args, **kwargs: None  # code(), details(), set_*(): nothing left to touch
+
+
 def cancel_safe_stream(handler: Callable[[Any, Any], AsyncIterator]) -> Callable:
     """Wrap a server-streaming handler so that ending the call (client cancel, deadline,
     disconnect) always cancels the handler at an await point."""
 
     async def stream(request: Any, context: Any) -> AsyncIterator:
         queue: asyncio.Queue = asyncio.Queue()
+        guarded = GuardedContext(context)
+
+        def call_ended(_context: Any) -> None:
+            guarded.end()  # first: the task below must not touch the call from now on
+            task.cancel()
 
         async def drive() -> None:
             try:
-                async for item in handler(request, context):
+                async for item in handler(request, guarded):
                     queue.put_nowait(item)
                 queue.put_nowait(_END)
             except asyncio.CancelledError:
@@ -65,7 +105,7 @@ def cancel_safe_stream(handler: Callable[[Any, Any], AsyncIterator]) -> Callable
                 queue.put_nowait(e)
 
         task = asyncio.get_running_loop().create_task(drive())
-        context.add_done_callback(lambda _ctx: task.cancel())
+        context.add_done_callback(call_ended)
         try:
             while True:
                 item = await queue.get()

@@ -102,3 +102,41 @@ def test_add_servicer_wraps_only_server_streaming_methods():
     stream = server.handlers["/flotilla.v1.Flotilla/GenerateStream"]
     unary = server.handlers["/flotilla.v1.Flotilla/Generate"]
     assert stream.__name__ == "stream" and unary.__name__ == "h"
+
+
+def test_guarded_context_never_touches_an_ended_call():
+    from router.grpc_server import GuardedContext
+
+    class Call:
+        def __init__(self):
+            self.alive, self.codes = True, []
+
+        def _check(self):
+            assert self.alive, "touched a freed call"
+
+        def peer(self):
+            self._check()
+            return "ipv4:127.0.0.1:5555"
+
+        def invocation_metadata(self):
+            self._check()
+            return [("application", "flotilla")]
+
+        def set_code(self, code):
+            self._check()
+            self.codes.append(code)
+
+        def code(self):
+            self._check()
+            return self.codes[-1] if self.codes else None
+
+    call = Call()
+    ctx = GuardedContext(call)
+    ctx.set_code("OK")
+    assert ctx.code() == "OK" and ctx.peer() == "ipv4:127.0.0.1:5555"
+    ctx.end()
+    call.alive = False
+    ctx.set_code("CANCELLED")  # dropped
+    assert ctx.peer() == "ipv4:127.0.0.1:5555"  # from the snapshot
+    assert ctx.invocation_metadata() == [("application", "flotilla")]
+    assert ctx.code() is None and ctx.cancelled() is True
