@@ -16,6 +16,11 @@ class ParallelConfig(BaseModel):
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="torch.distributed backend; auto = nccl on CUDA, gloo on CPU."
     )
+    cpu_all_reduce: Literal["auto", "shm", "gloo"] = Field(
+        "auto",
+        description="CPU tensor-parallel all-reduce: shm = through shared memory (ranks on one "
+        "node, native kernels); gloo = torch.distributed; auto = shm when possible.",
+    )
     cpus_per_rank: float = Field(1.0, gt=0, description="Ray CPUs reserved per worker actor.")
     placement_timeout_s: float = Field(
         60.0, gt=0, description="How long to wait for the group's placement before failing."

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from parallel.config import ParallelConfig
 from parallel.layers import SINGLE, TPGroup
 from parallel.moe import EP_SINGLE, EPGroup
+from parallel.shm_comm import make_shm_all_reduce
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,15 @@ def init_groups(
         g = dist.new_group(ranks, backend=backend) if stage > 1 else None
         if p == pp_rank:
             stage_group = g
-    tp = TPGroup(stage_rank, stage, stage_group) if config.tp > 1 else SINGLE
+    shm = None
+    if config.tp > 1 and backend == "gloo" and config.cpu_all_reduce != "gloo":
+        shm = make_shm_all_reduce(stage_group, stage_rank, stage, config.step_timeout_s)
+        if shm is None and config.cpu_all_reduce == "shm":
+            raise ValueError(
+                "cpu_all_reduce='shm' needs every rank of a stage on one node with the native "
+                "CPU kernels built"
+            )
+    tp = TPGroup(stage_rank, stage, stage_group, shm) if config.tp > 1 else SINGLE
     ep = EPGroup(stage_rank, stage, stage_group) if config.ep > 1 else EP_SINGLE
     return ParallelGroups(
         rank=rank,

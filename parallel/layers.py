@@ -13,6 +13,7 @@ the layout. With `tp.size == 1` every layer is a plain dense layer and no collec
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +31,15 @@ class TPGroup:
     rank: int = 0
     size: int = 1
     group: dist.ProcessGroup | None = None
+    shm: Callable[[torch.Tensor], torch.Tensor] | None = None  # parallel.shm_comm (CPU, 1 node)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
             with COMM.time():
-                dist.all_reduce(x, group=self.group)
+                if self.shm is not None and x.device.type == "cpu":
+                    self.shm(x)
+                else:
+                    dist.all_reduce(x, group=self.group)
         return x
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:

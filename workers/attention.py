@@ -3,8 +3,11 @@
 The flat token batch is laid out decodes first (one token per sequence), then prefill chunks.
 Per step, `build_metadata` turns block tables into index tensors once; every layer reuses them.
 
-- Decodes: batched SDPA calls, one per group of similar context length. Keys/values are
-  gathered block-wise from the cache into a padded [B, kv_heads, L, D] view with a length mask. Queries are grouped per KV head
+- Decodes, CPU: one call of the native kernel `torch.ops.flotilla.paged_decode_attention`
+  (workers/kernels), which reads K/V in place through the block tables, no copy.
+- Decodes, elsewhere (CUDA, or a CPU where the kernel cannot be built): batched SDPA calls, one
+  per group of similar context length. Keys/values are gathered block-wise from the cache into a
+  padded [B, kv_heads, L, D] view with a length mask. Queries are grouped per KV head
   ([B, kv_heads, q_per_kv, D]) so grouped-query attention needs no K/V repetition.
 - Prefill chunks: one SDPA call each. A chunk with nothing cached before it attends to its own
   K/V (causal); a later chunk (chunked prefill or a prefix-cache hit) gathers the earlier
@@ -65,6 +68,10 @@ class AttentionMetadata:
     decodes: list[DecodeGroup]
     prefills: list[PrefillChunk]
     block_size: int
+    # Native decode kernel inputs (None: use the SDPA groups): int32 [num_decodes, max_blocks]
+    # block tables (zero-padded) and int32 [num_decodes] context lengths.
+    decode_tables: torch.Tensor | None = None
+    decode_lens: torch.Tensor | None = None
     # Built lazily per window size and cached for the step (layers share them).
     _prefill_masks: dict | None = None
 
@@ -108,12 +115,20 @@ def build_metadata(
     prefills: list[tuple[int, int, int, list[int]]],
     block_size: int,
     device: torch.device,
+    decode_kernel: bool = False,
 ) -> AttentionMetadata:
     """`decode_tables`/`decode_lens` must be sorted by ascending length (the runner lays
-    decodes out that way)."""
+    decodes out that way). `decode_kernel`: decodes go to the native kernel (CPU)."""
     groups: list[DecodeGroup] = []
+    kernel_tables = kernel_lens = None
+    if decode_kernel and decode_tables:
+        width = max(len(t) for t in decode_tables)
+        kernel_tables = torch.tensor(
+            [t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.int32, device=device
+        )
+        kernel_lens = torch.tensor(decode_lens, dtype=torch.int32, device=device)
     start = 0
-    for size in group_by_length(decode_lens):
+    for size in group_by_length(decode_lens) if kernel_tables is None else []:
         tables = decode_tables[start : start + size]
         width = max(len(t) for t in tables)
         flat = [b for t in tables for b in t + [0] * (width - len(t))]
@@ -138,6 +153,8 @@ def build_metadata(
         decodes=groups,
         prefills=chunks,
         block_size=block_size,
+        decode_tables=kernel_tables,
+        decode_lens=kernel_lens,
     )
 
 
@@ -155,8 +172,14 @@ def paged_attention(
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     k_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, v)
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
+    if meta.decode_tables is not None:
+        nd = meta.num_decodes
+        torch.ops.flotilla.paged_decode_attention(
+            out[:nd], q[:nd].contiguous(), k_cache, v_cache, meta.decode_tables,
+            meta.decode_lens, scale, window or 0,
+        )
     for grp in meta.decodes:
         n, L = grp.count, grp.max_blocks * meta.block_size
         # index_select on the flat block list is a plain row copy (faster than advanced
@@ -180,14 +203,16 @@ def paged_attention(
             kp = k_cache.index_select(0, c.block_table).flatten(0, 1)[:n_ctx]
             vp = v_cache.index_select(0, c.block_table).flatten(0, 1)[:n_ctx]
         mask = meta.prefill_mask(i, window)
+        # 4-D inputs: torch's CPU flash-attention kernel takes only those (3-D falls back to
+        # the unfused math path, 3-4x slower here).
         op = F.scaled_dot_product_attention(
-            qp,
-            kp.transpose(0, 1),
-            vp.transpose(0, 1),
+            qp[None],
+            kp.transpose(0, 1)[None],
+            vp.transpose(0, 1)[None],
             attn_mask=mask,
             is_causal=mask is None,
             scale=scale,
             enable_gqa=kvh != H,
         )
-        out[s:e] = op.transpose(0, 1)
+        out[s:e] = op[0].transpose(0, 1)
     return out

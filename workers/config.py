@@ -32,6 +32,14 @@ class ModelConfig(BaseModel):
         True, description="Prepack bf16 linear weights for oneDNN on CPUs that support it."
     )
 
+    kernels: Literal["auto", "native", "torch"] = Field(
+        "auto",
+        description="native = the C++ CPU kernels of workers/kernels (paged decode attention "
+        "reading K/V in place, fused residual-add + RMSNorm, rotary, SiLU-and-mul), built with "
+        "g++ on first use; torch = plain torch ops (decode attention by SDPA over gathered "
+        "blocks); auto = native on CPU when they build, else torch.",
+    )
+
     @property
     def name(self) -> str:
         return self.served_name or self.model

@@ -17,6 +17,7 @@ from parallel.groups import SINGLE_RANK, ParallelGroups
 from parallel.layers import pack_linears
 from workers.attention import build_metadata
 from workers.config import ModelConfig
+from workers.kernels import load_cpu_kernels
 from workers.loader import iter_weights, load_hf_config, resolve_model_path
 from workers.messages import SeqPlan, StepPlan, StepResult
 from workers.models.llama import LlamaArch, LlamaForCausalLM
@@ -38,6 +39,19 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     if device == "cuda":
         return torch.bfloat16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def _use_native_kernels(choice: str, device: torch.device) -> bool:
+    if choice == "torch":
+        return False
+    if device.type != "cpu":
+        if choice == "native":
+            raise ValueError(f"kernels='native' needs device 'cpu', not {device}")
+        return False
+    ok = load_cpu_kernels()
+    if choice == "native" and not ok:
+        raise ValueError("kernels='native': the CPU kernels did not build (see the log)")
+    return ok
 
 
 @contextlib.contextmanager
@@ -70,6 +84,7 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype, config.device)
         self.block_size = block_size
+        self.native = _use_native_kernels(config.kernels, self.device)
         self.num_microbatches = num_microbatches or groups.pp_size
         path = resolve_model_path(config.model)
         self.hf_config = load_hf_config(path)
@@ -82,6 +97,7 @@ class ModelRunner:
         self._param_bytes = self._count_param_bytes()
         if config.prepack:
             pack_linears(self.model)
+        self.model.use_native_kernels(self.native)
         self.hidden_size = arch.hidden_size
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
@@ -164,6 +180,7 @@ class ModelRunner:
             prefill_meta,
             bs,
             self.device,
+            decode_kernel=self.native,
         )
         return torch.tensor(ids, device=self.device), meta, sample_rows, sample_seqs
 

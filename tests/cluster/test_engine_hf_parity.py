@@ -119,13 +119,16 @@ def test_bf16_close_to_fp32_reference(tiny_model_dir, hf_models):
         assert_close_greedy(out.token_ids, theirs, our_tops, their_tops, "llama/bf16")
 
 
+@pytest.mark.parametrize("backend", ["native", "torch"])
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
-def test_many_decodes_grouped_by_length(arch, tiny_model_dir, hf_models):
-    """20 running requests with context lengths from 2 to ~230: decode attention splits them
-    into several length groups; every request still matches HF."""
+def test_many_decodes_grouped_by_length(arch, backend, tiny_model_dir, hf_models):
+    """20 running requests with context lengths from 2 to ~230: the native kernel reads them in
+    place; the SDPA path splits them into several length groups. Every request matches HF."""
     engine = LLMEngine(
         EngineConfig(
-            model=ModelConfig(model=tiny_model_dir(arch), dtype="float32"),
+            model=ModelConfig(
+                model=tiny_model_dir(arch), dtype="float32", kernels=backend
+            ),
             cache=CacheConfig(block_size=8),
         )
     )
@@ -136,3 +139,4 @@ def test_many_decodes_grouped_by_length(arch, tiny_model_dir, hf_models):
         theirs, their_tops = hf_greedy(hf_models[arch], prompt, 8)
         our_tops = [set(lp.top_ids) for lp in out.logprobs]
         assert_close_greedy(out.token_ids, theirs, our_tops, their_tops, f"{arch}/many")
+    assert engine.executor.runner.native == (backend == "native")

@@ -163,11 +163,28 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
+    native = False  # set by LlamaForCausalLM.use_native_kernels
+
+    def _native_ok(self, *xs: torch.Tensor) -> bool:
+        return self.native and all(x.is_contiguous() and x.dtype == self.weight.dtype for x in xs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._native_ok(x):
+            out = torch.empty_like(x)
+            torch.ops.flotilla.rms_norm(out, x, self.weight, self.eps)
+            return out
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """residual += x; return (norm(residual), residual). Native: both in place, one pass."""
+        if self._native_ok(x, residual):
+            torch.ops.flotilla.fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return x, residual
+        residual = residual + x
+        return self(residual), residual
 
 
 def rope_tables(hf_config, head_dim: int, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,6 +227,7 @@ class LlamaAttention(nn.Module):
         self.qk_norm = arch.qk_norm
         self.window = window
         self.scale = arch.head_dim**-0.5
+        self.native = False
 
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]
@@ -219,7 +237,12 @@ class LlamaAttention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.native and q.dtype == cos.dtype:
+            cos2, sin2 = cos.view(T, -1), sin.view(T, -1)
+            torch.ops.flotilla.rotary_embedding(q, cos2, sin2)  # in place
+            torch.ops.flotilla.rotary_embedding(k, cos2, sin2)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = paged_attention(q, k, v, kv_cache, meta, self.scale, self.window)
         return self.o_proj(o.view(T, -1))
 
@@ -231,8 +254,15 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(arch.hidden_size, [n, n], arch.mlp_bias, tp)
         self.down_proj = RowParallelLinear(n, arch.hidden_size, arch.mlp_bias, tp)
 
+    native = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.native and gate_up.is_contiguous():
+            act = gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+            torch.ops.flotilla.silu_and_mul(act, gate_up)
+            return self.down_proj(act)
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -267,9 +297,16 @@ class LlamaLayer(nn.Module):
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, kv_cache, meta):
+        """(x, residual) -> (x, residual): the layer's output is x + residual. Carrying them
+        apart lets each residual add fuse into the following RMSNorm."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm.add(x, residual)
+        x = self.self_attn(x, cos, sin, kv_cache, meta)
+        x, residual = self.post_attention_layernorm.add(x, residual)
+        return self.mlp(x), residual
 
 
 _EXPERT = re.compile(
@@ -336,9 +373,16 @@ class LlamaForCausalLM(nn.Module):
         dtype = x.dtype
         cos = self.cos[meta.positions].to(dtype)[:, None, :]
         sin = self.sin[meta.positions].to(dtype)[:, None, :]
+        residual = None
         for layer, cache in zip(self.layers.values(), kv_caches, strict=True):
-            x = layer(x, cos, sin, cache, meta)
-        return x
+            x, residual = layer(x, residual, cos, sin, cache, meta)
+        return x if residual is None else x + residual
+
+    def use_native_kernels(self, on: bool) -> None:
+        """Route norms, rotary and SiLU-and-mul through the C++ CPU ops (workers/kernels)."""
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, LlamaAttention, LlamaMLP)):
+                m.native = on
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden)).float()
