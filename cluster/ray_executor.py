@@ -114,6 +114,10 @@ class RayExecutor:
     def param_bytes(self) -> list[int]:
         return self._get([a.param_bytes.remote() for a in self.actors], 60)
 
+    def describe(self) -> list[dict]:
+        """Per rank: which all-reduce and kernels it uses (see workers.worker.Worker.describe)."""
+        return self._get([a.describe.remote() for a in self.actors], 60)
+
     def comm_timing(self, enabled: bool) -> list[tuple[float, int]]:
         """Per rank: seconds spent in collectives / transfers since the last call."""
         return self._get([a.comm_timing.remote(enabled) for a in self.actors], 60)

@@ -13,7 +13,6 @@ the layout. With `tp.size == 1` every layer is a plain dense layer and no collec
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.comm_timer import COMM
+from parallel.shm_comm import ShmAllReduce
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class TPGroup:
     rank: int = 0
     size: int = 1
     group: dist.ProcessGroup | None = None
-    shm: Callable[[torch.Tensor], torch.Tensor] | None = None  # parallel.shm_comm (CPU, 1 node)
+    shm: ShmAllReduce | None = None  # parallel.shm_comm: CPU ranks of one node
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
@@ -45,9 +45,12 @@ class TPGroup:
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
             return x
-        parts = [torch.empty_like(x) for _ in range(self.size)]
         with COMM.time():
-            dist.all_gather(parts, x.contiguous(), group=self.group)
+            if self.shm is not None and x.device.type == "cpu":
+                parts = list(self.shm.all_gather(x).unbind(0))
+            else:
+                parts = [torch.empty_like(x) for _ in range(self.size)]
+                dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
 
 

@@ -35,6 +35,8 @@ def _node_id() -> str:
 
 
 class ShmAllReduce:
+    """All-reduce (call it) and all-gather over one shared mapping; see the module doc."""
+
     def __init__(
         self,
         group: dist.ProcessGroup,
@@ -64,6 +66,15 @@ class ShmAllReduce:
             dist.barrier(group=group)
             if rank == 0:
                 os.unlink(path)
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[world, *x.shape]: every rank's x, in rank order."""
+        x = x.contiguous()
+        out = x.new_empty(self.world, *x.shape)
+        self.seq = torch.ops.flotilla.shm_all_gather(
+            out, x, self.buf, self.rank, self.world, self.seq, self.timeout_s
+        )
+        return out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the group, in place; returns x."""

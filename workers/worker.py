@@ -94,6 +94,15 @@ class Worker:
         COMM.enabled = enabled
         return COMM.take()
 
+    def describe(self) -> dict:
+        """How this rank runs: its collectives and kernels (for tests and benchmarks)."""
+        g = self.runner.groups
+        return {
+            "rank": self.rank,
+            "tp_all_reduce": "none" if g.tp.size == 1 else ("shm" if g.tp.shm else "dist"),
+            "native_kernels": self.runner.native,
+        }
+
     def ping(self) -> int:
         return self.rank
 

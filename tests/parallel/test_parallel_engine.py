@@ -52,6 +52,7 @@ def _single(model: str) -> list[list[int]]:
 
 LAYOUTS = [
     ("qwen3", dict(tp=2)),
+    ("qwen3", dict(tp=2, cpu_all_reduce="gloo")),
     ("qwen3", dict(pp=2)),
     ("qwen3", dict(tp=2, pp=2)),
     ("mixtral", dict(ep=2)),
@@ -70,6 +71,12 @@ def test_parallel_matches_single_process(arch, layout, tiny_model_dir):
         outs = eng.generate(PROMPTS, PARAMS)
         assert [o.token_ids for o in outs] == _single(model)
         assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+        if layout.get("tp", 1) > 1:
+            # Ranks on one node all-reduce through shared memory unless told to use gloo.
+            want = "dist" if layout.get("cpu_all_reduce") == "gloo" else "shm"
+            ranks = eng.executor.describe()
+            assert len(ranks) == layout["tp"] * layout.get("pp", 1)
+            assert {d["tp_all_reduce"] for d in ranks} == {want}
         if layout.get("tp", 1) > 1 and "ep" not in layout:
             full = sum(eng.executor.param_bytes()[:1])
             single = LLMEngine(_config(model)).executor.runner.param_bytes()

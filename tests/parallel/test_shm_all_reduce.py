@@ -1,5 +1,6 @@
-"""The shared-memory all-reduce (parallel/shm_comm.py) on 3 local processes: results bitwise
-equal to a rank-ordered sum on every rank, tensors larger than a slot split into chunks, many
+"""The shared-memory all-reduce and all-gather (parallel/shm_comm.py) on 3 local processes:
+results bitwise equal to a rank-ordered sum (or the stacked inputs) on every rank, tensors
+larger than a slot split into chunks, many
 consecutive calls reusing the two phases, a missing rank raising after the timeout instead of
 hanging, and no file left in /dev/shm."""
 
@@ -8,15 +9,12 @@ from __future__ import annotations
 import glob
 import os
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from parallel.groups import free_port
-from workers.kernels import load_cpu_kernels
 
-pytestmark = pytest.mark.skipif(not load_cpu_kernels(), reason="CPU kernels did not build")
 WORLD = 3
 
 
@@ -51,6 +49,11 @@ def _run(rank: int, port: int, results) -> None:
                 got = shm(xs[rank].clone())
                 if not torch.equal(got, want):
                     mismatches.append((str(dtype), n, call))
+    for n in (3, 300, 1000):  # 1000 float32 = 4 chunks of a 1 KiB slot
+        call += 1
+        xs = _inputs(call, n, torch.float32)
+        if not torch.equal(shm.all_gather(xs[rank].view(-1, 1)), torch.stack(xs).view(3, -1, 1)):
+            mismatches.append(("all_gather", n, call))
     out["mismatches"] = mismatches
     out["seq"] = shm.seq
     out["leftover"] = glob.glob("/dev/shm/flotilla-ar-*")
@@ -68,6 +71,9 @@ def _run(rank: int, port: int, results) -> None:
 
 
 def test_shm_all_reduce_three_ranks():
+    from workers.kernels import build
+
+    build()  # once here, so the three ranks only load it (and a build error shows up here)
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         results = manager.dict()
@@ -85,7 +91,7 @@ def test_shm_all_reduce_three_ranks():
         assert out["auto"], f"rank {r}: shm all-reduce not chosen for ranks on one node"
         assert out["mismatches"] == [], f"rank {r}: {out['mismatches'][:5]}"
         assert out["leftover"] == []
-    # Same chunk count everywhere: 50 calls of 1, 1, 1-2, 4-8 and 12-24 chunks.
+    # Same chunk count everywhere (all-reduces of 1 to 24 chunks, then the gathers).
     assert len({out["seq"] for out in res}) == 1 and res[0]["seq"] > 50
     for r in (0, 1):
         assert "rank 2 did not arrive within 1 s" in res[r]["timeout"], res[r]["timeout"]

@@ -602,30 +602,33 @@ void shm_sum_chunk(T* out, const uint8_t* data, int64_t world, int64_t slot_byte
   });
 }
 
-int64_t shm_all_reduce(at::Tensor x, at::Tensor buf, int64_t rank, int64_t world, int64_t seq,
-                       double timeout_s) {
-  TORCH_CHECK(x.is_contiguous(), "shm_all_reduce: x must be contiguous");
-  TORCH_CHECK(buf.scalar_type() == at::kByte && buf.is_contiguous(),
-              "shm_all_reduce: buf must be a contiguous uint8 mapping");
-  TORCH_CHECK(0 <= rank && rank < world, "shm_all_reduce: rank out of range");
-  uint8_t* base = buf.data_ptr<uint8_t>();
-  uint8_t* data = base + world * kFlagStride;
-  const int64_t slot_bytes = ((buf.numel() - world * kFlagStride) / (2 * world)) / 64 * 64;
-  const int64_t elem = x.element_size();
-  const int64_t per_chunk = slot_bytes / elem;
-  TORCH_CHECK(per_chunk > 0, "shm_all_reduce: buffer too small");
-  const int64_t n = x.numel();
-  const auto flag = [&](int64_t r) {
+struct ShmView {
+  uint8_t* base;
+  uint8_t* data;
+  int64_t slot_bytes;
+  int64_t rank, world;
+  double timeout_s;
+  std::chrono::steady_clock::time_point deadline;
+
+  ShmView(at::Tensor& buf, int64_t rank_, int64_t world_, double timeout)
+      : rank(rank_), world(world_), timeout_s(timeout) {
+    TORCH_CHECK(buf.scalar_type() == at::kByte && buf.is_contiguous(),
+                "shm collectives: buf must be a contiguous uint8 mapping");
+    TORCH_CHECK(0 <= rank && rank < world, "shm collectives: rank out of range");
+    base = buf.data_ptr<uint8_t>();
+    data = base + world * kFlagStride;
+    slot_bytes = ((buf.numel() - world * kFlagStride) / (2 * world)) / 64 * 64;
+    TORCH_CHECK(slot_bytes > 0, "shm collectives: buffer too small");
+    deadline = std::chrono::steady_clock::now() +
+               std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                   std::chrono::duration<double>(timeout));
+  }
+  std::atomic<int64_t>* flag(int64_t r) const {
     return reinterpret_cast<std::atomic<int64_t>*>(base + r * kFlagStride);
-  };
-  uint8_t* xp = reinterpret_cast<uint8_t*>(x.data_ptr());
-  const auto deadline =
-      std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
-  for (int64_t off = 0; off < n; off += per_chunk) {
-    ++seq;
-    const int64_t count = std::min(per_chunk, n - off);
-    const int phase = static_cast<int>(seq & 1);
-    std::memcpy(data + (phase * world + rank) * slot_bytes, xp + off * elem, count * elem);
+  }
+  uint8_t* slot(int phase, int64_t r) const { return data + (phase * world + r) * slot_bytes; }
+  // Publish this rank's slot for call `seq`, then wait for every peer's.
+  void publish_and_wait(int64_t seq) const {
     flag(rank)->store(seq, std::memory_order_release);
     for (int64_t r = 0; r < world; ++r) {
       int64_t spins = 0;
@@ -636,13 +639,49 @@ int64_t shm_all_reduce(at::Tensor x, at::Tensor buf, int64_t rank, int64_t world
         }
         spins = 0;
         sched_yield();  // let a peer (or its threads) run on this core
-        TORCH_CHECK(std::chrono::steady_clock::now() < deadline, "shm_all_reduce: rank ", r,
+        TORCH_CHECK(std::chrono::steady_clock::now() < deadline, "shm collective: rank ", r,
                     " did not arrive within ", timeout_s, " s (seq ", seq, ")");
       }
     }
+  }
+};
+
+int64_t shm_all_reduce(at::Tensor x, at::Tensor buf, int64_t rank, int64_t world, int64_t seq,
+                       double timeout_s) {
+  TORCH_CHECK(x.is_contiguous(), "shm_all_reduce: x must be contiguous");
+  const ShmView shm(buf, rank, world, timeout_s);
+  const int64_t elem = x.element_size(), per_chunk = shm.slot_bytes / elem, n = x.numel();
+  uint8_t* xp = reinterpret_cast<uint8_t*>(x.data_ptr());
+  for (int64_t off = 0; off < n; off += per_chunk) {
+    ++seq;
+    const int64_t count = std::min(per_chunk, n - off);
+    const int phase = static_cast<int>(seq & 1);
+    std::memcpy(shm.slot(phase, rank), xp + off * elem, count * elem);
+    shm.publish_and_wait(seq);
     FLOTILLA_DISPATCH(x.scalar_type(), "shm_all_reduce",
-                      shm_sum_chunk<scalar_t>(reinterpret_cast<scalar_t*>(xp), data, world,
-                                              slot_bytes, phase, off, count));
+                      shm_sum_chunk<scalar_t>(reinterpret_cast<scalar_t*>(xp), shm.data, world,
+                                              shm.slot_bytes, phase, off, count));
+  }
+  return seq;
+}
+
+// out [world, *x.shape]: out[r] = rank r's x. Same protocol, copying instead of summing.
+int64_t shm_all_gather(at::Tensor out, const at::Tensor& x, at::Tensor buf, int64_t rank,
+                       int64_t world, int64_t seq, double timeout_s) {
+  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && out.numel() == world * x.numel() &&
+                  out.scalar_type() == x.scalar_type(),
+              "shm_all_gather: out must be contiguous [world, *x.shape] in x's dtype");
+  const ShmView shm(buf, rank, world, timeout_s);
+  const int64_t nbytes = x.numel() * x.element_size();
+  const uint8_t* xp = reinterpret_cast<const uint8_t*>(x.data_ptr());
+  uint8_t* op = reinterpret_cast<uint8_t*>(out.data_ptr());
+  for (int64_t off = 0; off < nbytes; off += shm.slot_bytes) {
+    ++seq;
+    const int64_t count = std::min(shm.slot_bytes, nbytes - off);
+    const int phase = static_cast<int>(seq & 1);
+    std::memcpy(shm.slot(phase, rank), xp + off, count);
+    shm.publish_and_wait(seq);
+    for (int64_t r = 0; r < world; ++r) std::memcpy(op + r * nbytes + off, shm.slot(phase, r), count);
   }
   return seq;
 }
@@ -660,6 +699,9 @@ TORCH_LIBRARY(flotilla, m) {
   m.def(
       "shm_all_reduce(Tensor(a!) x, Tensor(b!) buf, int rank, int world, int seq, "
       "float timeout_s) -> int");
+  m.def(
+      "shm_all_gather(Tensor(a!) out, Tensor x, Tensor(b!) buf, int rank, int world, int seq, "
+      "float timeout_s) -> int");
 }
 
 TORCH_LIBRARY_IMPL(flotilla, CPU, m) {
@@ -669,4 +711,5 @@ TORCH_LIBRARY_IMPL(flotilla, CPU, m) {
   m.impl("rotary_embedding", &rotary_embedding);
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("shm_all_reduce", &shm_all_reduce);
+  m.impl("shm_all_gather", &shm_all_gather);
 }
