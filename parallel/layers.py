@@ -72,12 +72,27 @@ def _cpu_bf16_packable(weight: torch.Tensor) -> bool:
     )
 
 
+# Up to this many rows the native GEMV beats oneDNN here (8.8 vs 13.1 ms for SmolLM2's layers
+# at 1 row, 11.5 vs 13.5 at 4; oneDNN wins from ~6 rows: benchmarks/RESULTS.md).
+GEMV_MAX_ROWS = 4
+
+
+def _gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """x @ w.T for a few bf16 rows on the CPU, streaming w at memory bandwidth; None when the
+    native op does not apply (dtype, device, no AVX512-BF16)."""
+    if x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.device.type != "cpu":
+        return None
+    out = x.new_empty(x.shape[0], w.shape[0])
+    return out if torch.ops.flotilla.gemv_bf16(out, x.contiguous(), w) else None
+
+
 class _Packable:
     """Linear layers on a bf16-capable CPU can swap their weight for a oneDNN-prepacked copy
     after loading: the blocked layout skips the per-call reorder, ~1.3-1.8x faster per matmul
     here (benchmarks/RESULTS.md). Same code path on CUDA: nothing is packed there."""
 
     _packed: torch.Tensor | None = None
+    native = False  # small batches through torch.ops.flotilla.gemv_bf16 (workers/kernels)
 
     def pack_for_cpu(self, batch_hint: int = 64) -> bool:
         w = self.weight  # type: ignore[attr-defined]
@@ -87,6 +102,10 @@ class _Packable:
         return True
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.native and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS:
+            y = _gemv(x, self.weight)  # type: ignore[attr-defined]
+            if y is not None:
+                return y if bias is None else y + bias
         if self._packed is not None and x.dtype == torch.bfloat16 and x.dim() == 2:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
         return F.linear(x, self.weight, bias)  # type: ignore[attr-defined]

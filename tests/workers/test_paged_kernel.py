@@ -117,3 +117,21 @@ def test_kernel_rejects_bad_inputs():
             torch.empty_like(q), q.bfloat16(), cache[0], cache[1], bt.int(),
             torch.tensor([4], dtype=torch.int32), 0.25, 0,
         )
+
+
+@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("K,N", [(576, 960), (100, 7)])  # 100: a K tail that is not 32-aligned
+def test_gemv_bf16_matches_float_matmul(M, K, N):
+    g = torch.Generator().manual_seed(M * K + N)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    w = torch.randn(N, K, generator=g).bfloat16()
+    out = torch.empty(M, N, dtype=torch.bfloat16)
+    if not torch.ops.flotilla.gemv_bf16(out, x, w):
+        pytest.skip("this CPU has no AVX512-BF16: the op declines and torch's linear is used")
+    want = (x.double() @ w.double().T).bfloat16()
+    # bf16 products are exact in float32; only float32 summation order and the final rounding
+    # differ from the float64 reference.
+    torch.testing.assert_close(out, want, atol=1e-2, rtol=2**-7)
+    assert not torch.ops.flotilla.gemv_bf16(
+        torch.empty(9, N, dtype=torch.bfloat16), torch.randn(9, K).bfloat16(), w
+    )  # more rows than the kernel handles: declined, not wrong

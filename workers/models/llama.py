@@ -24,6 +24,7 @@ from parallel.layers import (
     RowParallelLinear,
     TPGroup,
     VocabParallelEmbedding,
+    _Packable,
 )
 from parallel.moe import EP_SINGLE, EPGroup, FusedExperts, route
 from workers.attention import AttentionMetadata, paged_attention
@@ -379,9 +380,10 @@ class LlamaForCausalLM(nn.Module):
         return x if residual is None else x + residual
 
     def use_native_kernels(self, on: bool) -> None:
-        """Route norms, rotary and SiLU-and-mul through the C++ CPU ops (workers/kernels)."""
+        """Route norms, rotary, SiLU-and-mul and small-batch bf16 linears through the C++ CPU
+        ops (workers/kernels)."""
         for m in self.modules():
-            if isinstance(m, (RMSNorm, LlamaAttention, LlamaMLP)):
+            if isinstance(m, (RMSNorm, LlamaAttention, LlamaMLP, _Packable)):
                 m.native = on
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
