@@ -31,6 +31,7 @@ against them.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -96,6 +97,8 @@ class ReplicaGroup:
         self.num_aborted = 0  # requests whose caller went away before they finished
         self.num_requests = 0  # requests received, including refused ones
         self._subscribers: dict[str, _Subscriber] = {}
+        self._server: asyncio.AbstractServer | None = None
+        self.direct_links = 0  # routers connected to the direct data plane right now
 
     # ---- multiplexed requests --------------------------------------------------------------
     async def subscribe(self, router_id: str) -> AsyncIterator[list[tuple[str, dict[str, Any]]]]:
@@ -160,6 +163,60 @@ class ReplicaGroup:
                 sub.push(request_id, delta)
         finally:
             sub.tasks.pop(request_id, None)
+
+    # ---- direct data plane --------------------------------------------------------------------
+    async def data_address(self) -> tuple[str, int]:
+        """Address of this group's direct data plane (started on first call): a TCP server on
+        this node's Ray address that speaks the multiplexed protocol above without Serve in the
+        way. Every Serve handle call costs ~3 ms here; a line on an open socket ~0.1 ms.
+
+        Protocol (one connection per router, newline-delimited JSON):
+          router -> group  {"router": id}                      first line: subscribe
+                           {"op": "submit", "id", "ids", "params"}
+                           {"op": "abort", "ids": [...]}
+          group -> router  {"b": [[request_id, delta], ...]}   batches; the first is empty
+                           {"ack": request_id, "err": None | error delta}
+        Closing the connection aborts every request it carried, like closing the Serve stream.
+        """
+        if self._server is None:
+            import ray
+
+            host = ray.util.get_node_ip_address()
+            self._server = await asyncio.start_server(self._serve_link, host, 0)
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
+
+    async def _serve_link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        def send(msg: dict[str, Any]) -> None:
+            writer.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+
+        async def pump(router_id: str) -> None:
+            async for batch in self.subscribe(router_id):
+                send({"b": batch})
+                await writer.drain()
+
+        out: asyncio.Task | None = None
+        try:
+            hello = json.loads(await reader.readline() or b"{}")
+            router_id = hello.get("router")
+            if not isinstance(router_id, str):
+                return
+            out = asyncio.get_running_loop().create_task(pump(router_id))
+            self.direct_links += 1
+            while line := await reader.readline():
+                msg = json.loads(line)
+                if msg.get("op") == "submit":
+                    err = await self.submit(router_id, msg["id"], msg["ids"], msg["params"])
+                    send({"ack": msg["id"], "err": err})
+                elif msg.get("op") == "abort":
+                    await self.abort(router_id, msg["ids"])
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError, KeyError) as e:
+            log.info("data-plane connection closed: %r", e)
+        finally:
+            if out is not None:
+                self.direct_links -= 1
+                out.cancel()
+            writer.close()
 
     # ---- requests ------------------------------------------------------------------------
     async def generate_stream(
@@ -244,6 +301,7 @@ class ReplicaGroup:
             "num_preemptions": s.num_preemptions,
             "num_requests": self.num_requests,
             "num_aborted": self.num_aborted,
+            "direct_links": self.direct_links,
             "hash_fingerprint": fp,
             "hashes": None if fp == known_fingerprint else hashes,
         }

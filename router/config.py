@@ -44,6 +44,12 @@ class RouterConfig(BaseModel):
     max_prompt_chars: int = Field(
         1_000_000, ge=1, description="Longest prompt text accepted before tokenizing."
     )
+    data_plane: Literal["direct", "serve"] = Field(
+        "direct",
+        description="How the router talks to its groups once started: direct = one TCP "
+        "connection per group to the group's own server (~0.1 ms a message); serve = Serve "
+        "handle calls and a Serve stream (~3 ms a call).",
+    )
     startup_timeout_s: float = Field(
         600, gt=0, description="How long the router waits for a first group to answer."
     )

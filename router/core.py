@@ -113,7 +113,9 @@ class Router:
             max_prompt_chars=self.config.max_prompt_chars,
         )
         for g in self.groups.values():
-            g.link = GroupLink(g.name, g.handle, self.router_id)
+            g.link = GroupLink(
+                g.name, g.handle, self.router_id, direct=self.config.data_plane == "direct"
+            )
             g.link.start()
         live = [asyncio.ensure_future(g.link.live.wait()) for g in self.groups.values()]
         try:  # one live link is enough to serve; the others join as they come up

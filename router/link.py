@@ -1,8 +1,9 @@
 """The router's end of one replica group's multiplexed stream.
 
-cluster.replica_group.ReplicaGroup.subscribe(router_id) is one long-lived Serve stream per
-(router replica, group); each message is a batch of (request_id, delta). GroupLink reads it in
-a background task and hands each delta to the inbox of the request it belongs to.
+One long-lived stream per (router replica, group): by default a TCP connection to the group's
+direct data plane (cluster.replica_group.ReplicaGroup.data_address), else the Serve stream
+ReplicaGroup.subscribe(router_id); each message is a batch of (request_id, delta). GroupLink
+reads it in a background task and hands each delta to the inbox of the request it belongs to.
 
 Lifecycle:
     start() -> subscribe; the group's first (empty) batch sets `live`
@@ -16,6 +17,7 @@ Lifecycle:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections import deque
 from typing import Any
@@ -64,16 +66,23 @@ class Inbox:
 
 
 class GroupLink:
-    def __init__(self, name: str, handle: Any, router_id: str):
+    """`direct=True` (the default data plane): submits, aborts and deltas travel on one TCP
+    connection to the group's own server (ReplicaGroup.data_address); Serve handles are used
+    only to find that address. `direct=False`: Serve handle calls and a Serve stream."""
+
+    def __init__(self, name: str, handle: Any, router_id: str, direct: bool = True):
         self.name = name
         self.handle = handle
         self.streaming = handle.options(stream=True)
         self.router_id = router_id
+        self.direct = direct
         self.live = asyncio.Event()
         self._inboxes: dict[str, Inbox] = {}
         self._to_abort: list[str] = []
         self._abort_wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._writer: asyncio.StreamWriter | None = None
+        self._acks: dict[str, asyncio.Future] = {}
 
     def start(self) -> None:
         """Call outside any request (e.g. from the router's constructor): the tasks started here
@@ -85,17 +94,50 @@ class GroupLink:
         for task in self._tasks:
             task.cancel()
 
+    def _deliver(self, batch: list) -> None:
+        for request_id, delta in batch:
+            inbox = self._inboxes.get(request_id)
+            if inbox is not None:  # else: closed already (the client went away)
+                inbox.put(delta)
+
+    async def _stream_serve(self) -> None:
+        async for batch in self.streaming.subscribe.remote(self.router_id):
+            self.live.set()
+            self._deliver(batch)
+
+    async def _stream_direct(self) -> None:
+        host, port = await self.handle.data_address.remote()
+        reader, writer = await asyncio.open_connection(host, port, limit=64 << 20)
+        self._writer = writer
+        try:
+            self._send({"router": self.router_id})
+            while line := await reader.readline():
+                msg = json.loads(line)
+                if "b" in msg:
+                    self.live.set()
+                    self._deliver(msg["b"])
+                else:
+                    fut = self._acks.pop(msg["ack"], None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg["err"])
+        finally:
+            self._writer = None
+            writer.close()
+            for fut in self._acks.values():
+                if not fut.done():
+                    fut.set_exception(ConnectionError("lost the replica group's connection"))
+            self._acks.clear()
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        if self._writer is None:
+            raise ConnectionError("no connection to the replica group")
+        self._writer.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+
     async def _run(self) -> None:
         backoff = 0.05
         while True:
             try:
-                async for batch in self.streaming.subscribe.remote(self.router_id):
-                    self.live.set()
-                    backoff = 0.05
-                    for request_id, delta in batch:
-                        inbox = self._inboxes.get(request_id)
-                        if inbox is not None:  # else: closed already (the client went away)
-                            inbox.put(delta)
+                await (self._stream_direct() if self.direct else self._stream_serve())
                 reason = "the replica group closed its stream"
             except asyncio.CancelledError:
                 raise
@@ -103,6 +145,7 @@ class GroupLink:
                 reason = f"lost the replica group's stream: {e!r}"
             if self.live.is_set():
                 log.warning("group %s: %s", self.name, reason)
+                backoff = 0.05
             self.live.clear()
             for inbox in self._inboxes.values():
                 inbox.put(dead(reason))
@@ -122,7 +165,15 @@ class GroupLink:
     ) -> dict[str, Any] | None:
         """None when the group started the request (deltas follow in the inbox), else an error
         delta. Raises if the group cannot be reached."""
-        return await self.handle.submit.remote(self.router_id, request_id, token_ids, params)
+        if not self.direct:
+            return await self.handle.submit.remote(self.router_id, request_id, token_ids, params)
+        fut = asyncio.get_running_loop().create_future()
+        self._acks[request_id] = fut
+        try:
+            self._send({"op": "submit", "id": request_id, "ids": token_ids, "params": params})
+            return await fut
+        finally:
+            self._acks.pop(request_id, None)
 
     def close(self, request_id: str, abort: bool) -> None:
         """Forget the request; with `abort`, tell the group to stop it and free its blocks.
@@ -143,6 +194,9 @@ class GroupLink:
             if not batch:
                 continue
             try:
-                await self.handle.abort.remote(self.router_id, batch)
+                if self.direct:
+                    self._send({"op": "abort", "ids": batch})
+                else:
+                    await self.handle.abort.remote(self.router_id, batch)
             except Exception as e:  # the group is gone: its requests went with it
                 log.info("group %s: aborts not delivered: %r", self.name, e)

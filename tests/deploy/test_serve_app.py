@@ -340,6 +340,8 @@ def test_replicas_stay_healthy_after_bad_inputs(app, stub):
     r = requests.get(f"{BASE}/health", timeout=30)
     assert r.status_code == 200 and r.json()["status"] == "ok"
     assert all(s["healthy"] for s in _stats(app))
+    # The router reaches every group over the direct data plane (one TCP link per router).
+    assert all(s["direct_links"] == 1 for s in _stats(app))
     resp = stub.Generate(pb.GenerateRequest(prompt="still fine", params=_greedy(3)), timeout=60)
     assert resp.usage.completion_tokens == 3
 

@@ -133,7 +133,10 @@ def run(tokenizer_files, modes, body, policy="round_robin"):
 
     async def main():
         groups = {f"g{i}": FakeGroup(f"g{i}", tokenizer_files, m) for i, m in enumerate(modes)}
-        r = Router(groups, RouterConfig(policy=policy, stats_interval_s=60), model="m")
+        # The fakes speak the Serve-handle data plane; the direct one is tested end to end
+        # (tests/deploy) against real groups.
+        config = RouterConfig(policy=policy, stats_interval_s=60, data_plane="serve")
+        r = Router(groups, config, model="m")
         await r.start()
         for _ in range(100):  # every link live (the first one is enough for start())
             if all(g.link.live.is_set() for g in r.groups.values()):
