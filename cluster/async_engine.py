@@ -44,15 +44,38 @@ class _Stream:
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None):
-        self.engine = engine or LLMEngine(config)
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
         self._stopped = False
         self.dead: BaseException | None = None
         self._ids = 0
-        self._thread = threading.Thread(target=self._run, name="flotilla-engine", daemon=True)
+        # The engine is built on the thread that steps it. torch's OpenMP runtime keeps one
+        # worker pool per calling thread: loading on one thread and stepping on another leaves
+        # two pools on 2 cores, more threads than CPUs, and libgomp then lets its workers sleep
+        # after every parallel region instead of spinning -- ~1,700 context switches and ~1.5x
+        # the time for a short prefill here. One thread, one pool.
+        self.engine: LLMEngine = engine  # type: ignore[assignment]
+        ready = threading.Event()
+        failed: list[BaseException] = []
+        self._thread = threading.Thread(
+            target=self._main, args=(config, ready, failed), name="flotilla-engine", daemon=True
+        )
         self._thread.start()
+        ready.wait()
+        if failed:
+            raise failed[0]
+
+    def _main(self, config, ready: threading.Event, failed: list[BaseException]) -> None:
+        try:
+            if self.engine is None:
+                self.engine = LLMEngine(config)
+        except BaseException as e:  # reported to the constructor's caller
+            failed.append(e)
+            return
+        finally:
+            ready.set()
+        self._run()
 
     # ---- caller side ------------------------------------------------------------------------
     @property
