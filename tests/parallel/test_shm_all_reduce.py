@@ -11,9 +11,6 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-
-from parallel.groups import free_port
 
 WORLD = 3
 
@@ -70,23 +67,11 @@ def _run(rank: int, port: int, results) -> None:
     dist.destroy_process_group()
 
 
-def test_shm_all_reduce_three_ranks():
+def test_shm_all_reduce_three_ranks(spawn_ranks):
     from workers.kernels import build
 
     build()  # once here, so the three ranks only load it (and a build error shows up here)
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        port = free_port("127.0.0.1")
-        procs = [ctx.Process(target=_run, args=(r, port, results)) for r in range(WORLD)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=180)
-            if p.is_alive():
-                p.kill()
-        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-        res = [results[r] for r in range(WORLD)]
+    res = spawn_ranks(_run, WORLD)
     for r, out in enumerate(res):
         assert out["auto"], f"rank {r}: shm all-reduce not chosen for ranks on one node"
         assert out["mismatches"] == [], f"rank {r}: {out['mismatches'][:5]}"

@@ -9,9 +9,6 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-
-from parallel.groups import free_port
 
 TP = 3
 
@@ -88,17 +85,7 @@ def _run(rank: int, port: int, results) -> None:
     dist.destroy_process_group()
 
 
-def test_tp_layers_match_dense():
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        port = free_port("127.0.0.1")
-        procs = [ctx.Process(target=_run, args=(r, port, results)) for r in range(TP)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=120)
-        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-        for rank in range(TP):
-            for name, (got, want) in results[rank].items():
-                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"{name} rank {rank}")
+def test_tp_layers_match_dense(spawn_ranks):
+    for rank, out in enumerate(spawn_ranks(_run, TP, timeout_s=120)):
+        for name, (got, want) in out.items():
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"{name} rank {rank}")

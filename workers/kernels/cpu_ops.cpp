@@ -225,6 +225,20 @@ template <typename T, int DC>
 constexpr bool kAvx512Path = false;
 #endif
 
+// Calls f(t, row) for t = 0 .. len - start - 1 with token (start + t)'s cache row at column
+// `col`, walking the block table one block at a time (rows within a block are contiguous).
+template <typename raw_t, typename F>
+inline void walk_rows(const raw_t* base, const int32_t* table, int64_t bs, int64_t row_stride,
+                      int64_t col, int64_t start, int64_t len, const F& f) {
+  for (int64_t pos = start; pos < len;) {
+    const int64_t off0 = pos % bs;
+    const int64_t stop = std::min<int64_t>(len, pos - off0 + bs);
+    const raw_t* row =
+        base + (static_cast<int64_t>(table[pos / bs]) * bs + off0) * row_stride + col;
+    for (; pos < stop; ++pos, row += row_stride) f(pos - start, row);
+  }
+}
+
 // DC: the head dim as a compile-time constant (0 = use D at run time), so that the inner loops
 // over D have fixed trip counts and compile to a few unrolled vector instructions.
 template <typename T, int DC>
@@ -277,24 +291,18 @@ void decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
         scores_avx512<T, DC>(qf.data(), nh, G, kp, table, bs, row_stride, h0, start, len,
                              scores.data(), tile);
 #endif
-      } else {  // scores[g][t] = q_g . k_t, walking the block table one block at a time (nh = 1)
-        for (int64_t pos = start; pos < len;) {
-          const int64_t off0 = pos % bs;
-          const int64_t stop = std::min<int64_t>(len, pos - off0 + bs);
-          const raw_t* kr = kp + (static_cast<int64_t>(table[pos / bs]) * bs + off0) * row_stride +
-                            h0 * D;
-          for (; pos < stop; ++pos, kr += row_stride) {
+      } else {  // scores[g][t] = q_g . k_t (nh = 1)
+        walk_rows(kp, table, bs, row_stride, h0 * D, start, len, [&](int64_t t, const raw_t* kr) {
 #pragma omp simd
-            for (int64_t d = 0; d < D; ++d) kf[d] = R::load(kr[d]);
-            for (int64_t g = 0; g < G; ++g) {
-              const float* qg = qf.data() + g * D;
-              float s = 0.0f;
+          for (int64_t d = 0; d < D; ++d) kf[d] = R::load(kr[d]);
+          for (int64_t g = 0; g < G; ++g) {
+            const float* qg = qf.data() + g * D;
+            float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-              for (int64_t d = 0; d < D; ++d) s += qg[d] * kf[d];
-              scores[g * L + pos - start] = s;
-            }
+            for (int64_t d = 0; d < D; ++d) s += qg[d] * kf[d];
+            scores[g * L + t] = s;
           }
-        }
+        });
       }
       // softmax per query head
       for (int64_t r = 0; r < NQ; ++r) {
@@ -319,22 +327,16 @@ void decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
 #endif
       } else {  // acc[g] = sum_t p[g][t] v_t (nh = 1)
         std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t pos = start; pos < len;) {
-          const int64_t off0 = pos % bs;
-          const int64_t stop = std::min<int64_t>(len, pos - off0 + bs);
-          const raw_t* vr = vp + (static_cast<int64_t>(table[pos / bs]) * bs + off0) * row_stride +
-                            h0 * D;
-          for (; pos < stop; ++pos, vr += row_stride) {
+        walk_rows(vp, table, bs, row_stride, h0 * D, start, len, [&](int64_t t, const raw_t* vr) {
 #pragma omp simd
-            for (int64_t d = 0; d < D; ++d) kf[d] = R::load(vr[d]);
-            for (int64_t g = 0; g < G; ++g) {
-              const float p = scores[g * L + pos - start];
-              float* ag = acc.data() + g * D;
+          for (int64_t d = 0; d < D; ++d) kf[d] = R::load(vr[d]);
+          for (int64_t g = 0; g < G; ++g) {
+            const float p = scores[g * L + t];
+            float* ag = acc.data() + g * D;
 #pragma omp simd
-              for (int64_t d = 0; d < D; ++d) ag[d] += p * kf[d];
-            }
+            for (int64_t d = 0; d < D; ++d) ag[d] += p * kf[d];
           }
-        }
+        });
       }
       raw_t* dst = op + (i * H + h0 * G) * D;
 #pragma omp simd
