@@ -28,7 +28,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SRC = Path(__file__).with_name("cpu_ops.cpp")
+_DIR = Path(__file__).parent
+_SOURCES = [_DIR / n for n in ("cpu_ops.cpp", "paged_attention.cpp", "shm_comm.cpp")]
+_HEADERS = [_DIR / "common.h"]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-w"]
 
 
@@ -61,7 +63,8 @@ def _command(out: Path) -> list[str]:
     for inc in cpp_extension.include_paths():
         cmd += ["-isystem", inc]
     cmd += ["-isystem", _python_include()]
-    cmd += [str(_SRC), "-o", str(out), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}"]
+    cmd += [f"-I{_DIR}", *map(str, _SOURCES), "-o", str(out)]
+    cmd += [f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}"]
     cmd += ["-lc10", "-ltorch_cpu", "-ltorch"]
     return cmd
 
@@ -74,8 +77,9 @@ def _python_include() -> str:
 
 def _key() -> str:
     h = hashlib.sha256()
-    for part in (_SRC.read_bytes(), " ".join(_FLAGS).encode(), torch.__version__.encode(),
-                 sys.version.encode(), _cpu_flags().encode()):
+    parts = [f.read_bytes() for f in _SOURCES + _HEADERS]
+    parts += [" ".join(_FLAGS).encode(), torch.__version__.encode(), sys.version.encode()]
+    for part in [*parts, _cpu_flags().encode()]:
         h.update(part)
     return h.hexdigest()[:16]
 

@@ -1,0 +1,342 @@
+// paged_decode_attention: one query token per sequence, keys/values read in place from the
+// block-paged KV cache (no gather into a padded copy).
+//
+// Layout (matches workers/attention.py):
+//   q            [n, H, D]                       contiguous, float32 / bfloat16 / float16
+//   k_cache      [num_blocks, block_size, KVH, D] contiguous, same dtype as q (v_cache alike)
+//   block_tables [n, max_blocks] int32           row i: the blocks of sequence i, in order
+//   context_lens [n] int32                       tokens of sequence i in the cache (incl. new)
+//   out          [n, H, D]                       written in place
+// Grouped-query attention: query heads h*G .. h*G+G-1 share KV head h (G = H / KVH). A sliding
+// window w > 0 makes key t visible iff t >= len - w. Scores, softmax and the weighted sum are
+// accumulated in float32; work is split over sequences (all their heads) or, with few
+// sequences, (sequence, KV head) pairs, with at::parallel_for.
+#include "common.h"
+
+namespace flotilla {
+
+#if defined(__AVX512F__)
+// ---- AVX-512 decode attention (float32 / bfloat16, head dim a multiple of 16) -----------------
+
+template <typename T>
+inline __m512 load16(const typename Raw<T>::type* p);
+template <>
+inline __m512 load16<float>(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+template <>
+inline __m512 load16<c10::BFloat16>(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// r[i] = sum of the 16 lanes of v[i], for 16 vectors at once (a transpose-add tree: 45
+// shuffles/adds instead of 16 full horizontal reductions).
+inline __m512 reduce16(const float* rows /* [16][16] */) {
+  __m512 w[8], x[4];
+  for (int k = 0; k < 8; ++k) {
+    const __m512 a = _mm512_load_ps(rows + 32 * k), b = _mm512_load_ps(rows + 32 * k + 16);
+    w[k] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512 c = w[2 * k], d = w[2 * k + 1];
+    x[k] = _mm512_add_ps(_mm512_shuffle_ps(c, d, 0x44), _mm512_shuffle_ps(c, d, 0xEE));
+  }
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x44),
+                                   _mm512_shuffle_f32x4(x[0], x[1], 0xEE));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x44),
+                                   _mm512_shuffle_f32x4(x[2], x[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88),
+                       _mm512_shuffle_f32x4(s01, s23, 0xDD));
+}
+
+// Rows are read in block-table order, which jumps between blocks: prefetch kAhead tokens ahead
+// (the elements of the heads this task reads) so the next block's lines are in flight.
+constexpr int64_t kAhead = 8;
+template <typename raw_t>
+inline void prefetch_row(const raw_t* base, const int32_t* table, int64_t bs, int64_t row_stride,
+                         int64_t col, int64_t pos, int64_t count) {
+  const char* p = reinterpret_cast<const char*>(
+      base + (static_cast<int64_t>(table[pos / bs]) * bs + pos % bs) * row_stride + col);
+  for (int64_t b = 0; b < count * static_cast<int64_t>(sizeof(raw_t)); b += 64)
+    _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
+// One task covers KV heads h0 .. h0+nh-1 of one sequence and their nh * G query heads (qf:
+// [nh*G][DC] float, pre-scaled). Walking tokens in order and all nh heads of a token together
+// reads each cache row front to back. scores: [nh*G][L] for the L keys from `start`.
+template <typename T, int DC>
+void scores_avx512(const float* qf, int64_t nh, int64_t G, const typename Raw<T>::type* kp,
+                   const int32_t* table, int64_t bs, int64_t row_stride, int64_t h0,
+                   int64_t start, int64_t len, float* scores, float* tile /* [nh*G][16][16] */) {
+  constexpr int NJ = DC / 16;
+  const int64_t L = len - start, NQ = nh * G;
+  for (int64_t t0 = 0; t0 < L; t0 += 16) {
+    const int nt = static_cast<int>(std::min<int64_t>(16, L - t0));
+    for (int t = 0; t < nt; ++t) {
+      const int64_t pos = start + t0 + t;
+      const auto* row = kp + (static_cast<int64_t>(table[pos / bs]) * bs + pos % bs) * row_stride +
+                        h0 * DC;
+      if (pos + kAhead < len) prefetch_row(kp, table, bs, row_stride, h0 * DC, pos + kAhead, nh * DC);
+      for (int64_t hh = 0; hh < nh; ++hh) {
+        __m512 k[NJ];
+        for (int j = 0; j < NJ; ++j) k[j] = load16<T>(row + hh * DC + 16 * j);
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = qf + (hh * G + g) * DC;
+          __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
+          for (int j = 1; j < NJ; ++j) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * j), k[j], a);
+          _mm512_store_ps(tile + ((hh * G + g) * 16 + t) * 16, a);
+        }
+      }
+    }
+    const __mmask16 m = static_cast<__mmask16>((1u << nt) - 1u);
+    for (int64_t r = 0; r < NQ; ++r)
+      _mm512_mask_storeu_ps(scores + r * L + t0, m, reduce16(tile + r * 256));
+  }
+}
+
+// acc[r] (float [nh*G][DC]) = sum_t p[r][t] v_t(head of r). One head (nh == 1): the
+// accumulators stay in registers, 4 query heads per pass; several: accumulated in acc (L1).
+template <typename T, int DC>
+void values_avx512(const float* p, int64_t nh, int64_t G, const typename Raw<T>::type* vp,
+                   const int32_t* table, int64_t bs, int64_t row_stride, int64_t h0,
+                   int64_t start, int64_t len, float* acc) {
+  constexpr int NJ = DC / 16;
+  const int64_t L = len - start;
+  const auto row_at = [&](int64_t t) {
+    const int64_t pos = start + t;
+    return vp + (static_cast<int64_t>(table[pos / bs]) * bs + pos % bs) * row_stride + h0 * DC;
+  };
+  if (nh > 1) {
+    std::fill(acc, acc + nh * G * DC, 0.0f);
+    for (int64_t t = 0; t < L; ++t) {
+      const auto* row = row_at(t);
+      if (t + kAhead < L) prefetch_row(vp, table, bs, row_stride, h0 * DC, start + t + kAhead, nh * DC);
+      for (int64_t hh = 0; hh < nh; ++hh) {
+        __m512 v[NJ];
+        for (int j = 0; j < NJ; ++j) v[j] = load16<T>(row + hh * DC + 16 * j);
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t r = hh * G + g;
+          const __m512 w = _mm512_set1_ps(p[r * L + t]);
+          float* ar = acc + r * DC;
+          for (int j = 0; j < NJ; ++j)
+            _mm512_storeu_ps(ar + 16 * j, _mm512_fmadd_ps(w, v[j], _mm512_loadu_ps(ar + 16 * j)));
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {  // 4 heads at a time: 4 * NJ accumulators
+    const int64_t gn = std::min<int64_t>(4, G - g0);
+    __m512 a[4][NJ];
+    for (int g = 0; g < 4; ++g)
+      for (int j = 0; j < NJ; ++j) a[g][j] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < L; ++t) {
+      const auto* vr = row_at(t);
+      if (t + kAhead < L) prefetch_row(vp, table, bs, row_stride, h0 * DC, start + t + kAhead, DC);
+      __m512 v[NJ];
+      for (int j = 0; j < NJ; ++j) v[j] = load16<T>(vr + 16 * j);
+      for (int g = 0; g < 4; ++g) {
+        if (g >= gn) break;
+        const __m512 w = _mm512_set1_ps(p[(g0 + g) * L + t]);
+        for (int j = 0; j < NJ; ++j) a[g][j] = _mm512_fmadd_ps(w, v[j], a[g][j]);
+      }
+    }
+    for (int g = 0; g < gn; ++g)
+      for (int j = 0; j < NJ; ++j) _mm512_storeu_ps(acc + (g0 + g) * DC + 16 * j, a[g][j]);
+  }
+}
+
+template <typename T, int DC>
+constexpr bool kAvx512Path =
+    DC > 0 && DC % 16 == 0 && (std::is_same<T, float>::value ||
+                               std::is_same<T, c10::BFloat16>::value);
+#else
+template <typename T, int DC>
+constexpr bool kAvx512Path = false;
+#endif
+
+// Calls f(t, row) for t = 0 .. len - start - 1 with token (start + t)'s cache row at column
+// `col`, walking the block table one block at a time (rows within a block are contiguous).
+template <typename raw_t, typename F>
+inline void walk_rows(const raw_t* base, const int32_t* table, int64_t bs, int64_t row_stride,
+                      int64_t col, int64_t start, int64_t len, const F& f) {
+  for (int64_t pos = start; pos < len;) {
+    const int64_t off0 = pos % bs;
+    const int64_t stop = std::min<int64_t>(len, pos - off0 + bs);
+    const raw_t* row =
+        base + (static_cast<int64_t>(table[pos / bs]) * bs + off0) * row_stride + col;
+    for (; pos < stop; ++pos, row += row_stride) f(pos - start, row);
+  }
+}
+
+// DC: the head dim as a compile-time constant (0 = use D at run time), so that the inner loops
+// over D have fixed trip counts and compile to a few unrolled vector instructions.
+template <typename T, int DC>
+void decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+                      const at::Tensor& v_cache, const at::Tensor& block_tables,
+                      const at::Tensor& context_lens, double scale_d, int64_t window) {
+  using R = Raw<T>;
+  using raw_t = typename R::type;
+  const int64_t n = q.size(0), H = q.size(1);
+  const int64_t D = DC ? DC : q.size(2);
+  const int64_t bs = k_cache.size(1), KVH = k_cache.size(2);
+  const int64_t G = H / KVH, max_blocks = block_tables.size(1);
+  const int64_t row_stride = KVH * D;  // between consecutive tokens of a block
+  const float scale = static_cast<float>(scale_d);
+  const raw_t* qp = reinterpret_cast<const raw_t*>(q.data_ptr());
+  const raw_t* kp = reinterpret_cast<const raw_t*>(k_cache.data_ptr());
+  const raw_t* vp = reinterpret_cast<const raw_t*>(v_cache.data_ptr());
+  raw_t* op = reinterpret_cast<raw_t*>(out.data_ptr());
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int32_t* lens = context_lens.data_ptr<int32_t>();
+  int64_t max_len = 0;
+  for (int64_t i = 0; i < n; ++i) max_len = std::max<int64_t>(max_len, lens[i]);
+
+  // A task: one sequence's KV heads [h0, h0 + nh). All heads of a sequence together when there
+  // are enough sequences to keep every thread busy (rows read front to back); else one head.
+  const bool vec = kAvx512Path<T, DC>;
+  const int64_t nh = (vec && n >= 2 * at::get_num_threads()) ? KVH : 1;
+  const int64_t NQ = nh * G;  // query heads per task
+  at::parallel_for(0, n * (KVH / nh), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(NQ * std::max<int64_t>(max_len, 1));
+    std::vector<float> qf(NQ * D), acc(NQ * D), row(D);
+    float* kf = row.data();
+    std::vector<float> tile_buf(NQ * 256 + 16);  // [NQ][16][16], 64-byte aligned below
+    float* tile = reinterpret_cast<float*>(
+        (reinterpret_cast<uintptr_t>(tile_buf.data()) + 63) & ~uintptr_t(63));
+    (void)tile;
+    (void)kf;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / (KVH / nh), h0 = (task % (KVH / nh)) * nh;
+      const int64_t len = lens[i];
+      const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t L = len - start;
+      const int32_t* table = tables + i * max_blocks;
+      // query heads h0*G .. (h0+nh)*G - 1 are contiguous in q and out
+      const raw_t* qsrc = qp + (i * H + h0 * G) * D;
+#pragma omp simd
+      for (int64_t e = 0; e < NQ * D; ++e) qf[e] = R::load(qsrc[e]) * scale;
+      if constexpr (kAvx512Path<T, DC>) {
+#if defined(__AVX512F__)
+        scores_avx512<T, DC>(qf.data(), nh, G, kp, table, bs, row_stride, h0, start, len,
+                             scores.data(), tile);
+#endif
+      } else {  // scores[g][t] = q_g . k_t (nh = 1)
+        walk_rows(kp, table, bs, row_stride, h0 * D, start, len, [&](int64_t t, const raw_t* kr) {
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) kf[d] = R::load(kr[d]);
+          for (int64_t g = 0; g < G; ++g) {
+            const float* qg = qf.data() + g * D;
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t d = 0; d < D; ++d) s += qg[d] * kf[d];
+            scores[g * L + t] = s;
+          }
+        });
+      }
+      // softmax per query head
+      for (int64_t r = 0; r < NQ; ++r) {
+        float* sr = scores.data() + r * L;
+        float m = -INFINITY;
+        for (int64_t t = 0; t < L; ++t) m = std::max(m, sr[t]);
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < L; ++t) {
+          const float e = exp_nonpos(sr[t] - m);
+          sr[t] = e;
+          sum += e;
+        }
+        const float inv = 1.0f / sum;
+#pragma omp simd
+        for (int64_t t = 0; t < L; ++t) sr[t] *= inv;
+      }
+      if constexpr (kAvx512Path<T, DC>) {
+#if defined(__AVX512F__)
+        values_avx512<T, DC>(scores.data(), nh, G, vp, table, bs, row_stride, h0, start, len,
+                             acc.data());
+#endif
+      } else {  // acc[g] = sum_t p[g][t] v_t (nh = 1)
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        walk_rows(vp, table, bs, row_stride, h0 * D, start, len, [&](int64_t t, const raw_t* vr) {
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) kf[d] = R::load(vr[d]);
+          for (int64_t g = 0; g < G; ++g) {
+            const float p = scores[g * L + t];
+            float* ag = acc.data() + g * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) ag[d] += p * kf[d];
+          }
+        });
+      }
+      raw_t* dst = op + (i * H + h0 * G) * D;
+#pragma omp simd
+      for (int64_t e = 0; e < NQ * D; ++e) dst[e] = R::store(acc[e]);
+    }
+  });
+}
+
+template <typename T>
+void decode_attention_any(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, const at::Tensor& block_tables,
+                          const at::Tensor& context_lens, double scale, int64_t window) {
+  switch (q.size(2)) {
+#define FLOTILLA_HEAD_DIM(DIM)                                                               \
+  case DIM:                                                                                  \
+    return decode_attention<T, DIM>(out, q, k_cache, v_cache, block_tables, context_lens, \
+                                    scale, window);
+    FLOTILLA_HEAD_DIM(16)
+    FLOTILLA_HEAD_DIM(32)
+    FLOTILLA_HEAD_DIM(64)
+    FLOTILLA_HEAD_DIM(80)
+    FLOTILLA_HEAD_DIM(96)
+    FLOTILLA_HEAD_DIM(128)
+    FLOTILLA_HEAD_DIM(256)
+#undef FLOTILLA_HEAD_DIM
+    default:
+      return decode_attention<T, 0>(out, q, k_cache, v_cache, block_tables, context_lens, scale,
+                                    window);
+  }
+}
+
+void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_tables,
+                            const at::Tensor& context_lens, double scale, int64_t window) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "paged_decode_attention: q [n, H, D], caches [blocks, block_size, KVH, D]");
+  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && block_tables.is_contiguous() &&
+                  context_lens.is_contiguous(),
+              "paged_decode_attention: inputs must be contiguous");
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() &&
+                  k_cache.scalar_type() == q.scalar_type() &&
+                  v_cache.scalar_type() == q.scalar_type(),
+              "paged_decode_attention: out/q/k_cache/v_cache must share shape and dtype");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
+              "paged_decode_attention: block_tables and context_lens must be int32");
+  TORCH_CHECK(k_cache.size(3) == q.size(2) && q.size(1) % k_cache.size(2) == 0,
+              "paged_decode_attention: head_dim mismatch or H not a multiple of KVH");
+  TORCH_CHECK(block_tables.size(0) == q.size(0) && context_lens.size(0) == q.size(0),
+              "paged_decode_attention: one block table and length per query row");
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      decode_attention_any<float>(out, q, k_cache, v_cache, block_tables, context_lens, scale, window);
+      break;
+    case at::kBFloat16:
+      decode_attention_any<c10::BFloat16>(out, q, k_cache, v_cache, block_tables, context_lens, scale,
+                                      window);
+      break;
+    case at::kHalf:
+      decode_attention_any<c10::Half>(out, q, k_cache, v_cache, block_tables, context_lens, scale,
+                                  window);
+      break;
+    default:
+      TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ", q.scalar_type());
+  }
+}
+
+}  // namespace flotilla
+
+TORCH_LIBRARY_IMPL(flotilla, CPU, m) {
+  m.impl("paged_decode_attention", &flotilla::paged_decode_attention);
+}
