@@ -5,7 +5,7 @@ tensor; a decode step of a tensor-parallel model makes two per layer. When every
 is on the same machine, `ShmAllReduce` replaces it: each rank copies its tensor into its slot of
 one shared mapping, publishes a sequence number, waits for its peers' numbers and sums the slots
 in rank order (so every rank ends with bitwise the same result). The native side is
-`torch.ops.flotilla.shm_all_reduce` (workers/kernels/cpu_ops.cpp); a rank that does not arrive
+`torch.ops.flotilla.shm_all_reduce` (workers/kernels/shm_comm.cpp); a rank that does not arrive
 within the timeout raises instead of hanging.
 
 Set-up is collective over the group: the group's first rank creates the file in /dev/shm and
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-FLAG_BYTES = 64  # one cache line per rank's sequence flag (see cpu_ops.cpp)
+FLAG_BYTES = 64  # one cache line per rank's sequence flag (see workers/kernels/shm_comm.cpp)
 
 
 def _node_id() -> str:

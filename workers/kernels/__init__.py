@@ -1,6 +1,6 @@
 """Native CPU kernels, compiled on first use with the machine's own g++ and loaded as torch ops.
 
-`load_cpu_kernels()` builds `cpu_ops.cpp` into a shared library keyed by a hash of
+`load_cpu_kernels()` builds the `.cpp` files here into one shared library keyed by a hash of
 the source, the compiler flags, the torch version and the CPU's feature flags (the code is built
 with -march=native), caches it under ``$FLOTILLA_KERNEL_CACHE`` (default
 ``~/.cache/flotilla/kernels``) and registers ``torch.ops.flotilla.paged_decode_attention``.
