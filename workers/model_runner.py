@@ -180,7 +180,7 @@ class ModelRunner:
             prefill_meta,
             bs,
             self.device,
-            decode_kernel=self.native,
+            native=self.native,
         )
         return torch.tensor(ids, device=self.device), meta, sample_rows, sample_seqs
 

@@ -96,7 +96,7 @@ def test_kernel_path_equals_sdpa_path(window):
     for use_kernel in (True, False):
         meta = build_metadata(
             [n - 1 for n in lens], slots, tables, lens, [], BS, torch.device("cpu"),
-            decode_kernel=use_kernel,
+            native=use_kernel,
         )
         assert (meta.decode_tables is not None) == use_kernel
         c = cache.clone()
@@ -117,6 +117,106 @@ def test_kernel_rejects_bad_inputs():
             torch.empty_like(q), q.bfloat16(), cache[0], cache[1], bt.int(),
             torch.tensor([4], dtype=torch.int32), 0.25, 0,
         )
+
+
+def _prefill_setup(chunks, H, KVH, D, seed):
+    """chunks: (q_len, start_pos) each; returns q [T, H, D], cache, tables, kernel args."""
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-(n + s) // BS) for n, s in chunks]
+    perm = torch.randperm(sum(need) + 3, generator=g).tolist()
+    tables, i = [], 0
+    for k in need:
+        tables.append(perm[i : i + k])
+        i += k
+    cache = torch.randn(2, sum(need) + 3, BS, KVH, D, generator=g).bfloat16()
+    q = torch.randn(sum(n for n, _ in chunks), H, D, generator=g).bfloat16()
+    starts = [sum(n for n, _ in chunks[:j]) for j in range(len(chunks))]
+    width = max(need)
+    args = (
+        torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        torch.tensor(starts, dtype=torch.int32),
+        torch.tensor([n for n, _ in chunks], dtype=torch.int32),
+        torch.tensor([s for _, s in chunks], dtype=torch.int32),
+    )
+    return q, cache, tables, starts, args
+
+
+@pytest.mark.parametrize("D,H,KVH", [(64, 9, 3), (128, 4, 4), (64, 8, 1), (16, 4, 2), (96, 2, 1)])
+@pytest.mark.parametrize("window", [0, 7])
+def test_prefill_kernel_matches_float64_reference(D, H, KVH, window):
+    """Chunks of every kind in one call: from position 0, continuing after cached context (a
+    later chunk of chunked prefill, or a prefix-cache hit), single tokens, and spans longer
+    than one task (128 positions) and than one register block (16)."""
+    chunks = [(37, 0), (1, 0), (20, 13), (150, 0), (5, 200), (16, 16)]
+    q, cache, tables, starts, args = _prefill_setup(chunks, H, KVH, D, seed=D + H + window)
+    out = torch.zeros_like(q)
+    if not torch.ops.flotilla.paged_prefill_attention(
+        out, q, cache[0], cache[1], *args, D**-0.5, window
+    ):
+        pytest.skip("this CPU has no AVX512-BF16: the op declines and SDPA is used")
+    for (n, sp), t, q0 in zip(chunks, tables, starts, strict=True):
+        k = cache[0, t].flatten(0, 1)[: sp + n].double()
+        v = cache[1, t].flatten(0, 1)[: sp + n].double()
+        pos = torch.arange(sp, sp + n)[:, None]
+        key = torch.arange(sp + n)[None, :]
+        visible = (key <= pos) & ((key > pos - window) if window else True)
+        for h in range(H):
+            kv = h // (H // KVH)
+            s = (q[q0 : q0 + n, h].double() @ k[:, kv].T) * D**-0.5
+            want = torch.softmax(s.masked_fill(~visible, float("-inf")), -1) @ v[:, kv]
+            # bf16 inputs, float32 accumulation, probabilities rounded to bf16 (as torch's
+            # CPU flash kernel does): within a few bf16 ulps of the exact result
+            torch.testing.assert_close(
+                out[q0 : q0 + n, h].double(), want, atol=2e-2, rtol=2e-2
+            )
+
+
+def test_prefill_kernel_declines_float32():
+    q, cache, tables, starts, args = _prefill_setup([(8, 0)], 4, 2, 64, seed=0)
+    out = torch.zeros(q.shape)
+    assert not torch.ops.flotilla.paged_prefill_attention(
+        out, q.float(), cache[0].float(), cache[1].float(), *args, 0.125, 0
+    )
+    assert not out.any()  # declined: nothing written
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_prefill_kernel_path_equals_sdpa_path(window):
+    """The whole mixed-batch path (metadata + paged_attention) with and without native
+    kernels in bf16: decodes and prefill chunks (fresh and continuing) in one batch."""
+    H, KVH, D = 6, 2, 64
+    g = torch.Generator().manual_seed(3)
+    dec_lens = [5, 9]  # decodes first (ascending), then prefill chunks
+    chunks = [(12, 0), (7, 10)]
+    need = [-(-n // BS) for n in dec_lens] + [-(-(n + s) // BS) for n, s in chunks]
+    perm = torch.randperm(sum(need) + 2, generator=g).tolist()
+    tables, i = [], 0
+    for k in need:
+        tables.append(perm[i : i + k])
+        i += k
+    cache = torch.randn(2, sum(need) + 2, BS, KVH, D, generator=g).bfloat16()
+    positions, slots, prefills = [], [], []
+    for t, n in zip(tables, dec_lens, strict=False):
+        positions.append(n - 1)
+        slots.append(t[(n - 1) // BS] * BS + (n - 1) % BS)
+    for t, (n, sp) in zip(tables[len(dec_lens) :], chunks, strict=True):
+        prefills.append((len(positions), n, sp, t))
+        for p in range(sp, sp + n):
+            positions.append(p)
+            slots.append(t[p // BS] * BS + p % BS)
+    T = len(positions)
+    q = torch.randn(T, H, D, generator=g).bfloat16()
+    k_new = torch.randn(T, KVH, D, generator=g).bfloat16()
+    v_new = torch.randn(T, KVH, D, generator=g).bfloat16()
+    outs = []
+    for native in (True, False):
+        meta = build_metadata(
+            positions, slots, tables[: len(dec_lens)], dec_lens, prefills, BS,
+            torch.device("cpu"), native=native,
+        )
+        assert (meta.prefill_kernel is not None) == native
+        outs.append(paged_attention(q, k_new, v_new, cache.clone(), meta, D**-0.5, window))
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("M", [1, 3, 8])

@@ -3,7 +3,8 @@
 `load_cpu_kernels()` builds the `.cpp` files here into one shared library keyed by a hash of
 the source, the compiler flags, the torch version and the CPU's feature flags (the code is built
 with -march=native), caches it under ``$FLOTILLA_KERNEL_CACHE`` (default
-``~/.cache/flotilla/kernels``) and registers ``torch.ops.flotilla.paged_decode_attention``.
+``~/.cache/flotilla/kernels``) and registers the ops (``torch.ops.flotilla.*``: paged decode and prefill attention, norms, rotary,
+SiLU-and-mul, bf16 GEMV, shared-memory collectives).
 Builds are serialised across processes with a file lock (Ray starts several ranks at once) and
 published by an atomic rename, so a half-written library is never loaded.
 
@@ -29,9 +30,21 @@ import torch
 log = logging.getLogger(__name__)
 
 _DIR = Path(__file__).parent
-_SOURCES = [_DIR / n for n in ("cpu_ops.cpp", "paged_attention.cpp", "shm_comm.cpp")]
+_SOURCES = [
+    _DIR / n
+    for n in ("cpu_ops.cpp", "paged_attention.cpp", "prefill_attention.cpp", "shm_comm.cpp")
+]
 _HEADERS = [_DIR / "common.h"]
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-w"]
+_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-ffp-contract=off",
+    "-fopenmp",
+    "-fPIC",
+    "-shared",
+    "-std=c++17",
+    "-w",
+]
 
 
 class KernelBuildError(RuntimeError):
@@ -49,7 +62,9 @@ def _cpu_flags() -> str:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("FLOTILLA_KERNEL_CACHE") or Path.home() / ".cache" / "flotilla" / "kernels"
+    root = (
+        os.environ.get("FLOTILLA_KERNEL_CACHE") or Path.home() / ".cache" / "flotilla" / "kernels"
+    )
     return Path(root)
 
 
