@@ -3,8 +3,8 @@
 `load_cpu_kernels()` builds the `.cpp` files here into one shared library keyed by a hash of
 the source, the compiler flags, the torch version and the CPU's feature flags (the code is built
 with -march=native), caches it under ``$FLOTILLA_KERNEL_CACHE`` (default
-``~/.cache/flotilla/kernels``) and registers the ops (``torch.ops.flotilla.*``: paged decode and prefill attention, norms, rotary,
-SiLU-and-mul, bf16 GEMV, shared-memory collectives).
+``~/.cache/flotilla/kernels``) and registers the ops (``torch.ops.flotilla.*``: paged decode
+and prefill attention, norms, rotary, SiLU-and-mul, bf16 GEMV, shared-memory collectives).
 Builds are serialised across processes with a file lock (Ray starts several ranks at once) and
 published by an atomic rename, so a half-written library is never loaded.
 
