@@ -9,8 +9,12 @@
 //   out          [n, H, D]                       written in place
 // Grouped-query attention: query heads h*G .. h*G+G-1 share KV head h (G = H / KVH). A sliding
 // window w > 0 makes key t visible iff t >= len - w. Scores, softmax and the weighted sum are
-// accumulated in float32; work is split over sequences (all their heads) or, with few
-// sequences, (sequence, KV head) pairs, with at::parallel_for.
+// accumulated in float32 (bfloat16 scores with AVX512-BF16 dot products of the raw bf16 q and
+// keys: exact products, float32 sums); work is split over sequences (all their heads) or, with
+// few sequences, (sequence, KV head) pairs, with at::parallel_for. Weighted sums run one KV
+// head at a time with a compile-time number of query heads per pass, so their accumulators
+// stay in registers (a runtime count made the compiler keep them on the stack: a store per
+// FMA, the kernel's hot spot).
 #include "common.h"
 
 namespace flotilla {
@@ -95,55 +99,97 @@ void scores_avx512(const float* qf, int64_t nh, int64_t G, const typename Raw<T>
   }
 }
 
-// acc[r] (float [nh*G][DC]) = sum_t p[r][t] v_t(head of r). One head (nh == 1): the
-// accumulators stay in registers, 4 query heads per pass; several: accumulated in acc (L1).
-template <typename T, int DC>
-void values_avx512(const float* p, int64_t nh, int64_t G, const typename Raw<T>::type* vp,
+#if defined(__AVX512BF16__)
+// The bfloat16 scores with AVX512-BF16 dot products straight from the cache's bf16 (no widening):
+// qb holds the raw bf16 queries [nh*G][DC]; scores come out multiplied by `scale`. Same walk
+// and tile reduction as scores_avx512.
+template <int DC>
+void scores_bf16dp(const uint16_t* qb, int64_t nh, int64_t G, const uint16_t* kp,
                    const int32_t* table, int64_t bs, int64_t row_stride, int64_t h0,
+                   int64_t start, int64_t len, float scale, float* scores, float* tile) {
+  constexpr int NJ = DC / 32;
+  const int64_t L = len - start, NQ = nh * G;
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t t0 = 0; t0 < L; t0 += 16) {
+    const int nt = static_cast<int>(std::min<int64_t>(16, L - t0));
+    for (int t = 0; t < nt; ++t) {
+      const int64_t pos = start + t0 + t;
+      const uint16_t* row = kp + (static_cast<int64_t>(table[pos / bs]) * bs + pos % bs) * row_stride +
+                            h0 * DC;
+      if (pos + kAhead < len) prefetch_row(kp, table, bs, row_stride, h0 * DC, pos + kAhead, nh * DC);
+      for (int64_t hh = 0; hh < nh; ++hh) {
+        __m512i k[NJ];
+        for (int j = 0; j < NJ; ++j) k[j] = _mm512_loadu_si512(row + hh * DC + 32 * j);
+        for (int64_t g = 0; g < G; ++g) {
+          const uint16_t* qg = qb + (hh * G + g) * DC;
+          __m512 a = _mm512_setzero_ps();
+          for (int j = 0; j < NJ; ++j)
+            a = _mm512_dpbf16_ps(a, reinterpret_cast<__m512bh>(_mm512_loadu_si512(qg + 32 * j)),
+                                 reinterpret_cast<__m512bh>(k[j]));
+          _mm512_store_ps(tile + ((hh * G + g) * 16 + t) * 16, a);
+        }
+      }
+    }
+    const __mmask16 m = static_cast<__mmask16>((1u << nt) - 1u);
+    for (int64_t r = 0; r < NQ; ++r)
+      _mm512_mask_storeu_ps(scores + r * L + t0, m, _mm512_mul_ps(reduce16(tile + r * 256), vscale));
+  }
+}
+#endif
+
+// acc[g] (float [GN][DC]) = sum_t p[g][t] v_t for GN query heads of one KV head; GN and DC
+// are compile-time constants so that the GN * DC / 16 accumulators live in registers.
+template <typename T, int DC, int GN, typename RowAt>
+void values_heads(const float* p, int64_t L, const RowAt& row_at,
+                  const typename Raw<T>::type* vp, const int32_t* table, int64_t bs,
+                  int64_t row_stride, int64_t h0, int64_t start, float* acc) {
+  constexpr int NJ = DC / 16;
+  __m512 a[GN][NJ];
+  for (int g = 0; g < GN; ++g)
+    for (int j = 0; j < NJ; ++j) a[g][j] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < L; ++t) {
+    const auto* vr = row_at(t);
+    if (t + kAhead < L) prefetch_row(vp, table, bs, row_stride, h0 * DC, start + t + kAhead, DC);
+    __m512 v[NJ];
+    for (int j = 0; j < NJ; ++j) v[j] = load16<T>(vr + 16 * j);
+    for (int g = 0; g < GN; ++g) {
+      const __m512 w = _mm512_set1_ps(p[g * L + t]);
+      for (int j = 0; j < NJ; ++j) a[g][j] = _mm512_fmadd_ps(w, v[j], a[g][j]);
+    }
+  }
+  for (int g = 0; g < GN; ++g)
+    for (int j = 0; j < NJ; ++j) _mm512_storeu_ps(acc + g * DC + 16 * j, a[g][j]);
+}
+
+// acc (float [G][DC]) = sum_t p[g][t] v_t for the G query heads of KV head h, the
+// accumulators in registers (one head's slice of a row is its own cache lines, so a pass per
+// KV head reads nothing twice).
+template <typename T, int DC>
+void values_avx512(const float* p, int64_t G, const typename Raw<T>::type* vp,
+                   const int32_t* table, int64_t bs, int64_t row_stride, int64_t h,
                    int64_t start, int64_t len, float* acc) {
   constexpr int NJ = DC / 16;
-  const int64_t L = len - start;
+  const int64_t L = len - start, h0 = h;
   const auto row_at = [&](int64_t t) {
     const int64_t pos = start + t;
     return vp + (static_cast<int64_t>(table[pos / bs]) * bs + pos % bs) * row_stride + h0 * DC;
   };
-  if (nh > 1) {
-    std::fill(acc, acc + nh * G * DC, 0.0f);
-    for (int64_t t = 0; t < L; ++t) {
-      const auto* row = row_at(t);
-      if (t + kAhead < L) prefetch_row(vp, table, bs, row_stride, h0 * DC, start + t + kAhead, nh * DC);
-      for (int64_t hh = 0; hh < nh; ++hh) {
-        __m512 v[NJ];
-        for (int j = 0; j < NJ; ++j) v[j] = load16<T>(row + hh * DC + 16 * j);
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t r = hh * G + g;
-          const __m512 w = _mm512_set1_ps(p[r * L + t]);
-          float* ar = acc + r * DC;
-          for (int j = 0; j < NJ; ++j)
-            _mm512_storeu_ps(ar + 16 * j, _mm512_fmadd_ps(w, v[j], _mm512_loadu_ps(ar + 16 * j)));
-        }
+  // HP query heads per pass: HP * NJ accumulators + NJ value registers fit the 32 zmm
+  constexpr int HP = NJ >= 16 ? 1 : (NJ >= 8 ? 2 : 4);
+  for (int64_t g0 = 0; g0 < G; g0 += HP) {
+    const int64_t gn = std::min<int64_t>(HP, G - g0);
+    const float* pg = p + g0 * L;
+    float* ag = acc + g0 * DC;
+    // a compile-time head count keeps the accumulators in registers
+    if (gn == 1) {
+      values_heads<T, DC, 1>(pg, L, row_at, vp, table, bs, row_stride, h0, start, ag);
+    } else if constexpr (HP >= 2) {
+      if (gn == 2) values_heads<T, DC, 2>(pg, L, row_at, vp, table, bs, row_stride, h0, start, ag);
+      if constexpr (HP >= 4) {
+        if (gn == 3) values_heads<T, DC, 3>(pg, L, row_at, vp, table, bs, row_stride, h0, start, ag);
+        if (gn == 4) values_heads<T, DC, 4>(pg, L, row_at, vp, table, bs, row_stride, h0, start, ag);
       }
     }
-    return;
-  }
-  for (int64_t g0 = 0; g0 < G; g0 += 4) {  // 4 heads at a time: 4 * NJ accumulators
-    const int64_t gn = std::min<int64_t>(4, G - g0);
-    __m512 a[4][NJ];
-    for (int g = 0; g < 4; ++g)
-      for (int j = 0; j < NJ; ++j) a[g][j] = _mm512_setzero_ps();
-    for (int64_t t = 0; t < L; ++t) {
-      const auto* vr = row_at(t);
-      if (t + kAhead < L) prefetch_row(vp, table, bs, row_stride, h0 * DC, start + t + kAhead, DC);
-      __m512 v[NJ];
-      for (int j = 0; j < NJ; ++j) v[j] = load16<T>(vr + 16 * j);
-      for (int g = 0; g < 4; ++g) {
-        if (g >= gn) break;
-        const __m512 w = _mm512_set1_ps(p[(g0 + g) * L + t]);
-        for (int j = 0; j < NJ; ++j) a[g][j] = _mm512_fmadd_ps(w, v[j], a[g][j]);
-      }
-    }
-    for (int g = 0; g < gn; ++g)
-      for (int j = 0; j < NJ; ++j) _mm512_storeu_ps(acc + (g0 + g) * DC + 16 * j, a[g][j]);
   }
 }
 
@@ -217,7 +263,16 @@ void decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
       const raw_t* qsrc = qp + (i * H + h0 * G) * D;
 #pragma omp simd
       for (int64_t e = 0; e < NQ * D; ++e) qf[e] = R::load(qsrc[e]) * scale;
-      if constexpr (kAvx512Path<T, DC>) {
+      if constexpr (kAvx512Path<T, DC> && std::is_same<T, c10::BFloat16>::value && DC % 32 == 0) {
+#if defined(__AVX512BF16__)
+        scores_bf16dp<DC>(reinterpret_cast<const uint16_t*>(qsrc), nh, G,
+                          reinterpret_cast<const uint16_t*>(kp), table, bs, row_stride, h0, start,
+                          len, scale, scores.data(), tile);
+#else
+        scores_avx512<T, DC>(qf.data(), nh, G, kp, table, bs, row_stride, h0, start, len,
+                             scores.data(), tile);
+#endif
+      } else if constexpr (kAvx512Path<T, DC>) {
 #if defined(__AVX512F__)
         scores_avx512<T, DC>(qf.data(), nh, G, kp, table, bs, row_stride, h0, start, len,
                              scores.data(), tile);
@@ -239,7 +294,8 @@ void decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
       for (int64_t r = 0; r < NQ; ++r) {
         float* sr = scores.data() + r * L;
         float m = -INFINITY;
-        for (int64_t t = 0; t < L; ++t) m = std::max(m, sr[t]);
+#pragma omp simd reduction(max : m)
+        for (int64_t t = 0; t < L; ++t) m = sr[t] > m ? sr[t] : m;
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t t = 0; t < L; ++t) {
@@ -253,8 +309,9 @@ void decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
       }
       if constexpr (kAvx512Path<T, DC>) {
 #if defined(__AVX512F__)
-        values_avx512<T, DC>(scores.data(), nh, G, vp, table, bs, row_stride, h0, start, len,
-                             acc.data());
+        for (int64_t hh = 0; hh < nh; ++hh)  // one KV head at a time: registers hold its sums
+          values_avx512<T, DC>(scores.data() + hh * G * L, G, vp, table, bs, row_stride, h0 + hh,
+                               start, len, acc.data() + hh * G * DC);
 #endif
       } else {  // acc[g] = sum_t p[g][t] v_t (nh = 1)
         std::fill(acc.begin(), acc.end(), 0.0f);
