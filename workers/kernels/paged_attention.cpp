@@ -9,9 +9,8 @@
 //   out          [n, H, D]                       written in place
 // Grouped-query attention: query heads h*G .. h*G+G-1 share KV head h (G = H / KVH). A sliding
 // window w > 0 makes key t visible iff t >= len - w. Scores, softmax and the weighted sum are
-// accumulated in float32 (bfloat16 scores with AVX512-BF16 dot products of the raw bf16 q and
-// keys: exact products, float32 sums); work is split over sequences (all their heads) or, with
-// few sequences, (sequence, KV head) pairs, with at::parallel_for. Weighted sums run one KV
+// accumulated in float32; work is split over sequences (all their heads) or, with few
+// sequences, (sequence, KV head) pairs, with at::parallel_for. Weighted sums run one KV
 // head at a time with a compile-time number of query heads per pass, so their accumulators
 // stay in registers (a runtime count made the compiler keep them on the stack: a store per
 // FMA, the kernel's hot spot).
@@ -98,44 +97,6 @@ void scores_avx512(const float* qf, int64_t nh, int64_t G, const typename Raw<T>
       _mm512_mask_storeu_ps(scores + r * L + t0, m, reduce16(tile + r * 256));
   }
 }
-
-#if defined(__AVX512BF16__)
-// The bfloat16 scores with AVX512-BF16 dot products straight from the cache's bf16 (no widening):
-// qb holds the raw bf16 queries [nh*G][DC]; scores come out multiplied by `scale`. Same walk
-// and tile reduction as scores_avx512.
-template <int DC>
-void scores_bf16dp(const uint16_t* qb, int64_t nh, int64_t G, const uint16_t* kp,
-                   const int32_t* table, int64_t bs, int64_t row_stride, int64_t h0,
-                   int64_t start, int64_t len, float scale, float* scores, float* tile) {
-  constexpr int NJ = DC / 32;
-  const int64_t L = len - start, NQ = nh * G;
-  const __m512 vscale = _mm512_set1_ps(scale);
-  for (int64_t t0 = 0; t0 < L; t0 += 16) {
-    const int nt = static_cast<int>(std::min<int64_t>(16, L - t0));
-    for (int t = 0; t < nt; ++t) {
-      const int64_t pos = start + t0 + t;
-      const uint16_t* row = kp + (static_cast<int64_t>(table[pos / bs]) * bs + pos % bs) * row_stride +
-                            h0 * DC;
-      if (pos + kAhead < len) prefetch_row(kp, table, bs, row_stride, h0 * DC, pos + kAhead, nh * DC);
-      for (int64_t hh = 0; hh < nh; ++hh) {
-        __m512i k[NJ];
-        for (int j = 0; j < NJ; ++j) k[j] = _mm512_loadu_si512(row + hh * DC + 32 * j);
-        for (int64_t g = 0; g < G; ++g) {
-          const uint16_t* qg = qb + (hh * G + g) * DC;
-          __m512 a = _mm512_setzero_ps();
-          for (int j = 0; j < NJ; ++j)
-            a = _mm512_dpbf16_ps(a, reinterpret_cast<__m512bh>(_mm512_loadu_si512(qg + 32 * j)),
-                                 reinterpret_cast<__m512bh>(k[j]));
-          _mm512_store_ps(tile + ((hh * G + g) * 16 + t) * 16, a);
-        }
-      }
-    }
-    const __mmask16 m = static_cast<__mmask16>((1u << nt) - 1u);
-    for (int64_t r = 0; r < NQ; ++r)
-      _mm512_mask_storeu_ps(scores + r * L + t0, m, _mm512_mul_ps(reduce16(tile + r * 256), vscale));
-  }
-}
-#endif
 
 // acc[g] (float [GN][DC]) = sum_t p[g][t] v_t for GN query heads of one KV head; GN and DC
 // are compile-time constants so that the GN * DC / 16 accumulators live in registers.
@@ -263,16 +224,7 @@ void decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
       const raw_t* qsrc = qp + (i * H + h0 * G) * D;
 #pragma omp simd
       for (int64_t e = 0; e < NQ * D; ++e) qf[e] = R::load(qsrc[e]) * scale;
-      if constexpr (kAvx512Path<T, DC> && std::is_same<T, c10::BFloat16>::value && DC % 32 == 0) {
-#if defined(__AVX512BF16__)
-        scores_bf16dp<DC>(reinterpret_cast<const uint16_t*>(qsrc), nh, G,
-                          reinterpret_cast<const uint16_t*>(kp), table, bs, row_stride, h0, start,
-                          len, scale, scores.data(), tile);
-#else
-        scores_avx512<T, DC>(qf.data(), nh, G, kp, table, bs, row_stride, h0, start, len,
-                             scores.data(), tile);
-#endif
-      } else if constexpr (kAvx512Path<T, DC>) {
+      if constexpr (kAvx512Path<T, DC>) {
 #if defined(__AVX512F__)
         scores_avx512<T, DC>(qf.data(), nh, G, kp, table, bs, row_stride, h0, start, len,
                              scores.data(), tile);
