@@ -20,15 +20,21 @@ def test_kernels_build_and_load():
     assert hasattr(torch.ops.flotilla, "paged_decode_attention")
 
 
-def _setup(lens, H, KVH, D, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    need = [-(-n // BS) for n in lens]
-    num_blocks = sum(need) + 5
+def _shuffled_tables(need, spare, g):
+    """Block tables of need[i] blocks each, drawn without overlap from a shuffled pool with
+    `spare` blocks left over; returns (tables, pool size)."""
+    num_blocks = sum(need) + spare
     perm = torch.randperm(num_blocks, generator=g).tolist()
     tables, i = [], 0
     for k in need:
         tables.append(perm[i : i + k])
         i += k
+    return tables, num_blocks
+
+
+def _setup(lens, H, KVH, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tables, num_blocks = _shuffled_tables([-(-n // BS) for n in lens], 5, g)
     cache = torch.randn(2, num_blocks, BS, KVH, D, generator=g).to(dtype)
     q = torch.randn(len(lens), H, D, generator=g).to(dtype)
     return q, cache, tables
@@ -123,12 +129,8 @@ def _prefill_setup(chunks, H, KVH, D, seed):
     """chunks: (q_len, start_pos) each; returns q [T, H, D], cache, tables, kernel args."""
     g = torch.Generator().manual_seed(seed)
     need = [-(-(n + s) // BS) for n, s in chunks]
-    perm = torch.randperm(sum(need) + 3, generator=g).tolist()
-    tables, i = [], 0
-    for k in need:
-        tables.append(perm[i : i + k])
-        i += k
-    cache = torch.randn(2, sum(need) + 3, BS, KVH, D, generator=g).bfloat16()
+    tables, num_blocks = _shuffled_tables(need, 3, g)
+    cache = torch.randn(2, num_blocks, BS, KVH, D, generator=g).bfloat16()
     q = torch.randn(sum(n for n, _ in chunks), H, D, generator=g).bfloat16()
     starts = [sum(n for n, _ in chunks[:j]) for j in range(len(chunks))]
     width = max(need)
@@ -189,12 +191,8 @@ def test_prefill_kernel_path_equals_sdpa_path(window):
     dec_lens = [5, 9]  # decodes first (ascending), then prefill chunks
     chunks = [(12, 0), (7, 10)]
     need = [-(-n // BS) for n in dec_lens] + [-(-(n + s) // BS) for n, s in chunks]
-    perm = torch.randperm(sum(need) + 2, generator=g).tolist()
-    tables, i = [], 0
-    for k in need:
-        tables.append(perm[i : i + k])
-        i += k
-    cache = torch.randn(2, sum(need) + 2, BS, KVH, D, generator=g).bfloat16()
+    tables, num_blocks = _shuffled_tables(need, 2, g)
+    cache = torch.randn(2, num_blocks, BS, KVH, D, generator=g).bfloat16()
     positions, slots, prefills = [], [], []
     for t, n in zip(tables, dec_lens, strict=False):
         positions.append(n - 1)
