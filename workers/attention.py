@@ -189,11 +189,13 @@ def paged_attention(
     k_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, v)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if meta.decode_tables is not None or meta.prefill_kernel is not None:
+        q = q.contiguous()  # the native kernels' layout; one copy serves both
 
     if meta.decode_tables is not None:
         nd = meta.num_decodes
         torch.ops.flotilla.paged_decode_attention(
-            out[:nd], q[:nd].contiguous(), k_cache, v_cache, meta.decode_tables,
+            out[:nd], q[:nd], k_cache, v_cache, meta.decode_tables,
             meta.decode_lens, scale, window or 0,
         )
     for grp in meta.decodes:
@@ -210,7 +212,7 @@ def paged_attention(
         out[s:e] = od.reshape(n, H, D)
 
     if meta.prefill_kernel is not None and torch.ops.flotilla.paged_prefill_attention(
-        out, q.contiguous(), k_cache, v_cache, *meta.prefill_kernel, scale, window or 0
+        out, q, k_cache, v_cache, *meta.prefill_kernel, scale, window or 0
     ):
         return out
     for i, c in enumerate(meta.prefills):

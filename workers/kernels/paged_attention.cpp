@@ -127,10 +127,10 @@ void values_heads(const float* p, int64_t L, const RowAt& row_at,
 // KV head reads nothing twice).
 template <typename T, int DC>
 void values_avx512(const float* p, int64_t G, const typename Raw<T>::type* vp,
-                   const int32_t* table, int64_t bs, int64_t row_stride, int64_t h,
+                   const int32_t* table, int64_t bs, int64_t row_stride, int64_t h0,
                    int64_t start, int64_t len, float* acc) {
   constexpr int NJ = DC / 16;
-  const int64_t L = len - start, h0 = h;
+  const int64_t L = len - start;
   const auto row_at = [&](int64_t t) {
     const int64_t pos = start + t;
     return vp + (static_cast<int64_t>(table[pos / bs]) * bs + pos % bs) * row_stride + h0 * DC;
