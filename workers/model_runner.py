@@ -224,7 +224,7 @@ class ModelRunner:
             if not g.is_driver:
                 continue
             states = [self.states[s.req_id] for s in sample_seqs]
-            tokens, lps = sample(logits.cpu(), states, self.generator)
+            tokens, lps = sample(logits.cpu(), states, self.generator, self.native)
             for i, s in enumerate(sample_seqs):
                 sampled[s.req_id] = (tokens[i], lps[i] if lps is not None else None)
         with COMM.time():

@@ -77,6 +77,27 @@ inline __m512 exp512(__m512 x) {
   for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExpPoly[i]));
   return _mm512_scalef_ps(p, r);
 }
+
+// 16 bf16 values (bit patterns) to float32 and back; the store rounds to nearest even and keeps
+// denormals, as Raw<c10::BFloat16>::store (VCVTNEPS2BF16 would flush them).
+inline __m512 bf16x16_load(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512i bf16x16_bits(__m512 x) {  // rounded bf16 in the high half of each lane
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  r = _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(
+      _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+  return _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc00000));
+}
+inline __m512 bf16x16_round(__m512 x) { return _mm512_castsi512_ps(bf16x16_bits(x)); }
+inline void bf16x16_store(uint16_t* p, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16x16_bits(x), 16)));
+}
 #endif
 
 // Round a float to the storage dtype and back (identity for float32).

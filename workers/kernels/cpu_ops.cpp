@@ -98,12 +98,77 @@ void silu_and_mul_impl(const at::Tensor& out, const at::Tensor& x) {
     const raw_t* g = xp + r * 2 * n;
     const raw_t* u = g + n;
     raw_t* o = op + r * n;
+    int64_t i0 = 0;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same<T, c10::BFloat16>::value) {
+      for (; i0 + 16 <= n; i0 += 16) {
+        const __m512 a = bf16x16_load(g + i0);
+        const __m512 e = exp512(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), a),
+                                              _mm512_set1_ps(88.0f)));
+        const __m512 silu = bf16x16_round(_mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+        bf16x16_store(o + i0, _mm512_mul_ps(silu, bf16x16_load(u + i0)));
+      }
+    }
+#endif
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = i0; i < n; ++i) {
       const float a = R::load(g[i]);
       const float silu = a / (1.0f + exp_nonpos(-a));
       o[i] = R::store(rnd<T>(silu) * R::load(u[i]));
     }
+  });
+}
+
+// out[r] = the index of the first maximum of row r of x [rows, V] (NaN never wins; a row of
+// NaNs gives 0). bf16 rows are compared as they are: widening to float32 is exact, so this is
+// torch's argmax of x.float() without writing the float copy.
+template <typename T>
+int64_t argmax_row(const typename Raw<T>::type* x, int64_t V) {
+  float best = -INFINITY;
+  int64_t idx = 0, i = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, c10::BFloat16>::value || std::is_same<T, float>::value) {
+    if (V >= 16) {
+      __m512 bv = _mm512_set1_ps(-INFINITY);
+      __m512i bi = _mm512_setzero_si512(), cur = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
+                                                                   10, 11, 12, 13, 14, 15);
+      const __m512i step = _mm512_set1_epi32(16);
+      for (; i + 16 <= V; i += 16, cur = _mm512_add_epi32(cur, step)) {
+        __m512 v;
+        if constexpr (std::is_same<T, float>::value) v = _mm512_loadu_ps(x + i);
+        else v = bf16x16_load(x + i);
+        const __mmask16 m = _mm512_cmp_ps_mask(v, bv, _CMP_GT_OQ);  // strict: earliest per lane
+        bv = _mm512_mask_mov_ps(bv, m, v);
+        bi = _mm512_mask_mov_epi32(bi, m, cur);
+      }
+      alignas(64) float vals[16];
+      alignas(64) int32_t ids[16];
+      _mm512_store_ps(vals, bv);
+      _mm512_store_si512(ids, bi);
+      for (int l = 0; l < 16; ++l)
+        if (vals[l] > best || (vals[l] == best && ids[l] < idx)) best = vals[l], idx = ids[l];
+    }
+  }
+#endif
+  for (; i < V; ++i) {
+    const float v = Raw<T>::load(x[i]);
+    if (v > best) best = v, idx = i;
+  }
+  return idx;
+}
+
+void argmax_rows(at::Tensor out, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && out.dim() == 1 && out.is_contiguous() &&
+                  out.size(0) == x.size(0) && out.scalar_type() == at::kLong,
+              "argmax_rows: x [rows, V] contiguous, out [rows] int64");
+  TORCH_CHECK(x.size(1) > 0 && x.size(1) < (int64_t{1} << 31), "argmax_rows: 0 < V < 2^31");
+  const int64_t rows = x.size(0), V = x.size(1);
+  int64_t* op = out.data_ptr<int64_t>();
+  FLOTILLA_DISPATCH(x.scalar_type(), "argmax_rows", {
+    const auto* xp = reinterpret_cast<const typename Raw<scalar_t>::type*>(x.data_ptr());
+    at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) op[r] = argmax_row<scalar_t>(xp + r * V, V);
+    });
   });
 }
 
@@ -235,6 +300,7 @@ TORCH_LIBRARY(flotilla, m) {
   m.def("rotary_embedding(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
   m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
   m.def("gemv_bf16(Tensor(a!) out, Tensor x, Tensor w) -> bool");
+  m.def("argmax_rows(Tensor(a!) out, Tensor x) -> ()");
   m.def(
       "shm_all_reduce(Tensor(a!) x, Tensor(b!) buf, int rank, int world, int seq, "
       "float timeout_s) -> int");
@@ -249,4 +315,5 @@ TORCH_LIBRARY_IMPL(flotilla, CPU, m) {
   m.impl("rotary_embedding", &flotilla::rotary_embedding);
   m.impl("silu_and_mul", &flotilla::silu_and_mul);
   m.impl("gemv_bf16", &flotilla::gemv_bf16);
+  m.impl("argmax_rows", &flotilla::argmax_rows);
 }

@@ -387,7 +387,7 @@ class LlamaForCausalLM(nn.Module):
                 m.native = on
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden)).float()
+        return self.lm_head(self.norm(hidden))  # model dtype: the sampler widens if it must
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy this rank's slices in; returns the names of the parameters that were loaded."""
