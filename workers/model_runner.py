@@ -8,6 +8,7 @@ attention can batch all decodes in one call.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,24 @@ def _use_native_kernels(choice: str, device: torch.device) -> bool:
     return ok
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc serve large transient tensors from a heap it keeps, instead of
+    fresh mmap()ed pages that the kernel must fault in and zero on every step. A step's
+    activations (up to 12 MB for a 2,048-token prefill's gate/up projection; 0.4 MB at decode)
+    are allocated and freed every layer; with glibc's defaults (mmap from 128 KiB, heap top
+    trimmed past 2x that), the page faults doubled the time of the largest linear layer.
+    Process-wide, like the tcmalloc preload vLLM's CPU backend uses. False where not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+        ok = libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest allowed value
+        ok &= libc.mallopt(m_trim_threshold, 1 << 30)
+        ok &= libc.mallopt(m_top_pad, 64 << 20)
+        return bool(ok)
+    except (OSError, AttributeError):
+        return False
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype):
     old = torch.get_default_dtype()
@@ -79,6 +98,8 @@ class ModelRunner:
     ):
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        if config.device == "cpu":
+            keep_freed_memory()
         self.config = config
         self.groups = groups
         self.device = torch.device(config.device)

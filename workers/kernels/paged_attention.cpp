@@ -55,7 +55,7 @@ inline __m512 reduce16(const float* rows /* [16][16] */) {
 
 // Rows are read in block-table order, which jumps between blocks: prefetch kAhead tokens ahead
 // (the elements of the heads this task reads) so the next block's lines are in flight.
-constexpr int64_t kAhead = 8;
+constexpr int64_t kAhead = 32;
 template <typename raw_t>
 inline void prefetch_row(const raw_t* base, const int32_t* table, int64_t bs, int64_t row_stride,
                          int64_t col, int64_t pos, int64_t count) {
