@@ -186,10 +186,14 @@ def paged_attention(
     T, H, D = q.shape
     kvh = k.shape[1]
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    k_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, v)
+    native = meta.decode_tables is not None or meta.prefill_kernel is not None
+    if native and k.stride(1) == D and v.stride(1) == D and k.stride(2) == v.stride(2) == 1:
+        torch.ops.flotilla.write_kv_cache(k_cache, v_cache, k, v, meta.slot_mapping)
+    else:
+        k_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, v)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if meta.decode_tables is not None or meta.prefill_kernel is not None:
+    if native:
         q = q.contiguous()  # the native kernels' layout; one copy serves both
 
     if meta.decode_tables is not None:

@@ -64,3 +64,25 @@ def test_silu_and_mul_matches_eager(rows, n):
     close = torch.isclose(out.float(), want.float(), rtol=2**-7, atol=1e-30)
     assert close.all()
     assert (out != want).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_write_kv_cache_matches_index_copy(dtype):
+    """k and v as the attention layer passes them: strided views into the fused QKV output."""
+    g = torch.Generator().manual_seed(1)
+    T, KVH, D, blocks, bs = 11, 3, 64, 6, 4
+    qkv = torch.randn(T, (9 + 2 * KVH) * D, generator=g).to(dtype)
+    _, k, v = qkv.split([9 * D, KVH * D, KVH * D], dim=-1)
+    k, v = k.view(T, KVH, D), v.view(T, KVH, D)
+    slots = torch.randperm(blocks * bs, generator=g)[:T]
+    cache = torch.randn(2, blocks, bs, KVH, D, generator=g).to(dtype)
+    want = cache.clone()
+    want[0].view(-1, KVH, D).index_copy_(0, slots, k)
+    want[1].view(-1, KVH, D).index_copy_(0, slots, v)
+    torch.ops.flotilla.write_kv_cache(cache[0], cache[1], k, v, slots)
+    assert torch.equal(cache, want)
+    bad = slots.clone()
+    bad[-1] = blocks * bs  # one past the last slot: refused before anything is written
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        torch.ops.flotilla.write_kv_cache(cache[0], cache[1], k * 0, v * 0, bad)
+    assert torch.equal(cache, want)

@@ -9,6 +9,8 @@
 #include <torch/library.h>
 
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -97,6 +99,29 @@ inline __m512 bf16x16_round(__m512 x) { return _mm512_castsi512_ps(bf16x16_bits(
 inline void bf16x16_store(uint16_t* p, __m512 x) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
                       _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16x16_bits(x), 16)));
+}
+#endif
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+// AMX tile state: Linux hands it out per process on request (oneDNN asks too; asking twice
+// is harmless). The configuration is per thread: a kernel loads its own at the start of each
+// parallel chunk and releases the tiles at its end.
+inline bool amx_ready() {
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+// All eight tiles as 16 rows x 64 bytes (16 x 16 float32, or 16 x 32 bf16).
+inline void amx_config_16x64() {
+  struct alignas(64) {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+    uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+  } cfg;
+  _tile_loadconfig(&cfg);
 }
 #endif
 

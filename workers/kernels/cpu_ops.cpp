@@ -172,6 +172,44 @@ void argmax_rows(at::Tensor out, const at::Tensor& x) {
   });
 }
 
+// k_cache/v_cache [blocks, block_size, KVH, D]: row slots[t] = k[t] / v[t] for every token t
+// of the step (k, v [T, KVH, D] with each token's heads and dims contiguous, e.g. views into
+// the fused QKV output). One pass instead of two index_copy_ calls on strided sources.
+void write_kv_cache(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k,
+                    const at::Tensor& v, const at::Tensor& slots) {
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 &&
+                  v_cache.sizes() == k_cache.sizes(),
+              "write_kv_cache: caches [blocks, block_size, KVH, D], contiguous");
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.size(1) == k_cache.size(2) &&
+                  k.size(2) == k_cache.size(3) && k.stride(2) == 1 && v.stride(2) == 1 &&
+                  k.stride(1) == k.size(2) && v.stride(1) == v.size(2),
+              "write_kv_cache: k/v [T, KVH, D] with each token's heads and dims contiguous");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type() &&
+                  v_cache.scalar_type() == k_cache.scalar_type(),
+              "write_kv_cache: k, v and the caches must share a dtype");
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == k.size(0) && slots.scalar_type() == at::kLong &&
+                  slots.is_contiguous(),
+              "write_kv_cache: slots [T] int64");
+  const int64_t T = k.size(0), row = k.size(1) * k.size(2) * k.element_size();
+  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < num_slots, "write_kv_cache: slot ", sp[t],
+                " outside the cache's ", num_slots, " slots");
+  char* kc = static_cast<char*>(k_cache.data_ptr());
+  char* vc = static_cast<char*>(v_cache.data_ptr());
+  const char* kp = static_cast<const char*>(k.data_ptr());
+  const char* vp = static_cast<const char*>(v.data_ptr());
+  const int64_t ks = k.stride(0) * k.element_size(), vs = v.stride(0) * v.element_size();
+  at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(row, 1)),
+                   [&](int64_t b, int64_t e) {
+                     for (int64_t t = b; t < e; ++t) {
+                       std::memcpy(kc + sp[t] * row, kp + t * ks, row);
+                       std::memcpy(vc + sp[t] * row, vp + t * vs, row);
+                     }
+                   });
+}
+
 void check_rows(const char* name, const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.is_contiguous(), name, ": x must be contiguous");
   TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(-1) && w.scalar_type() == x.scalar_type(),
@@ -302,6 +340,9 @@ TORCH_LIBRARY(flotilla, m) {
   m.def("gemv_bf16(Tensor(a!) out, Tensor x, Tensor w) -> bool");
   m.def("argmax_rows(Tensor(a!) out, Tensor x) -> ()");
   m.def(
+      "write_kv_cache(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) "
+      "-> ()");
+  m.def(
       "shm_all_reduce(Tensor(a!) x, Tensor(b!) buf, int rank, int world, int seq, "
       "float timeout_s) -> int");
   m.def(
@@ -316,4 +357,5 @@ TORCH_LIBRARY_IMPL(flotilla, CPU, m) {
   m.impl("silu_and_mul", &flotilla::silu_and_mul);
   m.impl("gemv_bf16", &flotilla::gemv_bf16);
   m.impl("argmax_rows", &flotilla::argmax_rows);
+  m.impl("write_kv_cache", &flotilla::write_kv_cache);
 }
