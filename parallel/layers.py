@@ -13,6 +13,7 @@ the layout. With `tp.size == 1` every layer is a plain dense layer and no collec
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -72,9 +73,16 @@ def _cpu_bf16_packable(weight: torch.Tensor) -> bool:
     )
 
 
-# Up to this many rows the native GEMV beats oneDNN here (8.8 vs 13.1 ms for SmolLM2's layers
-# at 1 row, 11.5 vs 13.5 at 4; oneDNN wins from ~6 rows: benchmarks/RESULTS.md).
-GEMV_MAX_ROWS = 4
+
+@functools.cache
+def gemv_max_rows() -> int:
+    """Up to this many rows the native GEMV beats oneDNN (benchmarks/RESULTS.md): on an
+    AVX512-BF16 CPU without AMX, 8.8 vs 13.1 ms for SmolLM2's layers at 1 row and 11.5 vs 13.5
+    at 4 (oneDNN wins from ~6); with AMX, oneDNN's tile GEMM wins from 2 rows (13.3 vs 16.4 ms
+    at 1 row, 16.1 vs 20.0 at 4)."""
+    from workers.kernels import cpu_has_amx
+
+    return 1 if cpu_has_amx() else 4
 
 
 def _gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
@@ -102,7 +110,7 @@ class _Packable:
         return True
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.native and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS:
+        if self.native and x.dim() == 2 and x.shape[0] <= gemv_max_rows():
             y = _gemv(x, self.weight)  # type: ignore[attr-defined]
             if y is not None:
                 return y if bias is None else y + bias

@@ -12,6 +12,12 @@ from workers.kernels import build, load_cpu_kernels
 BS = 4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _kernels():
+    """Every test here calls the ops directly: load them whatever subset of tests runs."""
+    assert load_cpu_kernels()
+
+
 def test_kernels_build_and_load():
     """g++ is part of the supported set-up (Linux): the native ops must build, not be skipped.
     build() raises with the compiler's output if they don't."""

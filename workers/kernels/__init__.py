@@ -61,6 +61,12 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+@functools.cache
+def cpu_has_amx() -> bool:
+    """The CPU has AMX-BF16 tiles (oneDNN's bf16 GEMMs and our prefill attention use them)."""
+    return " amx_bf16" in _cpu_flags()
+
+
 def cache_dir() -> Path:
     root = (
         os.environ.get("FLOTILLA_KERNEL_CACHE") or Path.home() / ".cache" / "flotilla" / "kernels"
