@@ -62,7 +62,7 @@ inline void prefetch_row(const raw_t* base, const int32_t* table, int64_t bs, in
   const char* p = reinterpret_cast<const char*>(
       base + (static_cast<int64_t>(table[pos / bs]) * bs + pos % bs) * row_stride + col);
   for (int64_t b = 0; b < count * static_cast<int64_t>(sizeof(raw_t)); b += 64)
-    _mm_prefetch(p + b, _MM_HINT_T0);
+    _mm_prefetch(p + b, _MM_HINT_T1);
 }
 
 // One task covers KV heads h0 .. h0+nh-1 of one sequence and their nh * G query heads (qf:
