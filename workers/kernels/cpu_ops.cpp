@@ -266,7 +266,27 @@ void gemv_bf16_rows(uint16_t* out, const uint16_t* x, const uint16_t* w, int64_t
   const int64_t K32 = K / 32 * 32;
   const __mmask32 tail = static_cast<__mmask32>((K - K32) ? ((1ull << (K - K32)) - 1) : 0);
   at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
-    for (int64_t n = b; n < e; ++n) {
+    int64_t n = b;
+    if constexpr (M == 1) {
+      // one input row: four weight rows at a time, so four independent dot-product chains
+      // (and their final reductions) overlap instead of one row's chain setting the pace
+      for (; n + 4 <= e && !tail; n += 4) {
+        const uint16_t* wr = w + n * K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t k = 0; k < K32; k += 32) {
+          const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
+          a0 = _mm512_dpbf16_ps(a0, xv, (__m512bh)_mm512_loadu_si512(wr + k));
+          a1 = _mm512_dpbf16_ps(a1, xv, (__m512bh)_mm512_loadu_si512(wr + K + k));
+          a2 = _mm512_dpbf16_ps(a2, xv, (__m512bh)_mm512_loadu_si512(wr + 2 * K + k));
+          a3 = _mm512_dpbf16_ps(a3, xv, (__m512bh)_mm512_loadu_si512(wr + 3 * K + k));
+        }
+        out[n] = Raw<c10::BFloat16>::store(_mm512_reduce_add_ps(a0));
+        out[n + 1] = Raw<c10::BFloat16>::store(_mm512_reduce_add_ps(a1));
+        out[n + 2] = Raw<c10::BFloat16>::store(_mm512_reduce_add_ps(a2));
+        out[n + 3] = Raw<c10::BFloat16>::store(_mm512_reduce_add_ps(a3));
+      }
+    }
+    for (; n < e; ++n) {
       const uint16_t* wr = w + n * K;
       __m512 acc[M];
       for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
