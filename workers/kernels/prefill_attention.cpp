@@ -62,6 +62,31 @@ void pack_kv(const uint16_t* kc, const uint16_t* vc, const int32_t* table, int64
   }
 }
 
+// Softmax of one score row over its visible keys [lo, hi) of LB (relative to the row's first
+// key tile): bf16 probabilities into pr (unnormalized, zero outside [lo, hi)); returns the sum
+// of the rounded values.
+inline float softmax_row_bf16(const float* s, int64_t LB, int64_t lo, int64_t hi, __m512 vscale,
+                              uint16_t* pr) {
+  const auto lanes = [&](int64_t t0) -> __mmask16 {  // visible lanes of keys t0 .. t0+15
+    const int64_t a = std::max<int64_t>(lo - t0, 0), b = std::min<int64_t>(hi - t0, 16);
+    return a >= b ? 0 : static_cast<__mmask16>(((1u << b) - 1u) & ~((1u << a) - 1u));
+  };
+  __m512 vm = _mm512_set1_ps(-INFINITY);
+  for (int64_t t0 = 0; t0 < LB; t0 += 16)
+    vm = _mm512_mask_max_ps(vm, lanes(t0), vm, _mm512_mul_ps(_mm512_loadu_ps(s + t0), vscale));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vm));
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t t0 = 0; t0 < LB; t0 += 16) {
+    const __m512 x = _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + t0), vscale), m);
+    const __m256i e = reinterpret_cast<__m256i>(
+        _mm512_cvtneps_pbh(_mm512_maskz_mov_ps(lanes(t0), exp512(x))));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + t0), e);
+    vsum = _mm512_add_ps(vsum,
+                         _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(e), 16)));
+  }
+  return _mm512_reduce_add_ps(vsum);
+}
+
 template <int D>
 void run_task(const Task& task, uint16_t* out, const uint16_t* q, const uint16_t* kc,
               const uint16_t* vc, const int32_t* tables, int64_t max_blocks, const int32_t* q_starts,
@@ -118,26 +143,8 @@ void run_task(const Task& task, uint16_t* out, const uint16_t* q, const uint16_t
     for (int64_t r = 0; r < R; ++r) {
       const int64_t p = b0 + r / G;
       const int64_t lo = first_key(p) - K0 - t_lo, hi = sp + p + 1 - K0 - t_lo;
-      const float* s = scores.data() + r * LB;
-      const auto lanes = [&](int64_t t0) -> __mmask16 {  // visible lanes of keys t0 .. t0+15
-        const int64_t a = std::max<int64_t>(lo - t0, 0), b = std::min<int64_t>(hi - t0, 16);
-        return a >= b ? 0 : static_cast<__mmask16>(((1u << b) - 1u) & ~((1u << a) - 1u));
-      };
-      __m512 vm = _mm512_set1_ps(-INFINITY);
-      for (int64_t t0 = 0; t0 < LB; t0 += 16)
-        vm = _mm512_mask_max_ps(vm, lanes(t0), vm, _mm512_mul_ps(_mm512_loadu_ps(s + t0), vscale));
-      const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vm));
-      __m512 vsum = _mm512_setzero_ps();
-      uint16_t* pr = probs.data() + r * LB;
-      for (int64_t t0 = 0; t0 < LB; t0 += 16) {
-        const __m512 x = _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + t0), vscale), m);
-        const __m256i e = reinterpret_cast<__m256i>(
-            _mm512_cvtneps_pbh(_mm512_maskz_mov_ps(lanes(t0), exp512(x))));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + t0), e);
-        vsum = _mm512_add_ps(
-            vsum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(e), 16)));
-      }
-      sums[r] = _mm512_reduce_add_ps(vsum);
+      sums[r] = softmax_row_bf16(scores.data() + r * LB, LB, lo, hi, vscale,
+                                 probs.data() + r * LB);
     }
 
     // out rows = P V / sum; 16 / NJ rows at a time keep their accumulators in registers
@@ -244,27 +251,7 @@ void run_task_amx(const Task& task, uint16_t* out, const uint16_t* q, const uint
       for (int64_t i = 0; i < rn; ++i) {
         const int64_t p = b0 + i, r = g * 16 + i;
         const int64_t lo = first_key(p) - K0 - t_lo, hi = sp + p + 1 - K0 - t_lo;
-        const float* srow = sg + i * LB;
-        const auto lanes = [&](int64_t t0) -> __mmask16 {
-          const int64_t a = std::max<int64_t>(lo - t0, 0), b = std::min<int64_t>(hi - t0, 16);
-          return a >= b ? 0 : static_cast<__mmask16>(((1u << b) - 1u) & ~((1u << a) - 1u));
-        };
-        __m512 vm = _mm512_set1_ps(-INFINITY);
-        for (int64_t t0 = 0; t0 < LB; t0 += 16)
-          vm = _mm512_mask_max_ps(vm, lanes(t0), vm,
-                                  _mm512_mul_ps(_mm512_loadu_ps(srow + t0), vscale));
-        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vm));
-        __m512 vsum = _mm512_setzero_ps();
-        uint16_t* pr = probs.data() + r * LB32;
-        for (int64_t t0 = 0; t0 < LB; t0 += 16) {
-          const __m512 x = _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(srow + t0), vscale), m);
-          const __m256i e = reinterpret_cast<__m256i>(
-              _mm512_cvtneps_pbh(_mm512_maskz_mov_ps(lanes(t0), exp512(x))));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + t0), e);
-          vsum = _mm512_add_ps(
-              vsum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(e), 16)));
-        }
-        sums[r] = _mm512_reduce_add_ps(vsum);
+        sums[r] = softmax_row_bf16(sg + i * LB, LB, lo, hi, vscale, probs.data() + r * LB32);
       }
       // out rows = P V / sum, 16 dims per C tile, 32 keys per tile product
       const uint16_t* pg = probs.data() + g * 16 * LB32;
