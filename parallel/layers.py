@@ -73,7 +73,6 @@ def _cpu_bf16_packable(weight: torch.Tensor) -> bool:
     )
 
 
-
 @functools.cache
 def gemv_max_rows() -> int:
     """Up to this many rows the native GEMV beats oneDNN (benchmarks/RESULTS.md): on an
