@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -124,6 +125,26 @@ inline void amx_config_16x64() {
   _tile_loadconfig(&cfg);
 }
 #endif
+
+// Work items 0 .. costs.size() - 1 spread over the threads (at most one list per item):
+// longest first onto the least-loaded thread. Returns each thread's item indices; run them
+// with at::parallel_for(0, lists.size(), 1, ...).
+inline std::vector<std::vector<int64_t>> balance_by_cost(const std::vector<int64_t>& costs) {
+  const int64_t n = static_cast<int64_t>(costs.size());
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return costs[a] > costs[b]; });
+  std::vector<std::vector<int64_t>> lists(nt);
+  std::vector<int64_t> load(nt, 0);
+  for (const int64_t i : order) {
+    const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
+    lists[t].push_back(i);
+    load[t] += costs[i];
+  }
+  return lists;
+}
 
 // Round a float to the storage dtype and back (identity for float32).
 template <typename T>

@@ -3,10 +3,13 @@
 // Elementwise kernels (rms_norm, fused_add_rms_norm, rotary_embedding, silu_and_mul) reproduce
 // torch's own rounding step by step: every intermediate that the eager torch code stores in the
 // model dtype (bf16/fp16) is rounded to it here too, so outputs match the eager path exactly up
-// to float32 summation order. Built with -ffp-contract=off for the same reason.
+// to float32 summation order (the AVX-512 SiLU's exp differs from torch's in the last float32
+// bits, which survive the bf16 rounding in a handful of elements). Built with
+// -ffp-contract=off for the same reason. Also here: the greedy row argmax, the KV-cache write
+// and the small-batch bf16 GEMV.
 //
 // This file also declares every `flotilla::` op schema (the CPU implementations live in this
-// file, paged_attention.cpp and shm_comm.cpp, one library built from all three).
+// file, paged_attention.cpp, prefill_attention.cpp and shm_comm.cpp: one library).
 #include "common.h"
 
 namespace flotilla {

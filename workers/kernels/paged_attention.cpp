@@ -208,23 +208,13 @@ void decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
   // Tasks onto threads by cost, longest first onto the least-loaded thread: a plain split of
   // the task range would hand one thread all the long sequences (the caller sorts decodes by
   // length), ~1.4x the balanced time for lengths spread like 32 .. 640.
-  const int64_t ntasks = n * (KVH / nh);
-  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
-  const auto cost = [&](int64_t task) {
+  std::vector<int64_t> costs(n * (KVH / nh));
+  for (int64_t task = 0; task < static_cast<int64_t>(costs.size()); ++task) {
     const int64_t len = lens[task / (KVH / nh)];
-    return (window > 0 ? std::min<int64_t>(len, window) : len) + 16;
-  };
-  std::vector<int64_t> order(ntasks);
-  for (int64_t t = 0; t < ntasks; ++t) order[t] = t;
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
-  std::vector<std::vector<int64_t>> bins(nt);
-  std::vector<int64_t> load(nt, 0);
-  for (const int64_t t : order) {
-    const int64_t b = std::min_element(load.begin(), load.end()) - load.begin();
-    bins[b].push_back(t);
-    load[b] += cost(t);
+    costs[task] = (window > 0 ? std::min<int64_t>(len, window) : len) + 16;
   }
+  const auto bins = balance_by_cost(costs);
+  const int64_t nt = static_cast<int64_t>(bins.size());
   at::parallel_for(0, nt, 1, [&](int64_t bin_begin, int64_t bin_end) {
     std::vector<float> scores(NQ * std::max<int64_t>(max_len, 1));
     std::vector<float> qf(NQ * D), acc(NQ * D), row(D);

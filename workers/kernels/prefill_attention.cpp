@@ -299,16 +299,10 @@ void prefill(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
       if (window > 0) keys = std::min<int64_t>(keys, window + p1 - p0);
       for (int64_t h = 0; h < KVH; ++h) tasks.push_back({c, h, p0, p1, (keys + 64) * (p1 - p0)});
     }
-  // longest first onto the least loaded thread
-  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks.size()));
-  std::sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
-  std::vector<std::vector<Task>> bins(nt);
-  std::vector<int64_t> load(nt, 0);
-  for (const Task& t : tasks) {
-    const int64_t i = std::min_element(load.begin(), load.end()) - load.begin();
-    bins[i].push_back(t);
-    load[i] += t.cost;
-  }
+  std::vector<int64_t> costs(tasks.size());
+  for (size_t i = 0; i < tasks.size(); ++i) costs[i] = tasks[i].cost;
+  const auto bins = balance_by_cost(costs);  // longest first onto the least loaded thread
+  const int64_t nt = static_cast<int64_t>(bins.size());
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr());
   const uint16_t* kp = reinterpret_cast<const uint16_t*>(k_cache.data_ptr());
@@ -327,8 +321,8 @@ void prefill(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
       if (amx) {
         amx_config_16x64();
         for (int64_t b = begin; b < end; ++b)
-          for (const Task& t : bins[b])
-            run_task_amx<D>(t, op, qp, kp, vp, tables, max_blocks, qs, sp, H, KVH, bs,
+          for (const int64_t t : bins[b])
+            run_task_amx<D>(tasks[t], op, qp, kp, vp, tables, max_blocks, qs, sp, H, KVH, bs,
                             static_cast<float>(scale), window, kpack, vpack, scores, probs);
         _tile_release();
         return;
@@ -336,8 +330,8 @@ void prefill(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
     }
 #endif
     for (int64_t b = begin; b < end; ++b)
-      for (const Task& t : bins[b])
-        run_task<D>(t, op, qp, kp, vp, tables, max_blocks, qs, sp, H, KVH, bs,
+      for (const int64_t t : bins[b])
+        run_task<D>(tasks[t], op, qp, kp, vp, tables, max_blocks, qs, sp, H, KVH, bs,
                     static_cast<float>(scale), window, kpack, vpack, scores, probs);
   });
 }
