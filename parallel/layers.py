@@ -93,23 +93,52 @@ def _gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     return out if torch.ops.flotilla.gemv_bf16(out, x.contiguous(), w) else None
 
 
+AMX_MAX_ROWS = 256
+"""Up to this many rows a linear runs on our AMX kernel (torch.ops.flotilla.amx_linear); past
+it torch's linear (oneDNN's AMX GEMM) is as fast or faster (benchmarks/RESULTS.md)."""
+
+
+def amx_pack(w: torch.Tensor) -> torch.Tensor:
+    """[N, K] bf16 -> the AMX B-tile panels amx_linear reads: [N/32, K/32, 2, 16, 32], element
+    (p, kb, t, r, 2c + l) = w[32p + 16t + c, 32kb + 2r + l], zero-padded to multiples of 32."""
+    n, k = w.shape
+    np_, kp = -(-n // 32) * 32, -(-k // 32) * 32
+    w = F.pad(w, (0, kp - k, 0, np_ - n))
+    w = w.view(np_ // 32, 2, 16, kp // 32, 16, 2).permute(0, 3, 1, 4, 2, 5)
+    return w.contiguous().view(np_ // 32, kp // 32, 2, 16, 32)
+
+
 class _Packable:
-    """Linear layers on a bf16-capable CPU can swap their weight for a oneDNN-prepacked copy
-    after loading: the blocked layout skips the per-call reorder, ~1.3-1.8x faster per matmul
-    here (benchmarks/RESULTS.md). Same code path on CUDA: nothing is packed there."""
+    """Linear layers on a bf16-capable CPU keep a second, packed copy of their weight after
+    loading. With AMX (and the native kernels) it is the tile layout of our AMX kernel, used up
+    to AMX_MAX_ROWS rows; otherwise a oneDNN-prepacked copy, which skips oneDNN's per-call
+    reorder (~1.3-1.8x faster per matmul there). Same code path on CUDA: nothing is packed."""
 
     _packed: torch.Tensor | None = None
+    _amx: torch.Tensor | None = None
+    _amx_bias: torch.Tensor | None = None
     native = False  # small batches through torch.ops.flotilla.gemv_bf16 (workers/kernels)
 
-    def pack_for_cpu(self, batch_hint: int = 64) -> bool:
+    def pack_for_cpu(self, amx: bool = False, batch_hint: int = 64) -> bool:
         w = self.weight  # type: ignore[attr-defined]
         if not _cpu_bf16_packable(w):
             return False
+        if amx:
+            self._amx = amx_pack(w.detach())
+            bias = getattr(self, "bias", None)
+            self._amx_bias = None if bias is None else bias.detach().float()
+            return True
         self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch_hint)
         return True
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.native and x.dim() == 2 and x.shape[0] <= gemv_max_rows():
+        if self._amx is not None and x.dim() == 2 and x.shape[0] <= AMX_MAX_ROWS:
+            if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+                out = x.new_empty(x.shape[0], self.weight.shape[0])  # type: ignore[attr-defined]
+                b = None if bias is None else self._amx_bias
+                if torch.ops.flotilla.amx_linear(out, x.contiguous(), self._amx, b):
+                    return out
+        elif self.native and x.dim() == 2 and x.shape[0] <= gemv_max_rows():
             y = _gemv(x, self.weight)  # type: ignore[attr-defined]
             if y is not None:
                 return y if bias is None else y + bias
@@ -118,9 +147,10 @@ class _Packable:
         return F.linear(x, self.weight, bias)  # type: ignore[attr-defined]
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Prepack every packable linear of `model`; returns how many were packed."""
-    return sum(1 for m in model.modules() if isinstance(m, _Packable) and m.pack_for_cpu())
+def pack_linears(model: nn.Module, amx: bool = False) -> int:
+    """Pack every packable linear of `model` (for our AMX kernel if `amx`, else for oneDNN);
+    returns how many were packed."""
+    return sum(1 for m in model.modules() if isinstance(m, _Packable) and m.pack_for_cpu(amx))
 
 
 def _param(*shape: int, loader) -> nn.Parameter:

@@ -18,7 +18,7 @@ from parallel.groups import SINGLE_RANK, ParallelGroups
 from parallel.layers import pack_linears
 from workers.attention import build_metadata
 from workers.config import ModelConfig
-from workers.kernels import load_cpu_kernels
+from workers.kernels import cpu_has_amx, load_cpu_kernels
 from workers.loader import iter_weights, load_hf_config, resolve_model_path
 from workers.messages import SeqPlan, StepPlan, StepResult
 from workers.models.llama import LlamaArch, LlamaForCausalLM
@@ -117,7 +117,7 @@ class ModelRunner:
         self.model.eval()
         self._param_bytes = self._count_param_bytes()
         if config.prepack:
-            pack_linears(self.model)
+            pack_linears(self.model, amx=self.native and cpu_has_amx())
         self.model.use_native_kernels(self.native)
         self.hidden_size = arch.hidden_size
         self.kv_caches: list[torch.Tensor] = []

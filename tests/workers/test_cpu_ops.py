@@ -86,3 +86,68 @@ def test_write_kv_cache_matches_index_copy(dtype):
     with pytest.raises(RuntimeError, match="outside the cache"):
         torch.ops.flotilla.write_kv_cache(cache[0], cache[1], k * 0, v * 0, bad)
     assert torch.equal(cache, want)
+
+
+def _needs_amx():
+    from workers.kernels import cpu_has_amx
+
+    if not cpu_has_amx():
+        pytest.skip("this CPU has no AMX-BF16 (the AMX linear declines, tested below)")
+
+
+@pytest.mark.parametrize(
+    "M,N,K",
+    [(1, 64, 64), (5, 100, 70), (33, 96, 576), (64, 576, 1536), (50, 49, 33), (300, 3072, 576)],
+)
+def test_amx_linear_matches_float64(M, N, K):
+    """Row tails (< 16, < 32), K and N tails (zero padding) and row chunking, with a bias: each
+    output is the float64 sum rounded once to bf16, up to float32 summation error."""
+    from parallel.layers import amx_pack
+
+    _needs_amx()
+    g = torch.Generator().manual_seed(M * N + K)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    w = torch.randn(N, K, generator=g).bfloat16()
+    b = torch.randn(N, generator=g)
+    out = torch.full((M, N), float("nan"), dtype=torch.bfloat16)
+    assert torch.ops.flotilla.amx_linear(out, x, amx_pack(w), b)
+    ref = x.double() @ w.double().T
+    sum_err = 1e-5 * (x.double().abs() @ w.double().abs().T)
+    for bias in (b, None):
+        want = ref if bias is None else ref + bias.double()
+        assert torch.ops.flotilla.amx_linear(out, x, amx_pack(w), bias)
+        assert ((out.double() - want).abs() <= want.abs() * 2**-8 + sum_err).all()
+
+
+def test_amx_linear_checks_shapes():
+    from parallel.layers import amx_pack
+
+    x = torch.randn(4, 64).bfloat16()
+    w = amx_pack(torch.randn(64, 64).bfloat16())
+    with pytest.raises(RuntimeError, match="does not match"):
+        torch.ops.flotilla.amx_linear(torch.empty(4, 96, dtype=torch.bfloat16), x, w, None)
+    with pytest.raises(RuntimeError, match="bias"):
+        torch.ops.flotilla.amx_linear(torch.empty(4, 64, dtype=torch.bfloat16), x, w, torch.ones(3))
+
+
+@pytest.mark.parametrize("rows", [1, 17, 64, 300])  # 300: past AMX_MAX_ROWS, torch's linear
+def test_amx_packed_layer_matches_unpacked(rows):
+    """A linear layer packed for the AMX kernel gives torch's linear within bf16 rounding, on
+    both sides of AMX_MAX_ROWS; the weight it was loaded with stays in place."""
+    from parallel.layers import AMX_MAX_ROWS, ColumnParallelLinear
+
+    _needs_amx()
+    torch.manual_seed(rows)
+    layer = ColumnParallelLinear(576, 960, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    x = torch.randn(rows, 576).bfloat16()
+    want = F.linear(x, layer.weight, layer.bias)
+    assert layer.pack_for_cpu(amx=True) and layer._amx is not None
+    got = layer(x)
+    ref = x.double() @ layer.weight.double().T + layer.bias.double()
+    bound = ref.abs() * 2**-7 + 1e-4 * (x.double().abs() @ layer.weight.double().abs().T)
+    assert ((got.double() - ref).abs() <= bound).all()
+    if rows > AMX_MAX_ROWS:
+        assert torch.equal(got, want)

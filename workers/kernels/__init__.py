@@ -33,7 +33,13 @@ log = logging.getLogger(__name__)
 _DIR = Path(__file__).parent
 _SOURCES = [
     _DIR / n
-    for n in ("cpu_ops.cpp", "paged_attention.cpp", "prefill_attention.cpp", "shm_comm.cpp")
+    for n in (
+        "cpu_ops.cpp",
+        "gemm_amx.cpp",
+        "paged_attention.cpp",
+        "prefill_attention.cpp",
+        "shm_comm.cpp",
+    )
 ]
 _HEADERS = [_DIR / "common.h"]
 _FLAGS = [

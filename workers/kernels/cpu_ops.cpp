@@ -361,6 +361,7 @@ TORCH_LIBRARY(flotilla, m) {
   m.def("rotary_embedding(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
   m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
   m.def("gemv_bf16(Tensor(a!) out, Tensor x, Tensor w) -> bool");
+  m.def("amx_linear(Tensor(a!) out, Tensor x, Tensor w_packed, Tensor? bias) -> bool");
   m.def("argmax_rows(Tensor(a!) out, Tensor x) -> ()");
   m.def(
       "write_kv_cache(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) "

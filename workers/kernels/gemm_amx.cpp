@@ -1,0 +1,165 @@
+// bf16 linear layers on AMX tiles: out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]).
+//
+// oneDNN's AMX GEMM streams a decode batch's weights well up to ~32 rows and then turns
+// compute-bound on these small shapes (K = 576: its 64-row call on SmolLM2's layers reads the
+// weights at ~13 GB/s against ~19 at 32 rows). Here the weight is packed once, at load, as the
+// AMX B-tile layout in 32-column panels: panel p, k-block kb holds two 16 x 64-byte tiles,
+// row r of tile t = the pairs (w[32p + 16t + c][32kb + 2r], w[..][32kb + 2r + 1]) for c = 0..15,
+// so every tile load is one contiguous KB and each thread walks its panels front to back.
+// Each 32-row block of x makes a 2 x 2 block of float32 accumulator tiles; the panel's tiles
+// are reused from L1 by the next row block. Rounding: float32 sums, bias added in float32,
+// one round-to-nearest-even to bf16 at the end (oneDNN's order of sums differs, not its
+// rounding).
+
+#include "common.h"
+
+namespace flotilla {
+
+constexpr int64_t kPanel = 32;       // output columns per panel
+constexpr int64_t kTileElems = 512;  // 16 rows x 32 bf16
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512F__)
+namespace {
+
+// Two 16-row blocks of x (a0, a1; a1 may equal a0 when only one is live) times one panel.
+template <bool kTwo>
+inline void panel_tiles(const uint16_t* a0, const uint16_t* a1, int64_t lda, const uint16_t* wp,
+                        int64_t KB, float* c, const uint16_t* pf) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (kTwo) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t kb = 0; kb < KB; ++kb) {
+    const uint16_t* b = wp + kb * 2 * kTileElems;
+    if (pf) {
+      const char* q = reinterpret_cast<const char*>(pf + kb * 2 * kTileElems);
+      for (int i = 0; i < 2048; i += 64) _mm_prefetch(q + i, _MM_HINT_T1);
+    }
+    _tile_loadd(6, b, 64);
+    _tile_loadd(7, b + kTileElems, 64);
+    _tile_loadd(4, a0 + kb * 32, lda * 2);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (kTwo) {
+      _tile_loadd(5, a1 + kb * 32, lda * 2);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, kPanel * 4);
+  _tile_stored(1, c + 16, kPanel * 4);
+  if constexpr (kTwo) {
+    _tile_stored(2, c + 16 * kPanel, kPanel * 4);
+    _tile_stored(3, c + 16 * kPanel + 16, kPanel * 4);
+  }
+}
+
+// rows of c (float32, 32 wide) -> out (bf16, row stride ldo), columns n0 .. n0 + 31 clipped to N
+inline void store_rows(uint16_t* out, int64_t ldo, const float* c, int64_t rows, int64_t n0,
+                       int64_t N, const float* bias) {
+  const int64_t cols = std::min<int64_t>(kPanel, N - n0);
+  const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 m1 = cols >= 32 ? 0xFFFF
+                       : cols > 16 ? static_cast<__mmask16>((1u << (cols - 16)) - 1)
+                                   : 0;
+  __m512 b0 = _mm512_setzero_ps(), b1 = b0;
+  if (bias) {
+    b0 = _mm512_maskz_loadu_ps(m0, bias + n0);
+    b1 = _mm512_maskz_loadu_ps(m1, bias + n0 + 16);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* cr = c + r * kPanel;
+    uint16_t* o = out + r * ldo + n0;
+    const __m512 v0 = bias ? _mm512_add_ps(_mm512_loadu_ps(cr), b0) : _mm512_loadu_ps(cr);
+    const __m512 v1 = bias ? _mm512_add_ps(_mm512_loadu_ps(cr + 16), b1) : _mm512_loadu_ps(cr + 16);
+    const __m256i h0 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16x16_bits(v0), 16));
+    const __m256i h1 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16x16_bits(v1), 16));
+    _mm256_mask_storeu_epi16(o, m0, h0);
+    if (m1) _mm256_mask_storeu_epi16(o + 16, m1, h1);
+  }
+}
+
+}  // namespace
+#endif
+
+// x [M, K] contiguous bf16; wp the packed weight [ceil(N/32), ceil(K/32), 2, 16, 32] bf16;
+// bias None or [N] float32; out [M, N] contiguous bf16. False (nothing written) when this
+// CPU or build has no AMX.
+bool amx_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& wp,
+                const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && wp.dim() == 5 && out.size(0) == x.size(0),
+              "amx_linear: x [M, K], packed w [N/32, K/32, 2, 16, 32], out [M, N]");
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1);
+  const int64_t KB = (K + 31) / 32, P = (N + kPanel - 1) / kPanel;
+  TORCH_CHECK(wp.size(0) == P && wp.size(1) == KB && wp.size(2) == 2 && wp.size(3) == 16 &&
+                  wp.size(4) == 32,
+              "amx_linear: packed weight ", wp.sizes(), " does not match K=", K, ", N=", N);
+  TORCH_CHECK(x.is_contiguous() && wp.is_contiguous() && out.is_contiguous() &&
+                  x.scalar_type() == at::kBFloat16 && wp.scalar_type() == at::kBFloat16 &&
+                  out.scalar_type() == at::kBFloat16,
+              "amx_linear: contiguous bfloat16 tensors only");
+  const float* bp = nullptr;
+  if (bias && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous() &&
+                    bias->scalar_type() == at::kFloat,
+                "amx_linear: bias must be a contiguous float32 [N]");
+    bp = bias->data_ptr<float>();
+  }
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512F__)
+  if (!amx_ready()) return false;
+  if (M == 0) return true;
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  const auto* wpp = reinterpret_cast<const uint16_t*>(wp.data_ptr());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  // Rows are read 32 k at a time: a K that is not a multiple of 32, or a last block of fewer
+  // than 16 / 32 rows, reads from a zero-padded copy instead of past the end of x.
+  const int64_t Kp = KB * 32;
+  const int64_t full = K == Kp ? M / 32 * 32 : 0;  // rows read straight from x
+  const int64_t rest = M - full, rest_p = (rest + 15) / 16 * 16;
+  std::vector<uint16_t> tail(static_cast<size_t>(rest_p * Kp), 0);
+  for (int64_t r = 0; r < rest; ++r)
+    std::memcpy(tail.data() + r * Kp, xp + (full + r) * K, K * sizeof(uint16_t));
+  // 32-row blocks of x: (rows, lda, first row); a few at a time (kChunk rows) so that the
+  // block's rows stay in L2 while the thread's panels stream past them
+  struct Block {
+    const uint16_t* a;
+    int64_t lda, row, rows;
+  };
+  std::vector<Block> blocks;
+  for (int64_t m = 0; m < full; m += 32) blocks.push_back({xp + m * K, K, m, 32});
+  for (int64_t m = 0; m < rest; m += 32)
+    blocks.push_back({tail.data() + m * Kp, Kp, full + m, std::min<int64_t>(32, rest - m)});
+  constexpr int64_t kChunk = 8;
+  const int64_t nb = static_cast<int64_t>(blocks.size());
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    amx_config_16x64();
+    alignas(64) float c[32 * kPanel];
+    for (int64_t b0 = 0; b0 < nb; b0 += kChunk) {
+      const int64_t b1 = std::min(nb, b0 + kChunk);
+      for (int64_t p = p0; p < p1; ++p) {
+        const uint16_t* w = wpp + p * KB * 2 * kTileElems;
+        const uint16_t* next = p + 1 < p1 ? w + KB * 2 * kTileElems : nullptr;
+        for (int64_t b = b0; b < b1; ++b) {
+          const Block& blk = blocks[b];
+          const uint16_t* pf = b == b0 ? next : nullptr;
+          if (blk.rows > 16)
+            panel_tiles<true>(blk.a, blk.a + 16 * blk.lda, blk.lda, w, KB, c, pf);
+          else
+            panel_tiles<false>(blk.a, blk.a, blk.lda, w, KB, c, pf);
+          store_rows(op + blk.row * N, N, c, blk.rows, p * kPanel, N, bp);
+        }
+      }
+    }
+    _tile_release();
+  });
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace flotilla
+
+TORCH_LIBRARY_IMPL(flotilla, CPU, m) { m.impl("amx_linear", &flotilla::amx_linear); }
