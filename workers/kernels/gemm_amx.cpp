@@ -24,7 +24,7 @@ namespace {
 // Two 16-row blocks of x (a0, a1; a1 may equal a0 when only one is live) times one panel.
 template <bool kTwo>
 inline void panel_tiles(const uint16_t* a0, const uint16_t* a1, int64_t lda, const uint16_t* wp,
-                        int64_t KB, float* c, const uint16_t* pf) {
+                        int64_t KB, float* c) {
   _tile_zero(0);
   _tile_zero(1);
   if constexpr (kTwo) {
@@ -33,10 +33,6 @@ inline void panel_tiles(const uint16_t* a0, const uint16_t* a1, int64_t lda, con
   }
   for (int64_t kb = 0; kb < KB; ++kb) {
     const uint16_t* b = wp + kb * 2 * kTileElems;
-    if (pf) {
-      const char* q = reinterpret_cast<const char*>(pf + kb * 2 * kTileElems);
-      for (int i = 0; i < 2048; i += 64) _mm_prefetch(q + i, _MM_HINT_T1);
-    }
     _tile_loadd(6, b, 64);
     _tile_loadd(7, b + kTileElems, 64);
     _tile_loadd(4, a0 + kb * 32, lda * 2);
@@ -140,14 +136,12 @@ bool amx_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& wp,
       const int64_t b1 = std::min(nb, b0 + kChunk);
       for (int64_t p = p0; p < p1; ++p) {
         const uint16_t* w = wpp + p * KB * 2 * kTileElems;
-        const uint16_t* next = p + 1 < p1 ? w + KB * 2 * kTileElems : nullptr;
         for (int64_t b = b0; b < b1; ++b) {
           const Block& blk = blocks[b];
-          const uint16_t* pf = b == b0 ? next : nullptr;
           if (blk.rows > 16)
-            panel_tiles<true>(blk.a, blk.a + 16 * blk.lda, blk.lda, w, KB, c, pf);
+            panel_tiles<true>(blk.a, blk.a + 16 * blk.lda, blk.lda, w, KB, c);
           else
-            panel_tiles<false>(blk.a, blk.a, blk.lda, w, KB, c, pf);
+            panel_tiles<false>(blk.a, blk.a, blk.lda, w, KB, c);
           store_rows(op + blk.row * N, N, c, blk.rows, p * kPanel, N, bp);
         }
       }
