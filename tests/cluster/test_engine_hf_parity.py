@@ -74,11 +74,14 @@ def hf_models(tiny_model_dir):
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_matches_hf(arch, scenario, tiny_model_dir, hf_models):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_matches_hf(dtype, arch, scenario, tiny_model_dir, hf_models):
+    """float32 and bfloat16 (on an AMX CPU its dense models run the one-call native forward,
+    AMX linears included) against the float32 HF reference."""
     cache, sched, lengths, shared = SCENARIOS[scenario]
     engine = LLMEngine(
         EngineConfig(
-            model=ModelConfig(model=tiny_model_dir(arch), dtype="float32"),
+            model=ModelConfig(model=tiny_model_dir(arch), dtype=dtype),
             cache=cache,
             scheduler=sched,
         )
@@ -93,7 +96,9 @@ def test_greedy_matches_hf(arch, scenario, tiny_model_dir, hf_models):
         theirs, their_tops = hf_greedy(hf_models[arch], prompt, NEW_TOKENS)
         our_tops = [set(lp.top_ids) for lp in out.logprobs]
         assert len(out.token_ids) == NEW_TOKENS
-        assert_close_greedy(out.token_ids, theirs, our_tops, their_tops, f"{arch}/{scenario}")
+        assert_close_greedy(
+            out.token_ids, theirs, our_tops, their_tops, f"{arch}/{scenario}/{dtype}"
+        )
     stats = engine.stats()
     assert stats.num_running == stats.num_waiting == 0
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

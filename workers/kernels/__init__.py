@@ -35,6 +35,7 @@ _SOURCES = [
     _DIR / n
     for n in (
         "cpu_ops.cpp",
+        "dense_layers.cpp",
         "gemm_amx.cpp",
         "paged_attention.cpp",
         "prefill_attention.cpp",

@@ -146,6 +146,24 @@ inline std::vector<std::vector<int64_t>> balance_by_cost(const std::vector<int64
   return lists;
 }
 
+// The ops, for kernels that call each other (dense_layers.cpp); defined in cpu_ops.cpp,
+// paged_attention.cpp, prefill_attention.cpp, gemm_amx.cpp.
+void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps);
+void fused_add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& weight, double eps);
+void rotary_embedding(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin);
+void silu_and_mul(at::Tensor out, const at::Tensor& x);
+void write_kv_cache(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k,
+                    const at::Tensor& v, const at::Tensor& slots);
+void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_tables,
+                            const at::Tensor& context_lens, double scale, int64_t window);
+bool paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
+                             const at::Tensor& v_cache, const at::Tensor& block_tables,
+                             const at::Tensor& q_starts, const at::Tensor& q_lens,
+                             const at::Tensor& start_pos, double scale, int64_t window);
+bool amx_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& wp,
+                const c10::optional<at::Tensor>& bias);
+
 // Round a float to the storage dtype and back (identity for float32).
 template <typename T>
 inline float rnd(float x) {

@@ -362,6 +362,11 @@ TORCH_LIBRARY(flotilla, m) {
   m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
   m.def("gemv_bf16(Tensor(a!) out, Tensor x, Tensor w) -> bool");
   m.def("amx_linear(Tensor(a!) out, Tensor x, Tensor w_packed, Tensor? bias) -> bool");
+  m.def(
+      "dense_layers(Tensor x, Tensor[] weights, Tensor[] kv_caches, Tensor cos, Tensor sin, "
+      "Tensor slots, Tensor? decode_tables, Tensor? decode_lens, Tensor? prefill_tables, "
+      "Tensor? q_starts, Tensor? q_lens, Tensor? start_pos, int num_heads, int num_kv_heads, "
+      "int head_dim, int intermediate, float scale, int[] windows, float eps) -> Tensor");
   m.def("argmax_rows(Tensor(a!) out, Tensor x) -> ()");
   m.def(
       "write_kv_cache(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) "

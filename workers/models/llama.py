@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.layers import (
+    AMX_MAX_ROWS,
     SINGLE,
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -372,6 +373,15 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids) if self.is_first else hidden
         dtype = x.dtype
+        if (
+            self._dense is not None
+            and x.shape[0] <= AMX_MAX_ROWS
+            and dtype == torch.bfloat16
+            and (meta.decode_tables is not None or meta.prefill_kernel is not None)
+        ):
+            out = self._dense_layers(x.contiguous(), meta, kv_caches)
+            if out is not None:
+                return out
         cos = self.cos[meta.positions].to(dtype)[:, None, :]
         sin = self.sin[meta.positions].to(dtype)[:, None, :]
         residual = None
@@ -381,10 +391,62 @@ class LlamaForCausalLM(nn.Module):
 
     def use_native_kernels(self, on: bool) -> None:
         """Route norms, rotary, SiLU-and-mul and small-batch bf16 linears through the C++ CPU
-        ops (workers/kernels)."""
+        ops (workers/kernels); where every layer can, steps of up to AMX_MAX_ROWS tokens run
+        all layers in one native call (torch.ops.flotilla.dense_layers)."""
         for m in self.modules():
             if isinstance(m, (RMSNorm, LlamaAttention, LlamaMLP, _Packable)):
                 m.native = on
+        self._dense = self._dense_weights() if on else None
+
+    _dense: list[torch.Tensor] | None = None
+
+    def _dense_weights(self) -> list[torch.Tensor] | None:
+        """The 7 tensors per layer dense_layers takes, or None when some layer needs the module
+        path: experts, q/k norms, biases past the QKV one, tensor parallelism, weights not
+        packed for the AMX kernel."""
+        a = self.arch
+        if a.moe_layers or a.qk_norm or a.o_bias or a.mlp_bias:
+            return None
+        out: list[torch.Tensor] = []
+        for layer in self.layers.values():
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            if any(m._amx is None or m.tp.size > 1 for m in linears):
+                return None
+            bias = attn.qkv_proj._amx_bias
+            out += [
+                layer.input_layernorm.weight,
+                attn.qkv_proj._amx,
+                torch.empty(0) if bias is None else bias,
+                attn.o_proj._amx,
+                layer.post_attention_layernorm.weight,
+                mlp.gate_up_proj._amx,
+                mlp.down_proj._amx,
+            ]
+        return out
+
+    def _dense_layers(self, x: torch.Tensor, meta: AttentionMetadata, kv_caches) -> torch.Tensor | None:
+        attn = next(iter(self.layers.values())).self_attn
+        pk = meta.prefill_kernel or (None, None, None, None)
+        out = torch.ops.flotilla.dense_layers(
+            x,
+            self._dense,
+            kv_caches,
+            self.cos[meta.positions].to(x.dtype),
+            self.sin[meta.positions].to(x.dtype),
+            meta.slot_mapping,
+            meta.decode_tables,
+            meta.decode_lens,
+            *pk,
+            attn.num_heads,
+            attn.num_kv_heads,
+            attn.head_dim,
+            self.arch.intermediate_size,
+            attn.scale,
+            [layer.self_attn.window or 0 for layer in self.layers.values()],
+            self.arch.rms_norm_eps,
+        )
+        return out if out is not None and out.numel() else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))  # model dtype: the sampler widens if it must
