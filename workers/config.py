@@ -29,7 +29,10 @@ class ModelConfig(BaseModel):
     seed: int = Field(0, ge=0, description="Seed for random-weight models and default sampling.")
     num_threads: int | None = Field(None, ge=1, le=512, description="torch intra-op threads per rank.")
     prepack: bool = Field(
-        True, description="Prepack bf16 linear weights for oneDNN on CPUs that support it."
+        True,
+        description="Keep a packed copy of bf16 linear weights on CPUs that support it: AMX tile "
+        "panels for the native AMX linear (with native kernels on an AMX CPU), else oneDNN's "
+        "blocked layout.",
     )
 
     kernels: Literal["auto", "native", "torch"] = Field(

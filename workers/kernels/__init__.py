@@ -4,8 +4,8 @@
 the source, the compiler flags, the torch version and the CPU's feature flags (the code is built
 with -march=native), caches it under ``$FLOTILLA_KERNEL_CACHE`` (default
 ``~/.cache/flotilla/kernels``) and registers the ops (``torch.ops.flotilla.*``: paged decode
-and prefill attention, the KV-cache write, norms, rotary, SiLU-and-mul, bf16 GEMV, row
-argmax, shared-memory collectives).
+and prefill attention, the KV-cache write, norms, rotary, SiLU-and-mul, the AMX linear, bf16
+GEMV, a dense model's decoder layers in one call, row argmax, shared-memory collectives).
 Builds are serialised across processes with a file lock (Ray starts several ranks at once) and
 published by an atomic rename, so a half-written library is never loaded.
 
