@@ -88,6 +88,34 @@ def test_write_kv_cache_matches_index_copy(dtype):
     assert torch.equal(cache, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_qkv_cache_matches_its_three_ops(dtype):
+    """rope_qkv_cache (the dense forward's step between QKV and attention) gives exactly what
+    rotary_embedding on q and k, write_kv_cache and q.contiguous() give, and refuses a bad slot
+    before writing anything."""
+    g = torch.Generator().manual_seed(2)
+    T, H, KVH, D, blocks, bs = 13, 9, 3, 64, 6, 4
+    qkv = (torch.randn(T, (H + 2 * KVH) * D, generator=g) * 3).to(dtype)
+    cos, sin = torch.randn(T, D, generator=g).to(dtype), torch.randn(T, D, generator=g).to(dtype)
+    slots = torch.randperm(blocks * bs, generator=g)[:T]
+    cache = torch.randn(2, blocks, bs, KVH, D, generator=g).to(dtype)
+    ref_qkv, ref_cache = qkv.clone(), cache.clone()
+    q, k, v = ref_qkv.split([H * D, KVH * D, KVH * D], dim=-1)
+    q, k, v = q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D)
+    torch.ops.flotilla.rotary_embedding(q, cos, sin)
+    torch.ops.flotilla.rotary_embedding(k, cos, sin)
+    torch.ops.flotilla.write_kv_cache(ref_cache[0], ref_cache[1], k, v, slots)
+    q_out = torch.empty(T, H, D, dtype=dtype)
+    torch.ops.flotilla.rope_qkv_cache(q_out, cache[0], cache[1], qkv, cos, sin, slots)
+    assert torch.equal(q_out, q.contiguous()) and torch.equal(cache, ref_cache)
+    assert not torch.equal(q_out.view(T, -1), qkv[:, : H * D])  # it did rotate
+    bad = slots.clone()
+    bad[0] = -1
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        torch.ops.flotilla.rope_qkv_cache(q_out, cache[0], cache[1], qkv * 0, cos, sin, bad)
+    assert torch.equal(cache, ref_cache)
+
+
 def _needs_amx():
     from workers.kernels import cpu_has_amx
 

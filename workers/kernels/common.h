@@ -152,6 +152,8 @@ void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, dou
 void fused_add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& weight, double eps);
 void rotary_embedding(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin);
 void silu_and_mul(at::Tensor out, const at::Tensor& x);
+void rope_qkv_cache(at::Tensor q_out, at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& qkv,
+                    const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots);
 void write_kv_cache(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k,
                     const at::Tensor& v, const at::Tensor& slots);
 void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,

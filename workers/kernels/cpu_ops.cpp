@@ -89,6 +89,82 @@ void rotary_impl(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& s
   });
 }
 
+// One rotary head: dst = rotate(src), as rotary_impl does in place (same arithmetic, so the
+// same bits); src and dst may be the same row.
+template <typename T>
+inline void rope_head(typename Raw<T>::type* dst, const typename Raw<T>::type* src,
+                      const typename Raw<T>::type* c, const typename Raw<T>::type* s,
+                      int64_t half) {
+  using R = Raw<T>;
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = R::load(src[i]), b = R::load(src[i + half]);
+    const float lo = rnd<T>(a * R::load(c[i])) + rnd<T>(-b * R::load(s[i]));
+    const float hi = rnd<T>(b * R::load(c[i + half])) + rnd<T>(a * R::load(s[i + half]));
+    dst[i] = R::store(lo);
+    dst[i + half] = R::store(hi);
+  }
+}
+
+// The step between the QKV projection and attention in one pass over qkv [T, (H + 2 KVH) D]:
+// q rotated into q_out [T, H, D] (contiguous, the attention kernels' layout), k rotated and v
+// copied into the paged caches at slots[t]. Bit-identical to rotary_embedding on q and k,
+// write_kv_cache and q.contiguous(); every slot is checked before anything is written.
+template <typename T>
+void rope_qkv_impl(const at::Tensor& q_out, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                   const int64_t* slots) {
+  using raw_t = typename Raw<T>::type;
+  const int64_t Tn = qkv.size(0), H = q_out.size(1), D = q_out.size(2);
+  const int64_t KVH = k_cache.size(2), half = D / 2, row = KVH * D;
+  const int64_t ld = qkv.stride(0);
+  const raw_t* x = reinterpret_cast<const raw_t*>(qkv.data_ptr());
+  raw_t* qo = reinterpret_cast<raw_t*>(q_out.data_ptr());
+  raw_t* kc = reinterpret_cast<raw_t*>(k_cache.data_ptr());
+  raw_t* vc = reinterpret_cast<raw_t*>(v_cache.data_ptr());
+  const raw_t* cp = reinterpret_cast<const raw_t*>(cos.data_ptr());
+  const raw_t* sp = reinterpret_cast<const raw_t*>(sin.data_ptr());
+  for_rows(Tn, (H + 2 * KVH) * D, [&](int64_t t) {
+    const raw_t* xr = x + t * ld;
+    const raw_t* c = cp + t * D;
+    const raw_t* s = sp + t * D;
+    for (int64_t h = 0; h < H; ++h) rope_head<T>(qo + (t * H + h) * D, xr + h * D, c, s, half);
+    raw_t* kd = kc + slots[t] * row;
+    for (int64_t h = 0; h < KVH; ++h) rope_head<T>(kd + h * D, xr + (H + h) * D, c, s, half);
+    std::memcpy(vc + slots[t] * row, xr + (H + KVH) * D, row * sizeof(raw_t));
+  });
+}
+
+void rope_qkv_cache(at::Tensor q_out, at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& qkv,
+                    const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots) {
+  TORCH_CHECK(q_out.dim() == 3 && q_out.is_contiguous() && q_out.size(2) % 2 == 0,
+              "rope_qkv_cache: q_out must be contiguous [T, H, D], D even");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+                  v_cache.is_contiguous() && k_cache.size(3) == q_out.size(2),
+              "rope_qkv_cache: caches [blocks, block_size, KVH, D], contiguous");
+  const int64_t T = q_out.size(0), H = q_out.size(1), KVH = k_cache.size(2), D = q_out.size(2);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(0) == T && qkv.size(1) == (H + 2 * KVH) * D &&
+                  qkv.stride(1) == 1,
+              "rope_qkv_cache: qkv must be [T, (H + 2 KVH) D] with contiguous rows");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.dim() == 2 && cos.size(0) == T &&
+                  cos.size(1) == D && sin.sizes() == cos.sizes(),
+              "rope_qkv_cache: cos/sin must be contiguous [T, D]");
+  const auto dt = q_out.scalar_type();
+  TORCH_CHECK(qkv.scalar_type() == dt && k_cache.scalar_type() == dt &&
+                  v_cache.scalar_type() == dt && cos.scalar_type() == dt && sin.scalar_type() == dt,
+              "rope_qkv_cache: q_out, qkv, the caches and cos/sin must share a dtype");
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == T && slots.scalar_type() == at::kLong &&
+                  slots.is_contiguous(),
+              "rope_qkv_cache: slots [T] int64");
+  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(sl[t] >= 0 && sl[t] < num_slots, "rope_qkv_cache: slot ", sl[t],
+                " outside the cache's ", num_slots, " slots");
+  FLOTILLA_DISPATCH(dt, "rope_qkv_cache",
+                    rope_qkv_impl<scalar_t>(q_out, k_cache, v_cache, qkv, cos, sin, sl));
+}
+
 // out[t] = to_dtype(silu(gate)) * up for x[t] = [gate | up] (transformers' LlamaMLP).
 template <typename T>
 void silu_and_mul_impl(const at::Tensor& out, const at::Tensor& x) {
@@ -367,6 +443,9 @@ TORCH_LIBRARY(flotilla, m) {
       "Tensor slots, Tensor? decode_tables, Tensor? decode_lens, Tensor? prefill_tables, "
       "Tensor? q_starts, Tensor? q_lens, Tensor? start_pos, int num_heads, int num_kv_heads, "
       "int head_dim, int intermediate, float scale, int[] windows, float eps) -> Tensor");
+  m.def(
+      "rope_qkv_cache(Tensor(a!) q_out, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor qkv, "
+      "Tensor cos, Tensor sin, Tensor slots) -> ()");
   m.def("argmax_rows(Tensor(a!) out, Tensor x) -> ()");
   m.def(
       "write_kv_cache(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) "
@@ -386,5 +465,6 @@ TORCH_LIBRARY_IMPL(flotilla, CPU, m) {
   m.impl("silu_and_mul", &flotilla::silu_and_mul);
   m.impl("gemv_bf16", &flotilla::gemv_bf16);
   m.impl("argmax_rows", &flotilla::argmax_rows);
+  m.impl("rope_qkv_cache", &flotilla::rope_qkv_cache);
   m.impl("write_kv_cache", &flotilla::write_kv_cache);
 }

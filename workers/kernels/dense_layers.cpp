@@ -9,7 +9,8 @@
 //
 // Per layer (weights: 7 tensors each, see dense_layers below):
 //   h = rmsnorm(x) (first layer) | fused residual add + rmsnorm
-//   qkv = h W_qkv^T (+ b); rotary on q, k in place; k, v -> the paged cache
+//   qkv = h W_qkv^T (+ b); rotary on q (into a contiguous copy) and k, k and v -> the paged
+//   cache, in one pass (rope_qkv_cache: the same bits as the module path's three ops)
 //   attention: decode rows by paged_decode_attention, prefill chunks by paged_prefill_attention
 //   x = attn W_o^T; residual add + rmsnorm; gate|up = x W_gu^T; silu(gate) * up; x = . W_down^T
 // and the last layer's x + residual is returned (what the next pipeline stage receives).
@@ -71,15 +72,10 @@ at::Tensor dense_layers(const at::Tensor& x_in, at::TensorList weights, at::Tens
     }
     const int64_t nq = H * D, nkv = KVH * D;
     at::Tensor qkv = linear(h, qkv_w, qkv_b, nq + 2 * nkv);
-    at::Tensor q = qkv.narrow(1, 0, nq).view({T, H, D});
-    at::Tensor k = qkv.narrow(1, nq, nkv).view({T, KVH, D});
-    at::Tensor v = qkv.narrow(1, nq + nkv, nkv).view({T, KVH, D});
-    rotary_embedding(q, cos, sin);
-    rotary_embedding(k, cos, sin);
     const at::Tensor& cache = kv_caches[i];
     at::Tensor kc = cache.select(0, 0), vc = cache.select(0, 1);
-    write_kv_cache(kc, vc, k, v, slots);
-    at::Tensor qc = q.contiguous();
+    at::Tensor qc = x.new_empty({T, H, D});
+    rope_qkv_cache(qc, kc, vc, qkv, cos, sin, slots);  // rotary, KV write and q copy in one pass
     at::Tensor attn = x.new_empty({T, H, D});
     if (nd)
       paged_decode_attention(attn.narrow(0, 0, nd), qc.narrow(0, 0, nd), kc, vc, *decode_tables,
