@@ -31,7 +31,7 @@ namespace flotilla {
 namespace {
 
 constexpr int kQBlock = 16;  // positions per register-tiled block
-constexpr int kSpan = 128;   // positions per task (its keys are packed once)
+constexpr int kSpan = 256;   // positions per task (its keys are packed once)
 
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
 
