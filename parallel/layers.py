@@ -108,6 +108,15 @@ def amx_pack(w: torch.Tensor) -> torch.Tensor:
     return w.contiguous().view(np_ // 32, kp // 32, 2, 16, 32)
 
 
+def amx_pack_swiglu(w: torch.Tensor) -> torch.Tensor:
+    """gate|up [2I, K] -> panels whose first tile holds 16 gate columns and second tile the same
+    16 up columns, for amx_swiglu (I a multiple of 16)."""
+    n2, k = w.shape
+    i = n2 // 2
+    pairs = torch.stack((w[:i].view(i // 16, 16, k), w[i:].view(i // 16, 16, k)), dim=1)
+    return amx_pack(pairs.reshape(n2, k))
+
+
 class _Packable:
     """Linear layers on a bf16-capable CPU keep a second, packed copy of their weight after
     loading. With AMX (and the native kernels) it is the tile layout of our AMX kernel, used up
@@ -117,12 +126,19 @@ class _Packable:
     _packed: torch.Tensor | None = None
     _amx: torch.Tensor | None = None
     _amx_bias: torch.Tensor | None = None
+    # gate|up of a SwiGLU MLP (set by the MLP): packed for amx_swiglu instead, which the MLP
+    # calls itself; this layer's own calls then take torch's linear
+    swiglu = False
+    _amx_swiglu: torch.Tensor | None = None
     native = False  # small batches through torch.ops.flotilla.gemv_bf16 (workers/kernels)
 
     def pack_for_cpu(self, amx: bool = False, batch_hint: int = 64) -> bool:
         w = self.weight  # type: ignore[attr-defined]
         if not _cpu_bf16_packable(w):
             return False
+        if amx and self.swiglu:
+            self._amx_swiglu = amx_pack_swiglu(w.detach())
+            return True
         if amx:
             self._amx = amx_pack(w.detach())
             bias = getattr(self, "bias", None)

@@ -147,6 +147,24 @@ def test_amx_linear_matches_float64(M, N, K):
         assert ((out.double() - want).abs() <= want.abs() * 2**-8 + sum_err).all()
 
 
+@pytest.mark.parametrize("M,n,K", [(1, 16, 64), (17, 48, 70), (64, 1536, 576), (300, 64, 96)])
+def test_amx_swiglu_is_linear_then_silu_and_mul(M, n, K):
+    """The fused gate|up linear + SiLU-and-mul gives exactly the bits of the two ops."""
+    from parallel.layers import amx_pack, amx_pack_swiglu
+
+    _needs_amx()
+    g = torch.Generator().manual_seed(M + n + K)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    w = (torch.randn(2 * n, K, generator=g) * 0.5).bfloat16()
+    gate_up = torch.empty(M, 2 * n, dtype=torch.bfloat16)
+    assert torch.ops.flotilla.amx_linear(gate_up, x, amx_pack(w), None)
+    want = torch.empty(M, n, dtype=torch.bfloat16)
+    torch.ops.flotilla.silu_and_mul(want, gate_up)
+    got = torch.full((M, n), float("nan"), dtype=torch.bfloat16)
+    assert torch.ops.flotilla.amx_swiglu(got, x, amx_pack_swiglu(w))
+    assert torch.equal(got, want)
+
+
 def test_amx_linear_checks_shapes():
     from parallel.layers import amx_pack
 

@@ -101,6 +101,15 @@ inline void bf16x16_store(uint16_t* p, __m512 x) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
                       _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16x16_bits(x), 16)));
 }
+
+// bf16(silu(gate)) * up in float32 (round to bf16 when storing), for gate and up holding bf16
+// values: transformers' LlamaMLP in bf16 (silu rounded to the dtype, then the product).
+inline __m512 silu_mul16(__m512 gate, __m512 up) {
+  const __m512 e =
+      exp512(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), gate), _mm512_set1_ps(88.0f)));
+  const __m512 silu = bf16x16_round(_mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+  return _mm512_mul_ps(silu, up);
+}
 #endif
 
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
@@ -165,6 +174,7 @@ bool paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tens
                              const at::Tensor& start_pos, double scale, int64_t window);
 bool amx_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& wp,
                 const c10::optional<at::Tensor>& bias);
+bool amx_swiglu(at::Tensor out, const at::Tensor& x, const at::Tensor& wp);
 
 // Round a float to the storage dtype and back (identity for float32).
 template <typename T>

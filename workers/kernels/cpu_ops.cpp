@@ -181,11 +181,7 @@ void silu_and_mul_impl(const at::Tensor& out, const at::Tensor& x) {
 #if defined(__AVX512F__)
     if constexpr (std::is_same<T, c10::BFloat16>::value) {
       for (; i0 + 16 <= n; i0 += 16) {
-        const __m512 a = bf16x16_load(g + i0);
-        const __m512 e = exp512(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), a),
-                                              _mm512_set1_ps(88.0f)));
-        const __m512 silu = bf16x16_round(_mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
-        bf16x16_store(o + i0, _mm512_mul_ps(silu, bf16x16_load(u + i0)));
+        bf16x16_store(o + i0, silu_mul16(bf16x16_load(g + i0), bf16x16_load(u + i0)));
       }
     }
 #endif
@@ -438,6 +434,7 @@ TORCH_LIBRARY(flotilla, m) {
   m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
   m.def("gemv_bf16(Tensor(a!) out, Tensor x, Tensor w) -> bool");
   m.def("amx_linear(Tensor(a!) out, Tensor x, Tensor w_packed, Tensor? bias) -> bool");
+  m.def("amx_swiglu(Tensor(a!) out, Tensor x, Tensor w_packed) -> bool");
   m.def(
       "dense_layers(Tensor x, Tensor[] weights, Tensor[] kv_caches, Tensor cos, Tensor sin, "
       "Tensor slots, Tensor? decode_tables, Tensor? decode_lens, Tensor? prefill_tables, "

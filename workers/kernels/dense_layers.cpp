@@ -7,12 +7,13 @@
 // is bit-identical to the module path, which stays the reference and the fallback (tensor
 // parallelism, experts, q/k norms, biases other than the QKV bias, other dtypes and CPUs).
 //
-// Per layer (weights: 7 tensors each, see dense_layers below):
+// Per layer (weights: 7 tensors each; gate|up packed by amx_pack_swiglu):
 //   h = rmsnorm(x) (first layer) | fused residual add + rmsnorm
 //   qkv = h W_qkv^T (+ b); rotary on q (into a contiguous copy) and k, k and v -> the paged
 //   cache, in one pass (rope_qkv_cache: the same bits as the module path's three ops)
 //   attention: decode rows by paged_decode_attention, prefill chunks by paged_prefill_attention
-//   x = attn W_o^T; residual add + rmsnorm; gate|up = x W_gu^T; silu(gate) * up; x = . W_down^T
+//   x = attn W_o^T; residual add + rmsnorm; silu(x W_g^T) * (x W_u^T) (one call, amx_swiglu);
+//   x = . W_down^T
 // and the last layer's x + residual is returned (what the next pipeline stage receives).
 
 #include "common.h"
@@ -91,9 +92,8 @@ at::Tensor dense_layers(const at::Tensor& x_in, at::TensorList weights, at::Tens
     const int64_t hidden = x.size(1);
     at::Tensor o = linear(attn.view({T, nq}), o_w, at::Tensor(), hidden);
     fused_add_rms_norm(o, residual, post_norm, eps);
-    at::Tensor gu = linear(o, gu_w, at::Tensor(), 2 * intermediate);
     at::Tensor act = x.new_empty({T, intermediate});
-    silu_and_mul(act, gu);
+    TORCH_CHECK(amx_swiglu(act, o, gu_w), "dense_layers: the AMX linear declined");
     x = linear(act, down_w, at::Tensor(), hidden);
   }
   return L ? x.add(residual) : x;

@@ -77,17 +77,33 @@ inline void store_rows(uint16_t* out, int64_t ldo, const float* c, int64_t rows,
   }
 }
 
+// Gate|up panels (amx_pack_swiglu: tile 0 = gate columns n0 .. n0+15, tile 1 = the same up
+// columns): out[r, n0 .. n0+15] = bf16(silu(bf16(gate))) * bf16(up), rounded -- the module
+// path's gate_up linear and silu_and_mul, bit for bit, without writing gate|up out.
+inline void store_rows_swiglu(uint16_t* out, int64_t ldo, const float* c, int64_t rows,
+                              int64_t n0) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* cr = c + r * kPanel;
+    const __m512 g = bf16x16_round(_mm512_loadu_ps(cr)), u = bf16x16_round(_mm512_loadu_ps(cr + 16));
+    bf16x16_store(out + r * ldo + n0, silu_mul16(g, u));
+  }
+}
+
 }  // namespace
 #endif
 
 // x [M, K] contiguous bf16; wp the packed weight [ceil(N/32), ceil(K/32), 2, 16, 32] bf16;
 // bias None or [N] float32; out [M, N] contiguous bf16. False (nothing written) when this
 // CPU or build has no AMX.
-bool amx_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& wp,
-                const c10::optional<at::Tensor>& bias) {
+namespace {
+template <bool kSwiglu>
+bool amx_gemm(at::Tensor out, const at::Tensor& x, const at::Tensor& wp,
+              const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && wp.dim() == 5 && out.size(0) == x.size(0),
               "amx_linear: x [M, K], packed w [N/32, K/32, 2, 16, 32], out [M, N]");
-  const int64_t M = x.size(0), K = x.size(1), N = out.size(1);
+  // swiglu: out [M, I] from the 2I packed gate|up columns
+  const int64_t M = x.size(0), K = x.size(1), N = kSwiglu ? 2 * out.size(1) : out.size(1);
+  TORCH_CHECK(!kSwiglu || out.size(1) % 16 == 0, "amx_swiglu: out width must be a multiple of 16");
   const int64_t KB = (K + 31) / 32, P = (N + kPanel - 1) / kPanel;
   TORCH_CHECK(wp.size(0) == P && wp.size(1) == KB && wp.size(2) == 2 && wp.size(3) == 16 &&
                   wp.size(4) == 32,
@@ -142,7 +158,10 @@ bool amx_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& wp,
             panel_tiles<true>(blk.a, blk.a + 16 * blk.lda, blk.lda, w, KB, c);
           else
             panel_tiles<false>(blk.a, blk.a, blk.lda, w, KB, c);
-          store_rows(op + blk.row * N, N, c, blk.rows, p * kPanel, N, bp);
+          if constexpr (kSwiglu)
+            store_rows_swiglu(op + blk.row * (N / 2), N / 2, c, blk.rows, p * 16);
+          else
+            store_rows(op + blk.row * N, N, c, blk.rows, p * kPanel, N, bp);
         }
       }
     }
@@ -153,7 +172,21 @@ bool amx_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& wp,
   return false;
 #endif
 }
+}  // namespace
+
+bool amx_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& wp,
+                const c10::optional<at::Tensor>& bias) {
+  return amx_gemm<false>(out, x, wp, bias);
+}
+
+// out [M, I] = bf16(silu(x Wg^T)) * (x Wu^T) rounded, for gate|up packed by amx_pack_swiglu.
+bool amx_swiglu(at::Tensor out, const at::Tensor& x, const at::Tensor& wp) {
+  return amx_gemm<true>(out, x, wp, c10::nullopt);
+}
 
 }  // namespace flotilla
 
-TORCH_LIBRARY_IMPL(flotilla, CPU, m) { m.impl("amx_linear", &flotilla::amx_linear); }
+TORCH_LIBRARY_IMPL(flotilla, CPU, m) {
+  m.impl("amx_linear", &flotilla::amx_linear);
+  m.impl("amx_swiglu", &flotilla::amx_swiglu);
+}

@@ -255,10 +255,24 @@ class LlamaMLP(nn.Module):
         n = intermediate or arch.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(arch.hidden_size, [n, n], arch.mlp_bias, tp)
         self.down_proj = RowParallelLinear(n, arch.hidden_size, arch.mlp_bias, tp)
+        local = self.gate_up_proj.local_sizes[0]
+        self.gate_up_proj.swiglu = local % 16 == 0 and not arch.mlp_bias
 
     native = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gu = self.gate_up_proj._amx_swiglu
+        if (
+            self.native
+            and gu is not None
+            and x.dim() == 2
+            and x.shape[0] <= AMX_MAX_ROWS
+            and x.dtype == torch.bfloat16
+        ):
+            # gate|up linear and SiLU-and-mul in one AMX call (bit-identical to the two)
+            act = x.new_empty(x.shape[0], self.gate_up_proj.local_sizes[0])
+            if torch.ops.flotilla.amx_swiglu(act, x.contiguous(), gu):
+                return self.down_proj(act)
         gate_up = self.gate_up_proj(x)
         if self.native and gate_up.is_contiguous():
             act = gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
@@ -410,8 +424,10 @@ class LlamaForCausalLM(nn.Module):
         out: list[torch.Tensor] = []
         for layer in self.layers.values():
             attn, mlp = layer.self_attn, layer.mlp
-            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            linears = (attn.qkv_proj, attn.o_proj, mlp.down_proj)
             if any(m._amx is None or m.tp.size > 1 for m in linears):
+                return None
+            if mlp.gate_up_proj._amx_swiglu is None or mlp.gate_up_proj.tp.size > 1:
                 return None
             bias = attn.qkv_proj._amx_bias
             out += [
@@ -420,7 +436,7 @@ class LlamaForCausalLM(nn.Module):
                 torch.empty(0) if bias is None else bias,
                 attn.o_proj._amx,
                 layer.post_attention_layernorm.weight,
-                mlp.gate_up_proj._amx,
+                mlp.gate_up_proj._amx_swiglu,
                 mlp.down_proj._amx,
             ]
         return out
