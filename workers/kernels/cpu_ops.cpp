@@ -60,37 +60,8 @@ void rms_norm_impl(const at::Tensor& out, const at::Tensor& x, const at::Tensor*
   });
 }
 
-// Rotate-half rotary embedding, in place on x [T, heads, D] (token stride free, heads and dims
-// contiguous). cos/sin [T, D] in x's dtype. out = x*cos + rotate_half(x)*sin, each product
-// rounded to the dtype like the eager code.
-template <typename T>
-void rotary_impl(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  using R = Raw<T>;
-  using raw_t = typename R::type;
-  const int64_t Tn = x.size(0), heads = x.size(1), D = x.size(2), half = D / 2;
-  const int64_t ts = x.stride(0);
-  raw_t* xp = reinterpret_cast<raw_t*>(x.data_ptr());
-  const raw_t* cp = reinterpret_cast<const raw_t*>(cos.data_ptr());
-  const raw_t* sp = reinterpret_cast<const raw_t*>(sin.data_ptr());
-  for_rows(Tn, heads * D, [&](int64_t t) {
-    const raw_t* c = cp + t * D;
-    const raw_t* s = sp + t * D;
-    for (int64_t h = 0; h < heads; ++h) {
-      raw_t* v = xp + t * ts + h * D;
-#pragma omp simd
-      for (int64_t i = 0; i < half; ++i) {
-        const float a = R::load(v[i]), b = R::load(v[i + half]);
-        const float lo = rnd<T>(a * R::load(c[i])) + rnd<T>(-b * R::load(s[i]));
-        const float hi = rnd<T>(b * R::load(c[i + half])) + rnd<T>(a * R::load(s[i + half]));
-        v[i] = R::store(lo);
-        v[i + half] = R::store(hi);
-      }
-    }
-  });
-}
-
-// One rotary head: dst = rotate(src), as rotary_impl does in place (same arithmetic, so the
-// same bits); src and dst may be the same row.
+// One rotary head: dst = src*cos + rotate_half(src)*sin, each product rounded to the dtype like
+// the eager code; src and dst may be the same row (each i reads and writes only i, i + half).
 template <typename T>
 inline void rope_head(typename Raw<T>::type* dst, const typename Raw<T>::type* src,
                       const typename Raw<T>::type* c, const typename Raw<T>::type* s,
@@ -104,6 +75,26 @@ inline void rope_head(typename Raw<T>::type* dst, const typename Raw<T>::type* s
     dst[i] = R::store(lo);
     dst[i + half] = R::store(hi);
   }
+}
+
+// Rotate-half rotary embedding, in place on x [T, heads, D] (token stride free, heads and dims
+// contiguous). cos/sin [T, D] in x's dtype.
+template <typename T>
+void rotary_impl(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  using raw_t = typename Raw<T>::type;
+  const int64_t Tn = x.size(0), heads = x.size(1), D = x.size(2), half = D / 2;
+  const int64_t ts = x.stride(0);
+  raw_t* xp = reinterpret_cast<raw_t*>(x.data_ptr());
+  const raw_t* cp = reinterpret_cast<const raw_t*>(cos.data_ptr());
+  const raw_t* sp = reinterpret_cast<const raw_t*>(sin.data_ptr());
+  for_rows(Tn, heads * D, [&](int64_t t) {
+    const raw_t* c = cp + t * D;
+    const raw_t* s = sp + t * D;
+    for (int64_t h = 0; h < heads; ++h) {
+      raw_t* v = xp + t * ts + h * D;
+      rope_head<T>(v, v, c, s, half);
+    }
+  });
 }
 
 // The step between the QKV projection and attention in one pass over qkv [T, (H + 2 KVH) D]:
