@@ -29,6 +29,7 @@ from parallel.layers import (
 )
 from parallel.moe import EP_SINGLE, EPGroup, FusedExperts, route
 from workers.attention import AttentionMetadata, paged_attention
+from workers.models import native_forward
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe")
 _QKV_BIAS = ("qwen2", "qwen2_moe")
@@ -410,59 +411,14 @@ class LlamaForCausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, (RMSNorm, LlamaAttention, LlamaMLP, _Packable)):
                 m.native = on
-        self._dense = self._dense_weights() if on else None
+        self._dense = native_forward.dense_weights(self) if on else None
 
     _dense: list[torch.Tensor] | None = None
 
-    def _dense_weights(self) -> list[torch.Tensor] | None:
-        """The 7 tensors per layer dense_layers takes, or None when some layer needs the module
-        path: experts, q/k norms, biases past the QKV one, tensor parallelism, weights not
-        packed for the AMX kernel."""
-        a = self.arch
-        if a.moe_layers or a.qk_norm or a.o_bias or a.mlp_bias:
-            return None
-        out: list[torch.Tensor] = []
-        for layer in self.layers.values():
-            attn, mlp = layer.self_attn, layer.mlp
-            linears = (attn.qkv_proj, attn.o_proj, mlp.down_proj)
-            if any(m._amx is None or m.tp.size > 1 for m in linears):
-                return None
-            if mlp.gate_up_proj._amx_swiglu is None or mlp.gate_up_proj.tp.size > 1:
-                return None
-            bias = attn.qkv_proj._amx_bias
-            out += [
-                layer.input_layernorm.weight,
-                attn.qkv_proj._amx,
-                torch.empty(0) if bias is None else bias,
-                attn.o_proj._amx,
-                layer.post_attention_layernorm.weight,
-                mlp.gate_up_proj._amx_swiglu,
-                mlp.down_proj._amx,
-            ]
-        return out
-
-    def _dense_layers(self, x: torch.Tensor, meta: AttentionMetadata, kv_caches) -> torch.Tensor | None:
-        attn = next(iter(self.layers.values())).self_attn
-        pk = meta.prefill_kernel or (None, None, None, None)
-        out = torch.ops.flotilla.dense_layers(
-            x,
-            self._dense,
-            kv_caches,
-            self.cos[meta.positions].to(x.dtype),
-            self.sin[meta.positions].to(x.dtype),
-            meta.slot_mapping,
-            meta.decode_tables,
-            meta.decode_lens,
-            *pk,
-            attn.num_heads,
-            attn.num_kv_heads,
-            attn.head_dim,
-            self.arch.intermediate_size,
-            attn.scale,
-            [layer.self_attn.window or 0 for layer in self.layers.values()],
-            self.arch.rms_norm_eps,
-        )
-        return out if out is not None and out.numel() else None
+    def _dense_layers(
+        self, x: torch.Tensor, meta: AttentionMetadata, kv_caches
+    ) -> torch.Tensor | None:
+        return native_forward.dense_layers(self, x, meta, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))  # model dtype: the sampler widens if it must
