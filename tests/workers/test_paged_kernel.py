@@ -85,6 +85,25 @@ def test_kernel_matches_float64_reference(D, H, KVH, window, lens):
     torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=2e-5)
 
 
+@pytest.mark.parametrize("spike", ["first", "last", "none"])
+def test_kernel_online_softmax_rescales(spike):
+    """The kernel walks keys 16 at a time keeping a running max: a dominant key in the first
+    chunk (later chunks add almost nothing), in the last chunk (everything accumulated so far
+    is rescaled by ~e^-40), or none, over sequences of many chunks and a partial last chunk."""
+    lens = [150, 203, 97, 64]
+    H, KVH, D = 6, 2, 64
+    q, cache, tables = _setup(lens, H, KVH, D, torch.float32, seed=4)
+    if spike != "none":
+        for i, (t, n) in enumerate(zip(tables, lens, strict=True)):
+            pos = 1 if spike == "first" else n - 2
+            blk, off = t[pos // BS], pos % BS
+            for kv in range(KVH):  # key = 6 x the mean query of its group: scores ~ +40
+                cache[0, blk, off, kv] = 6 * q[i, kv * (H // KVH) : (kv + 1) * (H // KVH)].mean(0)
+    got = _kernel(q, cache, tables, lens, D**-0.5, 0)
+    want = _reference(q, cache, tables, lens, D**-0.5, 0)
+    torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=2e-5)
+
+
 def test_kernel_bf16_rounds_like_torch():
     lens = [2, 9, 40, 128]
     q, cache, tables = _setup(lens, 6, 2, 64, torch.bfloat16, seed=1)

@@ -53,68 +53,65 @@ inline __m512 reduce16(const float* rows /* [16][16] */) {
                        _mm512_shuffle_f32x4(s01, s23, 0xDD));
 }
 
+// A sequence's cache rows in token order, one step at a time: the block-table lookup happens
+// once per block, not once per token (a division and a dependent load per token cost as much
+// as the token's arithmetic).
+template <typename raw_t>
+struct RowCursor {
+  const raw_t* base;
+  const int32_t* table;
+  int64_t bs, row_stride, col, len, pos, off;
+  const raw_t* row;  // token pos's row at column col (undefined once pos == len)
+  RowCursor(const raw_t* base_, const int32_t* table_, int64_t bs_, int64_t row_stride_,
+            int64_t col_, int64_t pos_, int64_t len_)
+      : base(base_), table(table_), bs(bs_), row_stride(row_stride_), col(col_), len(len_),
+        pos(pos_), off(pos_ % bs_), row(nullptr) {
+    if (pos < len) row = block_row(pos / bs) + off * row_stride;
+  }
+  const raw_t* block_row(int64_t blk) const {
+    return base + static_cast<int64_t>(table[blk]) * bs * row_stride + col;
+  }
+  void next() {
+    ++pos;
+    row += row_stride;
+    if (++off == bs) {
+      off = 0;
+      if (pos < len) row = block_row(pos / bs);
+    }
+  }
+};
+
 // Rows are read in block-table order, which jumps between blocks: prefetch kAhead tokens ahead
 // (the elements of the heads this task reads) so the next block's lines are in flight.
-constexpr int64_t kAhead = 32;
+constexpr int64_t kAhead = 16;
 template <typename raw_t>
-inline void prefetch_row(const raw_t* base, const int32_t* table, int64_t bs, int64_t row_stride,
-                         int64_t col, int64_t pos, int64_t count) {
-  const char* p = reinterpret_cast<const char*>(
-      base + (static_cast<int64_t>(table[pos / bs]) * bs + pos % bs) * row_stride + col);
+inline void prefetch_next(RowCursor<raw_t>& pf, int64_t count) {
+  if (pf.pos >= pf.len) return;
+  const char* p = reinterpret_cast<const char*>(pf.row);
   for (int64_t b = 0; b < count * static_cast<int64_t>(sizeof(raw_t)); b += 64)
     _mm_prefetch(p + b, _MM_HINT_T1);
+  pf.next();
 }
 
-// One task covers KV heads h0 .. h0+nh-1 of one sequence and their nh * G query heads (qf:
-// [nh*G][DC] float, pre-scaled). Walking tokens in order and all nh heads of a token together
-// reads each cache row front to back. scores: [nh*G][L] for the L keys from `start`.
-template <typename T, int DC>
-void scores_avx512(const float* qf, int64_t nh, int64_t G, const typename Raw<T>::type* kp,
-                   const int32_t* table, int64_t bs, int64_t row_stride, int64_t h0,
-                   int64_t start, int64_t len, float* scores, float* tile /* [nh*G][16][16] */) {
-  constexpr int NJ = DC / 16;
-  const int64_t L = len - start, NQ = nh * G;
-  for (int64_t t0 = 0; t0 < L; t0 += 16) {
-    const int nt = static_cast<int>(std::min<int64_t>(16, L - t0));
-    for (int t = 0; t < nt; ++t) {
-      const int64_t pos = start + t0 + t;
-      const auto* row = kp + (static_cast<int64_t>(table[pos / bs]) * bs + pos % bs) * row_stride +
-                        h0 * DC;
-      if (pos + kAhead < len) prefetch_row(kp, table, bs, row_stride, h0 * DC, pos + kAhead, nh * DC);
-      for (int64_t hh = 0; hh < nh; ++hh) {
-        __m512 k[NJ];
-        for (int j = 0; j < NJ; ++j) k[j] = load16<T>(row + hh * DC + 16 * j);
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qg = qf + (hh * G + g) * DC;
-          __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
-          for (int j = 1; j < NJ; ++j) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * j), k[j], a);
-          _mm512_store_ps(tile + ((hh * G + g) * 16 + t) * 16, a);
-        }
-      }
-    }
-    const __mmask16 m = static_cast<__mmask16>((1u << nt) - 1u);
-    for (int64_t r = 0; r < NQ; ++r)
-      _mm512_mask_storeu_ps(scores + r * L + t0, m, reduce16(tile + r * 256));
-  }
-}
-
-// acc[g] (float [GN][DC]) = sum_t p[g][t] v_t for GN query heads of one KV head; GN and DC
-// are compile-time constants so that the GN * DC / 16 accumulators live in registers.
-template <typename T, int DC, int GN, typename RowAt>
-void values_heads(const float* p, int64_t L, const RowAt& row_at,
-                  const typename Raw<T>::type* vp, const int32_t* table, int64_t bs,
-                  int64_t row_stride, int64_t h0, int64_t start, float* acc) {
+// acc[g] (float [GN][DC]) = corr[g] * acc[g] + sum_t p[g][t] v_t over one chunk of nt <= 16
+// tokens, for GN query heads of one KV head (p: [GN][16]; vrows[t] + col: token t's slice).
+// GN and DC are compile-time constants so that the GN * DC / 16 accumulators live in
+// registers for the chunk.
+template <typename T, int DC, int GN>
+inline void values_chunk(const float* p, const float* corr, int nt,
+                         const typename Raw<T>::type* const* vrows, int64_t col, float* acc) {
   constexpr int NJ = DC / 16;
   __m512 a[GN][NJ];
-  for (int g = 0; g < GN; ++g)
-    for (int j = 0; j < NJ; ++j) a[g][j] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < L; ++t) {
-    const auto* vr = row_at(t);
-    if (t + kAhead < L) prefetch_row(vp, table, bs, row_stride, h0 * DC, start + t + kAhead, DC);
+  for (int g = 0; g < GN; ++g) {
+    const __m512 c = _mm512_set1_ps(corr[g]);
+    for (int j = 0; j < NJ; ++j) a[g][j] = _mm512_mul_ps(_mm512_loadu_ps(acc + g * DC + 16 * j), c);
+  }
+  for (int t = 0; t < nt; ++t) {
+    const auto* vr = vrows[t] + col;
     __m512 v[NJ];
     for (int j = 0; j < NJ; ++j) v[j] = load16<T>(vr + 16 * j);
     for (int g = 0; g < GN; ++g) {
-      const __m512 w = _mm512_set1_ps(p[g * L + t]);
+      const __m512 w = _mm512_set1_ps(p[g * 16 + t]);
       for (int j = 0; j < NJ; ++j) a[g][j] = _mm512_fmadd_ps(w, v[j], a[g][j]);
     }
   }
@@ -122,33 +119,92 @@ void values_heads(const float* p, int64_t L, const RowAt& row_at,
     for (int j = 0; j < NJ; ++j) _mm512_storeu_ps(acc + g * DC + 16 * j, a[g][j]);
 }
 
-// acc (float [G][DC]) = sum_t p[g][t] v_t for the G query heads of KV head h, the
-// accumulators in registers (one head's slice of a row is its own cache lines, so a pass per
-// KV head reads nothing twice).
+// Scratch of one thread for attend_avx512, for up to nq query heads.
+struct AttendScratch {
+  std::vector<float> buf;
+  float *tile, *p, *corr, *m, *l, *acc;
+  AttendScratch(int64_t nq, int64_t d) : buf(nq * (256 + 16 + 3 + d) + 16) {
+    tile = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+    p = tile + nq * 256;  // [nq][16]
+    corr = p + nq * 16;
+    m = corr + nq;
+    l = m + nq;
+    acc = l + nq;  // [nq][d]
+  }
+};
+
+// One task: KV heads h0 .. h0+nh-1 of one sequence and their nh * G query heads (qf:
+// [nh*G][DC] float, pre-scaled), in a single pass over the keys and values 16 tokens at a
+// time (flash-decoding): the chunk's scores for every query head (all nh heads of a token
+// together, so each key row is read front to back), an online-softmax update (running max
+// m and sum l; the accumulators are rescaled by exp(m_old - m_new)), then the chunk's values.
+// A block's key rows and value rows are read once each, close together in time. On return
+// s.acc holds sum_t exp(s_t - m) v_t and s.l the sum of the weights.
 template <typename T, int DC>
-void values_avx512(const float* p, int64_t G, const typename Raw<T>::type* vp,
-                   const int32_t* table, int64_t bs, int64_t row_stride, int64_t h0,
-                   int64_t start, int64_t len, float* acc) {
+void attend_avx512(const float* qf, int64_t nh, int64_t G, const typename Raw<T>::type* kp,
+                   const typename Raw<T>::type* vp, const int32_t* table, int64_t bs,
+                   int64_t row_stride, int64_t h0, int64_t start, int64_t len,
+                   AttendScratch& s) {
+  using raw_t = typename Raw<T>::type;
   constexpr int NJ = DC / 16;
-  const int64_t L = len - start;
-  const auto row_at = [&](int64_t t) {
-    const int64_t pos = start + t;
-    return vp + (static_cast<int64_t>(table[pos / bs]) * bs + pos % bs) * row_stride + h0 * DC;
-  };
-  // HP query heads per pass: HP * NJ accumulators + NJ value registers fit the 32 zmm
+  // HP query heads per value pass: HP * NJ accumulators + NJ value registers fit the 32 zmm
   constexpr int HP = NJ >= 16 ? 1 : (NJ >= 8 ? 2 : 4);
-  for (int64_t g0 = 0; g0 < G; g0 += HP) {
-    const int64_t gn = std::min<int64_t>(HP, G - g0);
-    const float* pg = p + g0 * L;
-    float* ag = acc + g0 * DC;
-    // a compile-time head count keeps the accumulators in registers
-    if (gn == 1) {
-      values_heads<T, DC, 1>(pg, L, row_at, vp, table, bs, row_stride, h0, start, ag);
-    } else if constexpr (HP >= 2) {
-      if (gn == 2) values_heads<T, DC, 2>(pg, L, row_at, vp, table, bs, row_stride, h0, start, ag);
-      if constexpr (HP >= 4) {
-        if (gn == 3) values_heads<T, DC, 3>(pg, L, row_at, vp, table, bs, row_stride, h0, start, ag);
-        if (gn == 4) values_heads<T, DC, 4>(pg, L, row_at, vp, table, bs, row_stride, h0, start, ag);
+  const int64_t L = len - start, NQ = nh * G, col = h0 * DC;
+  for (int64_t r = 0; r < NQ; ++r) {
+    s.m[r] = -INFINITY;
+    s.l[r] = 0.0f;
+  }
+  std::fill(s.acc, s.acc + NQ * DC, 0.0f);
+  RowCursor<raw_t> kc(kp, table, bs, row_stride, col, start, len);
+  RowCursor<raw_t> vc(vp, table, bs, row_stride, col, start, len);
+  RowCursor<raw_t> kpf(kp, table, bs, row_stride, col, std::min(start + kAhead, len), len);
+  RowCursor<raw_t> vpf(vp, table, bs, row_stride, col, std::min(start + kAhead, len), len);
+  const raw_t* vrows[16];
+  for (int64_t t0 = 0; t0 < L; t0 += 16) {
+    const int nt = static_cast<int>(std::min<int64_t>(16, L - t0));
+    for (int t = 0; t < nt; ++t, kc.next(), vc.next()) {
+      const raw_t* row = kc.row;
+      vrows[t] = vc.row - col;
+      prefetch_next(kpf, nh * DC);
+      prefetch_next(vpf, nh * DC);
+      for (int64_t hh = 0; hh < nh; ++hh) {
+        __m512 k[NJ];
+        for (int j = 0; j < NJ; ++j) k[j] = load16<T>(row + hh * DC + 16 * j);
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = qf + (hh * G + g) * DC;
+          __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
+          for (int j = 1; j < NJ; ++j) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * j), k[j], a);
+          _mm512_store_ps(s.tile + ((hh * G + g) * 16 + t) * 16, a);
+        }
+      }
+    }
+    const __mmask16 live = static_cast<__mmask16>((1u << nt) - 1u);
+    for (int64_t r = 0; r < NQ; ++r) {
+      const __m512 sc = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY),
+                                             reduce16(s.tile + r * 256));
+      const float m_new = std::max(s.m[r], _mm512_reduce_max_ps(sc));
+      const __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(sc, _mm512_set1_ps(m_new))));
+      _mm512_storeu_ps(s.p + r * 16, e);
+      s.corr[r] = exp_nonpos(s.m[r] - m_new);  // 0 on the first chunk (m = -inf)
+      s.l[r] = s.l[r] * s.corr[r] + _mm512_reduce_add_ps(e);
+      s.m[r] = m_new;
+    }
+    for (int64_t hh = 0; hh < nh; ++hh) {  // one KV head at a time: registers hold its sums
+      for (int64_t g0 = 0; g0 < G; g0 += HP) {
+        const int64_t r0 = hh * G + g0, gn = std::min<int64_t>(HP, G - g0);
+        const float *pr = s.p + r0 * 16, *cr = s.corr + r0;
+        float* ar = s.acc + r0 * DC;
+        const int64_t c = (h0 + hh) * DC;
+        // a compile-time head count keeps the accumulators in registers
+        if (gn == 1) {
+          values_chunk<T, DC, 1>(pr, cr, nt, vrows, c, ar);
+        } else if constexpr (HP >= 2) {
+          if (gn == 2) values_chunk<T, DC, 2>(pr, cr, nt, vrows, c, ar);
+          if constexpr (HP >= 4) {
+            if (gn == 3) values_chunk<T, DC, 3>(pr, cr, nt, vrows, c, ar);
+            if (gn == 4) values_chunk<T, DC, 4>(pr, cr, nt, vrows, c, ar);
+          }
+        }
       }
     }
   }
@@ -216,14 +272,33 @@ void decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
   const auto bins = balance_by_cost(costs);
   const int64_t nt = static_cast<int64_t>(bins.size());
   at::parallel_for(0, nt, 1, [&](int64_t bin_begin, int64_t bin_end) {
-    std::vector<float> scores(NQ * std::max<int64_t>(max_len, 1));
     std::vector<float> qf(NQ * D), acc(NQ * D), row(D);
+    if constexpr (kAvx512Path<T, DC>) {
+#if defined(__AVX512F__)
+      AttendScratch sc(NQ, D);
+      for (int64_t bin = bin_begin; bin < bin_end; ++bin)
+        for (const int64_t task : bins[bin]) {
+          const int64_t i = task / (KVH / nh), h0 = (task % (KVH / nh)) * nh;
+          const int64_t len = lens[i];
+          const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+          // query heads h0*G .. (h0+nh)*G - 1 are contiguous in q and out
+          const raw_t* qsrc = qp + (i * H + h0 * G) * D;
+#pragma omp simd
+          for (int64_t e = 0; e < NQ * D; ++e) qf[e] = R::load(qsrc[e]) * scale;
+          attend_avx512<T, DC>(qf.data(), nh, G, kp, vp, tables + i * max_blocks, bs, row_stride,
+                               h0, start, len, sc);
+          raw_t* dst = op + (i * H + h0 * G) * D;
+          for (int64_t r = 0; r < NQ; ++r) {
+            const float inv = 1.0f / sc.l[r];
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) dst[r * D + d] = R::store(sc.acc[r * D + d] * inv);
+          }
+        }
+#endif
+      return;
+    }
+    std::vector<float> scores(NQ * std::max<int64_t>(max_len, 1));
     float* kf = row.data();
-    std::vector<float> tile_buf(NQ * 256 + 16);  // [NQ][16][16], 64-byte aligned below
-    float* tile = reinterpret_cast<float*>(
-        (reinterpret_cast<uintptr_t>(tile_buf.data()) + 63) & ~uintptr_t(63));
-    (void)tile;
-    (void)kf;
     for (int64_t bin = bin_begin; bin < bin_end; ++bin)
     for (const int64_t task : bins[bin]) {
       const int64_t i = task / (KVH / nh), h0 = (task % (KVH / nh)) * nh;
@@ -231,28 +306,21 @@ void decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
       const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
       const int64_t L = len - start;
       const int32_t* table = tables + i * max_blocks;
-      // query heads h0*G .. (h0+nh)*G - 1 are contiguous in q and out
       const raw_t* qsrc = qp + (i * H + h0 * G) * D;
 #pragma omp simd
       for (int64_t e = 0; e < NQ * D; ++e) qf[e] = R::load(qsrc[e]) * scale;
-      if constexpr (kAvx512Path<T, DC>) {
-#if defined(__AVX512F__)
-        scores_avx512<T, DC>(qf.data(), nh, G, kp, table, bs, row_stride, h0, start, len,
-                             scores.data(), tile);
-#endif
-      } else {  // scores[g][t] = q_g . k_t (nh = 1)
-        walk_rows(kp, table, bs, row_stride, h0 * D, start, len, [&](int64_t t, const raw_t* kr) {
+      // scores[g][t] = q_g . k_t (nh = 1)
+      walk_rows(kp, table, bs, row_stride, h0 * D, start, len, [&](int64_t t, const raw_t* kr) {
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) kf[d] = R::load(kr[d]);
-          for (int64_t g = 0; g < G; ++g) {
-            const float* qg = qf.data() + g * D;
-            float s = 0.0f;
+        for (int64_t d = 0; d < D; ++d) kf[d] = R::load(kr[d]);
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = qf.data() + g * D;
+          float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-            for (int64_t d = 0; d < D; ++d) s += qg[d] * kf[d];
-            scores[g * L + t] = s;
-          }
-        });
-      }
+          for (int64_t d = 0; d < D; ++d) s += qg[d] * kf[d];
+          scores[g * L + t] = s;
+        }
+      });
       // softmax per query head
       for (int64_t r = 0; r < NQ; ++r) {
         float* sr = scores.data() + r * L;
@@ -270,25 +338,18 @@ void decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
 #pragma omp simd
         for (int64_t t = 0; t < L; ++t) sr[t] *= inv;
       }
-      if constexpr (kAvx512Path<T, DC>) {
-#if defined(__AVX512F__)
-        for (int64_t hh = 0; hh < nh; ++hh)  // one KV head at a time: registers hold its sums
-          values_avx512<T, DC>(scores.data() + hh * G * L, G, vp, table, bs, row_stride, h0 + hh,
-                               start, len, acc.data() + hh * G * DC);
-#endif
-      } else {  // acc[g] = sum_t p[g][t] v_t (nh = 1)
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        walk_rows(vp, table, bs, row_stride, h0 * D, start, len, [&](int64_t t, const raw_t* vr) {
+      // acc[g] = sum_t p[g][t] v_t (nh = 1)
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      walk_rows(vp, table, bs, row_stride, h0 * D, start, len, [&](int64_t t, const raw_t* vr) {
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) kf[d] = R::load(vr[d]);
-          for (int64_t g = 0; g < G; ++g) {
-            const float p = scores[g * L + t];
-            float* ag = acc.data() + g * D;
+        for (int64_t d = 0; d < D; ++d) kf[d] = R::load(vr[d]);
+        for (int64_t g = 0; g < G; ++g) {
+          const float p = scores[g * L + t];
+          float* ag = acc.data() + g * D;
 #pragma omp simd
-            for (int64_t d = 0; d < D; ++d) ag[d] += p * kf[d];
-          }
-        });
-      }
+          for (int64_t d = 0; d < D; ++d) ag[d] += p * kf[d];
+        }
+      });
       raw_t* dst = op + (i * H + h0 * G) * D;
 #pragma omp simd
       for (int64_t e = 0; e < NQ * D; ++e) dst[e] = R::store(acc[e]);
