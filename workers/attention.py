@@ -35,7 +35,7 @@ class PrefillChunk:
     q_start: int  # offset in the flat batch
     q_len: int
     start_pos: int  # tokens cached before this chunk
-    block_table: torch.Tensor | None  # blocks covering start_pos + q_len (None if start_pos == 0)
+    block_table: torch.Tensor  # blocks covering start_pos + q_len
 
 
 @dataclass
@@ -151,7 +151,7 @@ def build_metadata(
         )
         start += size
     chunks = [
-        PrefillChunk(q0, n, start, torch.tensor(table, device=device) if start else None)
+        PrefillChunk(q0, n, start, torch.tensor(table, device=device))
         for q0, n, start, table in prefills
     ]
     prefill_kernel = None
@@ -176,18 +176,20 @@ def build_metadata(
 
 def paged_attention(
     q: torch.Tensor,  # [T, H, D]
-    k: torch.Tensor,  # [T, KVH, D]
-    v: torch.Tensor,
+    k: torch.Tensor | None,  # [T, KVH, D]; None: the step's k and v are in the cache already
+    v: torch.Tensor | None,
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, KVH, D]
     meta: AttentionMetadata,
     scale: float,
     window: int | None,
 ) -> torch.Tensor:
     T, H, D = q.shape
-    kvh = k.shape[1]
     k_cache, v_cache = kv_cache[0], kv_cache[1]
+    kvh = k_cache.shape[2]
     native = meta.decode_tables is not None or meta.prefill_kernel is not None
-    if native and k.stride(1) == D and v.stride(1) == D and k.stride(2) == v.stride(2) == 1:
+    if k is None:
+        pass
+    elif native and k.stride(1) == D and v.stride(1) == D and k.stride(2) == v.stride(2) == 1:
         torch.ops.flotilla.write_kv_cache(k_cache, v_cache, k, v, meta.slot_mapping)
     else:
         k_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, k)
@@ -222,7 +224,7 @@ def paged_attention(
     for i, c in enumerate(meta.prefills):
         s, e = c.q_start, c.q_start + c.q_len
         qp = q[s:e].transpose(0, 1)  # [H, n, D]
-        if c.start_pos == 0:
+        if c.start_pos == 0 and k is not None:
             kp, vp = k[s:e], v[s:e]
         else:
             n_ctx = c.start_pos + c.q_len

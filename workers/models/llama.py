@@ -234,7 +234,19 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.sizes, dim=-1)
+        qkv = self.qkv_proj(x)
+        native_attn = meta.decode_tables is not None or meta.prefill_kernel is not None
+        if self.native and native_attn and not self.qk_norm and qkv.dtype == cos.dtype:
+            # rotary on q (into the contiguous copy the kernels read) and k, and the KV-cache
+            # write, in one pass: the same bits as the three ops below (tested)
+            q = qkv.new_empty(T, self.num_heads, self.head_dim)
+            torch.ops.flotilla.rope_qkv_cache(
+                q, kv_cache[0], kv_cache[1], qkv, cos.view(T, -1), sin.view(T, -1),
+                meta.slot_mapping,
+            )
+            o = paged_attention(q, None, None, kv_cache, meta, self.scale, self.window)
+            return self.o_proj(o.view(T, -1))
+        q, k, v = qkv.split(self.qkv_proj.sizes, dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
