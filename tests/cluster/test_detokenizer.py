@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import random
@@ -283,3 +284,20 @@ def test_random_stop_strings_match_reference(tok):
         assert ("".join(deltas) + tail, matched) == (expected, expected_stop), (case, stop)
         assert det.text == expected
         assert not any(FFFD in d for d in deltas + [tail])
+
+
+def test_backend_fast_path_only_for_unmodified_fast_tokenizers(tok):
+    """The real tokenizer is decoded through its `tokenizers` backend (the tests above compare
+    that text with tok.decode); a tokenizer class that overrides decode keeps its own."""
+    assert IncrementalDetokenizer(tok, [])._backend is tok.backend_tokenizer
+
+    class Shouting(type(tok)):
+        def decode(self, ids, **kwargs):
+            return super().decode(ids, **kwargs).upper()
+
+    loud = copy.copy(tok)
+    loud.__class__ = Shouting
+    det = IncrementalDetokenizer(loud, [])
+    assert det._backend is None
+    delta, _ = det.add_tokens(encode(tok, "hello world"))
+    assert delta == "HELLO WORLD"
