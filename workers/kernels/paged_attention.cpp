@@ -9,11 +9,14 @@
 //   out          [n, H, D]                       written in place
 // Grouped-query attention: query heads h*G .. h*G+G-1 share KV head h (G = H / KVH). A sliding
 // window w > 0 makes key t visible iff t >= len - w. Scores, softmax and the weighted sum are
-// accumulated in float32; work is split over sequences (all their heads) or, with few
-// sequences, (sequence, KV head) pairs, with at::parallel_for. Weighted sums run one KV
-// head at a time with a compile-time number of query heads per pass, so their accumulators
-// stay in registers (a runtime count made the compiler keep them on the stack: a store per
-// FMA, the kernel's hot spot).
+// computed in float32. AVX-512 (float32 / bfloat16, head dim a multiple of 16): one pass over
+// a sequence's keys and values, 16 positions at a time, with an online softmax
+// (flash-decoding, attend_avx512); other dtypes / head dims: scores, softmax and weighted sum
+// in three plain passes. Work is split over sequences (all their heads) or, with few
+// sequences, (sequence, KV head) pairs, balanced by length over at::parallel_for's threads.
+// Weighted sums run one KV head at a time with a compile-time number of query heads per pass,
+// so their accumulators stay in registers (a runtime count made the compiler keep them on the
+// stack: a store per FMA, the kernel's hot spot).
 #include "common.h"
 
 namespace flotilla {
@@ -272,7 +275,7 @@ void decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
   const auto bins = balance_by_cost(costs);
   const int64_t nt = static_cast<int64_t>(bins.size());
   at::parallel_for(0, nt, 1, [&](int64_t bin_begin, int64_t bin_end) {
-    std::vector<float> qf(NQ * D), acc(NQ * D), row(D);
+    std::vector<float> qf(NQ * D);
     if constexpr (kAvx512Path<T, DC>) {
 #if defined(__AVX512F__)
       AttendScratch sc(NQ, D);
@@ -297,7 +300,7 @@ void decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
 #endif
       return;
     }
-    std::vector<float> scores(NQ * std::max<int64_t>(max_len, 1));
+    std::vector<float> scores(NQ * std::max<int64_t>(max_len, 1)), acc(NQ * D), row(D);
     float* kf = row.data();
     for (int64_t bin = bin_begin; bin < bin_end; ++bin)
     for (const int64_t task : bins[bin]) {
