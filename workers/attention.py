@@ -82,6 +82,12 @@ class AttentionMetadata:
     # Built lazily per window size and cached for the step (layers share them).
     _prefill_masks: dict | None = None
 
+    @property
+    def native(self) -> bool:
+        """The step's attention runs the native kernels (which read q contiguous and take K/V
+        already written to the cache)."""
+        return self.decode_tables is not None or self.prefill_kernel is not None
+
     def prefill_mask(self, i: int, window: int | None) -> torch.Tensor | None:
         chunk = self.prefills[i]
         if chunk.start_pos == 0 and window is None:
@@ -186,14 +192,13 @@ def paged_attention(
     T, H, D = q.shape
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     kvh = k_cache.shape[2]
-    native = meta.decode_tables is not None or meta.prefill_kernel is not None
-    if k is None:
-        pass
-    elif native and k.stride(1) == D and v.stride(1) == D and k.stride(2) == v.stride(2) == 1:
-        torch.ops.flotilla.write_kv_cache(k_cache, v_cache, k, v, meta.slot_mapping)
-    else:
-        k_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, v)
+    native = meta.native
+    if k is not None:
+        if native and k.stride(1) == D and v.stride(1) == D and k.stride(2) == v.stride(2) == 1:
+            torch.ops.flotilla.write_kv_cache(k_cache, v_cache, k, v, meta.slot_mapping)
+        else:
+            k_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, k)
+            v_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, v)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if native:
         q = q.contiguous()  # the native kernels' layout; one copy serves both

@@ -21,41 +21,6 @@
 
 namespace flotilla {
 
-#if defined(__AVX512F__)
-// ---- AVX-512 decode attention (float32 / bfloat16, head dim a multiple of 16) -----------------
-
-template <typename T>
-inline __m512 load16(const typename Raw<T>::type* p);
-template <>
-inline __m512 load16<float>(const float* p) {
-  return _mm512_loadu_ps(p);
-}
-template <>
-inline __m512 load16<c10::BFloat16>(const uint16_t* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-// r[i] = sum of the 16 lanes of v[i], for 16 vectors at once (a transpose-add tree: 45
-// shuffles/adds instead of 16 full horizontal reductions).
-inline __m512 reduce16(const float* rows /* [16][16] */) {
-  __m512 w[8], x[4];
-  for (int k = 0; k < 8; ++k) {
-    const __m512 a = _mm512_load_ps(rows + 32 * k), b = _mm512_load_ps(rows + 32 * k + 16);
-    w[k] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-  }
-  for (int k = 0; k < 4; ++k) {
-    const __m512 c = w[2 * k], d = w[2 * k + 1];
-    x[k] = _mm512_add_ps(_mm512_shuffle_ps(c, d, 0x44), _mm512_shuffle_ps(c, d, 0xEE));
-  }
-  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x44),
-                                   _mm512_shuffle_f32x4(x[0], x[1], 0xEE));
-  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x44),
-                                   _mm512_shuffle_f32x4(x[2], x[3], 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88),
-                       _mm512_shuffle_f32x4(s01, s23, 0xDD));
-}
-
 // A sequence's cache rows in token order, one step at a time: the block-table lookup happens
 // once per block, not once per token (a division and a dependent load per token cost as much
 // as the token's arithmetic).
@@ -83,6 +48,40 @@ struct RowCursor {
     }
   }
 };
+
+#if defined(__AVX512F__)
+// ---- AVX-512 decode attention (float32 / bfloat16, head dim a multiple of 16) -----------------
+
+template <typename T>
+inline __m512 load16(const typename Raw<T>::type* p);
+template <>
+inline __m512 load16<float>(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+template <>
+inline __m512 load16<c10::BFloat16>(const uint16_t* p) {
+  return bf16x16_load(p);
+}
+
+// r[i] = sum of the 16 lanes of v[i], for 16 vectors at once (a transpose-add tree: 45
+// shuffles/adds instead of 16 full horizontal reductions).
+inline __m512 reduce16(const float* rows /* [16][16] */) {
+  __m512 w[8], x[4];
+  for (int k = 0; k < 8; ++k) {
+    const __m512 a = _mm512_load_ps(rows + 32 * k), b = _mm512_load_ps(rows + 32 * k + 16);
+    w[k] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512 c = w[2 * k], d = w[2 * k + 1];
+    x[k] = _mm512_add_ps(_mm512_shuffle_ps(c, d, 0x44), _mm512_shuffle_ps(c, d, 0xEE));
+  }
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x44),
+                                   _mm512_shuffle_f32x4(x[0], x[1], 0xEE));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x44),
+                                   _mm512_shuffle_f32x4(x[2], x[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88),
+                       _mm512_shuffle_f32x4(s01, s23, 0xDD));
+}
 
 // Rows are read in block-table order, which jumps between blocks: prefetch kAhead tokens ahead
 // (the elements of the heads this task reads) so the next block's lines are in flight.
@@ -223,17 +222,13 @@ constexpr bool kAvx512Path = false;
 #endif
 
 // Calls f(t, row) for t = 0 .. len - start - 1 with token (start + t)'s cache row at column
-// `col`, walking the block table one block at a time (rows within a block are contiguous).
+// `col`.
 template <typename raw_t, typename F>
 inline void walk_rows(const raw_t* base, const int32_t* table, int64_t bs, int64_t row_stride,
                       int64_t col, int64_t start, int64_t len, const F& f) {
-  for (int64_t pos = start; pos < len;) {
-    const int64_t off0 = pos % bs;
-    const int64_t stop = std::min<int64_t>(len, pos - off0 + bs);
-    const raw_t* row =
-        base + (static_cast<int64_t>(table[pos / bs]) * bs + off0) * row_stride + col;
-    for (; pos < stop; ++pos, row += row_stride) f(pos - start, row);
-  }
+  for (RowCursor<raw_t> cur(base, table, bs, row_stride, col, start, len); cur.pos < len;
+       cur.next())
+    f(cur.pos - start, cur.row);
 }
 
 // DC: the head dim as a compile-time constant (0 = use D at run time), so that the inner loops

@@ -235,8 +235,7 @@ class LlamaAttention(nn.Module):
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x)
-        native_attn = meta.decode_tables is not None or meta.prefill_kernel is not None
-        if self.native and native_attn and not self.qk_norm and qkv.dtype == cos.dtype:
+        if self.native and meta.native and not self.qk_norm and qkv.dtype == cos.dtype:
             # rotary on q (into the contiguous copy the kernels read) and k, and the KV-cache
             # write, in one pass: the same bits as the three ops below (tested)
             q = qkv.new_empty(T, self.num_heads, self.head_dim)
@@ -404,7 +403,7 @@ class LlamaForCausalLM(nn.Module):
             self._dense is not None
             and x.shape[0] <= AMX_MAX_ROWS
             and dtype == torch.bfloat16
-            and (meta.decode_tables is not None or meta.prefill_kernel is not None)
+            and meta.native
         ):
             out = self._dense_layers(x.contiguous(), meta, kv_caches)
             if out is not None:
