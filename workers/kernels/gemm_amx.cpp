@@ -8,7 +8,8 @@
 // so every tile load is one contiguous KB and each thread walks its panels front to back.
 // Each 32-row block of x makes a 2 x 2 block of float32 accumulator tiles; the panel's tiles
 // are reused from L1 by the next row block. Rounding: float32 sums, bias added in float32,
-// one round-to-nearest-even to bf16 at the end (oneDNN's order of sums differs, not its
+// one round-to-nearest-even to bf16 at the end
+// (AVX512-BF16's conversion, which flushes float32 denormals to zero) (oneDNN's order of sums differs, not its
 // rounding).
 
 #include "common.h"
@@ -60,6 +61,7 @@ inline void store_rows(uint16_t* out, int64_t ldo, const float* c, int64_t rows,
   const __mmask16 m1 = cols >= 32 ? 0xFFFF
                        : cols > 16 ? static_cast<__mmask16>((1u << (cols - 16)) - 1)
                                    : 0;
+  const __mmask32 m01 = static_cast<__mmask32>(m0) | (static_cast<__mmask32>(m1) << 16);
   __m512 b0 = _mm512_setzero_ps(), b1 = b0;
   if (bias) {
     b0 = _mm512_maskz_loadu_ps(m0, bias + n0);
@@ -70,10 +72,9 @@ inline void store_rows(uint16_t* out, int64_t ldo, const float* c, int64_t rows,
     uint16_t* o = out + r * ldo + n0;
     const __m512 v0 = bias ? _mm512_add_ps(_mm512_loadu_ps(cr), b0) : _mm512_loadu_ps(cr);
     const __m512 v1 = bias ? _mm512_add_ps(_mm512_loadu_ps(cr + 16), b1) : _mm512_loadu_ps(cr + 16);
-    const __m256i h0 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16x16_bits(v0), 16));
-    const __m256i h1 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16x16_bits(v1), 16));
-    _mm256_mask_storeu_epi16(o, m0, h0);
-    if (m1) _mm256_mask_storeu_epi16(o + 16, m1, h1);
+    // one instruction rounds both halves to nearest-even bf16 (AVX512-BF16)
+    const __m512i h = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v1, v0));
+    _mm512_mask_storeu_epi16(o, m01, h);
   }
 }
 
@@ -82,10 +83,12 @@ inline void store_rows(uint16_t* out, int64_t ldo, const float* c, int64_t rows,
 // path's gate_up linear and silu_and_mul, bit for bit, without writing gate|up out.
 inline void store_rows_swiglu(uint16_t* out, int64_t ldo, const float* c, int64_t rows,
                               int64_t n0) {
+  const auto round = [](__m512 v) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); };
   for (int64_t r = 0; r < rows; ++r) {
     const float* cr = c + r * kPanel;
-    const __m512 g = bf16x16_round(_mm512_loadu_ps(cr)), u = bf16x16_round(_mm512_loadu_ps(cr + 16));
-    bf16x16_store(out + r * ldo + n0, silu_mul16(g, u));
+    const __m512 g = round(_mm512_loadu_ps(cr)), u = round(_mm512_loadu_ps(cr + 16));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ldo + n0),
+                        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(silu_mul16(g, u))));
   }
 }
 
