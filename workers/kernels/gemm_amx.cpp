@@ -8,9 +8,8 @@
 // so every tile load is one contiguous KB and each thread walks its panels front to back.
 // Each 32-row block of x makes a 2 x 2 block of float32 accumulator tiles; the panel's tiles
 // are reused from L1 by the next row block. Rounding: float32 sums, bias added in float32,
-// one round-to-nearest-even to bf16 at the end
-// (AVX512-BF16's conversion, which flushes float32 denormals to zero) (oneDNN's order of sums differs, not its
-// rounding).
+// one round-to-nearest-even to bf16 at the end by AVX512-BF16's conversion, which flushes
+// float32 denormals to zero (oneDNN's order of sums differs, not its rounding).
 
 #include "common.h"
 
