@@ -271,21 +271,31 @@ void decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
   const int64_t nt = static_cast<int64_t>(bins.size());
   at::parallel_for(0, nt, 1, [&](int64_t bin_begin, int64_t bin_end) {
     std::vector<float> qf(NQ * D);
+    // A task's sequence i, first KV head h0, length and window start; its query heads
+    // h0*G .. (h0+nh)*G - 1 (contiguous in q and out) scaled into qf as float32.
+    struct TaskView {
+      int64_t i, h0, len, start;
+    };
+    const auto begin_task = [&](int64_t task) {
+      TaskView tv;
+      tv.i = task / (KVH / nh);
+      tv.h0 = (task % (KVH / nh)) * nh;
+      tv.len = lens[tv.i];
+      tv.start = window > 0 ? std::max<int64_t>(0, tv.len - window) : 0;
+      const raw_t* qsrc = qp + (tv.i * H + tv.h0 * G) * D;
+#pragma omp simd
+      for (int64_t e = 0; e < NQ * D; ++e) qf[e] = R::load(qsrc[e]) * scale;
+      return tv;
+    };
     if constexpr (kAvx512Path<T, DC>) {
 #if defined(__AVX512F__)
       AttendScratch sc(NQ, D);
       for (int64_t bin = bin_begin; bin < bin_end; ++bin)
         for (const int64_t task : bins[bin]) {
-          const int64_t i = task / (KVH / nh), h0 = (task % (KVH / nh)) * nh;
-          const int64_t len = lens[i];
-          const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-          // query heads h0*G .. (h0+nh)*G - 1 are contiguous in q and out
-          const raw_t* qsrc = qp + (i * H + h0 * G) * D;
-#pragma omp simd
-          for (int64_t e = 0; e < NQ * D; ++e) qf[e] = R::load(qsrc[e]) * scale;
-          attend_avx512<T, DC>(qf.data(), nh, G, kp, vp, tables + i * max_blocks, bs, row_stride,
-                               h0, start, len, sc);
-          raw_t* dst = op + (i * H + h0 * G) * D;
+          const TaskView tv = begin_task(task);
+          attend_avx512<T, DC>(qf.data(), nh, G, kp, vp, tables + tv.i * max_blocks, bs,
+                               row_stride, tv.h0, tv.start, tv.len, sc);
+          raw_t* dst = op + (tv.i * H + tv.h0 * G) * D;
           for (int64_t r = 0; r < NQ; ++r) {
             const float inv = 1.0f / sc.l[r];
 #pragma omp simd
@@ -299,14 +309,10 @@ void decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
     float* kf = row.data();
     for (int64_t bin = bin_begin; bin < bin_end; ++bin)
     for (const int64_t task : bins[bin]) {
-      const int64_t i = task / (KVH / nh), h0 = (task % (KVH / nh)) * nh;
-      const int64_t len = lens[i];
-      const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const TaskView tv = begin_task(task);
+      const int64_t i = tv.i, h0 = tv.h0, len = tv.len, start = tv.start;
       const int64_t L = len - start;
       const int32_t* table = tables + i * max_blocks;
-      const raw_t* qsrc = qp + (i * H + h0 * G) * D;
-#pragma omp simd
-      for (int64_t e = 0; e < NQ * D; ++e) qf[e] = R::load(qsrc[e]) * scale;
       // scores[g][t] = q_g . k_t (nh = 1)
       walk_rows(kp, table, bs, row_stride, h0 * D, start, len, [&](int64_t t, const raw_t* kr) {
 #pragma omp simd
