@@ -21,10 +21,18 @@ constexpr int64_t kTileElems = 512;  // 16 rows x 32 bf16
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512F__)
 namespace {
 
+// While a panel streams in, one plain load per 1 KB tile, kTouchAhead bytes further on in the
+// thread's weights (its panels lie back to back), keeps the hardware prefetchers running ahead
+// of the tile loads: 30 layers' 64-row linears 5% faster (in-process A/B, 25 of 30 rounds;
+// software prefetches did not help, nor touching every line, nor 4 / 8 / 12 KB ahead).
+constexpr int64_t kTouchAhead = 16384;
+
 // Two 16-row blocks of x (a0, a1; a1 may equal a0 when only one is live) times one panel.
+// touch_end: the end of the thread's panels, to touch ahead up to (nullptr: no touches).
 template <bool kTwo>
 inline void panel_tiles(const uint16_t* a0, const uint16_t* a1, int64_t lda, const uint16_t* wp,
-                        int64_t KB, float* c) {
+                        int64_t KB, float* c, const char* touch_end) {
+  __m128i touched = _mm_setzero_si128();
   _tile_zero(0);
   _tile_zero(1);
   if constexpr (kTwo) {
@@ -33,6 +41,12 @@ inline void panel_tiles(const uint16_t* a0, const uint16_t* a1, int64_t lda, con
   }
   for (int64_t kb = 0; kb < KB; ++kb) {
     const uint16_t* b = wp + kb * 2 * kTileElems;
+    if (touch_end) {
+      const char* t = reinterpret_cast<const char*>(b) + kTouchAhead;
+      for (int i = 0; i < 2; ++i, t += 2 * kTileElems)  // 1 KB per tile
+        if (t < touch_end)
+          touched = _mm_xor_si128(touched, _mm_load_si128(reinterpret_cast<const __m128i*>(t)));
+    }
     _tile_loadd(6, b, 64);
     _tile_loadd(7, b + kTileElems, 64);
     _tile_loadd(4, a0 + kb * 32, lda * 2);
@@ -44,6 +58,8 @@ inline void panel_tiles(const uint16_t* a0, const uint16_t* a1, int64_t lda, con
       _tile_dpbf16ps(3, 5, 7);
     }
   }
+  // (the loads' values are never needed; this keeps the compiler from dropping them)
+  asm volatile("" : : "x"(touched));
   _tile_stored(0, c, kPanel * 4);
   _tile_stored(1, c + 16, kPanel * 4);
   if constexpr (kTwo) {
@@ -150,16 +166,18 @@ bool amx_gemm(at::Tensor out, const at::Tensor& x, const at::Tensor& wp,
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     amx_config_16x64();
     alignas(64) float c[32 * kPanel];
+    const char* wend = reinterpret_cast<const char*>(wpp + p1 * KB * 2 * kTileElems);
     for (int64_t b0 = 0; b0 < nb; b0 += kChunk) {
       const int64_t b1 = std::min(nb, b0 + kChunk);
       for (int64_t p = p0; p < p1; ++p) {
         const uint16_t* w = wpp + p * KB * 2 * kTileElems;
         for (int64_t b = b0; b < b1; ++b) {
           const Block& blk = blocks[b];
+          const char* touch = b == b0 ? wend : nullptr;  // the panel's first pass streams it
           if (blk.rows > 16)
-            panel_tiles<true>(blk.a, blk.a + 16 * blk.lda, blk.lda, w, KB, c);
+            panel_tiles<true>(blk.a, blk.a + 16 * blk.lda, blk.lda, w, KB, c, touch);
           else
-            panel_tiles<false>(blk.a, blk.a, blk.lda, w, KB, c);
+            panel_tiles<false>(blk.a, blk.a, blk.lda, w, KB, c, touch);
           if constexpr (kSwiglu)
             store_rows_swiglu(op + blk.row * (N / 2), N / 2, c, blk.rows, p * 16);
           else
