@@ -13,7 +13,8 @@ Prints microseconds per layer and GB/s of K/V read for:
   - read: a C++ loop (built here with $CXX or g++) that only loads the same K and V rows
     block by block, one load per 64-byte line, on the same 2 threads;
   - one-layer: the kernel on one layer's cache, called repeatedly (partly cache-resident).
-The gap between kernel and read is the attention's arithmetic not hidden behind its loads.
+The gap between kernel and read is the time the kernel spends beyond what its bytes need
+(benchmarks/RESULTS.md, session 8, for what did and did not narrow it).
 """
 
 from __future__ import annotations
@@ -82,8 +83,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    torch.set_num_threads(args.threads)  # the reader's OpenMP loop shares torch's libgomp
     if not load_cpu_kernels():
         sys.exit("the native kernels did not build")
     rng = random.Random(0)
