@@ -6,8 +6,12 @@ Command (from the repo root):
 
 Shape: the offline benchmark's decode batch at its average context -- 64 sequences of 32..512
 prompt tokens + 64 generated (seeded), SmolLM2-135M's attention (9 query heads, 3 KV heads,
-head dim 64, bf16), blocks of 16 tokens laid out per sequence in order, 30 layers' caches
-(each call reads a different layer's, as a decode step does: the caches do not fit in cache).
+head dim 64, bf16), blocks of 16 tokens, 30 layers' caches (each call reads a different
+layer's, as a decode step does: the caches do not fit in cache). --placement sets where a
+sequence's blocks lie: "contiguous" (in order, back to back), "decode-scattered" (the last 4
+blocks -- the 64 generated tokens' -- at random places, as a fresh engine allocates them:
+prompts get runs of consecutive blocks, decode steps one block at a time), "scattered" (every
+block at a random place, as after the cache has cycled).
 Prints microseconds per layer and GB/s of K/V read for:
   - kernel: torch.ops.flotilla.paged_decode_attention (workers/kernels/paged_attention.cpp);
   - read: a C++ loop (built here with $CXX or g++) that only loads the same K and V rows
@@ -82,6 +86,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--placement", default="contiguous",
+                   choices=["contiguous", "decode-scattered", "scattered"])
     args = p.parse_args()
     torch.set_num_threads(args.threads)  # the reader's OpenMP loop shares torch's libgomp
     if not load_cpu_kernels():
@@ -102,6 +108,12 @@ def main() -> None:
             t[i, : nblk[i]] = torch.arange(c, c + nblk[i], dtype=torch.int32)
             c += nblk[i]
         tables.append(t)
+    if args.placement != "contiguous":  # the chosen blocks trade places among themselves
+        tail = 4 if args.placement == "decode-scattered" else 0  # 0: every block
+        picked = torch.cat([t[i, : nblk[i]][-tail:] for t in tables for i in range(n)])
+        place = dict(zip(picked.tolist(), picked[torch.randperm(len(picked), generator=g)].tolist(), strict=True))
+        for t in tables:
+            t.apply_(lambda b: place.get(b, b))
     cl = torch.tensor(lens, dtype=torch.int32)
     q = torch.randn(n, H, D, generator=g).bfloat16()
     out = torch.empty_like(q)
@@ -127,7 +139,7 @@ def main() -> None:
             fn(layers)
             times[name].append((time.perf_counter() - t0) / len(layers))
     print(f"{n} sequences, average context {sum(lens) / n:.0f}, {kv_bytes / 1e6:.1f} MB of K/V per layer, "
-          f"{args.threads} threads, median of {args.rounds} rounds")
+          f"blocks {args.placement}, {args.threads} threads, median of {args.rounds} rounds")
     print("| case | us per layer | GB/s |\n|---|---:|---:|")
     for name, ts in times.items():
         t = statistics.median(ts)
