@@ -29,6 +29,13 @@ constexpr int64_t kTouchAhead = 16384;
 
 // Two 16-row blocks of x (a0, a1; a1 may equal a0 when only one is live) times one panel.
 // touch_end: the end of the thread's panels, to touch ahead up to (nullptr: no touches).
+// Tile registers are not renamed: a load into a tile waits until the products reading it are
+// done. So each tile is reloaded for the next k-block right after its last product of this
+// one, while the other products run (B0 after both rows' B0 products, then A0, A1, B1),
+// instead of all four loads at the top of the iteration: the next weight tiles' latency hides
+// behind this block's products. 64-row decode linears with their weights streamed from memory
+// ~4.5% faster (in-process A/B, 10 of 10 rounds), the 64-row LM head ~5%; same products in
+// the same order, so the same bits.
 template <bool kTwo>
 inline void panel_tiles(const uint16_t* a0, const uint16_t* a1, int64_t lda, const uint16_t* wp,
                         int64_t KB, float* c, const char* touch_end) {
@@ -39,24 +46,29 @@ inline void panel_tiles(const uint16_t* a0, const uint16_t* a1, int64_t lda, con
     _tile_zero(2);
     _tile_zero(3);
   }
+  _tile_loadd(6, wp, 64);
+  _tile_loadd(4, a0, lda * 2);
+  if constexpr (kTwo) _tile_loadd(5, a1, lda * 2);
+  _tile_loadd(7, wp + kTileElems, 64);
   for (int64_t kb = 0; kb < KB; ++kb) {
-    const uint16_t* b = wp + kb * 2 * kTileElems;
+    const bool more = kb + 1 < KB;
+    const uint16_t* bn = wp + (kb + 1) * 2 * kTileElems;  // the next k-block's two tiles
     if (touch_end) {
-      const char* t = reinterpret_cast<const char*>(b) + kTouchAhead;
+      const char* t = reinterpret_cast<const char*>(wp + kb * 2 * kTileElems) + kTouchAhead;
       for (int i = 0; i < 2; ++i, t += 2 * kTileElems)  // 1 KB per tile
         if (t < touch_end)
           touched = _mm_xor_si128(touched, _mm_load_si128(reinterpret_cast<const __m128i*>(t)));
     }
-    _tile_loadd(6, b, 64);
-    _tile_loadd(7, b + kTileElems, 64);
-    _tile_loadd(4, a0 + kb * 32, lda * 2);
     _tile_dpbf16ps(0, 4, 6);
+    if constexpr (kTwo) _tile_dpbf16ps(2, 5, 6);
+    if (more) _tile_loadd(6, bn, 64);
     _tile_dpbf16ps(1, 4, 7);
+    if (more) _tile_loadd(4, a0 + (kb + 1) * 32, lda * 2);
     if constexpr (kTwo) {
-      _tile_loadd(5, a1 + kb * 32, lda * 2);
-      _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
+      if (more) _tile_loadd(5, a1 + (kb + 1) * 32, lda * 2);
     }
+    if (more) _tile_loadd(7, bn + kTileElems, 64);
   }
   // (the loads' values are never needed; this keeps the compiler from dropping them)
   asm volatile("" : : "x"(touched));
