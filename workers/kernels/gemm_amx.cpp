@@ -46,10 +46,12 @@ inline void panel_tiles(const uint16_t* a0, const uint16_t* a1, int64_t lda, con
     _tile_zero(2);
     _tile_zero(3);
   }
-  _tile_loadd(6, wp, 64);
-  _tile_loadd(4, a0, lda * 2);
-  if constexpr (kTwo) _tile_loadd(5, a1, lda * 2);
-  _tile_loadd(7, wp + kTileElems, 64);
+  if (KB > 0) {  // (K = 0: nothing to load, the sums stay zero)
+    _tile_loadd(6, wp, 64);
+    _tile_loadd(4, a0, lda * 2);
+    if constexpr (kTwo) _tile_loadd(5, a1, lda * 2);
+    _tile_loadd(7, wp + kTileElems, 64);
+  }
   for (int64_t kb = 0; kb < KB; ++kb) {
     const bool more = kb + 1 < KB;
     const uint16_t* bn = wp + (kb + 1) * 2 * kTileElems;  // the next k-block's two tiles
