@@ -66,6 +66,74 @@ def test_silu_and_mul_matches_eager(rows, n):
     assert (out != want).float().mean() < 0.01
 
 
+def _differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Fraction of elements that differ (NaN against NaN counts as equal)."""
+    return ((a != b) & ~(a.isnan() & b.isnan())).float().mean()
+
+
+def _eager_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: float32 statistics, rounded to the dtype, times the weight."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+@pytest.mark.parametrize("H", [576, 64, 40])  # 40: not a multiple of the vector width
+@pytest.mark.parametrize("rows", [1, 64, 300])
+def test_bf16_rms_norms_match_eager(H, rows):
+    """rms_norm and fused_add_rms_norm in bf16 against the eager code, with a denormal and a
+    NaN among the inputs (the vector path's hardware rounding would flush / requiet those, so
+    it must hand such vectors to the exact rounding): the residual sum bit for bit, the norm
+    within one bf16 step where float32 summation order moves a rounding."""
+    g = torch.Generator().manual_seed(rows * H)
+    x = (torch.randn(rows, H, generator=g) * 3).bfloat16()
+    res = (torch.randn(rows, H, generator=g) * 3).bfloat16()
+    w = torch.randn(H, generator=g).bfloat16()
+    x[0, :3] = torch.tensor([1.0e-39, 0.0, -0.0])
+    res[0, :3] = torch.tensor([0.0, 0.0, -0.0])  # sums: a denormal, +0, -0
+    if rows > 1:
+        x[1, 5] = float("nan")
+    eps = 1e-6
+    out = torch.empty_like(x)
+    torch.ops.flotilla.rms_norm(out, x, w, eps)
+    want = _eager_rms_norm(x, w, eps)
+    close = torch.isclose(out.float(), want.float(), rtol=2**-7, atol=1e-30, equal_nan=True)
+    assert close.all() and _differ(out, want) < 0.01
+    x2, res2 = x.clone(), res.clone()
+    torch.ops.flotilla.fused_add_rms_norm(x2, res2, w, eps)
+    want_res = res + x
+    nan = want_res.isnan()  # (NaN payloads aside: ours is the canonical quiet NaN)
+    assert torch.equal(res2.isnan(), nan)
+    assert torch.equal(res2.view(torch.int16)[~nan], want_res.view(torch.int16)[~nan])
+    assert res2[0, 0] != 0 and res2[0, 2].view(torch.int16) == -32768  # denormal kept, -0 kept
+    want = _eager_rms_norm(want_res, w, eps)
+    close = torch.isclose(x2.float(), want.float(), rtol=2**-7, atol=1e-30, equal_nan=True)
+    assert close.all() and _differ(x2, want) < 0.01
+    if rows > 1:
+        assert x2[1].isnan().all() and not x2[2:].isnan().any()
+
+
+def test_bf16_rotary_matches_eager_rotate_half():
+    """rotary_embedding in bf16 against the eager rotate-half code (each product rounded to
+    bf16, then the sum), bit for bit: signed zeros, and products that round to bf16 denormals
+    (which the vector path's hardware conversion would flush)."""
+    g = torch.Generator().manual_seed(5)
+    T, H, D = 37, 9, 64
+    x = (torch.randn(T, H, D, generator=g) * 3).bfloat16()
+    cos, sin = torch.randn(T, D, generator=g).bfloat16(), torch.randn(T, D, generator=g).bfloat16()
+    x[0, 0, :4] = torch.tensor([0.0, -0.0, 0.0, -0.0])
+    x[1, 2, :3] = 1.0e-20
+    x[1, 2, D // 2 : D // 2 + 3] = 0.0  # their partners: nothing added to the denormals
+    cos[1, :3] = 1.0e-19  # x * cos ~ 1e-39: a bf16 denormal
+    half = D // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    want = x * cos[:, None, :] + rot * sin[:, None, :]
+    got = x.clone()
+    torch.ops.flotilla.rotary_embedding(got, cos, sin)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert (got[1, 2, :3] != 0).all()  # the denormals are there
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_write_kv_cache_matches_index_copy(dtype):
     """k and v as the attention layer passes them: strided views into the fused QKV output."""
