@@ -131,7 +131,7 @@ inline void bf16x16_store(uint16_t* p, __m512 x) {
 inline __m512 silu_mul16(__m512 gate, __m512 up) {
   const __m512 e =
       exp512(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), gate), _mm512_set1_ps(88.0f)));
-  const __m512 silu = bf16x16_round(_mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+  const __m512 silu = bf16x16_round_fast(_mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
   return _mm512_mul_ps(silu, up);
 }
 #endif

@@ -226,7 +226,7 @@ void silu_and_mul_impl(const at::Tensor& out, const at::Tensor& x) {
 #if defined(__AVX512F__)
     if constexpr (std::is_same<T, c10::BFloat16>::value) {
       for (; i0 + 16 <= n; i0 += 16) {
-        bf16x16_store(o + i0, silu_mul16(bf16x16_load(g + i0), bf16x16_load(u + i0)));
+        bf16x16_store_fast(o + i0, silu_mul16(bf16x16_load(g + i0), bf16x16_load(u + i0)));
       }
     }
 #endif
