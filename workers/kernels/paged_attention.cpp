@@ -298,8 +298,15 @@ void decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
           raw_t* dst = op + (tv.i * H + tv.h0 * G) * D;
           for (int64_t r = 0; r < NQ; ++r) {
             const float inv = 1.0f / sc.l[r];
+            if constexpr (std::is_same<T, c10::BFloat16>::value) {
+              const __m512 vinv = _mm512_set1_ps(inv);
+              for (int64_t d = 0; d < D; d += 16)
+                bf16x16_store_fast(reinterpret_cast<uint16_t*>(dst) + r * D + d,
+                                   _mm512_mul_ps(_mm512_loadu_ps(sc.acc + r * D + d), vinv));
+            } else {
 #pragma omp simd
-            for (int64_t d = 0; d < D; ++d) dst[r * D + d] = R::store(sc.acc[r * D + d] * inv);
+              for (int64_t d = 0; d < D; ++d) dst[r * D + d] = R::store(sc.acc[r * D + d] * inv);
+            }
           }
         }
 #endif
