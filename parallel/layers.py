@@ -290,6 +290,23 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(_Packable, VocabParallelEmbedding):
     """Vocab-parallel output projection; every rank ends with the full logits row."""
 
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Each row's argmax token (int64 [rows]) without writing the logits out -- what
+        argmax_rows picks from forward(hidden) -- or None where only forward can (no AMX
+        packing, tensor parallelism, past AMX_MAX_ROWS rows)."""
+        if (
+            self._amx is None
+            or self.tp.size > 1
+            or hidden.dim() != 2
+            or hidden.shape[0] > AMX_MAX_ROWS
+            or hidden.dtype != torch.bfloat16
+            or hidden.device.type != "cpu"
+        ):
+            return None
+        out = torch.empty(hidden.shape[0], dtype=torch.long)
+        ok = torch.ops.flotilla.amx_argmax(out, hidden.contiguous(), self._amx, self.vocab_size)
+        return out if ok else None
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         logits = self._linear(hidden, None)
         if self.tp.size > 1:

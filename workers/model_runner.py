@@ -23,6 +23,7 @@ from workers.loader import iter_weights, load_hf_config, resolve_model_path
 from workers.messages import SeqPlan, StepPlan, StepResult
 from workers.models.llama import LlamaArch, LlamaForCausalLM
 from workers.sampler import SamplingState, sample
+from workers.sampling_params import SamplingParams
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -81,6 +82,12 @@ def _default_dtype(dtype: torch.dtype):
         yield
     finally:
         torch.set_default_dtype(old)
+
+
+def _plain_greedy(p: SamplingParams) -> bool:
+    """The token is the logits' argmax and nothing else is read from them (no penalties, no
+    logprobs): the LM head may pick it without writing the logits out."""
+    return p.greedy and p.logprobs is None and not p.needs_penalties
 
 
 class ModelRunner:
@@ -241,11 +248,20 @@ class ModelRunner:
                 continue
             if not sample_seqs:
                 continue
-            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+            last = hidden[torch.tensor(rows, device=self.device)]
+            states = [self.states[s.req_id] for s in sample_seqs]
+            greedy = None
+            if self.native and all(_plain_greedy(st.params) for st in states):
+                greedy = self.model.greedy_tokens(last)  # None on every TP rank alike
+            if greedy is not None:
+                tokens, lps = greedy.tolist(), None
+            else:
+                logits = self.model.compute_logits(last)
+                if not g.is_driver:
+                    continue
+                tokens, lps = sample(logits.cpu(), states, self.generator, self.native)
             if not g.is_driver:
                 continue
-            states = [self.states[s.req_id] for s in sample_seqs]
-            tokens, lps = sample(logits.cpu(), states, self.generator, self.native)
             for i, s in enumerate(sample_seqs):
                 sampled[s.req_id] = (tokens[i], lps[i] if lps is not None else None)
         with COMM.time():

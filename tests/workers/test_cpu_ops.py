@@ -265,3 +265,32 @@ def test_amx_packed_layer_matches_unpacked(rows):
     assert ((got.double() - ref).abs() <= bound).all()
     if rows > AMX_MAX_ROWS:
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("M,N", [(1, 49152), (64, 49157), (5, 77), (40, 1000)])
+def test_amx_argmax_is_linear_then_argmax_rows(M, N):
+    """The fused greedy LM head picks what argmax_rows picks from amx_linear's bf16 logits:
+    ties (duplicate weight rows) go to the first column, also across the two threads' column
+    ranges; NaN never wins; a row of NaNs gives 0; N not a multiple of the 32-column panel."""
+    from parallel.layers import amx_pack
+
+    _needs_amx()
+    g = torch.Generator().manual_seed(M * N)
+    K = 96
+    x = torch.randn(M, K, generator=g).bfloat16()
+    w = (torch.randn(N, K, generator=g) * 0.1).bfloat16()
+    hot = N - 3  # the same best row three times: near the start, middle and end
+    w[hot] = w[N // 2] = w[7] = x[0].float().sign().bfloat16() * 0.5
+    if M > 1:
+        x[1] = float("nan")  # every logit NaN: index 0
+    wp = amx_pack(w)
+    logits = torch.empty(M, N, dtype=torch.bfloat16)
+    assert torch.ops.flotilla.amx_linear(logits, x, wp, None)
+    want = torch.empty(M, dtype=torch.long)
+    torch.ops.flotilla.argmax_rows(want, logits)
+    got = torch.full((M,), -1, dtype=torch.long)
+    assert torch.ops.flotilla.amx_argmax(got, x, wp, N)
+    assert got.tolist() == want.tolist()
+    assert got[0] == 7
+    if M > 1:
+        assert got[1] == 0

@@ -56,3 +56,34 @@ def test_dense_layers_decline_q_k_norms(tiny_model_dir):
     """Qwen3's per-head q/k norms are not in the one-call path: that model keeps the modules."""
     engine = _engine(tiny_model_dir("qwen3"), 64)
     assert engine.executor.runner.model._dense is None
+
+
+def test_greedy_lm_head_picks_the_sampled_token(tiny_model_dir):
+    """Plain greedy requests take the fused LM head (torch.ops.flotilla.amx_argmax: no logits
+    written); asking for logprobs takes the logits and the sampler. Same tokens either way,
+    for a batch mixing prefill chunks and decodes."""
+    if not cpu_has_amx():
+        pytest.skip("the fused greedy head runs on AMX CPUs only")
+    rng = random.Random(7)
+    prompts = [[rng.randrange(100, 49000) for _ in range(n)] for n in (5, 40, 17, 90, 1, 33)]
+    engine = _engine(tiny_model_dir("llama"), 48)
+    model = engine.executor.runner.model
+    fused = 0
+    head = model.greedy_tokens
+
+    def counted(hidden):
+        nonlocal fused
+        out = head(hidden)
+        fused += out is not None
+        return out
+
+    model.greedy_tokens = counted
+    plain = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    a = engine.generate(prompts, plain)
+    steps = fused
+    assert steps > 0
+    b = engine.generate(prompts, plain.model_copy(update={"logprobs": 1}))
+    assert fused == steps  # logprobs need the logits: the sampler path
+    for x, y in zip(a, b, strict=True):
+        assert x.token_ids == y.token_ids
+        assert [lp.top_ids[0] for lp in y.logprobs] == y.token_ids  # greedy = the top logprob

@@ -480,6 +480,7 @@ TORCH_LIBRARY(flotilla, m) {
   m.def("gemv_bf16(Tensor(a!) out, Tensor x, Tensor w) -> bool");
   m.def("amx_linear(Tensor(a!) out, Tensor x, Tensor w_packed, Tensor? bias) -> bool");
   m.def("amx_swiglu(Tensor(a!) out, Tensor x, Tensor w_packed) -> bool");
+  m.def("amx_argmax(Tensor(a!) out, Tensor x, Tensor w_packed, int n) -> bool");
   m.def(
       "dense_layers(Tensor x, Tensor[] weights, Tensor[] kv_caches, Tensor cos, Tensor sin, "
       "Tensor slots, Tensor? decode_tables, Tensor? decode_lens, Tensor? prefill_tables, "

@@ -121,6 +121,34 @@ inline void store_rows_swiglu(uint16_t* out, int64_t ldo, const float* c, int64_
   }
 }
 
+// Greedy sampling without the logits: each row's columns n0 .. n0+31 (clipped to N), rounded
+// to bf16 as store_rows rounds them, against the row's best so far. Strictly greater wins, so
+// on ties the earlier column stays (panels arrive in column order); NaN never wins -- what
+// argmax_rows picks from the stored logits.
+inline void argmax_rows_panel(const float* c, int64_t rows, int64_t n0, int64_t N, float* best,
+                              int64_t* idx) {
+  const int64_t cols = std::min<int64_t>(kPanel, N - n0);
+  const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 m1 = cols >= 32 ? 0xFFFF
+                       : cols > 16 ? static_cast<__mmask16>((1u << (cols - 16)) - 1)
+                                   : 0;
+  const __m512 ninf = _mm512_set1_ps(-INFINITY);
+  const auto round = [](__m512 v) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); };
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* cr = c + r * kPanel;
+    __m512 a = round(_mm512_loadu_ps(cr)), b = round(_mm512_loadu_ps(cr + 16));
+    a = _mm512_mask_mov_ps(ninf, m0 & _mm512_cmp_ps_mask(a, a, _CMP_ORD_Q), a);
+    b = _mm512_mask_mov_ps(ninf, m1 & _mm512_cmp_ps_mask(b, b, _CMP_ORD_Q), b);
+    const float mx = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+    if (!(mx > best[r])) continue;
+    const __m512 vm = _mm512_set1_ps(mx);
+    const uint32_t ka = _mm512_cmp_ps_mask(a, vm, _CMP_EQ_OQ);
+    best[r] = mx;
+    idx[r] = n0 + (ka ? __builtin_ctz(ka)
+                      : 16 + __builtin_ctz(static_cast<uint32_t>(_mm512_cmp_ps_mask(b, vm, _CMP_EQ_OQ))));
+  }
+}
+
 }  // namespace
 #endif
 
@@ -128,22 +156,29 @@ inline void store_rows_swiglu(uint16_t* out, int64_t ldo, const float* c, int64_
 // bias None or [N] float32; out [M, N] contiguous bf16. False (nothing written) when this
 // CPU or build has no AMX.
 namespace {
-template <bool kSwiglu>
+enum Epilogue { kLinear, kSwiglu, kArgmax };
+// kArgmax: out [M] int64 receives each row's argmax over the first n_argmax columns
+template <Epilogue kMode>
 bool amx_gemm(at::Tensor out, const at::Tensor& x, const at::Tensor& wp,
-              const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && wp.dim() == 5 && out.size(0) == x.size(0),
-              "amx_linear: x [M, K], packed w [N/32, K/32, 2, 16, 32], out [M, N]");
+              const c10::optional<at::Tensor>& bias, int64_t n_argmax = 0) {
+  TORCH_CHECK(x.dim() == 2 && out.dim() == (kMode == kArgmax ? 1 : 2) && wp.dim() == 5 &&
+                  out.size(0) == x.size(0),
+              "amx_linear: x [M, K], packed w [N/32, K/32, 2, 16, 32], out [M, N] (argmax: [M])");
   // swiglu: out [M, I] from the 2I packed gate|up columns
-  const int64_t M = x.size(0), K = x.size(1), N = kSwiglu ? 2 * out.size(1) : out.size(1);
-  TORCH_CHECK(!kSwiglu || out.size(1) % 16 == 0, "amx_swiglu: out width must be a multiple of 16");
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t N = kMode == kSwiglu ? 2 * out.size(1) : kMode == kArgmax ? n_argmax : out.size(1);
+  TORCH_CHECK(kMode != kArgmax || (N > 0 && N < (int64_t{1} << 31) && !(bias && bias->defined())),
+              "amx_argmax: 0 < n < 2^31 columns, no bias");
+  TORCH_CHECK(kMode != kSwiglu || out.size(1) % 16 == 0,
+              "amx_swiglu: out width must be a multiple of 16");
   const int64_t KB = (K + 31) / 32, P = (N + kPanel - 1) / kPanel;
   TORCH_CHECK(wp.size(0) == P && wp.size(1) == KB && wp.size(2) == 2 && wp.size(3) == 16 &&
                   wp.size(4) == 32,
               "amx_linear: packed weight ", wp.sizes(), " does not match K=", K, ", N=", N);
   TORCH_CHECK(x.is_contiguous() && wp.is_contiguous() && out.is_contiguous() &&
                   x.scalar_type() == at::kBFloat16 && wp.scalar_type() == at::kBFloat16 &&
-                  out.scalar_type() == at::kBFloat16,
-              "amx_linear: contiguous bfloat16 tensors only");
+                  out.scalar_type() == (kMode == kArgmax ? at::kLong : at::kBFloat16),
+              "amx_linear: contiguous bfloat16 tensors only (argmax: int64 out)");
   const float* bp = nullptr;
   if (bias && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous() &&
@@ -156,7 +191,7 @@ bool amx_gemm(at::Tensor out, const at::Tensor& x, const at::Tensor& wp,
   if (M == 0) return true;
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
   const auto* wpp = reinterpret_cast<const uint16_t*>(wp.data_ptr());
-  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  auto* op = kMode == kArgmax ? nullptr : reinterpret_cast<uint16_t*>(out.data_ptr());
   // Rows are read 32 k at a time: a K that is not a multiple of 32, or a last block of fewer
   // than 16 / 32 rows, reads from a zero-padded copy instead of past the end of x.
   const int64_t Kp = KB * 32;
@@ -177,7 +212,23 @@ bool amx_gemm(at::Tensor out, const at::Tensor& x, const at::Tensor& wp,
     blocks.push_back({tail.data() + m * Kp, Kp, full + m, std::min<int64_t>(32, rest - m)});
   constexpr int64_t kChunk = 8;
   const int64_t nb = static_cast<int64_t>(blocks.size());
+  // argmax: each chunk of panels keeps its rows' best (value, column); merged in column order
+  struct Best {
+    int64_t p0 = -1;
+    std::vector<float> val;
+    std::vector<int64_t> col;
+  };
+  std::vector<Best> bests(kMode == kArgmax ? at::get_num_threads() : 0);
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    float* bv = nullptr;
+    int64_t* bc = nullptr;
+    if constexpr (kMode == kArgmax) {
+      Best& b = bests[at::get_thread_num()];
+      b.p0 = p0;
+      b.val.assign(M, -INFINITY);
+      b.col.assign(M, 0);
+      bv = b.val.data(), bc = b.col.data();
+    }
     amx_config_16x64();
     alignas(64) float c[32 * kPanel];
     const char* wend = reinterpret_cast<const char*>(wpp + p1 * KB * 2 * kTileElems);
@@ -192,8 +243,10 @@ bool amx_gemm(at::Tensor out, const at::Tensor& x, const at::Tensor& wp,
             panel_tiles<true>(blk.a, blk.a + 16 * blk.lda, blk.lda, w, KB, c, touch);
           else
             panel_tiles<false>(blk.a, blk.a, blk.lda, w, KB, c, touch);
-          if constexpr (kSwiglu)
+          if constexpr (kMode == kSwiglu)
             store_rows_swiglu(op + blk.row * (N / 2), N / 2, c, blk.rows, p * 16);
+          else if constexpr (kMode == kArgmax)
+            argmax_rows_panel(c, blk.rows, p * kPanel, N, bv + blk.row, bc + blk.row);
           else
             store_rows(op + blk.row * N, N, c, blk.rows, p * kPanel, N, bp);
         }
@@ -201,6 +254,17 @@ bool amx_gemm(at::Tensor out, const at::Tensor& x, const at::Tensor& wp,
     }
     _tile_release();
   });
+  if constexpr (kMode == kArgmax) {
+    std::sort(bests.begin(), bests.end(), [](const Best& a, const Best& b) { return a.p0 < b.p0; });
+    int64_t* o = out.data_ptr<int64_t>();
+    for (int64_t r = 0; r < M; ++r) {
+      float v = -INFINITY;
+      int64_t col = 0;
+      for (const Best& b : bests)
+        if (b.p0 >= 0 && b.val[r] > v) v = b.val[r], col = b.col[r];
+      o[r] = col;
+    }
+  }
   return true;
 #else
   return false;
@@ -210,12 +274,18 @@ bool amx_gemm(at::Tensor out, const at::Tensor& x, const at::Tensor& wp,
 
 bool amx_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& wp,
                 const c10::optional<at::Tensor>& bias) {
-  return amx_gemm<false>(out, x, wp, bias);
+  return amx_gemm<kLinear>(out, x, wp, bias);
 }
 
 // out [M, I] = bf16(silu(x Wg^T)) * (x Wu^T) rounded, for gate|up packed by amx_pack_swiglu.
 bool amx_swiglu(at::Tensor out, const at::Tensor& x, const at::Tensor& wp) {
-  return amx_gemm<true>(out, x, wp, c10::nullopt);
+  return amx_gemm<kSwiglu>(out, x, wp, c10::nullopt);
+}
+
+// out [M] int64 = argmax_rows(amx_linear(x, w)[:, :n]) without writing the [M, n] logits: the
+// greedy LM head (64 x 49,152 logits are 6 MB written and read back per decode step).
+bool amx_argmax(at::Tensor out, const at::Tensor& x, const at::Tensor& wp, int64_t n) {
+  return amx_gemm<kArgmax>(out, x, wp, c10::nullopt, n);
 }
 
 }  // namespace flotilla
@@ -223,4 +293,5 @@ bool amx_swiglu(at::Tensor out, const at::Tensor& x, const at::Tensor& wp) {
 TORCH_LIBRARY_IMPL(flotilla, CPU, m) {
   m.impl("amx_linear", &flotilla::amx_linear);
   m.impl("amx_swiglu", &flotilla::amx_swiglu);
+  m.impl("amx_argmax", &flotilla::amx_argmax);
 }

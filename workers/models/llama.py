@@ -434,6 +434,11 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))  # model dtype: the sampler widens if it must
 
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """argmax of compute_logits(hidden) per row, fused into the LM head (no logits
+        written), or None where the head cannot."""
+        return self.lm_head.greedy(self.norm(hidden))
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy this rank's slices in; returns the names of the parameters that were loaded."""
         params = dict(self.named_parameters())
