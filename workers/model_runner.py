@@ -253,15 +253,14 @@ class ModelRunner:
             greedy = None
             if self.native and all(_plain_greedy(st.params) for st in states):
                 greedy = self.model.greedy_tokens(last)  # None on every TP rank alike
+            if greedy is None:
+                logits = self.model.compute_logits(last)  # on every TP rank: the head gathers
+            if not g.is_driver:
+                continue
             if greedy is not None:
                 tokens, lps = greedy.tolist(), None
             else:
-                logits = self.model.compute_logits(last)
-                if not g.is_driver:
-                    continue
                 tokens, lps = sample(logits.cpu(), states, self.generator, self.native)
-            if not g.is_driver:
-                continue
             for i, s in enumerate(sample_seqs):
                 sampled[s.req_id] = (tokens[i], lps[i] if lps is not None else None)
         with COMM.time():
