@@ -97,6 +97,12 @@ inline __m512i bf16x16_bits(__m512 x) {  // rounded bf16 in the high half of eac
   return _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc00000));
 }
 inline __m512 bf16x16_round(__m512 x) { return _mm512_castsi512_ps(bf16x16_bits(x)); }
+// x already holds bf16 values (e.g. from bf16x16_round): the store needs no rounding
+inline void bf16x16_store_exact(uint16_t* p, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(x), 16)));
+}
+inline void bf16x16_store(uint16_t* p, __m512 x) { bf16x16_store_exact(p, bf16x16_round(x)); }
 #if defined(__AVX512BF16__)
 // The same rounding by AVX512-BF16's conversion, one instruction, where it agrees: it flushes
 // denormals and quiets NaNs its own way, so a vector holding either takes bf16x16_bits.
@@ -116,15 +122,6 @@ inline void bf16x16_store_fast(uint16_t* p, __m512 x) {
 inline __m512 bf16x16_round_fast(__m512 x) { return bf16x16_round(x); }
 inline void bf16x16_store_fast(uint16_t* p, __m512 x) { bf16x16_store(p, x); }
 #endif
-// x already holds bf16 values (e.g. from bf16x16_round): the store needs no rounding
-inline void bf16x16_store_exact(uint16_t* p, __m512 x) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(x), 16)));
-}
-inline void bf16x16_store(uint16_t* p, __m512 x) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16x16_bits(x), 16)));
-}
 
 // bf16(silu(gate)) * up in float32 (round to bf16 when storing), for gate and up holding bf16
 // values: transformers' LlamaMLP in bf16 (silu rounded to the dtype, then the product).

@@ -82,14 +82,25 @@ inline void panel_tiles(const uint16_t* a0, const uint16_t* a1, int64_t lda, con
   }
 }
 
+// The live lanes of a panel's two 16-column halves, columns n0 .. n0+31 clipped to N.
+struct PanelMasks {
+  __mmask16 lo, hi;
+  PanelMasks(int64_t n0, int64_t N) {
+    const int64_t cols = std::min<int64_t>(kPanel, N - n0);
+    lo = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+    hi = cols >= 32 ? 0xFFFF : cols > 16 ? static_cast<__mmask16>((1u << (cols - 16)) - 1) : 0;
+  }
+};
+
+// float32 -> nearest-even bf16 -> float32 by AVX512-BF16's conversion (the rounding the
+// epilogues store with)
+inline __m512 round_bf16(__m512 v) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); }
+
 // rows of c (float32, 32 wide) -> out (bf16, row stride ldo), columns n0 .. n0 + 31 clipped to N
 inline void store_rows(uint16_t* out, int64_t ldo, const float* c, int64_t rows, int64_t n0,
                        int64_t N, const float* bias) {
-  const int64_t cols = std::min<int64_t>(kPanel, N - n0);
-  const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
-  const __mmask16 m1 = cols >= 32 ? 0xFFFF
-                       : cols > 16 ? static_cast<__mmask16>((1u << (cols - 16)) - 1)
-                                   : 0;
+  const PanelMasks pm(n0, N);
+  const __mmask16 m0 = pm.lo, m1 = pm.hi;
   const __mmask32 m01 = static_cast<__mmask32>(m0) | (static_cast<__mmask32>(m1) << 16);
   __m512 b0 = _mm512_setzero_ps(), b1 = b0;
   if (bias) {
@@ -112,10 +123,9 @@ inline void store_rows(uint16_t* out, int64_t ldo, const float* c, int64_t rows,
 // path's gate_up linear and silu_and_mul, bit for bit, without writing gate|up out.
 inline void store_rows_swiglu(uint16_t* out, int64_t ldo, const float* c, int64_t rows,
                               int64_t n0) {
-  const auto round = [](__m512 v) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); };
   for (int64_t r = 0; r < rows; ++r) {
     const float* cr = c + r * kPanel;
-    const __m512 g = round(_mm512_loadu_ps(cr)), u = round(_mm512_loadu_ps(cr + 16));
+    const __m512 g = round_bf16(_mm512_loadu_ps(cr)), u = round_bf16(_mm512_loadu_ps(cr + 16));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ldo + n0),
                         reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(silu_mul16(g, u))));
   }
@@ -127,16 +137,12 @@ inline void store_rows_swiglu(uint16_t* out, int64_t ldo, const float* c, int64_
 // argmax_rows picks from the stored logits.
 inline void argmax_rows_panel(const float* c, int64_t rows, int64_t n0, int64_t N, float* best,
                               int64_t* idx) {
-  const int64_t cols = std::min<int64_t>(kPanel, N - n0);
-  const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
-  const __mmask16 m1 = cols >= 32 ? 0xFFFF
-                       : cols > 16 ? static_cast<__mmask16>((1u << (cols - 16)) - 1)
-                                   : 0;
+  const PanelMasks pm(n0, N);
+  const __mmask16 m0 = pm.lo, m1 = pm.hi;
   const __m512 ninf = _mm512_set1_ps(-INFINITY);
-  const auto round = [](__m512 v) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); };
   for (int64_t r = 0; r < rows; ++r) {
     const float* cr = c + r * kPanel;
-    __m512 a = round(_mm512_loadu_ps(cr)), b = round(_mm512_loadu_ps(cr + 16));
+    __m512 a = round_bf16(_mm512_loadu_ps(cr)), b = round_bf16(_mm512_loadu_ps(cr + 16));
     a = _mm512_mask_mov_ps(ninf, m0 & _mm512_cmp_ps_mask(a, a, _CMP_ORD_Q), a);
     b = _mm512_mask_mov_ps(ninf, m1 & _mm512_cmp_ps_mask(b, b, _CMP_ORD_Q), b);
     const float mx = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
