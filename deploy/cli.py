@@ -1,8 +1,10 @@
 """The `flotilla` command.
 
 flotilla serve [--config cfg.yaml] [--model M] [--groups N] [--policy P]
-    start (or join) a Ray cluster, run the Serve app, print how to call it, block until
-    Ctrl-C, then shut Serve down.
+    check the config (exit 2 naming the field and the numbers if it cannot be served), start
+    (or join) a Ray cluster, run the Serve app, print how to call it, block until Ctrl-C or
+    SIGTERM, then drain (refuse new requests, let running ones finish for
+    serve.drain_timeout_s) and delete only this app (and the cluster, if it started it).
 flotilla generate "prompt" [--stream] [--max-tokens N] [--temperature T] [--chat]
                   [--address 127.0.0.1:9000]
     one request over gRPC (needs only grpcio and the generated stubs; no Ray import).
@@ -16,24 +18,28 @@ import time
 from typing import Any
 
 
-def _load_config(args: argparse.Namespace):
-    from deploy.config import FlotillaConfig
-
-    cfg = FlotillaConfig.from_yaml(args.config) if args.config else FlotillaConfig()
-    data: dict[str, Any] = cfg.model_dump()
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     if args.model:
-        data["engine"]["model"]["model"] = args.model
-    if args.groups:
-        data["groups"] = args.groups
+        out["engine.model.model"] = args.model
+    if args.groups is not None:
+        out["groups"] = args.groups
     if args.policy:
-        data["router"]["policy"] = args.policy
-    return FlotillaConfig.model_validate(data)
+        out["router.policy"] = args.policy
+    return out
+
+
+def _config_failed(e: Exception) -> int:
+    print("flotilla: the config cannot be served:", file=sys.stderr)
+    for line in str(e).splitlines():
+        print(f"  - {line}", file=sys.stderr)
+    return 2
 
 
 def usage_text(cfg) -> str:
     s, model = cfg.serve, cfg.model_name
     http = f"http://{s.host}:{s.http_port}"
-    grpc_addr = f"127.0.0.1:{s.grpc_port}"
+    grpc_addr = f"{s.host}:{s.grpc_port}"
     return f"""
 Flotilla is serving {model!r} on {cfg.groups} replica group(s), routing {cfg.router.policy}.
 
@@ -60,30 +66,132 @@ def _metrics_url(cfg) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    cfg = _load_config(args)
+    """Preflight, start (or join) Ray, deploy, wait for Ctrl-C / SIGTERM, drain, clean up.
+    Exit 0 after a clean stop, 2 when the config cannot be served (nothing is left running)."""
+    from deploy import preflight
+
+    t0 = time.monotonic()
+    try:
+        cfg = preflight.load(args.config, _overrides(args))
+        joining = cfg.serve.ray_address is not None
+        if not joining:
+            preflight.check_local(cfg)
+    except preflight.ConfigError as e:
+        return _config_failed(e)
+
     import ray
     from ray import serve
 
     from deploy import app
 
-    init: dict[str, Any] = {"address": cfg.serve.ray_address}
-    if cfg.serve.ray_address is None:
-        init["runtime_env"] = app.runtime_env(cfg)
+    stop = StopSignals()
+    init: dict[str, Any] = {"address": cfg.serve.ray_address, "runtime_env": app.runtime_env(cfg)}
+    if not joining:
+        init["address"] = "local"
+        init["num_cpus"] = preflight.local_cpus()
         if cfg.serve.metrics_export_port:
             init["_metrics_export_port"] = cfg.serve.metrics_export_port
-    ray.init(**init)
-    print(f"starting {cfg.groups} replica group(s) of {cfg.model_name!r} ...", flush=True)
+    print(
+        f"starting Ray ({'joining ' + str(cfg.serve.ray_address) if joining else 'local'}) ...",
+        flush=True,
+    )
+    with stop.children_ignore_ctrl_c():
+        ray.init(**init)
+    stop.install()
+    deployed = False
     try:
+        if joining:
+            try:
+                preflight.check_cluster(cfg, ray.cluster_resources())
+            except preflight.ConfigError as e:
+                return _config_failed(e)
+        print(
+            f"starting {cfg.groups} replica group(s) of {cfg.model_name!r} (kernel build, weights "
+            "and KV cache: the groups report below) ...",
+            flush=True,
+        )
+        deployed = True
         app.start(cfg)
         print(usage_text(cfg), flush=True)
-        while True:
-            time.sleep(3600)
+        print(f"ready in {time.monotonic() - t0:.1f} s", flush=True)
+        stop.wait()
+        print("stopping (Ctrl-C again to stop at once) ...", flush=True)
+        left = app.drain(cfg, cfg.serve.drain_timeout_s, lambda line: print(line, flush=True))
+        if left:
+            print(
+                f"{left} request(s) still running after {cfg.serve.drain_timeout_s:g} s: "
+                "cancelling them",
+                flush=True,
+            )
     except KeyboardInterrupt:
-        print("shutting down", flush=True)
+        print("interrupted: stopping", flush=True)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop.ignore()  # the clean-up below must not be interrupted half way
+        if deployed:
+            try:
+                serve.delete(cfg.serve.app_name)  # only ours, whoever else uses the cluster
+            except Exception as e:  # the app never came up, or Serve is gone already
+                print(f"(deleting the app: {e})", file=sys.stderr)
+            if not joining:
+                serve.shutdown()
+        ray.shutdown()  # ends the cluster only if we started it
+        print("stopped", flush=True)
     return 0
+
+
+class StopSignals:
+    """Ctrl-C and SIGTERM for `flotilla serve`.
+
+    Ray's own processes (GCS, raylet, dashboard, autoscaler, proxies, replicas) are started by
+    ray.init with SIGINT ignored, which they inherit (CPython keeps an ignored SIGINT ignored),
+    so a Ctrl-C in the terminal reaches only this process, which then drains and stops them in
+    order, instead of every one of them dying with its own traceback. Before the app is ready
+    a signal interrupts the start-up (KeyboardInterrupt); after, the first one starts the drain
+    and a second one cuts the drain short.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self.requested = threading.Event()
+        self.waiting = False
+
+    def children_ignore_ctrl_c(self):
+        import contextlib
+        import signal
+
+        @contextlib.contextmanager
+        def ctx():
+            old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                yield
+            finally:
+                signal.signal(signal.SIGINT, old)
+
+        return ctx()
+
+    def install(self) -> None:
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def ignore(self) -> None:
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+    def _handle(self, signum, frame) -> None:
+        first = not self.requested.is_set()
+        self.requested.set()
+        if not self.waiting or not first:
+            raise KeyboardInterrupt  # start-up, or a second signal during the drain
+
+    def wait(self) -> None:
+        self.waiting = True
+        while not self.requested.wait(3600):
+            pass
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

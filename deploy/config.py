@@ -25,7 +25,10 @@ class ServeConfig(BaseModel):
 
     app_name: str = Field("flotilla", min_length=1, description="Serve application name.")
     host: str = Field(
-        "127.0.0.1", description="HTTP listen address (the gRPC proxy listens on all)."
+        "127.0.0.1",
+        min_length=1,
+        description="Listen address of the HTTP and the gRPC proxy (0.0.0.0 / :: for every "
+        "interface). Applies when `flotilla serve` starts the cluster or Serve.",
     )
     http_port: int = Field(8000, ge=1, le=65535, description="OpenAI-compatible HTTP port.")
     grpc_port: int = Field(9000, ge=1, le=65535, description="gRPC port (flotilla.v1.Flotilla).")
@@ -53,6 +56,12 @@ class ServeConfig(BaseModel):
         description="How long a group being stopped waits for its routers' streams to close "
         "before Serve kills it (requests still running then fail with UNAVAILABLE).",
     )
+    drain_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="On Ctrl-C / SIGTERM, how long `flotilla serve` lets in-flight requests "
+        "finish (new ones are refused with UNAVAILABLE / 503) before it deletes the app.",
+    )
     metrics_export_port: int | None = Field(
         8080,
         ge=1,
@@ -68,7 +77,8 @@ class ServeConfig(BaseModel):
         "(direct ingress off). Only applies when `flotilla serve` starts the cluster.",
     )
     ray_address: str | None = Field(
-        None, description="Join this Ray cluster; None starts a local one (or joins RAY_ADDRESS)."
+        None,
+        description="Join this Ray cluster (e.g. 127.0.0.1:6379); None starts a local one.",
     )
 
 

