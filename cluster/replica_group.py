@@ -40,12 +40,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from cluster.config import EngineConfig
-from workers.errors import EngineDead, EngineOverloaded, InvalidRequest
+from workers.errors import EngineDead, EngineDraining, EngineOverloaded, InvalidRequest
 from workers.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
-ERROR_KINDS = ("invalid", "overloaded", "dead")
+ERROR_KINDS = ("invalid", "overloaded", "draining", "dead")
 
 
 def encode_error(exc: BaseException) -> dict[str, Any]:
@@ -54,6 +54,8 @@ def encode_error(exc: BaseException) -> dict[str, Any]:
         return {"kind": "invalid", "field": exc.field, "message": exc.message}
     if isinstance(exc, EngineOverloaded):
         return {"kind": "overloaded", "field": None, "message": str(exc)}
+    if isinstance(exc, EngineDraining):
+        return {"kind": "draining", "field": None, "message": str(exc)}
     return {"kind": "dead", "field": None, "message": f"replica group failed: {exc}"}
 
 
@@ -99,6 +101,7 @@ class ReplicaGroup:
         self._subscribers: dict[str, _Subscriber] = {}
         self._server: asyncio.AbstractServer | None = None
         self.direct_links = 0  # routers connected to the direct data plane right now
+        self.draining = False  # set by drain(): new requests are refused, running ones finish
 
     # ---- multiplexed requests --------------------------------------------------------------
     async def subscribe(self, router_id: str) -> AsyncIterator[list[tuple[str, dict[str, Any]]]]:
@@ -226,12 +229,14 @@ class ReplicaGroup:
         self.num_requests += 1
         finished = False
         try:
+            if self.draining:
+                raise EngineDraining(f"replica group {self.name} is shutting down")
             sampling = SamplingParams.from_dict(params)
             stream = self.engine.generate(token_ids, sampling, request_id)
             async for out in stream:
                 finished = out.finished
                 yield self._delta(out, sampling)
-        except (InvalidRequest, EngineOverloaded, EngineDead) as e:
+        except (InvalidRequest, EngineOverloaded, EngineDraining, EngineDead) as e:
             finished = True
             yield {"error": encode_error(e)}
         except Exception as e:  # never let a traceback reach the client
@@ -263,6 +268,15 @@ class ReplicaGroup:
             msg["ttft"] = out.first_token_time - out.arrival_time  # queue + prefill in the group
         return msg
 
+    # ---- shutdown ------------------------------------------------------------------------------
+    def drain(self) -> int:
+        """Stop accepting requests (each new one is refused with kind "draining", so the router
+        tries another group); running ones go on. Returns how many are still in flight, which
+        stats() keeps reporting until it reaches 0. Idempotent."""
+        self.draining = True
+        s = self.engine.stats()
+        return s.num_running + s.num_waiting
+
     # ---- introspection -----------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """What the router needs once: limits, block size and the tokenizer's files (so the
@@ -289,6 +303,7 @@ class ReplicaGroup:
         return {
             "name": self.name,
             "healthy": self.engine.dead is None,
+            "draining": self.draining,
             "time": time.time(),
             "num_running": s.num_running,
             "num_waiting": s.num_waiting,

@@ -10,6 +10,8 @@ router's policy -- not Serve's default load balancing -- decides where a request
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 from ray import serve
@@ -17,6 +19,7 @@ from ray.serve.config import gRPCOptions
 
 from cluster.config import EngineConfig
 from cluster.replica_group import ReplicaGroup
+from deploy import proxy_bind
 from deploy.config import FlotillaConfig
 from router.ingress import Ingress
 
@@ -96,14 +99,18 @@ def http_options(config: FlotillaConfig) -> dict[str, Any]:
 def runtime_env(config: FlotillaConfig) -> dict[str, Any]:
     """The `runtime_env` for ray.init when we start the cluster: every process Serve starts for
     this job (controller, proxies, replicas) inherits these variables."""
-    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        proxy_bind.HOST_ENV: config.serve.host,  # the gRPC proxy listens there too
+    }
     if config.serve.throughput_optimized:
         env |= {
             "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
             "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",  # keep the HTTP and gRPC proxies
             "RAY_SERVE_PROXY_USE_GRPC": "1",
         }
-    return {"env_vars": env}
+    return {"env_vars": env, "worker_process_setup_hook": "deploy.proxy_bind.install"}
 
 
 def start(config: FlotillaConfig, blocking: bool = False) -> serve.handle.DeploymentHandle:
@@ -113,3 +120,23 @@ def start(config: FlotillaConfig, blocking: bool = False) -> serve.handle.Deploy
     return serve.run(
         build_app(config), name=config.serve.app_name, route_prefix="/", blocking=blocking
     )
+
+
+def drain(config: FlotillaConfig, timeout_s: float, report: Callable[[str], None] = print) -> int:
+    """Stop admitting, then wait up to `timeout_s` for in-flight requests to finish: every group
+    refuses new requests (the routers answer UNAVAILABLE / 503 "shutting down") while its
+    running streams go on. Returns how many were still running when the wait ended. The same
+    path serves Ctrl-C, SIGTERM and (later) scale-down."""
+    handles = [
+        serve.get_deployment_handle(name, config.serve.app_name) for name in group_names(config)
+    ]
+    in_flight = sum(h.drain.remote().result(timeout_s=30) for h in handles)
+    deadline = time.monotonic() + timeout_s
+    report(
+        f"stopping: new requests are refused; {in_flight} request(s) in flight"
+        + (f", waiting up to {timeout_s:g} s for them" if in_flight else "")
+    )
+    while in_flight and time.monotonic() < deadline:
+        time.sleep(0.25)
+        in_flight = sum(h.drain.remote().result(timeout_s=30) for h in handles)
+    return in_flight

@@ -34,7 +34,7 @@ from router.metrics import RequestMetrics
 from router.policies import GroupView, Policy, SessionTable, make_policy
 from router.tokenize import Tokenizer
 from router.validation import Limits
-from workers.errors import EngineDead, EngineOverloaded, InvalidRequest
+from workers.errors import EngineDead, EngineDraining, EngineOverloaded, InvalidRequest
 from workers.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -282,6 +282,7 @@ class Router:
         """Start the request on the best group that accepts it -> (its inbox, the group, its
         first delta). Refusals and unreachable groups move on to the next candidate."""
         overloaded: Exception | None = None
+        draining: Exception | None = None
         for g in self._candidates(hashes, session_id):
             link = g.link
             assert link is not None
@@ -314,12 +315,16 @@ class Router:
             err = error_from_group(first["error"])
             if isinstance(err, EngineOverloaded):
                 overloaded = err
+            elif isinstance(err, EngineDraining):
+                draining = err  # healthy, but leaving: the next group may take it
             elif isinstance(err, EngineDead):
                 g.healthy = False
             else:
                 raise err
         if overloaded is not None:
             raise overloaded
+        if draining is not None:
+            raise draining
         raise NoHealthyGroup("no replica group accepted the request")
 
     async def complete(

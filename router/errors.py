@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from workers.errors import EngineDead, EngineOverloaded, InvalidRequest
+from workers.errors import EngineDead, EngineDraining, EngineOverloaded, InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,14 @@ def api_error(exc: BaseException, request_id: str = "") -> ApiError:
             "overloaded",
             f"the server is overloaded, retry later ({exc})",
         )
+    if isinstance(exc, EngineDraining):
+        return ApiError(
+            grpc.StatusCode.UNAVAILABLE,
+            503,
+            "service_unavailable",
+            "shutting_down",
+            f"the server is shutting down and accepts no new requests ({exc})",
+        )
     if isinstance(exc, (NoHealthyGroup, EngineDead)):
         return ApiError(
             grpc.StatusCode.UNAVAILABLE,
@@ -109,4 +117,6 @@ def error_from_group(err: dict[str, Any]) -> Exception:
         return InvalidRequest(err.get("field") or "request", err.get("message", ""))
     if kind == "overloaded":
         return EngineOverloaded(err.get("message", ""))
+    if kind == "draining":
+        return EngineDraining(err.get("message", ""))
     return EngineDead(err.get("message", "replica group failed"))

@@ -21,3 +21,8 @@ class EngineDead(RuntimeError):
 
 class EngineOverloaded(RuntimeError):
     """The waiting queue is full; the request was not accepted (retry later)."""
+
+
+class EngineDraining(RuntimeError):
+    """The group is shutting down (Ctrl-C, SIGTERM, scale-down): it finishes what it has and
+    accepts nothing new, so the router sends the request elsewhere or answers UNAVAILABLE."""
