@@ -23,6 +23,7 @@ from cluster.detokenizer import IncrementalDetokenizer
 from cluster.executor import Executor, make_executor
 from cluster.request import Request
 from cluster.scheduler import Scheduler
+from workers import progress
 from workers.errors import EngineOverloaded, InvalidRequest
 from workers.loader import load_tokenizer, resolve_model_path
 from workers.messages import TokenLogprobs
@@ -89,6 +90,11 @@ class LLMEngine:
             self.executor.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        bs = config.cache.block_size
+        progress.report(
+            f"KV cache: {self.executor.num_blocks} blocks x {bs} tokens = "
+            f"{self.executor.num_blocks * bs} tokens; max model length {self.max_model_len}"
+        )
         self._tracks: dict[str, _Track] = {}
         self._ids = itertools.count()
 

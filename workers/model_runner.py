@@ -16,6 +16,7 @@ import torch.distributed as dist
 from parallel.comm_timer import COMM
 from parallel.groups import SINGLE_RANK, ParallelGroups
 from parallel.layers import pack_linears
+from workers import progress
 from workers.attention import build_metadata
 from workers.config import ModelConfig
 from workers.kernels import cpu_has_amx, load_cpu_kernels
@@ -120,9 +121,10 @@ class ModelRunner:
         first, last = layer_range or (0, arch.num_layers)
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = LlamaForCausalLM(self.hf_config, groups.tp, (first, last), groups.ep)
-        self.model.load_weights(iter_weights(path, self.dtype, shard_filter=self._wants(first, last)))
+        self._param_bytes = self._count_param_bytes()  # allocated already: the bar's total
+        weights = iter_weights(path, self.dtype, shard_filter=self._wants(first, last))
+        self.model.load_weights(progress.weights(weights, self._param_bytes))
         self.model.eval()
-        self._param_bytes = self._count_param_bytes()
         if config.prepack:
             pack_linears(self.model, amx=self.native and cpu_has_amx())
         self.model.use_native_kernels(self.native)
