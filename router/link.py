@@ -17,10 +17,11 @@ Lifecycle:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections import deque
 from typing import Any
+
+from cluster import wire
 
 log = logging.getLogger(__name__)
 
@@ -107,19 +108,20 @@ class GroupLink:
 
     async def _stream_direct(self) -> None:
         host, port = await self.handle.data_address.remote()
-        reader, writer = await asyncio.open_connection(host, port, limit=64 << 20)
+        reader, writer = await asyncio.open_connection(host, port)
         self._writer = writer
         try:
-            self._send({"router": self.router_id})
-            while line := await reader.readline():
-                msg = json.loads(line)
-                if "b" in msg:
+            self._send(wire.Hello(self.router_id, wire.PROTOCOL_VERSION))
+            while (msg := await wire.read_to_router(reader)) is not None:
+                if isinstance(msg, wire.Batch):
                     self.live.set()
-                    self._deliver(msg["b"])
-                else:
-                    fut = self._acks.pop(msg["ack"], None)
+                    self._deliver(msg.items)
+                elif isinstance(msg, wire.Ack):
+                    fut = self._acks.pop(msg.id, None)
                     if fut is not None and not fut.done():
-                        fut.set_result(msg["err"])
+                        fut.set_result(msg.err)
+                else:  # Refused: a group of another version; retrying will not help soon
+                    raise wire.ProtocolError(msg.message)
         finally:
             self._writer = None
             writer.close()
@@ -128,10 +130,10 @@ class GroupLink:
                     fut.set_exception(ConnectionError("lost the replica group's connection"))
             self._acks.clear()
 
-    def _send(self, msg: dict[str, Any]) -> None:
+    def _send(self, msg) -> None:
         if self._writer is None:
             raise ConnectionError("no connection to the replica group")
-        self._writer.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+        self._writer.write(wire.frame(msg))
 
     async def _run(self) -> None:
         backoff = 0.05
@@ -170,7 +172,7 @@ class GroupLink:
         fut = asyncio.get_running_loop().create_future()
         self._acks[request_id] = fut
         try:
-            self._send({"op": "submit", "id": request_id, "ids": token_ids, "params": params})
+            self._send(wire.Submit(request_id, token_ids, params))
             return await fut
         finally:
             self._acks.pop(request_id, None)
@@ -195,7 +197,7 @@ class GroupLink:
                 continue
             try:
                 if self.direct:
-                    self._send({"op": "abort", "ids": batch})
+                    self._send(wire.Abort(batch))
                 else:
                     await self.handle.abort.remote(self.router_id, batch)
             except Exception as e:  # the group is gone: its requests went with it
