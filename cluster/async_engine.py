@@ -91,8 +91,14 @@ class AsyncEngine:
         prompt: str | Sequence[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        resume_output_ids: Sequence[int] = (),
+        handoff: bool = False,
+        kv: tuple[list[int], Any] | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream RequestOutput deltas for one request; the last one has finished=True."""
+        """Stream RequestOutput deltas for one request; the last one has finished=True.
+        `resume_output_ids` / `handoff`: see LLMEngine.add_request. `kv`: exported blocks
+        (token ids, data) of this prompt to import first, on the engine thread right before
+        the request is queued, so no step can evict them in between."""
         if self.dead is not None:
             raise EngineDead(f"engine failed: {self.dead!r}")
         params = params or SamplingParams()
@@ -102,7 +108,8 @@ class AsyncEngine:
             self._ids += 1
             request_id = f"async-{id(self):x}-{self._ids}"
         stream = _Stream(asyncio.get_running_loop())
-        self._send("add", request_id, token_ids, params, stream)
+        extra = {"resume_output_ids": list(resume_output_ids), "handoff": handoff}
+        self._send("add", request_id, token_ids, params, stream, extra, kv)
         finished = False
         try:
             while True:
@@ -141,9 +148,11 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, req_id, token_ids, params, stream = cmd
+                _, req_id, token_ids, params, stream, extra, kv = cmd
                 try:
-                    self.engine.add_request(token_ids, params, request_id=req_id)
+                    if kv is not None:
+                        self._import(kv)
+                    self.engine.add_request(token_ids, params, request_id=req_id, **extra)
                     self._streams[req_id] = stream
                 except Exception as e:  # refused: overloaded or duplicate id
                     stream.put(e)
@@ -152,6 +161,13 @@ class AsyncEngine:
                 stream = self._streams.pop(cmd[1], None)
                 if stream is not None:
                     stream.put(asyncio.CancelledError())
+
+    def _import(self, kv: tuple[list[int], Any]) -> None:
+        """Imported blocks enter the prefix cache; a failed import only costs a recompute."""
+        try:
+            self.engine.import_kv(*kv)
+        except Exception as e:  # no free blocks, or a layout that does not fit
+            log.warning("KV import of %d tokens failed, recomputing: %r", len(kv[0]), e)
 
     def _run(self) -> None:
         while not self._stopped:

@@ -46,6 +46,9 @@ class RequestOutput:
     num_cached_tokens: int = 0
     arrival_time: float = 0.0
     first_token_time: float | None = None
+    # finish_reason "handoff": the prompt's full KV blocks, (their token ids, block data),
+    # copied out as the request finished, for a decode group to import
+    kv: tuple[list[int], Any] | None = None
 
 
 @dataclass
@@ -96,6 +99,7 @@ class LLMEngine:
             f"{self.executor.num_blocks * bs} tokens; max model length {self.max_model_len}"
         )
         self._tracks: dict[str, _Track] = {}
+        self._handoffs: set[str] = set()  # prefill-pool requests (add_request(handoff=True))
         self._ids = itertools.count()
 
     # ---- requests ---------------------------------------------------------------------------
@@ -142,10 +146,20 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        resume_output_ids: Sequence[int] = (),
+        handoff: bool = False,
     ) -> str:
+        """Queue a request. `resume_output_ids`: output tokens it already produced elsewhere
+        (a prefill group's first token, or a group that died): it continues after them as if
+        it had never moved -- same penalties, stop strings, seeded draws and max_tokens.
+        `handoff`: a prefill-pool request: after its first token it finishes with reason
+        "handoff" and its prompt's KV blocks in RequestOutput.kv, unless it ended for good."""
         params = params or SamplingParams()
         token_ids = self.tokenize(prompt)
         self.validate(token_ids, params)
+        outputs = list(resume_output_ids)
+        if outputs:
+            self._validate_resume(outputs, params)
         if self.scheduler.num_waiting >= self.config.scheduler.max_waiting:
             raise EngineOverloaded(
                 f"{self.scheduler.num_waiting} requests waiting (max_waiting="
@@ -154,14 +168,27 @@ class LLMEngine:
         req_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if req_id in self.scheduler.requests:
             raise InvalidRequest("request_id", f"{req_id!r} is already in flight")
-        req = Request(req_id, token_ids, params)
+        req = Request(req_id, token_ids, params, token_ids=token_ids + outputs)
         if arrival_time is not None:
             req.arrival_time = arrival_time
-        self._tracks[req_id] = _Track(
-            IncrementalDetokenizer(self.tokenizer, token_ids, stop=list(params.stop))
-        )
+        track = _Track(IncrementalDetokenizer(self.tokenizer, token_ids, stop=list(params.stop)))
+        for tok in outputs:  # replay: the text the client already has, and what is held back
+            track.text += track.detok.add_tokens([tok])[0]
+        track.sent_tokens = len(outputs)
+        self._tracks[req_id] = track
+        if handoff:
+            self._handoffs.add(req_id)
         self.scheduler.add(req)
         return req_id
+
+    def _validate_resume(self, outputs: list[int], params: SamplingParams) -> None:
+        if len(outputs) >= params.max_tokens:
+            raise InvalidRequest(
+                "resume_output_ids", f"{len(outputs)} tokens, max_tokens is {params.max_tokens}"
+            )
+        bad = next((t for t in outputs if not (0 <= t < self.vocab_size)), None)
+        if bad is not None:
+            raise InvalidRequest("resume_output_ids", f"token id {bad} is outside the vocabulary")
 
     def abort(self, request_id: str) -> bool:
         req = self.scheduler.requests.get(request_id)
@@ -169,6 +196,7 @@ class LLMEngine:
             return False
         self.scheduler.finish(req, "abort")
         self._tracks.pop(request_id, None)
+        self._handoffs.discard(request_id)
         return True
 
     def has_unfinished(self) -> bool:
@@ -203,8 +231,13 @@ class LLMEngine:
             req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len
         ):
             reason = "length"
+        kv = None
+        if req.req_id in self._handoffs:
+            self._handoffs.discard(req.req_id)
+            if reason is None:  # the decode group takes over; text held back stays held back
+                reason, kv = "handoff", self._export_computed(req)
         if reason is not None:
-            if not isinstance(req.stop_reason, str):
+            if reason != "handoff" and not isinstance(req.stop_reason, str):
                 delta += track.detok.flush()
             self.scheduler.finish(req, reason)
             del self._tracks[req.req_id]
@@ -226,6 +259,7 @@ class LLMEngine:
             num_cached_tokens=req.num_cached_tokens,
             arrival_time=req.arrival_time,
             first_token_time=req.first_token_time,
+            kv=kv,
         )
 
     def generate(
@@ -276,9 +310,12 @@ class LLMEngine:
         req = self.scheduler.requests.get(request_id)
         if req is None:
             raise KeyError(f"request {request_id!r} is not in flight")
+        return self._export_computed(req)
+
+    def _export_computed(self, req: Request) -> tuple[list[int], Any]:
         bs = self.block_manager.block_size
         n_full = req.num_computed_tokens // bs
-        blocks = self.block_manager.block_table(request_id)[:n_full]
+        blocks = self.block_manager.block_table(req.req_id)[:n_full]
         return req.token_ids[: n_full * bs], self.executor.export_blocks(blocks)
 
     def import_kv(self, token_ids: Sequence[int], data: Any) -> int:

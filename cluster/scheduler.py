@@ -122,7 +122,9 @@ class Scheduler:
             scheduled.append((req, n))
             budget -= n
             if not req.sent_to_workers:
-                new.append(NewRequest(req.req_id, req.prompt_token_ids, req.params))
+                new.append(
+                    NewRequest(req.req_id, req.prompt_token_ids, req.params, req.num_output_tokens)
+                )
                 req.sent_to_workers = True
 
         for req, n in scheduled:

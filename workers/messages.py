@@ -16,6 +16,10 @@ class NewRequest:
     req_id: str
     prompt_token_ids: list[int]  # sent once: penalties need the prompt
     params: SamplingParams
+    # Output tokens it already had when it came here (a request resumed after a prefill
+    # hand-off or a migration): a seeded sampler skips that many draws, so it continues
+    # exactly where the other group stopped.
+    num_output_tokens: int = 0
 
 
 @dataclass

@@ -170,6 +170,7 @@ class ModelRunner:
             self.states.pop(req_id, None)
         for nr in plan.new_requests:
             st = SamplingState.create(nr.params, len(nr.prompt_token_ids))
+            st.skip_draws(nr.num_output_tokens, self.hf_config.vocab_size)
             st.token_ids = list(nr.prompt_token_ids)
             self.states[nr.req_id] = st
         for seq in plan.seqs:
@@ -279,7 +280,7 @@ class ModelRunner:
     # ---- KV export / import (disaggregated prefill) ----------------------------------------
     def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """[layers, 2, n, block_size, kv_heads, head_dim] copy of the given blocks."""
-        idx = torch.tensor(block_ids, device=self.device)
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         return torch.stack([c[:, idx] for c in self.kv_caches]).cpu()
 
     def import_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:

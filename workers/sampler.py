@@ -34,6 +34,15 @@ class SamplingState:
             gen.manual_seed(params.seed)
         return cls(params, prompt_len, [], gen)
 
+    def skip_draws(self, n: int, vocab: int) -> None:
+        """Advance the seeded generator past `n` tokens' noise (one row of `vocab` values each,
+        as sample() draws it), for a request resumed after n output tokens elsewhere."""
+        if self.generator is None or self.params.greedy:
+            return
+        row = torch.empty(vocab)
+        for _ in range(n):
+            row.exponential_(generator=self.generator)
+
 
 def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
     vocab = logits.shape[1]
