@@ -86,14 +86,60 @@ class _Subscriber:
         self.wake.set()
 
 
+ROLES = ("colocated", "prefill", "decode")
+
+
+class _Leases:
+    """Prompt KV exported by this (prefill) group, held until a decode group takes it or the
+    lease runs out. What is held is a copy: the group's own blocks went back to its prefix
+    cache when the request finished, so an abandoned hand-off can never pin KV memory."""
+
+    def __init__(self, lease_s: float):
+        self.lease_s = lease_s
+        self.items: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+        self.expired = 0
+        self.taken = 0
+
+    def put(self, request_id: str, kv: Any) -> None:
+        self.sweep()
+        self.items[request_id] = (time.monotonic() + self.lease_s, kv)
+
+    def take(self, request_id: str) -> Any:
+        self.sweep()
+        item = self.items.pop(request_id, None)
+        if item is None:
+            return None
+        self.taken += 1
+        return item[1]
+
+    def sweep(self) -> None:
+        now = time.monotonic()
+        while self.items and next(iter(self.items.values()))[0] < now:
+            self.items.popitem(last=False)
+            self.expired += 1
+
+
 class ReplicaGroup:
-    def __init__(self, config: EngineConfig | dict, name: str = "group-0"):
+    def __init__(
+        self,
+        config: EngineConfig | dict,
+        name: str = "group-0",
+        role: str = "colocated",
+        kv_lease_s: float = 30.0,
+        kv_transfer_timeout_s: float = 30.0,
+    ):
         # Imported here so that deploy/ (which only names this class) never imports torch.
         from cluster.async_engine import AsyncEngine
 
         if isinstance(config, dict):
             config = EngineConfig.model_validate(config)
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, not {role!r}")
         self.name = name
+        self.role = role
+        self.leases = _Leases(kv_lease_s)
+        self.kv_transfer_timeout_s = kv_transfer_timeout_s
+        self.kv = {"imports": 0, "recomputes": 0, "bytes": 0, "seconds": 0.0}
         self.config = config
         self.engine = AsyncEngine(config)
         self.num_aborted = 0  # requests whose caller went away before they finished
@@ -127,10 +173,16 @@ class ReplicaGroup:
                 task.cancel()
 
     async def submit(
-        self, router_id: str, request_id: str, token_ids: list[int], params: dict[str, Any]
+        self,
+        router_id: str,
+        request_id: str,
+        token_ids: list[int],
+        params: dict[str, Any],
+        leg: dict[str, Any] | None = None,
     ) -> dict[str, Any] | None:
         """Start a request whose deltas go to `router_id`'s stream. Returns None, or an error
-        when that router has no live subscription here (e.g. this replica restarted)."""
+        when that router has no live subscription here (e.g. this replica restarted). `leg`:
+        see generate_stream."""
         sub = self._subscribers.get(router_id)
         if sub is None:
             return {"error": {"kind": "dead", "field": None, "message": "not subscribed"}}
@@ -141,7 +193,7 @@ class ReplicaGroup:
             self.num_aborted += 1
             return {"error": {"kind": "dead", "field": None, "message": "aborted"}}
         sub.tasks[request_id] = asyncio.get_running_loop().create_task(
-            self._pump(sub, request_id, token_ids, params)
+            self._pump(sub, request_id, token_ids, params, leg)
         )
         return None
 
@@ -159,10 +211,15 @@ class ReplicaGroup:
                 sub.abort_early(request_id)
 
     async def _pump(
-        self, sub: _Subscriber, request_id: str, token_ids: list[int], params: dict[str, Any]
+        self,
+        sub: _Subscriber,
+        request_id: str,
+        token_ids: list[int],
+        params: dict[str, Any],
+        leg: dict[str, Any] | None,
     ) -> None:
         try:
-            async for delta in self.generate_stream(request_id, token_ids, params):
+            async for delta in self.generate_stream(request_id, token_ids, params, leg):
                 sub.push(request_id, delta)
         finally:
             sub.tasks.pop(request_id, None)
@@ -204,7 +261,7 @@ class ReplicaGroup:
             self.direct_links += 1
             while (msg := await wire.read_to_group(reader)) is not None:
                 if isinstance(msg, wire.Submit):
-                    err = await self.submit(router_id, msg.id, msg.ids, msg.params)
+                    err = await self.submit(router_id, msg.id, msg.ids, msg.params, msg.leg)
                     writer.write(wire.frame(wire.Ack(msg.id, err)))
                 elif isinstance(msg, wire.Abort):
                     await self.abort(router_id, msg.ids)
@@ -218,18 +275,41 @@ class ReplicaGroup:
 
     # ---- requests ------------------------------------------------------------------------
     async def generate_stream(
-        self, request_id: str, token_ids: list[int], params: dict[str, Any]
+        self,
+        request_id: str,
+        token_ids: list[int],
+        params: dict[str, Any],
+        leg: dict[str, Any] | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Stream token deltas (see the module docstring for the message shapes)."""
+        """Stream token deltas (see the module docstring for the message shapes).
+
+        `leg` moves a request between groups (the router's hand-offs and migrations):
+          {"handoff": True}      prefill pool: stop after the first token with finish
+                                 "handoff" and hold the prompt's KV under a lease here;
+          {"resume": [ids..],    continue after these output tokens, importing the prompt's
+           "kv_from": group}     KV from that group's lease first (if it is gone or late:
+                                 recompute, which gives the same tokens, only later).
+        """
         self.num_requests += 1
         finished = False
+        leg = leg or {}
         try:
             if self.draining:
                 raise EngineDraining(f"replica group {self.name} is shutting down")
             sampling = SamplingParams.from_dict(params)
-            stream = self.engine.generate(token_ids, sampling, request_id)
+            kv = await self._fetch_kv(leg["kv_from"], request_id) if leg.get("kv_from") else None
+            stream = self.engine.generate(
+                token_ids,
+                sampling,
+                request_id,
+                resume_output_ids=leg.get("resume", ()),
+                handoff=bool(leg.get("handoff")),
+                kv=kv,
+            )
             async for out in stream:
                 finished = out.finished
+                if out.finish_reason == "handoff":
+                    self.leases.put(request_id, out.kv)
                 yield self._delta(out, sampling)
         except (InvalidRequest, EngineOverloaded, EngineDraining, EngineDead) as e:
             finished = True
@@ -245,6 +325,34 @@ class ReplicaGroup:
                 self.num_aborted += 1
                 await self.engine.abort(request_id)
 
+    # ---- KV hand-off ------------------------------------------------------------------------
+    def take_kv(self, request_id: str) -> Any:
+        """A decode group takes (and so acknowledges) a request's prompt KV: (token ids, block
+        data), or None when the lease expired or was never made."""
+        return self.leases.take(request_id)
+
+    async def _fetch_kv(self, group: str, request_id: str) -> Any:
+        """The prompt KV held by `group`, or None (then the prompt is recomputed here)."""
+        from ray import serve
+
+        t0 = time.monotonic()
+        try:
+            app = serve.get_replica_context().app_name
+            handle = serve.get_deployment_handle(group, app)
+            kv = await asyncio.wait_for(
+                handle.take_kv.remote(request_id), self.kv_transfer_timeout_s
+            )
+        except Exception as e:  # the prefill group died, or the transfer is late
+            log.warning("KV of %s from %s not received, recomputing: %r", request_id, group, e)
+            kv = None
+        if kv is None:
+            self.kv["recomputes"] += 1
+            return None
+        self.kv["imports"] += 1
+        self.kv["bytes"] += int(kv[1].numel() * kv[1].element_size()) if kv[0] else 0
+        self.kv["seconds"] += time.monotonic() - t0
+        return kv
+
     def _delta(self, out, params: SamplingParams) -> dict[str, Any]:
         msg: dict[str, Any] = {"ids": out.new_token_ids, "text": out.delta_text, "lp": None}
         if params.logprobs is not None:
@@ -259,6 +367,8 @@ class ReplicaGroup:
                 "completion_tokens": len(out.token_ids),
                 "cached_tokens": out.num_cached_tokens,
             }
+        if out.finish_reason == "handoff":
+            msg["handoff"] = {"group": self.name, "kv_tokens": len(out.kv[0]) if out.kv else 0}
         if out.first_token_time is not None and len(out.token_ids) == len(out.new_token_ids):
             msg["ttft"] = out.first_token_time - out.arrival_time  # queue + prefill in the group
         return msg
@@ -279,6 +389,7 @@ class ReplicaGroup:
         eng = self.engine.engine
         return {
             "name": self.name,
+            "role": self.role,
             "model": self.config.model.name,
             "max_model_len": eng.max_model_len,
             "vocab_size": eng.vocab_size,
@@ -292,6 +403,7 @@ class ReplicaGroup:
         """Load, KV usage and prefix-cache counters; the cached block hashes only when they
         changed since `known_fingerprint` (the router's last copy)."""
         s = self.engine.stats()
+        self.leases.sweep()
         bm = self.engine.engine.block_manager
         hashes = self.engine.cached_block_hashes()
         fp = _fingerprint(hashes)
@@ -312,6 +424,13 @@ class ReplicaGroup:
             "num_requests": self.num_requests,
             "num_aborted": self.num_aborted,
             "direct_links": self.direct_links,
+            "role": self.role,
+            "kv_leases": len(self.leases.items),
+            "kv_lease_expiries": self.leases.expired,
+            "kv_imports": self.kv["imports"],
+            "kv_recomputes": self.kv["recomputes"],
+            "kv_transfer_bytes": self.kv["bytes"],
+            "kv_transfer_seconds": self.kv["seconds"],
             "hash_fingerprint": fp,
             "hashes": None if fp == known_fingerprint else hashes,
         }

@@ -7,7 +7,7 @@ scanning). The first frame is the router's Hello; a group that speaks another ve
 Refused and closes, so a mixed-version deploy fails loudly instead of misreading frames.
 
     router -> group   Hello(router, version)    first frame: subscribe
-                      Submit(id, ids, params)   start a request
+                      Submit(id, ids, params, leg)  start (or resume) a request
                       Abort(ids)                stop requests, free their KV blocks
     group -> router   Batch(items)              [(request_id, delta), ...]; the first is empty
                       Ack(id, err)              a Submit's answer: None or an error delta
@@ -37,6 +37,7 @@ class Submit(msgspec.Struct, tag=True):
     id: str
     ids: list[int]
     params: dict[str, Any]
+    leg: dict[str, Any] | None = None  # a hand-off or a resume: ReplicaGroup.submit's `leg`
 
 
 class Abort(msgspec.Struct, tag=True):

@@ -20,7 +20,7 @@ from ray.serve.config import gRPCOptions
 from cluster.config import EngineConfig
 from cluster.replica_group import ReplicaGroup
 from deploy import proxy_bind
-from deploy.config import FlotillaConfig
+from deploy.config import FlotillaConfig, GroupSpec
 from router.ingress import Ingress
 
 # Our registration wraps the stock one; see router/grpc_server.py for why.
@@ -31,16 +31,17 @@ _GROUP_CONTROL_HEADROOM = 64
 
 
 def group_names(config: FlotillaConfig) -> list[str]:
-    return [f"group-{i}" for i in range(config.groups)]
+    return [g.name for g in config.group_specs()]
 
 
-def engine_config(config: FlotillaConfig) -> EngineConfig:
-    """The groups' EngineConfig. Unset torch threads become this machine's cores shared among
+def engine_config(config: FlotillaConfig, spec: GroupSpec | None = None) -> EngineConfig:
+    """A group's EngineConfig. Unset torch threads become this machine's cores shared among
     the groups: Ray starts workers with OMP_NUM_THREADS=1, which would leave each engine one
     thread. (On a multi-node cluster, set engine.model.num_threads explicitly.)"""
-    engine = config.engine
+    specs = config.group_specs()
+    engine = (spec or specs[0]).engine
     if engine.model.num_threads is None:
-        threads = max(1, (os.cpu_count() or 1) // config.groups)
+        threads = max(1, (os.cpu_count() or 1) // len(specs))
         engine = engine.model_copy(
             update={"model": engine.model.model_copy(update={"num_threads": threads})}
         )
@@ -50,25 +51,30 @@ def engine_config(config: FlotillaConfig) -> EngineConfig:
 def build_app(config: FlotillaConfig | dict[str, Any]) -> serve.Application:
     if not isinstance(config, FlotillaConfig):
         config = FlotillaConfig.model_validate(config)
-    s, sched = config.serve, config.engine.scheduler
-    engine = engine_config(config)
+    s, pools = config.serve, config.pools
     group_deployment = serve.deployment(ReplicaGroup)
-    groups = {
-        name: group_deployment.options(
-            name=name,
+    groups = {}
+    for spec in config.group_specs():
+        sched = spec.engine.scheduler
+        groups[spec.name] = group_deployment.options(
+            name=spec.name,
             num_replicas=1,
             # Above what the engine admits, so an overloaded engine refuses (429 /
             # RESOURCE_EXHAUSTED) instead of Serve queueing silently in front of it.
             max_ongoing_requests=sched.max_num_seqs + sched.max_waiting + _GROUP_CONTROL_HEADROOM,
-            ray_actor_options={"num_cpus": s.group_num_cpus},
+            ray_actor_options={"num_cpus": spec.num_cpus},
             health_check_period_s=s.health_check_period_s,
             graceful_shutdown_timeout_s=s.group_graceful_shutdown_s,
             graceful_shutdown_wait_loop_s=0.5,
             # The router polls stats() several times a second: keep those calls out of the log.
             logging_config={"enable_access_log": False},
-        ).bind(engine, name)
-        for name in group_names(config)
-    }
+        ).bind(
+            engine_config(config, spec),
+            spec.name,
+            spec.role,
+            pools.kv_lease_s if pools else 30.0,
+            pools.kv_transfer_timeout_s if pools else 30.0,
+        )
     ingress = serve.deployment(Ingress).options(
         name="router",
         num_replicas=s.ingress_replicas,
@@ -77,7 +83,8 @@ def build_app(config: FlotillaConfig | dict[str, Any]) -> serve.Application:
         ray_actor_options={"num_cpus": s.ingress_num_cpus},
         health_check_period_s=s.health_check_period_s,
     )
-    return ingress.bind(config.router, config.model_name, groups)
+    roles = {spec.name: spec.role for spec in config.group_specs()}
+    return ingress.bind(config.router, config.model_name, groups, roles)
 
 
 def grpc_options(config: FlotillaConfig) -> gRPCOptions:

@@ -41,7 +41,7 @@ def usage_text(cfg) -> str:
     http = f"http://{s.host}:{s.http_port}"
     grpc_addr = f"{s.host}:{s.grpc_port}"
     return f"""
-Flotilla is serving {model!r} on {cfg.groups} replica group(s), routing {cfg.router.policy}.
+Flotilla is serving {model!r} on {_layout(cfg)}, routing {cfg.router.policy}.
 
   gRPC (flotilla.v1.Flotilla on {grpc_addr}):
     flotilla generate "Tell me a joke" --stream --max-tokens 64 --address {grpc_addr}
@@ -58,6 +58,12 @@ print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'co
 
 Ctrl-C stops the server.
 """
+
+
+def _layout(cfg) -> str:
+    if cfg.pools is None:
+        return f"{cfg.groups} replica group(s)"
+    return f"{cfg.pools.prefill.groups} prefill + {cfg.pools.decode.groups} decode group(s)"
 
 
 def _metrics_url(cfg) -> str:
@@ -106,7 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             except preflight.ConfigError as e:
                 return _config_failed(e)
         print(
-            f"starting {cfg.groups} replica group(s) of {cfg.model_name!r} (kernel build, weights "
+            f"starting {_layout(cfg)} of {cfg.model_name!r} (kernel build, weights "
             "and KV cache: the groups report below) ...",
             flush=True,
         )

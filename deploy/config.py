@@ -1,7 +1,8 @@
 """The one root config of a Flotilla deployment, loaded from YAML and validated once.
 
     engine:   cluster.config.EngineConfig  -- model, KV cache, scheduler, parallel layout
-    groups:   how many replica groups (each one Serve replica running one engine)
+    groups:   how many replica groups (each one Serve replica running one engine), or
+    pools:    prefill and decode pools (disaggregated): groups, CPUs, layout, KV per pool
     router:   router.config.RouterConfig   -- routing policy, session header, API limits
     serve:    ServeConfig (below)          -- ports, replicas, CPUs, Serve queue limits
 
@@ -11,12 +12,14 @@ location) is the only place that reads the environment: nothing here does yet.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cluster.config import EngineConfig
+from cluster.config import CacheConfig, EngineConfig
+from parallel.config import ParallelConfig
 from router.config import RouterConfig
 
 
@@ -82,11 +85,59 @@ class ServeConfig(BaseModel):
     )
 
 
+class PoolConfig(BaseModel):
+    """One pool of a disaggregated deployment; unset fields take the top-level values."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    groups: int = Field(1, ge=1, le=64, description="Replica groups in this pool.")
+    group_num_cpus: float | None = Field(
+        None, ge=0, description="Ray CPUs per group; default serve.group_num_cpus."
+    )
+    num_threads: int | None = Field(
+        None, ge=1, le=512, description="torch threads per rank; default engine.model.num_threads."
+    )
+    parallel: ParallelConfig | None = Field(None, description="Layout; default engine.parallel.")
+    cache: CacheConfig | None = Field(None, description="KV cache; default engine.cache.")
+
+
+class PoolsConfig(BaseModel):
+    """Disaggregated prefill and decode: a prompt is computed in the prefill pool, which
+    streams its first token at once; a decode group imports the prompt's KV blocks and
+    continues (router.pd_* say which prompts skip the prefill pool)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prefill: PoolConfig = Field(default_factory=PoolConfig)
+    decode: PoolConfig = Field(default_factory=PoolConfig)
+    kv_lease_s: float = Field(
+        30.0, gt=0, description="How long a prefill group holds a prompt's KV for its decode group."
+    )
+    kv_transfer_timeout_s: float = Field(
+        30.0, gt=0, description="A decode group that has not received the KV by then recomputes it."
+    )
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """One replica group to deploy: its Serve deployment name, role and engine."""
+
+    name: str
+    role: str  # colocated | prefill | decode
+    engine: EngineConfig
+    num_cpus: float
+
+
 class FlotillaConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     engine: EngineConfig = Field(default_factory=EngineConfig)
-    groups: int = Field(1, ge=1, le=64, description="Replica groups, each a full model copy.")
+    groups: int = Field(
+        1, ge=1, le=64, description="Replica groups, each a full model copy (colocated mode)."
+    )
+    pools: PoolsConfig | None = Field(
+        None, description="Prefill and decode pools instead of `groups` (disaggregated mode)."
+    )
     router: RouterConfig = Field(default_factory=RouterConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
@@ -94,7 +145,51 @@ class FlotillaConfig(BaseModel):
     def _check(self) -> FlotillaConfig:
         if self.serve.http_port == self.serve.grpc_port:
             raise ValueError(f"serve.http_port and serve.grpc_port are both {self.serve.grpc_port}")
+        if self.pools is not None:
+            if "groups" in self.model_fields_set:
+                raise ValueError("set either groups (colocated) or pools (disaggregated), not both")
+            p, d = (self._pool_engine(r) for r in ("prefill", "decode"))
+            if p.cache.block_size != d.cache.block_size:
+                raise ValueError(
+                    f"pools.prefill block_size {p.cache.block_size} != pools.decode block_size "
+                    f"{d.cache.block_size}: KV blocks move between them as they are"
+                )
+            lp, ld = p.parallel, d.parallel
+            if (lp.tp, lp.pp, lp.ep) != (ld.tp, ld.pp, ld.ep):
+                raise ValueError(
+                    f"pools.prefill parallel (tp={lp.tp}, pp={lp.pp}, ep={lp.ep}) differs from "
+                    f"pools.decode (tp={ld.tp}, pp={ld.pp}, ep={ld.ep}): re-sharding KV between "
+                    "layouts is not supported yet"
+                )
         return self
+
+    def _pool_engine(self, role: str) -> EngineConfig:
+        assert self.pools is not None
+        pool: PoolConfig = getattr(self.pools, role)
+        engine = self.engine
+        update: dict[str, object] = {}
+        if pool.parallel is not None:
+            update["parallel"] = pool.parallel
+        if pool.cache is not None:
+            update["cache"] = pool.cache
+        if pool.num_threads is not None:
+            update["model"] = engine.model.model_copy(update={"num_threads": pool.num_threads})
+        return engine.model_copy(update=update) if update else engine
+
+    def group_specs(self) -> list[GroupSpec]:
+        """Every replica group of the deployment, in order."""
+        cpus = self.serve.group_num_cpus
+        if self.pools is None:
+            return [
+                GroupSpec(f"group-{i}", "colocated", self.engine, cpus) for i in range(self.groups)
+            ]
+        specs = []
+        for role in ("prefill", "decode"):
+            pool: PoolConfig = getattr(self.pools, role)
+            engine = self._pool_engine(role)
+            n_cpus = cpus if pool.group_num_cpus is None else pool.group_num_cpus
+            specs += [GroupSpec(f"{role}-{i}", role, engine, n_cpus) for i in range(pool.groups)]
+        return specs
 
     @property
     def model_name(self) -> str:

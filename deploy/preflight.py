@@ -80,17 +80,28 @@ def load(path: str | None, overrides: dict[str, Any] | None = None) -> FlotillaC
 
 def cpu_demand(config: FlotillaConfig) -> tuple[float, str]:
     """Ray CPUs the application reserves, and how that number is made up (for messages)."""
-    s, p = config.serve, config.engine.parallel
-    per_group = s.group_num_cpus + (0.0 if p.is_single else p.world_size * p.cpus_per_rank)
-    total = config.groups * per_group + s.ingress_replicas * s.ingress_num_cpus
-    parts = [f"{config.groups} group(s) x serve.group_num_cpus {s.group_num_cpus:g}"]
-    if not p.is_single:
-        parts[0] = (
-            f"{config.groups} group(s) x (serve.group_num_cpus {s.group_num_cpus:g} + "
-            f"{p.world_size} ranks x engine.parallel.cpus_per_rank {p.cpus_per_rank:g})"
-        )
-    parts.append(f"{s.ingress_replicas} router(s) x serve.ingress_num_cpus {s.ingress_num_cpus:g}")
-    return total, " + ".join(parts)
+    s = config.serve
+    total = s.ingress_replicas * s.ingress_num_cpus
+    parts: dict[str, list] = {}  # one term per pool: [groups, cpus per group, ranks, per rank]
+    for spec in config.group_specs():
+        p = spec.engine.parallel
+        ranks = 0 if p.is_single else p.world_size
+        total += spec.num_cpus + ranks * p.cpus_per_rank
+        term = parts.setdefault(spec.role, [0, spec.num_cpus, ranks, p.cpus_per_rank])
+        term[0] += 1
+    terms = []
+    for role, (n, cpus, ranks, per_rank) in parts.items():
+        what = "group(s)" if role == "colocated" else f"{role} group(s)"
+        field = "serve.group_num_cpus" if role == "colocated" else f"pools.{role} CPUs"
+        if ranks:
+            terms.append(
+                f"{n} {what} x ({field} {cpus:g} + {ranks} ranks x "
+                f"engine.parallel.cpus_per_rank {per_rank:g})"
+            )
+        else:
+            terms.append(f"{n} {what} x {field} {cpus:g}")
+    terms.append(f"{s.ingress_replicas} router(s) x serve.ingress_num_cpus {s.ingress_num_cpus:g}")
+    return total, " + ".join(terms)
 
 
 def check_cpus(config: FlotillaConfig, cluster_cpus: float, where: str) -> list[str]:

@@ -50,6 +50,26 @@ class RouterConfig(BaseModel):
         "connection per group to the group's own server (~0.1 ms a message); serve = Serve "
         "handle calls and a Serve stream (~3 ms a call).",
     )
+    max_migrations: int = Field(
+        2,
+        ge=0,
+        le=16,
+        description="How many times one request may move to another group after its group "
+        "died under it (resumed after the tokens already sent: re-prefill of prompt + "
+        "output); past it the request fails with UNAVAILABLE / 503.",
+    )
+    pd_min_prompt_tokens: int = Field(
+        256,
+        ge=0,
+        description="With prefill/decode pools: prompts shorter than this are prefilled by "
+        "the decode group itself (the hand-off would cost more than the prefill).",
+    )
+    pd_max_prefill_queue: int = Field(
+        8,
+        ge=0,
+        description="With prefill/decode pools: while every prefill group has more requests "
+        "waiting than this, new prompts are prefilled by the decode group.",
+    )
     startup_timeout_s: float = Field(
         600, gt=0, description="How long the router waits for a first group to answer."
     )

@@ -53,8 +53,35 @@ class Chunk:
     index: int = 0  # which of the request's n choices
 
 
+class _Handoff(Exception):
+    """A prefill leg ended in a hand-off; the decode leg imports the KV from `group`."""
+
+    def __init__(self, group: str):
+        self.group = group
+
+
+class _LegFailed(Exception):
+    """A leg's group failed. `before_start`: no token of this request reached the client yet;
+    `movable`: the request may resume elsewhere."""
+
+    def __init__(self, error: Exception, before_start: bool, movable: bool):
+        self.error, self.before_start, self.movable = error, before_start, movable
+
+
+@dataclass
+class _Progress:
+    """What a request has relayed so far, across its legs."""
+
+    arrival: float
+    ids: list[int] = field(default_factory=list)
+    ttft: float | None = None
+    last: float = 0.0
+    n_leg: int = 0  # tokens relayed by the current leg
+
+
 @dataclass
 class GroupState(GroupView):
+    role: str = "colocated"  # colocated | prefill | decode
     handle: Any = None
     link: GroupLink | None = None
     fingerprint: int | None = None
@@ -68,13 +95,22 @@ class Router:
         config: RouterConfig,
         model: str,
         metrics: RequestMetrics | None = None,
+        roles: dict[str, str] | None = None,
     ):
         if not groups:
             raise ValueError("a router needs at least one replica group")
+        roles = roles or {}
         self.config = config
         self.model = model
         self.router_id = uuid.uuid4().hex  # names this router replica to the groups
-        self.groups = {name: GroupState(name=name, handle=h) for name, h in groups.items()}
+        self.groups = {
+            name: GroupState(name=name, handle=h, role=roles.get(name, "colocated"))
+            for name, h in groups.items()
+        }
+        self.disaggregated = any(g.role == "prefill" for g in self.groups.values())
+        if self.disaggregated and all(g.role == "prefill" for g in self.groups.values()):
+            raise ValueError("a prefill pool needs a decode pool beside it")
+        self.counters = {"migrations": 0, "prefill_fallbacks": 0}
         self.policy: Policy = make_policy(config.policy, config.max_load_imbalance)
         self.sessions = SessionTable(config.max_sessions)
         self.metrics = metrics or RequestMetrics(model, enabled=False)
@@ -183,11 +219,17 @@ class Router:
             for g in self.groups.values()
         ]
 
-    def _candidates(self, prompt_hashes: Sequence[int], session_id: str | None) -> list[GroupState]:
-        """Groups to try, best first: the pinned or chosen one, then the rest by load."""
-        healthy = self.healthy_groups()
+    def _candidates(
+        self, prompt_hashes: Sequence[int], session_id: str | None, role: str = "decode"
+    ) -> list[GroupState]:
+        """Groups of `role`'s pool to try, best first: the pinned or chosen one, then the rest
+        by load. The decode pool is every group that is not prefill-only."""
+        healthy = [g for g in self.healthy_groups() if (g.role == "prefill") == (role == "prefill")]
         if not healthy:
-            raise NoHealthyGroup("every replica group is down or restarting")
+            pool = "prefill" if role == "prefill" else "decode" if self.disaggregated else ""
+            raise NoHealthyGroup(
+                f"every {pool + ' ' if pool else ''}replica group is down or restarting"
+            )
         first = None
         if session_id:
             pinned = self.sessions.get(session_id)
@@ -209,18 +251,81 @@ class Router:
         request_id: str | None = None,
         index: int = 0,
     ) -> AsyncIterator[Chunk]:
-        """Deltas of one request; the last has finish and usage."""
+        """Deltas of one request; the last has finish and usage.
+
+        A request runs as one or more legs, each on one group. Colocated: one leg, unless its
+        group dies mid-stream -- then it resumes on another group after the tokens already
+        relayed (at most `max_migrations` times). Disaggregated: a prefill leg (first token,
+        streamed at once; the prompt's KV stays under a lease there), then a decode leg that
+        imports it and continues; the same resume covers a decode group dying mid-stream.
+        """
         request_id = request_id or uuid.uuid4().hex
-        arrival = time.monotonic()
-        hashes = self._hashes(token_ids)
         wire = params.model_dump(exclude_defaults=True)
+        acc = _Progress(time.monotonic())
+        leg: dict[str, Any] = self._first_leg(len(token_ids))
+        migrations = 0
+        while True:
+            role = "prefill" if leg.get("handoff") else "decode"
+            try:
+                async for chunk in self._leg(
+                    request_id, token_ids, wire, session_id, index, role, leg, acc
+                ):
+                    yield chunk
+                return
+            except _Handoff as h:
+                leg = {"resume": list(acc.ids), "kv_from": h.group}
+            except _LegFailed as f:
+                if f.before_start and role == "prefill":  # no prefill group: prefill on decode
+                    self.counters["prefill_fallbacks"] += 1
+                    leg = {}
+                    continue
+                if migrations >= self.config.max_migrations or not f.movable:
+                    raise f.error from None
+                migrations += 1
+                self.counters["migrations"] += 1
+                log.warning(
+                    "request %s: %s; resuming after %d tokens elsewhere (%d/%d)",
+                    request_id,
+                    f.error,
+                    len(acc.ids),
+                    migrations,
+                    self.config.max_migrations,
+                )
+                leg = {"resume": list(acc.ids)} if acc.ids else {}
+
+    def _first_leg(self, prompt_len: int) -> dict[str, Any]:
+        """Prefill in the prefill pool (with a hand-off) or where it decodes: the rule of
+        router.disaggregation -- short prompts, and any prompt while the prefill pool's queue
+        is long, are prefilled by the decode group itself."""
+        if not self.disaggregated or prompt_len < self.config.pd_min_prompt_tokens:
+            return {}
+        prefill = [g for g in self.healthy_groups() if g.role == "prefill"]
+        if not prefill or min(g.num_waiting for g in prefill) > self.config.pd_max_prefill_queue:
+            return {}
+        return {"handoff": True}
+
+    async def _leg(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        wire: dict[str, Any],
+        session_id: str | None,
+        index: int,
+        role: str,
+        leg: dict[str, Any],
+        acc: _Progress,
+    ) -> AsyncIterator[Chunk]:
+        """One leg on one group (see stream). Raises _Handoff when a prefill leg ends in a
+        hand-off, _LegFailed when the group fails and the request may move on."""
+        resumed = bool(leg.get("resume"))
+        hashes = self._hashes(token_ids)
         group: GroupState | None = None
-        outcome, ttft, n_out, last = "error", None, 0, arrival
+        outcome = "error"
         ended = False  # the group ended the request itself (finished or failed)
         released = False
 
         def release(_task: object = None) -> None:
-            """Close the request exactly once: from the finally below, or -- when whoever
+            """Close the leg exactly once: from the finally below, or -- when whoever
             iterates us is cancelled while we sit at a `yield`, so no exception reaches this
             frame -- from the done-callback of the task that was driving us."""
             nonlocal released
@@ -230,31 +335,56 @@ class Router:
             assert group.link is not None
             group.link.close(request_id, abort=not ended)
             group.inflight -= 1
-            e2e = time.monotonic() - arrival
+            e2e = time.monotonic() - acc.arrival
             result = outcome if ended or outcome != "error" else "cancelled"
-            self.metrics.record_finished(group.name, result, len(token_ids), n_out, ttft, e2e)
+            first_leg = acc.n_leg == len(acc.ids)  # this leg relayed the first token
+            self.metrics.record_finished(
+                group.name,
+                result,
+                0 if resumed else len(token_ids),
+                acc.n_leg,
+                acc.ttft if first_leg else None,
+                e2e,
+            )
 
         driver = asyncio.current_task()
         try:
-            inbox, group, msg = await self._open(request_id, token_ids, wire, hashes, session_id)
+            try:
+                inbox, group, msg = await self._open(
+                    request_id, token_ids, wire, hashes, session_id, role, leg
+                )
+            except (NoHealthyGroup, EngineOverloaded, EngineDraining) as e:
+                raise _LegFailed(e, before_start=True, movable=False) from None
+            acc.n_leg = 0
             if driver is not None:
                 driver.add_done_callback(release)
             tags = self.metrics.tags(group.name)
             while True:
                 if "error" in msg:
                     ended = True
-                    raise error_from_group(msg["error"])
+                    err = error_from_group(msg["error"])
+                    if isinstance(err, EngineDead):  # the group died under the request
+                        raise _LegFailed(err, before_start=not acc.ids, movable=True)
+                    raise err
                 now = time.monotonic()
                 k = len(msg["ids"])
                 if k:
-                    if ttft is None:
-                        ttft = now - arrival
-                    elif n_out:
+                    if acc.ttft is None:
+                        acc.ttft = now - acc.arrival
+                    elif acc.ids:
                         for _ in range(k):
-                            self.metrics.itl.observe((now - last) / k, tags=tags)
-                    n_out += k
-                    last = now
+                            self.metrics.itl.observe((now - acc.last) / k, tags=tags)
+                    acc.ids += msg["ids"]
+                    acc.n_leg += k
+                    acc.last = now
                 finish = msg.get("finish")
+                if finish == "handoff":
+                    outcome, ended = "handoff", True
+                    if k:
+                        yield Chunk(
+                            msg["ids"], msg["text"], msg["lp"], None, None, group.name, index
+                        )
+                    raise _Handoff(group.name)
                 if finish is not None:
                     outcome, ended = "finished", True
                 yield Chunk(
@@ -278,12 +408,15 @@ class Router:
         wire: dict[str, Any],
         hashes: list[int],
         session_id: str | None,
+        role: str = "decode",
+        leg: dict[str, Any] | None = None,
     ) -> tuple[Inbox, GroupState, dict[str, Any]]:
-        """Start the request on the best group that accepts it -> (its inbox, the group, its
-        first delta). Refusals and unreachable groups move on to the next candidate."""
+        """Start the request on the best group of `role`'s pool that accepts it -> (its inbox,
+        the group, its first delta). Refusals and unreachable groups move on to the next
+        candidate."""
         overloaded: Exception | None = None
         draining: Exception | None = None
-        for g in self._candidates(hashes, session_id):
+        for g in self._candidates(hashes, session_id, role):
             link = g.link
             assert link is not None
             inbox = link.open(request_id)
@@ -291,7 +424,7 @@ class Router:
             accepted = False
             running = True  # the group may be running it: abort if we leave before its answer
             try:
-                refused = await link.submit(request_id, token_ids, wire)
+                refused = await link.submit(request_id, token_ids, wire, leg or None)
                 first = refused or await inbox.next()
                 running = False
                 accepted = "error" not in first

@@ -26,10 +26,16 @@ app = FastAPI(title="Flotilla", docs_url=None, redoc_url=None)
 
 @serve.ingress(app)
 class Ingress:
-    async def __init__(self, config: RouterConfig | dict, model: str, groups: dict[str, Any]):
+    async def __init__(
+        self,
+        config: RouterConfig | dict,
+        model: str,
+        groups: dict[str, Any],
+        roles: dict[str, str] | None = None,
+    ):
         if isinstance(config, dict):
             config = RouterConfig.model_validate(config)
-        self.router = Router(groups, config, model, RequestMetrics(model))
+        self.router = Router(groups, config, model, RequestMetrics(model), roles)
         await self.router.start()
 
     # ---- HTTP (OpenAI-compatible) ---------------------------------------------------------

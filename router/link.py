@@ -163,16 +163,22 @@ class GroupLink:
         return inbox
 
     async def submit(
-        self, request_id: str, token_ids: list[int], params: dict[str, Any]
+        self,
+        request_id: str,
+        token_ids: list[int],
+        params: dict[str, Any],
+        leg: dict[str, Any] | None = None,
     ) -> dict[str, Any] | None:
         """None when the group started the request (deltas follow in the inbox), else an error
-        delta. Raises if the group cannot be reached."""
+        delta. Raises if the group cannot be reached. `leg`: ReplicaGroup.generate_stream's."""
         if not self.direct:
-            return await self.handle.submit.remote(self.router_id, request_id, token_ids, params)
+            return await self.handle.submit.remote(
+                self.router_id, request_id, token_ids, params, leg
+            )
         fut = asyncio.get_running_loop().create_future()
         self._acks[request_id] = fut
         try:
-            self._send(wire.Submit(request_id, token_ids, params))
+            self._send(wire.Submit(request_id, token_ids, params, leg))
             return await fut
         finally:
             self._acks.pop(request_id, None)

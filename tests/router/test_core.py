@@ -53,6 +53,7 @@ class FakeGroup:
         self.name, self.files, self.mode = name, files, mode
         self.subs: dict[str, FakeSubscription] = {}
         self.calls: list[list[int]] = []
+        self.legs: list[dict | None] = []
         self.aborted: list[str] = []
         self.running: dict[str, asyncio.Task] = {}
         self.hashes: list[int] = []
@@ -70,17 +71,19 @@ class FakeGroup:
         for sub in list(self.subs.values()):
             sub.queue.put_nowait(RuntimeError("actor died"))
 
-    async def _submit(self, router_id, request_id, token_ids, params):
+    async def _submit(self, router_id, request_id, token_ids, params, leg=None):
         if self.mode == "dead":
             raise RuntimeError("actor died")
         sub = self.subs.get(router_id)
         if sub is None:
             return {"error": {"kind": "dead", "field": None, "message": "not subscribed"}}
         self.calls.append(token_ids)
-        self.running[request_id] = asyncio.ensure_future(self._run(sub, request_id, params))
+        self.legs.append(leg)
+        self.running[request_id] = asyncio.ensure_future(self._run(sub, request_id, params, leg))
         return None
 
-    async def _run(self, sub, request_id, params):
+    async def _run(self, sub, request_id, params, leg=None):
+        leg = leg or {}
         if self.mode == "overloaded":
             err = {"kind": "overloaded", "field": None, "message": "full"}
             sub.queue.put_nowait([(request_id, {"error": err})])
@@ -90,12 +93,17 @@ class FakeGroup:
             sub.queue.put_nowait([(request_id, {"error": err})])
             return
         n = params.get("max_tokens", 16)
-        for i in range(n):
+        done = len(leg.get("resume", ()))  # output token i is 100 + i, wherever it is made
+        for i in range(done, n):
             await asyncio.sleep(0.001)
-            delta = {"ids": [7], "text": "a", "lp": None}
+            delta = {"ids": [100 + i], "text": "a", "lp": None}
             if i == n - 1:
                 delta |= {"finish": "length", "usage": {"prompt_tokens": 1, "completion_tokens": n}}
+            elif leg.get("handoff"):
+                delta |= {"finish": "handoff", "handoff": {"group": self.name, "kv_tokens": 0}}
             sub.queue.put_nowait([(request_id, delta)])
+            if "finish" in delta:
+                return
 
     async def _abort(self, router_id, request_ids):
         for rid in request_ids:
@@ -128,15 +136,15 @@ class FakeGroup:
         }
 
 
-def run(tokenizer_files, modes, body, policy="round_robin"):
+def run(tokenizer_files, modes, body, policy="round_robin", roles=None, **config_kw):
     """Start a Router over fake groups, run `body(router, groups)` in the same loop, stop."""
 
     async def main():
         groups = {f"g{i}": FakeGroup(f"g{i}", tokenizer_files, m) for i, m in enumerate(modes)}
         # The fakes speak the Serve-handle data plane; the direct one is tested end to end
         # (tests/deploy) against real groups.
-        config = RouterConfig(policy=policy, stats_interval_s=60, data_plane="serve")
-        r = Router(groups, config, model="m")
+        config = RouterConfig(policy=policy, stats_interval_s=60, data_plane="serve", **config_kw)
+        r = Router(groups, config, model="m", roles=roles)
         await r.start()
         for _ in range(100):  # every link live (the first one is enough for start())
             if all(g.link.live.is_set() for g in r.groups.values()):
@@ -166,12 +174,12 @@ def test_start_loads_limits_and_tokenizer(tokenizer_files):
 def test_stream_relays_deltas_and_usage(tokenizer_files):
     async def body(r, groups):
         chunks = await collect(r, [1, 2, 3])
-        assert [c.ids for c in chunks] == [[7], [7], [7]]
+        assert [c.ids for c in chunks] == [[100], [101], [102]]
         assert chunks[-1].finish == "length" and chunks[-1].usage["completion_tokens"] == 3
         assert all(c.group == "g0" for c in chunks) and r.groups["g0"].inflight == 0
         assert groups["g0"].aborted == [] and r.groups["g0"].link.num_open == 0
         c = await r.complete([1], SamplingParams(max_tokens=4))
-        assert c.ids == [7] * 4 and c.text == "aaaa" and c.finish == "length"
+        assert c.ids == [100, 101, 102, 103] and c.text == "aaaa" and c.finish == "length"
 
     run(tokenizer_files, ["ok"], body)
 
@@ -313,3 +321,84 @@ def test_inbox_merges_what_queued_up_but_never_an_error():
         assert (await box.next())["finish"] == "stop"
 
     asyncio.run(main())
+
+
+async def _wait_dead(r, name):
+    for _ in range(300):
+        if not r.groups[name].link.live.is_set():
+            return
+        await asyncio.sleep(0.01)
+
+
+def test_group_dying_mid_stream_resumes_on_another(tokenizer_files):
+    """The router holds every token it relayed: a group dying under a stream moves it to a
+    healthy group, which resumes after those tokens; the client sees each token once."""
+
+    async def body(r, groups):
+        agen = r.stream([1], SamplingParams(max_tokens=40))
+        got = [await agen.__anext__() for _ in range(5)]
+        assert {c.group for c in got} == {"g0"}
+        groups["g0"].kill()
+        got += [c async for c in agen]
+        ids = [i for c in got for i in c.ids]
+        assert ids == list(range(100, 140))  # no token missing or repeated
+        assert got[-1].finish == "length" and got[-1].group == "g1"
+        resumed = groups["g1"].legs[-1]["resume"]
+        assert resumed == ids[: len(resumed)] and len(resumed) >= 5
+        assert r.counters["migrations"] == 1
+        assert all(g.inflight == 0 for g in r.groups.values())
+
+    run(tokenizer_files, ["ok", "ok"], body)
+
+
+def test_migrations_are_bounded(tokenizer_files):
+    async def body(r, groups):
+        agen = r.stream([1], SamplingParams(max_tokens=400))
+        await agen.__anext__()
+        groups["g0"].kill()
+        while not groups["g1"].legs:  # moved to g1
+            await agen.__anext__()
+        await agen.__anext__()
+        groups["g1"].kill()  # a second death: max_migrations=1 is spent
+        with pytest.raises(Exception) as e:
+            async for _ in agen:
+                pass
+        assert api_error(e.value).grpc_code.name == "UNAVAILABLE"
+        assert r.counters["migrations"] == 1
+
+    run(tokenizer_files, ["ok", "ok"], body, max_migrations=1)
+
+
+PD = {"g0": "prefill", "g1": "decode"}
+
+
+def test_disaggregated_prefill_then_decode(tokenizer_files):
+    async def body(r, groups):
+        chunks = await collect(r, list(range(1, 9)), max_tokens=6)
+        ids = [i for c in chunks for i in c.ids]
+        assert ids == list(range(100, 106))
+        assert chunks[0].group == "g0" and chunks[0].finish is None  # first token, at once
+        assert {c.group for c in chunks[1:]} == {"g1"} and chunks[-1].finish == "length"
+        assert groups["g0"].legs == [{"handoff": True}]
+        assert groups["g1"].legs == [{"resume": [100], "kv_from": "g0"}]
+        assert all(g.inflight == 0 and g.link.num_open == 0 for g in r.groups.values())
+
+    run(tokenizer_files, ["ok", "ok"], body, roles=PD, pd_min_prompt_tokens=4)
+
+
+def test_short_prompts_and_a_dead_prefill_pool_prefill_on_decode(tokenizer_files):
+    async def body(r, groups):
+        chunks = await collect(r, [1, 2], max_tokens=3)  # below pd_min_prompt_tokens
+        assert {c.group for c in chunks} == {"g1"} and groups["g0"].legs == []
+        groups["g0"].kill()
+        await _wait_dead(r, "g0")
+        chunks = await collect(r, list(range(1, 9)), max_tokens=3)
+        assert [i for c in chunks for i in c.ids] == [100, 101, 102]
+        assert {c.group for c in chunks} == {"g1"} and groups["g1"].legs[-1] is None
+
+    run(tokenizer_files, ["ok", "ok"], body, roles=PD, pd_min_prompt_tokens=4)
+
+
+def test_a_prefill_pool_needs_a_decode_pool(tokenizer_files):
+    with pytest.raises(ValueError, match="needs a decode pool"):
+        Router({"g0": object()}, RouterConfig(), model="m", roles={"g0": "prefill"})
