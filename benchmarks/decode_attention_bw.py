@@ -18,7 +18,7 @@ Prints microseconds per layer and GB/s of K/V read for:
     block by block, one load per 64-byte line, on the same 2 threads;
   - one-layer: the kernel on one layer's cache, called repeatedly (partly cache-resident).
 The gap between kernel and read is the time the kernel spends beyond what its bytes need
-(benchmarks/RESULTS.md, sessions 8 and 9, for what did and did not narrow it).
+(benchmarks/history/sessions-1-10.md, sessions 8 and 9, for what did and did not narrow it).
 """
 
 from __future__ import annotations

@@ -42,4 +42,11 @@ class EngineConfig(BaseModel):
     def _check(self) -> EngineConfig:
         if self.parallel.backend == "nccl" and self.model.device != "cuda":
             raise ValueError("parallel.backend=nccl needs model.device=cuda")
+        multi_rank = not self.parallel.is_single
+        if self.parallel.backend == "gloo" and self.model.device == "cuda" and multi_rank:
+            # Ranks exchange tensors on the model's device (workers.model_runner, parallel/).
+            raise ValueError(
+                "parallel.backend=gloo with model.device=cuda: gloo's send/recv and all-to-all "
+                "take CPU tensors only; use backend=nccl (or auto)"
+            )
         return self

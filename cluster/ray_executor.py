@@ -43,12 +43,16 @@ class RayExecutor:
         self._own_pg = None
         pg = ray.util.get_current_placement_group()
         offset = 1  # a Serve replica sits in bundle 0 of its own placement group
+        # One GPU per rank on CUDA: Ray then sets each actor's CUDA_VISIBLE_DEVICES to its own
+        # GPU, so "cuda" is a different device on every rank (NCCL refuses two ranks on one).
+        self.gpus_per_rank = 1 if config.model.device == "cuda" else 0
         if pg is None or len(pg.bundle_specs) < self.world + offset:
             pg, offset = self._create_placement(p.cpus_per_rank, p.placement_timeout_s), 0
         actor_cls = ray.remote(Worker)
         self.actors = [
             actor_cls.options(
                 num_cpus=p.cpus_per_rank,
+                num_gpus=self.gpus_per_rank,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=i + offset
                 ),
@@ -73,15 +77,20 @@ class RayExecutor:
         self.driver = (p.pp - 1) * stage
 
     def _create_placement(self, cpus: float, timeout_s: float):
-        bundles = [{"CPU": cpus} for _ in range(self.world)]
-        pg = placement_group(bundles, strategy="PACK")
+        bundle = {"CPU": cpus}
+        if self.gpus_per_rank:
+            bundle["GPU"] = self.gpus_per_rank
+        pg = placement_group([dict(bundle) for _ in range(self.world)], strategy="PACK")
         if not pg.wait(timeout_seconds=timeout_s):
             remove_placement_group(pg)
-            free = ray.available_resources().get("CPU", 0.0)
-            total = ray.cluster_resources().get("CPU", 0.0)
+            free, total = ray.available_resources(), ray.cluster_resources()
             raise RuntimeError(
-                f"cannot place {self.world} ranks x {cpus:g} CPU within {timeout_s:.0f}s: the "
-                f"cluster has {free:g} of {total:g} CPUs free"
+                f"cannot place {self.world} ranks x "
+                + " + ".join(f"{n:g} {k}" for k, n in bundle.items())
+                + f" within {timeout_s:.0f}s: the cluster has "
+                + ", ".join(
+                    f"{free.get(k, 0.0):g} of {total.get(k, 0.0):g} {k}s free" for k in bundle
+                )
             )
         self._own_pg = pg
         return pg

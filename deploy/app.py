@@ -55,14 +55,18 @@ def build_app(config: FlotillaConfig | dict[str, Any]) -> serve.Application:
     group_deployment = serve.deployment(ReplicaGroup)
     groups = {}
     for spec in config.group_specs():
-        sched = spec.engine.scheduler
+        sched, engine = spec.engine.scheduler, spec.engine
+        # A one-rank group runs the model inside the Serve replica: on CUDA it needs its GPU
+        # there (Ray hides every GPU from an actor that asked for none). Multi-rank groups
+        # place their rank actors, one GPU each, themselves (cluster.ray_executor).
+        group_gpus = 1 if engine.model.device == "cuda" and engine.parallel.is_single else 0
         groups[spec.name] = group_deployment.options(
             name=spec.name,
             num_replicas=1,
             # Above what the engine admits, so an overloaded engine refuses (429 /
             # RESOURCE_EXHAUSTED) instead of Serve queueing silently in front of it.
             max_ongoing_requests=sched.max_num_seqs + sched.max_waiting + _GROUP_CONTROL_HEADROOM,
-            ray_actor_options={"num_cpus": spec.num_cpus},
+            ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": group_gpus},
             health_check_period_s=s.health_check_period_s,
             graceful_shutdown_timeout_s=s.group_graceful_shutdown_s,
             graceful_shutdown_wait_loop_s=0.5,

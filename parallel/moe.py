@@ -128,7 +128,7 @@ class FusedExperts(nn.Module):
         lo, hi = min(T, self.ep.rank * chunk), min(T, (self.ep.rank + 1) * chunk)
         # Pairs (token, expert) of my slice, sorted by the rank that owns the expert.
         pair_ids = ids[lo:hi].reshape(-1)
-        pair_tok = torch.arange(lo, hi).repeat_interleave(k)
+        pair_tok = torch.arange(lo, hi, device=ids.device).repeat_interleave(k)
         dest = pair_ids // self.num_local
         order = torch.argsort(dest, stable=True)
         pair_ids, pair_tok = pair_ids[order], pair_tok[order]

@@ -19,7 +19,9 @@ Per step, `build_metadata` turns block tables into index tensors once; every lay
 - Sliding windows are masks: key k is visible to query q iff q - window < k <= q.
 
 `scaled_dot_product_attention` picks FlashAttention / memory-efficient kernels on CUDA and a
-fused flash kernel on CPU; the same code runs on both.
+fused flash kernel on CPU; the same code runs on both. Every index tensor and mask is made on
+the KV cache's device (`build_metadata`'s `device`; masks on their lengths' device), so nothing
+crosses between host and GPU inside the layers (tests/workers/test_device_placement.py).
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ class DecodeGroup:
             self._masks = {}
         mask = self._masks.get(window)
         if mask is None:
-            k = torch.arange(self.max_blocks * block_size)[None, :]
             ctx = self.context_lens[:, None]
+            k = torch.arange(self.max_blocks * block_size, device=ctx.device)[None, :]
             mask = k < ctx
             if window is not None:
                 mask &= k > ctx - 1 - window
@@ -97,8 +99,9 @@ class AttentionMetadata:
         key = (i, window)
         mask = self._prefill_masks.get(key)
         if mask is None:
-            q = torch.arange(chunk.start_pos, chunk.start_pos + chunk.q_len)[:, None]
-            k = torch.arange(chunk.start_pos + chunk.q_len)[None, :]
+            dev = chunk.block_table.device
+            q = torch.arange(chunk.start_pos, chunk.start_pos + chunk.q_len, device=dev)[:, None]
+            k = torch.arange(chunk.start_pos + chunk.q_len, device=dev)[None, :]
             mask = k <= q
             if window is not None:
                 mask &= k > q - window
@@ -164,8 +167,13 @@ def build_metadata(
     if native and prefills:
         width = max(len(t) for *_, t in prefills)
         prefill_kernel = (
-            torch.tensor([t + [0] * (width - len(t)) for *_, t in prefills], dtype=torch.int32),
-            *(torch.tensor([c[i] for c in prefills], dtype=torch.int32) for i in range(3)),
+            torch.tensor(
+                [t + [0] * (width - len(t)) for *_, t in prefills], dtype=torch.int32, device=device
+            ),
+            *(
+                torch.tensor([c[i] for c in prefills], dtype=torch.int32, device=device)
+                for i in range(3)
+            ),
         )
     return AttentionMetadata(
         slot_mapping=torch.tensor(slots, device=device),

@@ -132,7 +132,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.states: dict[str, SamplingState] = {}
-        self.generator = torch.Generator(device="cpu")
+        self.generator = torch.Generator(device=self.device)  # where the logits are sampled
         self.generator.manual_seed(config.seed)
 
     def _wants(self, first: int, last: int):
@@ -169,7 +169,7 @@ class ModelRunner:
         for req_id in plan.finished_req_ids:
             self.states.pop(req_id, None)
         for nr in plan.new_requests:
-            st = SamplingState.create(nr.params, len(nr.prompt_token_ids))
+            st = SamplingState.create(nr.params, len(nr.prompt_token_ids), self.device)
             st.skip_draws(nr.num_output_tokens, self.hf_config.vocab_size)
             st.token_ids = list(nr.prompt_token_ids)
             self.states[nr.req_id] = st
@@ -239,14 +239,17 @@ class ModelRunner:
         for mb in self._microbatches(plan.seqs) if plan.seqs else []:
             input_ids, meta, rows, sample_seqs = self._prepare(mb)
             hidden = None
+            # Hidden states cross stages on the model's device: NCCL sends only CUDA tensors,
+            # gloo CPU ones, and the config pairs them (cluster.config rejects gloo on CUDA).
             if not g.is_first_stage:
-                hidden = torch.empty(len(input_ids), self.hidden_size, dtype=self.dtype)
+                hidden = torch.empty(
+                    len(input_ids), self.hidden_size, dtype=self.dtype, device=self.device
+                )
                 with COMM.time():
                     dist.recv(hidden, src=g.prev_rank)
-                hidden = hidden.to(self.device)
             hidden = self.model(input_ids, hidden, meta, self.kv_caches)
             if not g.is_last_stage:
-                out = hidden.cpu() if hidden.device.type != "cpu" else hidden
+                out = hidden.contiguous()  # kept alive (in `sends`) until the send completes
                 sends.append((dist.isend(out, dst=g.next_rank), out))
                 continue
             if not sample_seqs:
@@ -263,7 +266,7 @@ class ModelRunner:
             if greedy is not None:
                 tokens, lps = greedy.tolist(), None
             else:
-                tokens, lps = sample(logits.cpu(), states, self.generator, self.native)
+                tokens, lps = sample(logits, states, self.generator, self.native)
             for i, s in enumerate(sample_seqs):
                 sampled[s.req_id] = (tokens[i], lps[i] if lps is not None else None)
         with COMM.time():
@@ -279,12 +282,13 @@ class ModelRunner:
 
     # ---- KV export / import (disaggregated prefill) ----------------------------------------
     def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """[layers, 2, n, block_size, kv_heads, head_dim] copy of the given blocks."""
+        """[layers, 2, n, block_size, kv_heads, head_dim] copy of the given blocks, on the host:
+        it leaves the group through the Ray object store (a hand-off, not a step)."""
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         return torch.stack([c[:, idx] for c in self.kv_caches]).cpu()
 
     def import_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
-        idx = torch.tensor(block_ids, device=self.device)
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         for c, d in zip(self.kv_caches, data, strict=True):
             c[:, idx] = d.to(device=self.device, dtype=c.dtype)
 

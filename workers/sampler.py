@@ -5,6 +5,12 @@ greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw. The draw is an
 exponential race (argmax of p / E, E ~ Exp(1)), which samples exactly from p. A request with
 a seed draws its noise from its own generator, one row of V values per token, so its tokens do
 not depend on what else is in the batch.
+
+Device: everything runs where the logits are (the model's device), generators included; only
+the chosen token ids (and requested logprobs) go to the host, by one `.tolist()`. Copying the
+[N, vocab] logits to the host instead would cost more per step on CUDA than the sampling
+itself. The price: a seed reproduces its tokens on the same kind of device, not across CPU and
+CUDA (their generators are different algorithms), as in vLLM.
 """
 
 from __future__ import annotations
@@ -27,10 +33,13 @@ class SamplingState:
     generator: torch.Generator | None = None
 
     @classmethod
-    def create(cls, params: SamplingParams, prompt_len: int) -> SamplingState:
+    def create(
+        cls, params: SamplingParams, prompt_len: int, device: torch.device | str = "cpu"
+    ) -> SamplingState:
+        """`device`: where this request's logits will be (its seeded generator lives there)."""
         gen = None
         if params.seed is not None:
-            gen = torch.Generator()
+            gen = torch.Generator(device=device)
             gen.manual_seed(params.seed)
         return cls(params, prompt_len, [], gen)
 
@@ -39,7 +48,7 @@ class SamplingState:
         as sample() draws it), for a request resumed after n output tokens elsewhere."""
         if self.generator is None or self.params.greedy:
             return
-        row = torch.empty(vocab)
+        row = torch.empty(vocab, device=self.generator.device)
         for _ in range(n):
             row.exponential_(generator=self.generator)
 
@@ -51,7 +60,7 @@ def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
         if not p.needs_penalties:
             continue
         row = logits[i]
-        ids = torch.tensor(st.token_ids, dtype=torch.long)
+        ids = torch.tensor(st.token_ids, dtype=torch.long, device=logits.device)
         ids = ids[ids < vocab]
         if p.repetition_penalty != 1.0 and len(ids):
             seen = torch.unique(ids)
@@ -67,7 +76,8 @@ def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
 
 def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p, vectorised across rows."""
-    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
+    dev = logits.device
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=dev)
     logits = logits / temps[:, None]
     vocab = logits.shape[1]
     top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
@@ -75,19 +85,20 @@ def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     min_p = [p.min_p for p in params]
     if any(k < vocab for k in top_k) or any(tp < 1.0 for tp in top_p):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        rank = torch.arange(vocab)[None, :]
-        drop = rank >= torch.tensor(top_k)[:, None]
+        rank = torch.arange(vocab, device=dev)[None, :]
+        drop = rank >= torch.tensor(top_k, device=dev)[:, None]
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the mass before it already reaches top_p (always keep the first).
         before = probs.cumsum(dim=-1) - probs
-        drop = before >= torch.tensor(top_p, dtype=probs.dtype)[:, None]
+        drop = before >= torch.tensor(top_p, dtype=probs.dtype, device=dev)[:, None]
         drop[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     if any(m > 0 for m in min_p):
-        floor = torch.tensor(min_p, dtype=probs.dtype)[:, None] * probs.max(dim=-1, keepdim=True).values
+        floor = torch.tensor(min_p, dtype=probs.dtype, device=dev)[:, None]
+        floor = floor * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(probs < floor, 0.0)
     return probs
 
@@ -96,7 +107,7 @@ def _argmax(logits: torch.Tensor, native: bool) -> torch.Tensor:
     """Row argmax; `native`: torch.ops.flotilla.argmax_rows (both threads, reads bf16 logits
     as they are; torch's own argmax over [64, 49152] took ~4 ms here)."""
     if native and logits.device.type == "cpu" and logits.dim() == 2 and logits.is_contiguous():
-        out = torch.empty(logits.shape[0], dtype=torch.long)
+        out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
         torch.ops.flotilla.argmax_rows(out, logits)
         return out
     return logits.argmax(dim=-1)
@@ -108,8 +119,9 @@ def sample(
     default_gen: torch.Generator,
     native: bool = False,
 ) -> tuple[list[int], list[TokenLogprobs | None] | None]:
-    """logits: [N, V] (any float dtype), one row per sampling request. Returns token ids (+
-    logprobs). Everything but a plain greedy argmax works on a float32 copy."""
+    """logits: [N, V] (any float dtype, on any device), one row per sampling request; the
+    generators must be on the logits' device. Returns token ids (+ logprobs). Everything but a
+    plain greedy argmax works on a float32 copy."""
     want_lp = [st.params.logprobs is not None for st in states]
     if any(want_lp) or any(st.params.needs_penalties or not st.params.greedy for st in states):
         logits = logits.float()
@@ -121,7 +133,7 @@ def sample(
     tokens = _argmax(logits, native)
     rand = [i for i, st in enumerate(states) if not st.params.greedy]
     if rand:
-        idx = torch.tensor(rand)
+        idx = torch.tensor(rand, device=logits.device)
         probs = _filter(logits[idx], [states[i].params for i in rand])
         noise = torch.empty_like(probs)
         for j, i in enumerate(rand):

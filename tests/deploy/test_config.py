@@ -73,3 +73,18 @@ def test_generate_reports_unreachable_server(capsys):
     # Nothing listens on this port: a clean error and exit code 1, not a traceback.
     assert main(["generate", "hi", "--address", "127.0.0.1:1", "--timeout", "2"]) == 1
     assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("device", "tp", "gpus"), [("cpu", 1, 0), ("cuda", 1, 1), ("cuda", 2, 0), ("cpu", 2, 0)]
+)
+def test_a_one_rank_cuda_group_asks_serve_for_its_gpu(device, tp, gpus):
+    """A one-rank group's model runs in its Serve replica, which needs the GPU (Ray hides GPUs
+    from actors that ask for none); a multi-rank group's rank actors ask for theirs."""
+    from deploy.app import build_app
+
+    cfg = FlotillaConfig.model_validate(
+        {"engine": {"model": {"device": device}, "parallel": {"tp": tp}}}
+    )
+    groups = build_app(cfg)._bound_deployment.init_args[2]  # the ingress's bound groups
+    assert [g._bound_deployment.ray_actor_options["num_gpus"] for g in groups.values()] == [gpus]
