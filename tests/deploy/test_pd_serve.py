@@ -1,0 +1,171 @@
+"""deploy/examples/pd.yaml served for real (Ray Serve, gRPC and the official openai client), on
+the tiny seeded Llama: one prefill and one decode group. Outputs equal the colocated engine's
+for prompts that go through the hand-off and for short ones that prefill on the decode group;
+the decode group imported the prompts' KV; nothing is left held afterwards. Then the prefill
+group dies: requests still complete, prefilled on the decode group."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import grpc
+import openai
+import pytest
+
+from deploy import preflight
+from router.proto import flotilla_pb2 as pb
+from router.proto import flotilla_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+META = (("application", "flotilla"),)
+MIN_PD = 12  # prompts of at least this many tokens go through the prefill group
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def config(tiny_model_dir):
+    return preflight.load(
+        str(ROOT / "deploy" / "examples" / "pd.yaml"),
+        {
+            "engine.model.model": tiny_model_dir("llama"),
+            "engine.model.dtype": "float32",
+            "engine.cache": {"block_size": 8, "num_blocks": 512},
+            "router.pd_min_prompt_tokens": MIN_PD,
+            "router.stats_interval_s": 0.1,
+            "serve.http_port": _free_port(),
+            "serve.grpc_port": _free_port(),
+            "serve.metrics_export_port": None,
+            "serve.health_check_period_s": 1.0,
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def app(config):
+    import ray
+    from ray import serve
+
+    from deploy.app import runtime_env, start
+
+    ray.init(
+        num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env(config)
+    )
+    try:
+        yield start(config)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def stub(app, config):
+    channel = grpc.insecure_channel(f"127.0.0.1:{config.serve.grpc_port}")
+    yield pb_grpc.FlotillaStub(channel)
+    channel.close()
+
+
+@pytest.fixture(scope="module")
+def offline(config):
+    from cluster.engine import LLMEngine
+
+    return LLMEngine(config.engine)
+
+
+def _stats(app) -> dict[str, dict]:
+    return {s["name"]: s for s in app.group_stats.remote().result(timeout_s=30)}
+
+
+PROMPTS = [
+    [100 + (7 * i) % 500 for i in range(40)],  # hand-off, 5 full blocks imported
+    [200 + (11 * i) % 500 for i in range(13)],  # hand-off, 1 block + a recomputed tail
+    [300 + i for i in range(5)],  # short: prefilled on the decode group
+]
+
+
+def _grpc_ids(stub, ids, params) -> tuple[list[int], str, str]:
+    got, text, finish = [], [], ""
+    req = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=ids), params=params)
+    for msg in stub.GenerateStream(req, metadata=META, timeout=120):
+        got += msg.token_ids
+        text.append(msg.text)
+        finish = msg.finish_reason or finish
+    return got, "".join(text), finish
+
+
+def test_outputs_equal_the_colocated_engine(app, stub, offline):
+    from workers.sampling_params import SamplingParams
+
+    before = _stats(app)
+    for seeded in (False, True):
+        kw = {"temperature": 0.8, "seed": 11, "top_k": 40} if seeded else {"temperature": 0.0}
+        params = pb.SamplingParams(max_tokens=12, ignore_eos=True, **kw)
+        want = offline.generate(PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True, **kw))
+        for prompt, ref in zip(PROMPTS, want, strict=True):
+            got = _grpc_ids(stub, prompt, params)
+            assert got == (ref.token_ids, ref.text, "length"), (seeded, len(prompt))
+    after = _stats(app)
+    handed_off = 2 * 2  # the two long prompts, greedy and seeded
+    assert after["prefill-0"]["num_requests"] - before["prefill-0"]["num_requests"] == handed_off
+    assert after["decode-0"]["kv_imports"] - before["decode-0"]["kv_imports"] == handed_off
+    assert after["decode-0"]["kv_recomputes"] == before["decode-0"]["kv_recomputes"]
+    assert after["decode-0"]["num_requests"] - before["decode-0"]["num_requests"] == 2 * 3
+
+
+def test_openai_http_through_the_pools(app, config, offline):
+    from workers.sampling_params import SamplingParams
+
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{config.serve.http_port}/v1", api_key="-", max_retries=0
+    )
+    want = offline.generate(
+        [PROMPTS[0]], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    )
+    out = client.completions.create(
+        model=config.model_name,
+        prompt=PROMPTS[0],
+        max_tokens=10,
+        temperature=0.0,
+        extra_body={"ignore_eos": True},
+    )
+    assert out.choices[0].text == want[0].text
+    assert out.usage.completion_tokens == 10 and out.usage.prompt_tokens == len(PROMPTS[0])
+
+
+def test_nothing_is_held_afterwards(app):
+    deadline = time.monotonic() + 30
+    while True:
+        stats = _stats(app)
+        idle = all(s["num_running"] == 0 and s["kv_usage"] == 0.0 for s in stats.values())
+        if idle and stats["prefill-0"]["kv_leases"] == 0:
+            break
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.1)
+
+
+def test_a_dead_prefill_group_falls_back_to_decode(app, stub, offline):
+    import ray
+    from ray import serve
+
+    from workers.sampling_params import SamplingParams
+
+    status = serve.status().applications["flotilla"].deployments["prefill-0"]
+    assert status.status == "HEALTHY"
+    replica = next(
+        a for a in ray.util.list_named_actors(all_namespaces=True) if "prefill-0" in a["name"]
+    )
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=False)
+    want = offline.generate(
+        [PROMPTS[0]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    )
+    params = pb.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    for _ in range(3):  # whether or not the router noticed yet, each request completes
+        assert _grpc_ids(stub, PROMPTS[0], params) == (want[0].token_ids, want[0].text, "length")
