@@ -277,12 +277,14 @@ class Router:
             except _LegFailed as f:
                 if f.before_start and role == "prefill":  # no prefill group: prefill on decode
                     self.counters["prefill_fallbacks"] += 1
+                    self.metrics.prefill_fallbacks.inc(1, tags=self.metrics.tags("router"))
                     leg = {}
                     continue
                 if migrations >= self.config.max_migrations or not f.movable:
                     raise f.error from None
                 migrations += 1
                 self.counters["migrations"] += 1
+                self.metrics.migrations.inc(1, tags=self.metrics.tags("router"))
                 log.warning(
                     "request %s: %s; resuming after %d tokens elsewhere (%d/%d)",
                     request_id,

@@ -69,6 +69,25 @@ class RequestMetrics:
         self.prefix_hit_rate = gauge(
             "flotilla_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache (0-1)."
         )
+        # Moving requests between groups: counted where the router decides...
+        self.migrations = counter(
+            "flotilla_request_migrations", "Requests resumed on another group after theirs died."
+        )
+        self.prefill_fallbacks = counter(
+            "flotilla_prefill_fallbacks", "Prompts prefilled on a decode group (no prefill group)."
+        )
+        # ...and the groups' own KV hand-off totals, mirrored from their stats (cumulative).
+        self.kv = {
+            key: gauge(f"flotilla_{key}", desc)
+            for key, desc in (
+                ("kv_leases", "Prompts' KV held under a lease for a decode group."),
+                ("kv_lease_expiries", "Leases that ran out before a decode group took them."),
+                ("kv_imports", "Prompts' KV imported from a prefill group."),
+                ("kv_recomputes", "Hand-offs whose KV did not arrive: the prompt was recomputed."),
+                ("kv_transfer_bytes", "KV bytes received from prefill groups."),
+                ("kv_transfer_seconds", "Seconds spent receiving KV from prefill groups."),
+            )
+        }
 
     def tags(self, group: str) -> dict[str, str]:
         return {"model": self.model, "group": group}
@@ -79,6 +98,9 @@ class RequestMetrics:
         self.waiting.set(stats["num_waiting"], tags=t)
         self.kv_usage.set(stats["kv_usage"], tags=t)
         self.prefix_hit_rate.set(stats["prefix_hit_rate"], tags=t)
+        for key, g in self.kv.items():
+            if key in stats:
+                g.set(stats[key], tags=t)
 
     def record_finished(
         self,

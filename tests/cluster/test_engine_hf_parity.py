@@ -58,8 +58,18 @@ def prompts_for(seed: int, lengths: list[int], shared_prefix: int = 0) -> list[l
 SCENARIOS = {
     # name: (cache config, scheduler config, prompt lengths, shared prefix)
     "mixed": (CacheConfig(block_size=8), SchedulerConfig(), [5, 40, 17, 63, 1], 0),
-    "chunked": (CacheConfig(block_size=8), SchedulerConfig(max_num_batched_tokens=16), [5, 40, 70], 0),
-    "prefix": (CacheConfig(block_size=8), SchedulerConfig(max_num_batched_tokens=64), [3, 20, 9], 33),
+    "chunked": (
+        CacheConfig(block_size=8),
+        SchedulerConfig(max_num_batched_tokens=16),
+        [5, 40, 70],
+        0,
+    ),
+    "prefix": (
+        CacheConfig(block_size=8),
+        SchedulerConfig(max_num_batched_tokens=64),
+        [3, 20, 9],
+        33,
+    ),
     "preempt": (CacheConfig(block_size=4, num_blocks=40), SchedulerConfig(), [30, 25, 41, 12], 0),
 }
 
@@ -67,7 +77,9 @@ SCENARIOS = {
 @pytest.fixture(scope="module")
 def hf_models(tiny_model_dir):
     return {
-        a: transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir(a), dtype=torch.float32).eval()
+        a: transformers.AutoModelForCausalLM.from_pretrained(
+            tiny_model_dir(a), dtype=torch.float32
+        ).eval()
         for a in ARCHS
     }
 
@@ -131,9 +143,7 @@ def test_many_decodes_grouped_by_length(arch, backend, tiny_model_dir, hf_models
     place; the SDPA path splits them into several length groups. Every request matches HF."""
     engine = LLMEngine(
         EngineConfig(
-            model=ModelConfig(
-                model=tiny_model_dir(arch), dtype="float32", kernels=backend
-            ),
+            model=ModelConfig(model=tiny_model_dir(arch), dtype="float32", kernels=backend),
             cache=CacheConfig(block_size=8),
         )
     )
