@@ -38,7 +38,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cluster import wire
+from cluster import kv_transfer, wire
 from cluster.config import EngineConfig
 from workers.errors import EngineDead, EngineDraining, EngineOverloaded, InvalidRequest
 from workers.sampling_params import SamplingParams
@@ -327,9 +327,10 @@ class ReplicaGroup:
 
     # ---- KV hand-off ------------------------------------------------------------------------
     def take_kv(self, request_id: str) -> Any:
-        """A decode group takes (and so acknowledges) a request's prompt KV: (token ids, block
-        data), or None when the lease expired or was never made."""
-        return self.leases.take(request_id)
+        """A decode group takes (and so acknowledges) a request's prompt KV (token ids and block
+        data, cluster.kv_transfer's form), or None when the lease expired or was never made."""
+        kv = self.leases.take(request_id)
+        return None if kv is None else kv_transfer.pack(*kv)
 
     async def _fetch_kv(self, group: str, request_id: str) -> Any:
         """The prompt KV held by `group`, or None (then the prompt is recomputed here)."""
@@ -349,9 +350,9 @@ class ReplicaGroup:
             self.kv["recomputes"] += 1
             return None
         self.kv["imports"] += 1
-        self.kv["bytes"] += int(kv[1].numel() * kv[1].element_size()) if kv[0] else 0
+        self.kv["bytes"] += kv["data"].nbytes
         self.kv["seconds"] += time.monotonic() - t0
-        return kv
+        return kv_transfer.unpack(kv)
 
     def _delta(self, out, params: SamplingParams) -> dict[str, Any]:
         msg: dict[str, Any] = {"ids": out.new_token_ids, "text": out.delta_text, "lp": None}
