@@ -1,7 +1,14 @@
 """The direct data plane between a router replica and a replica group: every message type and
 its encoding, written and read here only (router/link.py is one end, ReplicaGroup the other).
 
-One TCP connection per (router replica, group). Each frame is a 4-byte big-endian length and
+One TCP connection per (router replica, group), authenticated both ways before any frame is
+read: the group makes a random secret when it starts its server and hands it out only through
+Ray (the Serve handle call `data_address`, which Ray's own authentication guards). The router's
+first bytes are that secret (compared in constant time; anything else is closed unread), and
+the group answers HMAC(secret, the router's 16-byte nonce), so the router knows it reached the
+group and not whatever else listens on that port.
+
+After that, each frame is a 4-byte big-endian length and
 a msgpack body (msgspec: typed, ~10x cheaper than JSON per batch of deltas, and no newline
 scanning). The first frame is the router's Hello; a group that speaks another version answers
 Refused and closes, so a mixed-version deploy fails loudly instead of misreading frames.
@@ -20,6 +27,9 @@ plane (`router.data_plane: serve`) carries the very same values.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import secrets
 from typing import Any
 
 import msgspec
@@ -67,6 +77,47 @@ _to_router = msgspec.msgpack.Decoder(ToRouter)
 
 class ProtocolError(ConnectionError):
     """The peer sent something this version cannot read."""
+
+
+SECRET_BYTES = 32
+NONCE_BYTES = 16
+
+
+def new_secret() -> bytes:
+    return secrets.token_bytes(SECRET_BYTES)
+
+
+def _proof(secret: bytes, nonce: bytes) -> bytes:
+    return hmac.new(secret, b"flotilla-group" + nonce, hashlib.sha256).digest()
+
+
+def client_hello(secret: bytes) -> tuple[bytes, bytes]:
+    """(the router's opening bytes, the nonce whose proof it expects back)."""
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    return secret + nonce, nonce
+
+
+async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes) -> bool:
+    """Group side: read the router's secret and nonce, answer with the proof. False (and
+    nothing written) when the secret is wrong or the peer closes early."""
+    try:
+        opening = await reader.readexactly(SECRET_BYTES + NONCE_BYTES)
+    except asyncio.IncompleteReadError:
+        return False
+    if not hmac.compare_digest(opening[:SECRET_BYTES], secret):
+        return False
+    writer.write(_proof(secret, opening[SECRET_BYTES:]))
+    return True
+
+
+async def verify(reader: asyncio.StreamReader, secret: bytes, nonce: bytes) -> None:
+    """Router side: the group's proof, or ProtocolError."""
+    try:
+        proof = await reader.readexactly(hashlib.sha256().digest_size)
+    except asyncio.IncompleteReadError:
+        raise ProtocolError("the replica group closed the connection: wrong secret?") from None
+    if not hmac.compare_digest(proof, _proof(secret, nonce)):
+        raise ProtocolError("the peer on the data-plane port is not the replica group")
 
 
 def frame(msg: msgspec.Struct) -> bytes:

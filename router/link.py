@@ -107,8 +107,15 @@ class GroupLink:
             self._deliver(batch)
 
     async def _stream_direct(self) -> None:
-        host, port = await self.handle.data_address.remote()
+        host, port, secret = await self.handle.data_address.remote()
         reader, writer = await asyncio.open_connection(host, port)
+        try:
+            opening, nonce = wire.client_hello(secret)
+            writer.write(opening)
+            await wire.verify(reader, secret, nonce)
+        except BaseException:
+            writer.close()
+            raise
         self._writer = writer
         try:
             self._send(wire.Hello(self.router_id, wire.PROTOCOL_VERSION))

@@ -74,14 +74,29 @@ def test_broken_frames_raise_protocol_error(data, why):
         asyncio.run(run())
 
 
+def _group_server():
+    """A ReplicaGroup's data-plane server without an engine: the handshake and the hello are
+    answered before any engine state is touched."""
+    group = object.__new__(ReplicaGroup)
+    group.direct_links = group.rejected_links = 0
+    group._secret = wire.new_secret()
+    return group
+
+
+async def _connect(group, opening: bytes):
+    server = await asyncio.start_server(group._serve_link, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+    writer.write(opening)
+    return server, reader, writer
+
+
 def test_a_group_refuses_another_protocol_version():
-    group = object.__new__(ReplicaGroup)  # the hello is answered before any engine is touched
-    group.direct_links = 0
+    group = _group_server()
 
     async def run():
-        server = await asyncio.start_server(group._serve_link, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        opening, nonce = wire.client_hello(group._secret)
+        server, reader, writer = await _connect(group, opening)
+        await wire.verify(reader, group._secret, nonce)  # the group proved itself
         writer.write(wire.frame(wire.Hello("router-1", wire.PROTOCOL_VERSION + 1)))
         reply = await asyncio.wait_for(wire.read_to_router(reader), 10)
         end = await asyncio.wait_for(wire.read_to_router(reader), 10)
@@ -94,3 +109,49 @@ def test_a_group_refuses_another_protocol_version():
     assert f"group {wire.PROTOCOL_VERSION}" in reply.message
     assert end is None  # and it closed the connection
     assert group.direct_links == 0
+
+
+@pytest.mark.parametrize("opening", ["wrong-secret", "hello-frame-first", "short"])
+def test_a_connection_without_the_secret_is_closed_unread(opening):
+    group = _group_server()
+    data = {
+        "wrong-secret": wire.client_hello(wire.new_secret())[0],
+        "hello-frame-first": wire.frame(wire.Hello("r", wire.PROTOCOL_VERSION)) + b"\0" * 64,
+        "short": group._secret[:10],
+    }[opening]
+
+    async def run():
+        server, reader, writer = await _connect(group, data)
+        if opening == "short":
+            writer.write_eof()
+        got = await asyncio.wait_for(reader.read(), 10)  # nothing, then the close
+        writer.close()
+        server.close()
+        return got
+
+    assert asyncio.run(run()) == b""
+    assert group.rejected_links == 1 and group.direct_links == 0
+
+
+def test_the_router_rejects_a_peer_that_does_not_know_the_secret():
+    secret = wire.new_secret()
+
+    async def impostor(reader, writer):
+        await reader.readexactly(wire.SECRET_BYTES + wire.NONCE_BYTES)
+        writer.write(b"x" * 32)  # a proof it cannot make
+        await writer.drain()
+
+    async def run():
+        server = await asyncio.start_server(impostor, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        opening, nonce = wire.client_hello(secret)
+        writer.write(opening)
+        try:
+            await wire.verify(reader, secret, nonce)
+        finally:
+            writer.close()
+            server.close()
+
+    with pytest.raises(wire.ProtocolError, match="not the replica group"):
+        asyncio.run(run())
