@@ -9,11 +9,13 @@ the layout. With `tp.size == 1` every layer is a plain dense layer and no collec
 - QKVParallelLinear: q|k|v fused; KV heads split across ranks, replicated when tp > kv heads.
 - RowParallelLinear: input features split; the all-reduce is inside; bias added once, after it.
 - VocabParallelEmbedding / ParallelLMHead: vocabulary split; embedding all-reduced, logits gathered.
+
+The linears compute through a `LinearMethod` object (torch's linear unless one is attached at
+load), so CPU kernels plug in without parallel/ knowing them.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -64,109 +66,31 @@ def divide(a: int, b: int, what: str) -> int:
     return a // b
 
 
-def _cpu_bf16_packable(weight: torch.Tensor) -> bool:
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.bfloat16
-        and torch.backends.mkldnn.is_available()
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+class LinearMethod:
+    """How a linear layer computes y = x W^T (+ bias): vLLM's seam. parallel/ keeps the sharding
+    and the collectives; the method is chosen at load (workers/linear_methods.py attaches CPU
+    kernels -- AMX tiles, a bf16 GEMV, oneDNN-prepacked weights -- where the kernel plan says
+    they apply). This default is torch's linear, on any device."""
 
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
 
-@functools.cache
-def gemv_max_rows() -> int:
-    """Up to this many rows the native GEMV beats oneDNN (benchmarks/RESULTS.md): on an
-    AVX512-BF16 CPU without AMX, 8.8 vs 13.1 ms for SmolLM2's layers at 1 row and 11.5 vs 13.5
-    at 4 (oneDNN wins from ~6); with AMX, oneDNN's tile GEMM wins from 2 rows (13.3 vs 16.4 ms
-    at 1 row, 16.1 vs 20.0 at 4)."""
-    from workers.kernels import cpu_has_amx
-
-    return 1 if cpu_has_amx() else 4
-
-
-def _gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
-    """x @ w.T for a few bf16 rows on the CPU, streaming w at memory bandwidth; None when the
-    native op does not apply (dtype, device, no AVX512-BF16)."""
-    if x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.device.type != "cpu":
+    def argmax(self, layer: nn.Module, x: torch.Tensor, n: int) -> torch.Tensor | None:
+        """argmax over the first n columns of apply(layer, x, None), per row, without writing
+        the outputs out; None where this method cannot (the caller computes them)."""
         return None
-    out = x.new_empty(x.shape[0], w.shape[0])
-    return out if torch.ops.flotilla.gemv_bf16(out, x.contiguous(), w) else None
 
 
-AMX_MAX_ROWS = 256
-"""Up to this many rows a linear runs on our AMX kernel (torch.ops.flotilla.amx_linear); past
-it torch's linear (oneDNN's AMX GEMM) is as fast or faster (benchmarks/RESULTS.md)."""
+TORCH_LINEAR = LinearMethod()
 
 
-def amx_pack(w: torch.Tensor) -> torch.Tensor:
-    """[N, K] bf16 -> the AMX B-tile panels amx_linear reads: [N/32, K/32, 2, 16, 32], element
-    (p, kb, t, r, 2c + l) = w[32p + 16t + c, 32kb + 2r + l], zero-padded to multiples of 32."""
-    n, k = w.shape
-    np_, kp = -(-n // 32) * 32, -(-k // 32) * 32
-    w = F.pad(w, (0, kp - k, 0, np_ - n))
-    w = w.view(np_ // 32, 2, 16, kp // 32, 16, 2).permute(0, 3, 1, 4, 2, 5)
-    return w.contiguous().view(np_ // 32, kp // 32, 2, 16, 32)
+class LinearLayer:
+    """A layer whose matmul goes through its `linear_method` (set at load; torch's by default)."""
 
-
-def amx_pack_swiglu(w: torch.Tensor) -> torch.Tensor:
-    """gate|up [2I, K] -> panels whose first tile holds 16 gate columns and second tile the same
-    16 up columns, for amx_swiglu (I a multiple of 16)."""
-    n2, k = w.shape
-    i = n2 // 2
-    pairs = torch.stack((w[:i].view(i // 16, 16, k), w[i:].view(i // 16, 16, k)), dim=1)
-    return amx_pack(pairs.reshape(n2, k))
-
-
-class _Packable:
-    """Linear layers on a bf16-capable CPU keep a second, packed copy of their weight after
-    loading. With AMX (and the native kernels) it is the tile layout of our AMX kernel, used up
-    to AMX_MAX_ROWS rows; otherwise a oneDNN-prepacked copy, which skips oneDNN's per-call
-    reorder (~1.3-1.8x faster per matmul there). Same code path on CUDA: nothing is packed."""
-
-    _packed: torch.Tensor | None = None
-    _amx: torch.Tensor | None = None
-    _amx_bias: torch.Tensor | None = None
-    # gate|up of a SwiGLU MLP (set by the MLP): packed for amx_swiglu instead, which the MLP
-    # calls itself; this layer's own calls then take torch's linear
-    swiglu = False
-    _amx_swiglu: torch.Tensor | None = None
-    native = False  # small batches through torch.ops.flotilla.gemv_bf16 (workers/kernels)
-
-    def pack_for_cpu(self, amx: bool = False, batch_hint: int = 64) -> bool:
-        w = self.weight  # type: ignore[attr-defined]
-        if not _cpu_bf16_packable(w):
-            return False
-        if amx and self.swiglu:
-            self._amx_swiglu = amx_pack_swiglu(w.detach())
-            return True
-        if amx:
-            self._amx = amx_pack(w.detach())
-            bias = getattr(self, "bias", None)
-            self._amx_bias = None if bias is None else bias.detach().float()
-            return True
-        self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch_hint)
-        return True
+    linear_method: LinearMethod = TORCH_LINEAR
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self._amx is not None and x.dim() == 2 and x.shape[0] <= AMX_MAX_ROWS:
-            if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-                out = x.new_empty(x.shape[0], self.weight.shape[0])  # type: ignore[attr-defined]
-                b = None if bias is None else self._amx_bias
-                if torch.ops.flotilla.amx_linear(out, x.contiguous(), self._amx, b):
-                    return out
-        elif self.native and x.dim() == 2 and x.shape[0] <= gemv_max_rows():
-            y = _gemv(x, self.weight)  # type: ignore[attr-defined]
-            if y is not None:
-                return y if bias is None else y + bias
-        if self._packed is not None and x.dtype == torch.bfloat16 and x.dim() == 2:
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
-        return F.linear(x, self.weight, bias)  # type: ignore[attr-defined]
-
-
-def pack_linears(model: nn.Module, amx: bool = False) -> int:
-    """Pack every packable linear of `model` (for our AMX kernel if `amx`, else for oneDNN);
-    returns how many were packed."""
-    return sum(1 for m in model.modules() if isinstance(m, _Packable) and m.pack_for_cpu(amx))
+        return self.linear_method.apply(self, x, bias)  # type: ignore[arg-type]
 
 
 def _param(*shape: int, loader) -> nn.Parameter:
@@ -175,7 +99,7 @@ def _param(*shape: int, loader) -> nn.Parameter:
     return p
 
 
-class ColumnParallelLinear(_Packable, nn.Module):
+class ColumnParallelLinear(LinearLayer, nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup = SINGLE):
         super().__init__()
         self.tp = tp
@@ -242,7 +166,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         param.data.narrow(0, offset, n).copy_(loaded.narrow(0, rank * n, n))
 
 
-class RowParallelLinear(_Packable, nn.Module):
+class RowParallelLinear(LinearLayer, nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup = SINGLE):
         super().__init__()
         self.tp = tp
@@ -287,25 +211,16 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(y)
 
 
-class ParallelLMHead(_Packable, VocabParallelEmbedding):
+class ParallelLMHead(LinearLayer, VocabParallelEmbedding):
     """Vocab-parallel output projection; every rank ends with the full logits row."""
 
     def greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Each row's argmax token (int64 [rows]) without writing the logits out -- what
-        argmax_rows picks from forward(hidden) -- or None where only forward can (no AMX
-        packing, tensor parallelism, past AMX_MAX_ROWS rows)."""
-        if (
-            self._amx is None
-            or self.tp.size > 1
-            or hidden.dim() != 2
-            or hidden.shape[0] > AMX_MAX_ROWS
-            or hidden.dtype != torch.bfloat16
-            or hidden.device.type != "cpu"
-        ):
+        argmax_rows picks from forward(hidden) -- or None where only forward can (tensor
+        parallelism, or a linear method without a fused argmax)."""
+        if self.tp.size > 1:
             return None
-        out = torch.empty(hidden.shape[0], dtype=torch.long)
-        ok = torch.ops.flotilla.amx_argmax(out, hidden.contiguous(), self._amx, self.vocab_size)
-        return out if ok else None
+        return self.linear_method.argmax(self, hidden, self.vocab_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         logits = self._linear(hidden, None)

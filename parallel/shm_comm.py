@@ -5,8 +5,9 @@ tensor; a decode step of a tensor-parallel model makes two per layer. When every
 is on the same machine, `ShmAllReduce` replaces it: each rank copies its tensor into its slot of
 one shared mapping, publishes a sequence number, waits for its peers' numbers and sums the slots
 in rank order (so every rank ends with bitwise the same result). The native side is
-`torch.ops.flotilla.shm_all_reduce` (workers/kernels/shm_comm.cpp); a rank that does not arrive
-within the timeout raises instead of hanging.
+`torch.ops.flotilla.shm_all_reduce` (parallel/kernels/shm_comm.cpp, a small library of its own
+built by parallel/native_build.py); a rank that does not arrive within the timeout raises
+instead of hanging.
 
 Set-up is collective over the group: the group's first rank creates the file in /dev/shm and
 broadcasts its name; once all ranks have mapped it, the name is unlinked (the mapping lives on
@@ -23,7 +24,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-FLAG_BYTES = 64  # one cache line per rank's sequence flag (see workers/kernels/shm_comm.cpp)
+from parallel import native_build
+
+FLAG_BYTES = 64  # one cache line per rank's sequence flag (see parallel/kernels/shm_comm.cpp)
+
+COMM_KERNELS = native_build.NativeLib(
+    "flotilla_comm", sources=(native_build.KERNELS_DIR / "shm_comm.cpp",)
+)
+
+
+def load_comm_kernels() -> bool:
+    """Build and register the shared-memory collectives; False where they cannot be built."""
+    return native_build.load(COMM_KERNELS)
 
 
 def _node_id() -> str:
@@ -92,9 +104,7 @@ def make_shm_all_reduce(
 ) -> ShmAllReduce | None:
     """A ShmAllReduce when every rank of `group` runs on this machine and the native kernels
     load on all of them; None otherwise (callers keep gloo). Collective over `group`."""
-    from workers.kernels import load_cpu_kernels
-
-    here = (_node_id(), load_cpu_kernels() and os.path.isdir("/dev/shm"))
+    here = (_node_id(), load_comm_kernels() and os.path.isdir("/dev/shm"))
     seen: list = [None] * world
     dist.all_gather_object(seen, here, group=group)
     if any(s != seen[0] or not s[1] for s in seen):

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import time
 
 import torch
 import torch.distributed as dist
 
 from parallel.comm_timer import COMM
 from parallel.groups import SINGLE_RANK, ParallelGroups
-from parallel.layers import pack_linears
 from workers import progress
 from workers.attention import build_metadata
 from workers.config import ModelConfig
-from workers.kernels import cpu_has_amx, load_cpu_kernels
+from workers.kernels.dispatch import KernelPlan, cpu_has_fast_bf16, decide
 from workers.loader import iter_weights, load_hf_config, resolve_model_path
 from workers.messages import SeqPlan, StepPlan, StepResult
 from workers.models.llama import LlamaArch, LlamaForCausalLM
@@ -29,32 +29,12 @@ from workers.sampling_params import SamplingParams
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def cpu_has_fast_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def resolve_dtype(name: str, device: str) -> torch.dtype:
     if name != "auto":
         return _DTYPES[name]
     if device == "cuda":
         return torch.bfloat16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-
-
-def _use_native_kernels(choice: str, device: torch.device) -> bool:
-    if choice == "torch":
-        return False
-    if device.type != "cpu":
-        if choice == "native":
-            raise ValueError(f"kernels='native' needs device 'cpu', not {device}")
-        return False
-    ok = load_cpu_kernels()
-    if choice == "native" and not ok:
-        raise ValueError("kernels='native': the CPU kernels did not build (see the log)")
-    return ok
 
 
 def keep_freed_memory() -> bool:
@@ -113,7 +93,16 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype, config.device)
         self.block_size = block_size
-        self.native = _use_native_kernels(config.kernels, self.device)
+        # every kernel choice of this rank, from model.kernels and the library's build report
+        t0 = time.monotonic()
+        if config.kernels != "torch" and self.device.type == "cpu":
+            progress.report("kernels: loading the native CPU kernels (built on first use) ...")
+        self.kernels: KernelPlan = decide(config.kernels, self.device)
+        paths = [k for k, v in vars(self.kernels).items() if v is True]
+        progress.report(
+            f"kernels: {', '.join(paths) or 'torch only'} ({time.monotonic() - t0:.1f} s)"
+        )
+        self.native = self.kernels.native
         self.num_microbatches = num_microbatches or groups.pp_size
         path = resolve_model_path(config.model)
         self.hf_config = load_hf_config(path)
@@ -125,9 +114,7 @@ class ModelRunner:
         weights = iter_weights(path, self.dtype, shard_filter=self._wants(first, last))
         self.model.load_weights(progress.weights(weights, self._param_bytes))
         self.model.eval()
-        if config.prepack:
-            pack_linears(self.model, amx=self.native and cpu_has_amx())
-        self.model.use_native_kernels(self.native)
+        self.model.use_kernels(self.kernels, prepack=config.prepack)
         self.hidden_size = arch.hidden_size
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
@@ -257,7 +244,7 @@ class ModelRunner:
             last = hidden[torch.tensor(rows, device=self.device)]
             states = [self.states[s.req_id] for s in sample_seqs]
             greedy = None
-            if self.native and all(_plain_greedy(st.params) for st in states):
+            if self.kernels.greedy_head and all(_plain_greedy(st.params) for st in states):
                 greedy = self.model.greedy_tokens(last)  # None on every TP rank alike
             if greedy is None:
                 logits = self.model.compute_logits(last)  # on every TP rank: the head gathers

@@ -84,7 +84,7 @@ def test_bf16_rms_norms_match_eager(H, rows):
     """rms_norm and fused_add_rms_norm in bf16 against the eager code, with a denormal and a
     NaN among the inputs (the vector path's hardware rounding would flush / requiet those, so
     it must hand such vectors to the exact rounding): the residual sum bit for bit, the norm
-    within one bf16 step where float32 summation order moves a rounding."""
+    within two bf16 steps where float32 summation order moves a rounding (rarely: < 1%)."""
     g = torch.Generator().manual_seed(rows * H)
     x = (torch.randn(rows, H, generator=g) * 3).bfloat16()
     res = (torch.randn(rows, H, generator=g) * 3).bfloat16()
@@ -97,7 +97,11 @@ def test_bf16_rms_norms_match_eager(H, rows):
     out = torch.empty_like(x)
     torch.ops.flotilla.rms_norm(out, x, w, eps)
     want = _eager_rms_norm(x, w, eps)
-    close = torch.isclose(out.float(), want.float(), rtol=2**-7, atol=1e-30, equal_nan=True)
+    # x * inv can land within a float32 ulp of a bf16 tie, so the summation order (or 1/sqrt
+    # against torch's rsqrt) moves its rounding by one step, and the product with the weight
+    # rounds again: up to two bf16 steps (seen on AVX2 at H=576, rows=64: 3 of 36,864)
+    rtol = 2**-6
+    close = torch.isclose(out.float(), want.float(), rtol=rtol, atol=1e-30, equal_nan=True)
     assert close.all() and _differ(out, want) < 0.01
     x2, res2 = x.clone(), res.clone()
     torch.ops.flotilla.fused_add_rms_norm(x2, res2, w, eps)
@@ -107,7 +111,7 @@ def test_bf16_rms_norms_match_eager(H, rows):
     assert torch.equal(res2.view(torch.int16)[~nan], want_res.view(torch.int16)[~nan])
     assert res2[0, 0] != 0 and res2[0, 2].view(torch.int16) == -32768  # denormal kept, -0 kept
     want = _eager_rms_norm(want_res, w, eps)
-    close = torch.isclose(x2.float(), want.float(), rtol=2**-7, atol=1e-30, equal_nan=True)
+    close = torch.isclose(x2.float(), want.float(), rtol=rtol, atol=1e-30, equal_nan=True)
     assert close.all() and _differ(x2, want) < 0.01
     if rows > 1:
         assert x2[1].isnan().all() and not x2[2:].isnan().any()
@@ -184,23 +188,16 @@ def test_rope_qkv_cache_matches_its_three_ops(dtype):
     assert torch.equal(cache, ref_cache)
 
 
-def _needs_amx():
-    from workers.kernels import cpu_has_amx
-
-    if not cpu_has_amx():
-        pytest.skip("this CPU has no AMX-BF16 (the AMX linear declines, tested below)")
-
-
 @pytest.mark.parametrize(
     "M,N,K",
     [(1, 64, 64), (5, 100, 70), (33, 96, 576), (64, 576, 1536), (50, 49, 33), (300, 3072, 576)],
 )
-def test_amx_linear_matches_float64(M, N, K):
+def test_amx_linear_matches_float64(M, N, K, needs):
     """Row tails (< 16, < 32), K and N tails (zero padding) and row chunking, with a bias: each
     output is the float64 sum rounded once to bf16, up to float32 summation error."""
-    from parallel.layers import amx_pack
+    from workers.linear_methods import amx_pack
 
-    _needs_amx()
+    needs("amx")
     g = torch.Generator().manual_seed(M * N + K)
     x = torch.randn(M, K, generator=g).bfloat16()
     w = torch.randn(N, K, generator=g).bfloat16()
@@ -216,11 +213,11 @@ def test_amx_linear_matches_float64(M, N, K):
 
 
 @pytest.mark.parametrize("M,n,K", [(1, 16, 64), (17, 48, 70), (64, 1536, 576), (300, 64, 96)])
-def test_amx_swiglu_is_linear_then_silu_and_mul(M, n, K):
+def test_amx_swiglu_is_linear_then_silu_and_mul(M, n, K, needs):
     """The fused gate|up linear + SiLU-and-mul gives exactly the bits of the two ops."""
-    from parallel.layers import amx_pack, amx_pack_swiglu
+    from workers.linear_methods import amx_pack, amx_pack_swiglu
 
-    _needs_amx()
+    needs("amx")
     g = torch.Generator().manual_seed(M + n + K)
     x = torch.randn(M, K, generator=g).bfloat16()
     w = (torch.randn(2 * n, K, generator=g) * 0.5).bfloat16()
@@ -234,7 +231,8 @@ def test_amx_swiglu_is_linear_then_silu_and_mul(M, n, K):
 
 
 def test_amx_linear_checks_shapes():
-    from parallel.layers import amx_pack
+    """Checked on every build, AMX or not: a bad call fails everywhere."""
+    from workers.linear_methods import amx_pack
 
     x = torch.randn(4, 64).bfloat16()
     w = amx_pack(torch.randn(64, 64).bfloat16())
@@ -244,13 +242,34 @@ def test_amx_linear_checks_shapes():
         torch.ops.flotilla.amx_linear(torch.empty(4, 64, dtype=torch.bfloat16), x, w, torch.ones(3))
 
 
-@pytest.mark.parametrize("rows", [1, 17, 64, 300])  # 300: past AMX_MAX_ROWS, torch's linear
-def test_amx_packed_layer_matches_unpacked(rows):
-    """A linear layer packed for the AMX kernel gives torch's linear within bf16 rounding, on
-    both sides of AMX_MAX_ROWS; the weight it was loaded with stays in place."""
-    from parallel.layers import AMX_MAX_ROWS, ColumnParallelLinear
+def test_amx_ops_decline_without_the_amx_path(kernel_plan):
+    """Where the plan has no AMX (CPU, permission or build), every AMX op returns False and
+    writes nothing, so a caller that tries anyway still takes torch's path."""
+    from workers.linear_methods import amx_pack, amx_pack_swiglu
 
-    _needs_amx()
+    if kernel_plan.amx:
+        pytest.skip("this machine takes the AMX path (tested by the tests above)")
+    x = torch.randn(4, 64).bfloat16()
+    w = torch.randn(64, 64).bfloat16()
+    out = torch.full((4, 64), 7.0, dtype=torch.bfloat16)
+    assert not torch.ops.flotilla.amx_linear(out, x, amx_pack(w), None)
+    act = torch.full((4, 32), 7.0, dtype=torch.bfloat16)
+    assert not torch.ops.flotilla.amx_swiglu(act, x, amx_pack_swiglu(w))
+    idx = torch.full((4,), 7, dtype=torch.long)
+    assert not torch.ops.flotilla.amx_argmax(idx, x, amx_pack(w), 64)
+    assert (out == 7).all() and (act == 7).all() and (idx == 7).all()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 17, 64, 300])  # 300: past AMX_MAX_ROWS, torch's linear
+@pytest.mark.parametrize("prepack", [True, False])
+def test_planned_linear_method_matches_unpacked(rows, prepack, kernel_plan):
+    """A bf16 linear layer with the method this machine's plan attaches (AMX, GEMV,
+    oneDNN-prepacked or torch's) gives torch's linear within bf16 rounding, on both sides of
+    AMX_MAX_ROWS and of the GEMV's row limit, exactly where the method is torch's; the weight
+    it was loaded with stays in place."""
+    from parallel.layers import TORCH_LINEAR, ColumnParallelLinear
+    from workers.linear_methods import attach_linear_methods
+
     torch.manual_seed(rows)
     layer = ColumnParallelLinear(576, 960, bias=True).to(torch.bfloat16)
     with torch.no_grad():
@@ -258,23 +277,25 @@ def test_amx_packed_layer_matches_unpacked(rows):
         layer.bias.normal_()
     x = torch.randn(rows, 576).bfloat16()
     want = F.linear(x, layer.weight, layer.bias)
-    assert layer.pack_for_cpu(amx=True) and layer._amx is not None
+    w0 = layer.weight.clone()
+    attach_linear_methods(layer, kernel_plan, prepack)
     got = layer(x)
     ref = x.double() @ layer.weight.double().T + layer.bias.double()
     bound = ref.abs() * 2**-7 + 1e-4 * (x.double().abs() @ layer.weight.double().abs().T)
     assert ((got.double() - ref).abs() <= bound).all()
-    if rows > AMX_MAX_ROWS:
+    assert torch.equal(layer.weight, w0)
+    if layer.linear_method is TORCH_LINEAR:
         assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("M,N", [(1, 49152), (64, 49157), (5, 77), (40, 1000)])
-def test_amx_argmax_is_linear_then_argmax_rows(M, N):
+def test_amx_argmax_is_linear_then_argmax_rows(M, N, needs):
     """The fused greedy LM head picks what argmax_rows picks from amx_linear's bf16 logits:
     ties (duplicate weight rows) go to the first column, also across the two threads' column
     ranges; NaN never wins; a row of NaNs gives 0; N not a multiple of the 32-column panel."""
-    from parallel.layers import amx_pack
+    from workers.linear_methods import amx_pack
 
-    _needs_amx()
+    needs("amx")
     g = torch.Generator().manual_seed(M * N)
     K = 96
     x = torch.randn(M, K, generator=g).bfloat16()

@@ -10,7 +10,6 @@ import pytest
 from cluster.config import CacheConfig, EngineConfig, SchedulerConfig
 from cluster.engine import LLMEngine
 from workers.config import ModelConfig
-from workers.kernels import cpu_has_amx
 from workers.sampling_params import SamplingParams
 
 
@@ -25,9 +24,8 @@ def _engine(path: str, budget: int) -> LLMEngine:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])  # plain, QKV bias, window
-def test_dense_layers_match_module_path(arch, tiny_model_dir):
-    if not cpu_has_amx():
-        pytest.skip("dense_layers runs on AMX CPUs only (the module path is tested everywhere)")
+def test_dense_layers_match_module_path(arch, tiny_model_dir, needs):
+    needs("amx")  # (the module path is tested everywhere)
     rng = random.Random(arch)
     prompts = [[rng.randrange(100, 49000) for _ in range(n)] for n in (5, 40, 17, 90, 1, 33)]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=5)
@@ -58,12 +56,39 @@ def test_dense_layers_decline_q_k_norms(tiny_model_dir):
     assert engine.executor.runner.model._dense is None
 
 
-def test_greedy_lm_head_picks_the_sampled_token(tiny_model_dir):
+def test_kernel_plan_decides_the_model_paths(tiny_model_dir, kernel_plan):
+    """What the engine runs follows the machine's plan: the one-call forward, the fused head
+    and the packed linears exactly where the plan has AMX; the native modules where it is
+    native; torch's everywhere with model.kernels = torch."""
+    from parallel.layers import TORCH_LINEAR, LinearLayer
+    from workers.linear_methods import AmxLinear
+
+    runner = _engine(tiny_model_dir("llama"), 64).executor.runner
+    assert runner.kernels == kernel_plan
+    model = runner.model
+    assert (model._dense is not None) == kernel_plan.dense_layers
+    methods = [m.linear_method for m in model.modules() if isinstance(m, LinearLayer)]
+    assert any(isinstance(m, AmxLinear) for m in methods) == kernel_plan.amx
+    assert model.norm.native == kernel_plan.native
+    path = tiny_model_dir("llama")
+    torch_engine = LLMEngine(
+        EngineConfig(
+            model=ModelConfig(model=path, dtype="bfloat16", kernels="torch"),
+            cache=CacheConfig(block_size=8),
+        )
+    )
+    plain = torch_engine.executor.runner
+    assert not plain.kernels.native and plain.model._dense is None
+    for m in plain.model.modules():
+        if isinstance(m, LinearLayer) and not plain.kernels.onednn_bf16:
+            assert m.linear_method is TORCH_LINEAR
+
+
+def test_greedy_lm_head_picks_the_sampled_token(tiny_model_dir, needs):
     """Plain greedy requests take the fused LM head (torch.ops.flotilla.amx_argmax: no logits
     written); asking for logprobs takes the logits and the sampler. Same tokens either way,
     for a batch mixing prefill chunks and decodes."""
-    if not cpu_has_amx():
-        pytest.skip("the fused greedy head runs on AMX CPUs only")
+    needs("amx")
     rng = random.Random(7)
     prompts = [[rng.randrange(100, 49000) for _ in range(n)] for n in (5, 40, 17, 90, 1, 33)]
     engine = _engine(tiny_model_dir("llama"), 48)

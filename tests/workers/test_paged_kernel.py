@@ -170,17 +170,17 @@ def _prefill_setup(chunks, H, KVH, D, seed):
 
 @pytest.mark.parametrize("D,H,KVH", [(64, 9, 3), (128, 4, 4), (64, 8, 1), (16, 4, 2), (96, 2, 1)])
 @pytest.mark.parametrize("window", [0, 7])
-def test_prefill_kernel_matches_float64_reference(D, H, KVH, window):
+def test_prefill_kernel_matches_float64_reference(D, H, KVH, window, needs):
     """Chunks of every kind in one call: from position 0, continuing after cached context (a
     later chunk of chunked prefill, or a prefix-cache hit), single tokens, and spans longer
     than one task (128 positions) and than one register block (16)."""
     chunks = [(37, 0), (1, 0), (20, 13), (150, 0), (5, 200), (16, 16)]
     q, cache, tables, starts, args = _prefill_setup(chunks, H, KVH, D, seed=D + H + window)
+    needs("prefill_attention")
     out = torch.zeros_like(q)
-    if not torch.ops.flotilla.paged_prefill_attention(
+    assert torch.ops.flotilla.paged_prefill_attention(
         out, q, cache[0], cache[1], *args, D**-0.5, window
-    ):
-        pytest.skip("this CPU has no AVX512-BF16: the op declines and SDPA is used")
+    )
     for (n, sp), t, q0 in zip(chunks, tables, starts, strict=True):
         k = cache[0, t].flatten(0, 1)[: sp + n].double()
         v = cache[1, t].flatten(0, 1)[: sp + n].double()
@@ -196,6 +196,19 @@ def test_prefill_kernel_matches_float64_reference(D, H, KVH, window):
             torch.testing.assert_close(
                 out[q0 : q0 + n, h].double(), want, atol=2e-2, rtol=2e-2
             )
+
+
+def test_prefill_kernel_declines_without_its_path(kernel_plan):
+    """Where the plan has no prefill kernel (no AVX512-BF16), bf16 is declined too and nothing
+    written: SDPA runs (test_prefill_kernel_path_equals_sdpa_path)."""
+    if kernel_plan.prefill_attention:
+        pytest.skip("this machine takes the prefill kernel (tested above)")
+    q, cache, tables, starts, args = _prefill_setup([(8, 0)], 4, 2, 64, seed=0)
+    out = torch.zeros_like(q)
+    assert not torch.ops.flotilla.paged_prefill_attention(
+        out, q, cache[0], cache[1], *args, 0.125, 0
+    )
+    assert not out.any()
 
 
 def test_prefill_kernel_declines_float32():
@@ -244,13 +257,17 @@ def test_prefill_kernel_path_equals_sdpa_path(window):
 
 @pytest.mark.parametrize("M", [1, 3, 8])
 @pytest.mark.parametrize("K,N", [(576, 960), (100, 7)])  # 100: a K tail that is not 32-aligned
-def test_gemv_bf16_matches_float_matmul(M, K, N):
+def test_gemv_bf16_matches_float_matmul(M, K, N, kernel_plan):
+    """Where the plan has the GEMV (AVX512-BF16): against float64. Elsewhere the op must
+    decline (the linear methods then use torch's linear: test_planned_linear_method_*)."""
     g = torch.Generator().manual_seed(M * K + N)
     x = torch.randn(M, K, generator=g).bfloat16()
     w = torch.randn(N, K, generator=g).bfloat16()
     out = torch.empty(M, N, dtype=torch.bfloat16)
-    if not torch.ops.flotilla.gemv_bf16(out, x, w):
-        pytest.skip("this CPU has no AVX512-BF16: the op declines and torch's linear is used")
+    ok = torch.ops.flotilla.gemv_bf16(out, x, w)
+    assert ok == kernel_plan.gemv_bf16
+    if not ok:
+        return
     want = (x.double() @ w.double().T).bfloat16()
     # bf16 products are exact in float32; only float32 summation order and the final rounding
     # differ from the float64 reference.

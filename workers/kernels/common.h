@@ -1,5 +1,7 @@
-// Shared by the CPU kernels of workers/kernels: dtype plumbing (bf16 as bit patterns, so loops
-// vectorize), torch-compatible rounding, a call-free exp, and dtype dispatch.
+// Shared by the CPU kernels of workers/kernels: a call-free exp, the AVX-512 bf16 helpers, the
+// AMX tile set-up, work balancing and the ops' declarations. The ISA path macros
+// (FLOTILLA_AVX512, ...) and the dtype plumbing (Raw, rnd, FLOTILLA_DISPATCH) come from
+// parallel/kernels/isa.h and dtypes.h.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -8,7 +10,6 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -20,32 +21,12 @@
 #include <type_traits>
 #include <vector>
 
+// (from parallel/kernels: one definition of the ISA paths and the dtype plumbing for both
+// native libraries; the build puts that folder on the include path)
+#include "dtypes.h"
+#include "isa.h"
+
 namespace flotilla {
-
-template <typename T>
-struct Raw {
-  using type = T;
-  static inline float load(T x) { return static_cast<float>(x); }
-  static inline T store(float x) { return static_cast<T>(x); }
-};
-
-template <>
-struct Raw<c10::BFloat16> {
-  using type = uint16_t;  // bit pattern: widening is a shift, so the loops vectorize
-  static inline float load(uint16_t x) {
-    uint32_t u = static_cast<uint32_t>(x) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-  static inline uint16_t store(float x) {  // round to nearest even, like torch
-    uint32_t u;
-    std::memcpy(&u, &x, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return static_cast<uint16_t>(u >> 16);
-  }
-};
 
 // exp(x) for x <= 0 (scores minus their max): 2^(x log2 e) split into 2^round and 2^frac,
 // frac in [-0.5, 0.5] by a degree-6 Taylor polynomial (relative error ~1e-7). Written without
@@ -69,7 +50,7 @@ inline float exp_nonpos(float x) {
   return p * s;
 }
 
-#if defined(__AVX512F__)
+#if FLOTILLA_AVX512
 // exp_nonpos for 16 lanes at once (same split and polynomial, fused multiply-adds).
 inline __m512 exp512(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
@@ -103,7 +84,7 @@ inline void bf16x16_store_exact(uint16_t* p, __m512 x) {
                       _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(x), 16)));
 }
 inline void bf16x16_store(uint16_t* p, __m512 x) { bf16x16_store_exact(p, bf16x16_round(x)); }
-#if defined(__AVX512BF16__)
+#if FLOTILLA_AVX512_BF16
 // The same rounding by AVX512-BF16's conversion, one instruction, where it agrees: it flushes
 // denormals and quiets NaNs its own way, so a vector holding either takes bf16x16_bits.
 inline __m256i bf16x16_cvt(__m512 x) {
@@ -133,17 +114,24 @@ inline __m512 silu_mul16(__m512 gate, __m512 up) {
 }
 #endif
 
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
 // AMX tile state: Linux hands it out per process on request (oneDNN asks too; asking twice
-// is harmless). The configuration is per thread: a kernel loads its own at the start of each
-// parallel chunk and releases the tiles at its end.
+// is harmless), and refuses where the CPU or kernel has none. Defined for every x86 build so
+// that build_info can report it whatever the library was compiled for.
 inline bool amx_ready() {
+#if FLOTILLA_X86 && defined(__linux__) && defined(SYS_arch_prctl)
   static const bool ok = [] {
     constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
   }();
   return ok;
+#else
+  return false;
+#endif
 }
+
+#if FLOTILLA_AMX
+// The tile configuration is per thread: a kernel loads its own at the start of each parallel
+// chunk and releases the tiles at its end.
 
 // All eight tiles as 16 rows x 64 bytes (16 x 16 float32, or 16 x 32 bf16).
 inline void amx_config_16x64() {
@@ -196,32 +184,5 @@ bool paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tens
 bool amx_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& wp,
                 const c10::optional<at::Tensor>& bias);
 bool amx_swiglu(at::Tensor out, const at::Tensor& x, const at::Tensor& wp);
-
-// Round a float to the storage dtype and back (identity for float32).
-template <typename T>
-inline float rnd(float x) {
-  return Raw<T>::load(Raw<T>::store(x));
-}
-
-#define FLOTILLA_DISPATCH(dtype, NAME, ...)                              \
-  switch (dtype) {                                                       \
-    case at::kFloat: {                                                   \
-      using scalar_t = float;                                            \
-      __VA_ARGS__;                                                       \
-      break;                                                             \
-    }                                                                    \
-    case at::kBFloat16: {                                                \
-      using scalar_t = c10::BFloat16;                                    \
-      __VA_ARGS__;                                                       \
-      break;                                                             \
-    }                                                                    \
-    case at::kHalf: {                                                    \
-      using scalar_t = c10::Half;                                        \
-      __VA_ARGS__;                                                       \
-      break;                                                             \
-    }                                                                    \
-    default:                                                             \
-      TORCH_CHECK(false, NAME ": unsupported dtype ", dtype);            \
-  }
 
 }  // namespace flotilla

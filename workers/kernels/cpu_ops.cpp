@@ -8,8 +8,9 @@
 // -ffp-contract=off for the same reason. Also here: the greedy row argmax, the KV-cache write
 // and the small-batch bf16 GEMV.
 //
-// This file also declares every `flotilla::` op schema (the CPU implementations live in this
-// file, paged_attention.cpp, prefill_attention.cpp and shm_comm.cpp: one library).
+// This file also declares the `flotilla::` op schemas of this library (the CPU implementations
+// live in this file and its siblings; the shared-memory collectives are parallel/kernels', a
+// library of their own that adds its ops to the same namespace).
 #include "common.h"
 
 namespace flotilla {
@@ -37,7 +38,7 @@ void rms_norm_impl(const at::Tensor& out, const at::Tensor& x, const at::Tensor*
   raw_t* op = reinterpret_cast<raw_t*>(out.data_ptr());
   raw_t* rp = residual ? reinterpret_cast<raw_t*>(residual->data_ptr()) : nullptr;
   const raw_t* wp = reinterpret_cast<const raw_t*>(weight.data_ptr());
-#if defined(__AVX512F__)
+#if FLOTILLA_AVX512
   if constexpr (std::is_same<T, c10::BFloat16>::value) {
     if (H % 16 == 0) {  // explicit vectors: the generic loop below runs ~1.3 cycles per element
       for_rows(rows, H, [&](int64_t r) {
@@ -102,7 +103,7 @@ inline void rope_head(typename Raw<T>::type* dst, const typename Raw<T>::type* s
                       int64_t half) {
   using R = Raw<T>;
   int64_t i0 = 0;
-#if defined(__AVX512F__)
+#if FLOTILLA_AVX512
   if constexpr (std::is_same<T, c10::BFloat16>::value) {
     // the same products, roundings and sums 16 lanes at a time (the loop below vectorizes
     // poorly around its scalar rounding): bit-identical
@@ -223,7 +224,7 @@ void silu_and_mul_impl(const at::Tensor& out, const at::Tensor& x) {
     const raw_t* u = g + n;
     raw_t* o = op + r * n;
     int64_t i0 = 0;
-#if defined(__AVX512F__)
+#if FLOTILLA_AVX512
     if constexpr (std::is_same<T, c10::BFloat16>::value) {
       for (; i0 + 16 <= n; i0 += 16) {
         bf16x16_store_fast(o + i0, silu_mul16(bf16x16_load(g + i0), bf16x16_load(u + i0)));
@@ -246,7 +247,7 @@ template <typename T>
 int64_t argmax_row(const typename Raw<T>::type* x, int64_t V) {
   float best = -INFINITY;
   int64_t idx = 0, i = 0;
-#if defined(__AVX512F__)
+#if FLOTILLA_AVX512
   if constexpr (std::is_same<T, c10::BFloat16>::value || std::is_same<T, float>::value) {
     if (V >= 16) {
       __m512 bv = _mm512_set1_ps(-INFINITY);
@@ -380,7 +381,7 @@ void silu_and_mul(at::Tensor out, const at::Tensor& x) {
 // to back (the hardware prefetcher's best case), with AVX512-BF16 dot products (bf16 pairs
 // multiplied exactly and summed in float32), all M input rows per weight load.
 
-#if defined(__AVX512BF16__)
+#if FLOTILLA_AVX512_BF16
 template <int M>
 void gemv_bf16_rows(uint16_t* out, const uint16_t* x, const uint16_t* w, int64_t N, int64_t K) {
   const int64_t K32 = K / 32 * 32;
@@ -436,7 +437,7 @@ bool gemv_bf16(at::Tensor out, const at::Tensor& x, const at::Tensor& w) {
                   x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 &&
                   out.scalar_type() == at::kBFloat16,
               "gemv_bf16: contiguous bfloat16 tensors only");
-#if defined(__AVX512BF16__)
+#if FLOTILLA_AVX512_BF16
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
@@ -493,12 +494,6 @@ TORCH_LIBRARY(flotilla, m) {
   m.def(
       "write_kv_cache(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) "
       "-> ()");
-  m.def(
-      "shm_all_reduce(Tensor(a!) x, Tensor(b!) buf, int rank, int world, int seq, "
-      "float timeout_s) -> int");
-  m.def(
-      "shm_all_gather(Tensor(a!) out, Tensor x, Tensor(b!) buf, int rank, int world, int seq, "
-      "float timeout_s) -> int");
 }
 
 TORCH_LIBRARY_IMPL(flotilla, CPU, m) {

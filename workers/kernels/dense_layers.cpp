@@ -42,7 +42,7 @@ at::Tensor dense_layers(const at::Tensor& x_in, at::TensorList weights, at::Tens
               "dense_layers: decode_tables without decode_lens");
   TORCH_CHECK(!prefills || (q_starts && q_lens && start_pos),
               "dense_layers: prefill_tables without q_starts / q_lens / start_pos");
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+#if FLOTILLA_AMX
   if (!amx_ready()) return at::Tensor();
 #else
   return at::Tensor();  // the linears here are the AMX kernel's: the caller takes the module path

@@ -49,7 +49,7 @@ struct RowCursor {
   }
 };
 
-#if defined(__AVX512F__)
+#if FLOTILLA_AVX512
 // ---- AVX-512 decode attention (float32 / bfloat16, head dim a multiple of 16) -----------------
 
 template <typename T>
@@ -288,7 +288,7 @@ void decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
       return tv;
     };
     if constexpr (kAvx512Path<T, DC>) {
-#if defined(__AVX512F__)
+#if FLOTILLA_AVX512
       AttendScratch sc(NQ, D);
       for (int64_t bin = bin_begin; bin < bin_end; ++bin)
         for (const int64_t task : bins[bin]) {

@@ -27,7 +27,7 @@
 
 namespace flotilla {
 
-#if defined(__AVX512BF16__)
+#if FLOTILLA_AVX512_BF16
 namespace {
 
 constexpr int kQBlock = 16;  // positions per register-tiled block
@@ -180,7 +180,7 @@ void run_task(const Task& task, uint16_t* out, const uint16_t* q, const uint16_t
   }
 }
 
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+#if FLOTILLA_AMX
 // The same task with AMX tile dot products (head dims 32 .. 128 in steps of 32). The packed
 // K is already in the B-tile layout of S = Q K^T (rows: dim pairs, columns: 16 keys) and the
 // packed V in that of O = P V (rows: key pairs, columns: 16 dims). A tile's 16 rows are 16
@@ -308,15 +308,14 @@ void prefill(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
   const uint16_t* kp = reinterpret_cast<const uint16_t*>(k_cache.data_ptr());
   const uint16_t* vp = reinterpret_cast<const uint16_t*>(v_cache.data_ptr());
   const int32_t* tables = block_tables.data_ptr<int32_t>();
-  bool amx = false;
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-  if constexpr (kAmxPrefill<D>) amx = amx_ready();
+#if FLOTILLA_AMX
+  const bool amx = kAmxPrefill<D> && amx_ready();
 #endif
   at::parallel_for(0, nt, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> kpack, vpack;
     std::vector<float> scores;
     std::vector<uint16_t> probs;
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+#if FLOTILLA_AMX
     if constexpr (kAmxPrefill<D>) {
       if (amx) {
         amx_config_16x64();
@@ -358,7 +357,7 @@ bool paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tens
               "paged_prefill_attention: one block table, start, length and offset per chunk");
   TORCH_CHECK(k_cache.size(3) == q.size(2) && q.size(1) % k_cache.size(2) == 0,
               "paged_prefill_attention: head_dim mismatch or H not a multiple of KVH");
-#if defined(__AVX512BF16__)
+#if FLOTILLA_AVX512_BF16
   if (q.scalar_type() != at::kBFloat16 || out.scalar_type() != at::kBFloat16 ||
       k_cache.scalar_type() != at::kBFloat16 || v_cache.scalar_type() != at::kBFloat16 ||
       q.size(1) / k_cache.size(2) > kQBlock)

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.layers import (
-    AMX_MAX_ROWS,
     SINGLE,
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -25,10 +24,11 @@ from parallel.layers import (
     RowParallelLinear,
     TPGroup,
     VocabParallelEmbedding,
-    _Packable,
 )
 from parallel.moe import EP_SINGLE, EPGroup, FusedExperts, route
 from workers.attention import AttentionMetadata, paged_attention
+from workers.kernels.dispatch import KernelPlan
+from workers.linear_methods import AMX_MAX_ROWS, AmxSwiGLU, attach_linear_methods
 from workers.models import native_forward
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe")
@@ -166,7 +166,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
-    native = False  # set by LlamaForCausalLM.use_native_kernels
+    native = False  # set by LlamaForCausalLM.use_kernels
 
     def _native_ok(self, *xs: torch.Tensor) -> bool:
         return self.native and all(x.is_contiguous() and x.dtype == self.weight.dtype for x in xs)
@@ -275,23 +275,17 @@ class LlamaMLP(nn.Module):
         n = intermediate or arch.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(arch.hidden_size, [n, n], arch.mlp_bias, tp)
         self.down_proj = RowParallelLinear(n, arch.hidden_size, arch.mlp_bias, tp)
-        local = self.gate_up_proj.local_sizes[0]
-        self.gate_up_proj.swiglu = local % 16 == 0 and not arch.mlp_bias
+        # gate|up may be packed for amx_swiglu (its tiles pair 16 gate with 16 up columns)
+        self.fused_swiglu = self.gate_up_proj.local_sizes[0] % 16 == 0 and not arch.mlp_bias
 
     native = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gu = self.gate_up_proj._amx_swiglu
-        if (
-            self.native
-            and gu is not None
-            and x.dim() == 2
-            and x.shape[0] <= AMX_MAX_ROWS
-            and x.dtype == torch.bfloat16
-        ):
+        method = self.gate_up_proj.linear_method
+        if isinstance(method, AmxSwiGLU):
             # gate|up linear and SiLU-and-mul in one AMX call (bit-identical to the two)
-            act = x.new_empty(x.shape[0], self.gate_up_proj.local_sizes[0])
-            if torch.ops.flotilla.amx_swiglu(act, x.contiguous(), gu):
+            act = method.swiglu(x, self.gate_up_proj.local_sizes[0])
+            if act is not None:
                 return self.down_proj(act)
         gate_up = self.gate_up_proj(x)
         if self.native and gate_up.is_contiguous():
@@ -423,14 +417,19 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, cos, sin, cache, meta)
         return x if residual is None else x + residual
 
-    def use_native_kernels(self, on: bool) -> None:
-        """Route norms, rotary, SiLU-and-mul and small-batch bf16 linears through the C++ CPU
-        ops (workers/kernels); where every layer can, steps of up to AMX_MAX_ROWS tokens run
-        all layers in one native call (torch.ops.flotilla.dense_layers)."""
+    def use_kernels(self, plan: KernelPlan, prepack: bool = True) -> None:
+        """Take the paths `plan` (workers/kernels/dispatch.py) allows: norms, rotary and
+        SiLU-and-mul through the C++ CPU ops, each linear's method (workers/linear_methods.py;
+        `prepack`: keep packed bf16 weights), and, where every layer can, steps of up to
+        AMX_MAX_ROWS tokens through all layers in one native call (dense_layers)."""
+        swiglu = frozenset(
+            m.gate_up_proj for m in self.modules() if isinstance(m, LlamaMLP) and m.fused_swiglu
+        )
+        attach_linear_methods(self, plan, prepack, swiglu)
         for m in self.modules():
-            if isinstance(m, (RMSNorm, LlamaAttention, LlamaMLP, _Packable)):
-                m.native = on
-        self._dense = native_forward.dense_weights(self) if on else None
+            if isinstance(m, (RMSNorm, LlamaAttention, LlamaMLP)):
+                m.native = plan.native
+        self._dense = native_forward.dense_weights(self) if plan.dense_layers else None
 
     _dense: list[torch.Tensor] | None = None
 

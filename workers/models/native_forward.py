@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from workers.attention import AttentionMetadata
+from workers.linear_methods import AmxLinear, AmxSwiGLU
 
 if TYPE_CHECKING:
     from workers.models.llama import LlamaForCausalLM
@@ -27,19 +28,20 @@ def dense_weights(model: LlamaForCausalLM) -> list[torch.Tensor] | None:
     for layer in model.layers.values():
         attn, mlp = layer.self_attn, layer.mlp
         linears = (attn.qkv_proj, attn.o_proj, mlp.down_proj)
-        if any(m._amx is None or m.tp.size > 1 for m in linears):
+        if any(not isinstance(m.linear_method, AmxLinear) or m.tp.size > 1 for m in linears):
             return None
-        if mlp.gate_up_proj._amx_swiglu is None or mlp.gate_up_proj.tp.size > 1:
+        gate_up = mlp.gate_up_proj
+        if not isinstance(gate_up.linear_method, AmxSwiGLU) or gate_up.tp.size > 1:
             return None
-        bias = attn.qkv_proj._amx_bias
+        qkv, o, down = (m.linear_method for m in linears)
         out += [
             layer.input_layernorm.weight,
-            attn.qkv_proj._amx,
-            torch.empty(0) if bias is None else bias,
-            attn.o_proj._amx,
+            qkv.packed,
+            torch.empty(0) if qkv.bias is None else qkv.bias,
+            o.packed,
             layer.post_attention_layernorm.weight,
-            mlp.gate_up_proj._amx_swiglu,
-            mlp.down_proj._amx,
+            gate_up.linear_method.packed,
+            down.packed,
         ]
     return out
 

@@ -1,10 +1,19 @@
-// Shared-memory collectives for the CPU ranks of one node (parallel/shm_comm.py).
+// Shared-memory collectives for the CPU ranks of one node (parallel/shm_comm.py): their own
+// small library (parallel/native_build.py), so parallel/ needs nothing from workers/. Plain
+// loops, no ISA paths: the sums are memory-bound and vectorize on any target, rank by rank in
+// the same order everywhere, so the result is the same bits whatever the build's target.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
 #include <sched.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <type_traits>
 
-#include "common.h"
+#include "dtypes.h"
+#include "isa.h"
 
 namespace flotilla {
 
@@ -90,7 +99,7 @@ struct ShmView {
       int64_t spins = 0;
       while (flag(r)->load(std::memory_order_acquire) < seq) {
         if (++spins < 4096) {
-          _mm_pause();
+          cpu_relax();
           continue;
         }
         spins = 0;
@@ -143,6 +152,17 @@ int64_t shm_all_gather(at::Tensor out, const at::Tensor& x, at::Tensor buf, int6
 }
 
 }  // namespace flotilla
+
+// A fragment of the `flotilla` op namespace: the workers/ library (loaded or not) defines the
+// rest of it.
+TORCH_LIBRARY_FRAGMENT(flotilla, m) {
+  m.def(
+      "shm_all_reduce(Tensor(a!) x, Tensor(b!) buf, int rank, int world, int seq, "
+      "float timeout_s) -> int");
+  m.def(
+      "shm_all_gather(Tensor(a!) out, Tensor x, Tensor(b!) buf, int rank, int world, int seq, "
+      "float timeout_s) -> int");
+}
 
 TORCH_LIBRARY_IMPL(flotilla, CPU, m) {
   m.impl("shm_all_reduce", &flotilla::shm_all_reduce);

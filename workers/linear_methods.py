@@ -1,0 +1,163 @@
+"""CPU linear methods (parallel.layers.LinearMethod), attached to a model's linear layers at load
+by `attach_linear_methods` as the kernel plan (workers/kernels/dispatch.py) allows:
+
+- AmxLinear: the weight packed once into the AMX B-tile panels of torch.ops.flotilla.amx_linear,
+  used up to AMX_MAX_ROWS rows (torch's linear past that); also the LM head's fused greedy
+  argmax (amx_argmax).
+- AmxSwiGLU: a SwiGLU MLP's gate|up packed so that one amx_swiglu call gives silu(g) * u; the
+  MLP asks for that, the layer's own calls take the next method.
+- OneDNNLinear: a oneDNN-prepacked bf16 copy, which skips oneDNN's per-call reorder (~1.3-1.8x
+  faster per matmul on bf16-capable CPUs without AMX).
+- GemvLinear: a few bf16 rows by torch.ops.flotilla.gemv_bf16 (AVX512-BF16), streaming the
+  weight at memory bandwidth; more rows by the method it wraps.
+
+Every method falls back to torch's linear where its kernel does not apply (dtype, shape, a
+kernel that declines), so outputs are those of the path taken, never wrong.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parallel.layers import TORCH_LINEAR, LinearLayer, LinearMethod
+from workers.kernels.dispatch import KernelPlan
+
+AMX_MAX_ROWS = 256
+"""Up to this many rows a linear runs on our AMX kernel (torch.ops.flotilla.amx_linear); past
+it torch's linear (oneDNN's AMX GEMM) is as fast or faster (benchmarks/RESULTS.md)."""
+
+
+def amx_pack(w: torch.Tensor) -> torch.Tensor:
+    """[N, K] bf16 -> the AMX B-tile panels amx_linear reads: [N/32, K/32, 2, 16, 32], element
+    (p, kb, t, r, 2c + l) = w[32p + 16t + c, 32kb + 2r + l], zero-padded to multiples of 32."""
+    n, k = w.shape
+    np_, kp = -(-n // 32) * 32, -(-k // 32) * 32
+    w = F.pad(w, (0, kp - k, 0, np_ - n))
+    w = w.view(np_ // 32, 2, 16, kp // 32, 16, 2).permute(0, 3, 1, 4, 2, 5)
+    return w.contiguous().view(np_ // 32, kp // 32, 2, 16, 32)
+
+
+def amx_pack_swiglu(w: torch.Tensor) -> torch.Tensor:
+    """gate|up [2I, K] -> panels whose first tile holds 16 gate columns and second tile the same
+    16 up columns, for amx_swiglu (I a multiple of 16)."""
+    n2, k = w.shape
+    i = n2 // 2
+    pairs = torch.stack((w[:i].view(i // 16, 16, k), w[i:].view(i // 16, 16, k)), dim=1)
+    return amx_pack(pairs.reshape(n2, k))
+
+
+def _amx_rows(x: torch.Tensor) -> bool:
+    return (
+        x.dim() == 2
+        and x.shape[0] <= AMX_MAX_ROWS
+        and x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+    )
+
+
+class AmxLinear(LinearMethod):
+    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None):
+        self.packed = packed
+        self.bias = bias  # float32: the kernel adds it before its one rounding
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if _amx_rows(x):
+            out = x.new_empty(x.shape[0], layer.weight.shape[0])
+            b = None if bias is None else self.bias
+            if torch.ops.flotilla.amx_linear(out, x.contiguous(), self.packed, b):
+                return out
+        return F.linear(x, layer.weight, bias)
+
+    def argmax(self, layer: nn.Module, x: torch.Tensor, n: int) -> torch.Tensor | None:
+        if not _amx_rows(x):
+            return None
+        out = torch.empty(x.shape[0], dtype=torch.long)
+        return out if torch.ops.flotilla.amx_argmax(out, x.contiguous(), self.packed, n) else None
+
+
+class AmxSwiGLU(LinearMethod):
+    def __init__(self, packed: torch.Tensor, then: LinearMethod):
+        self.packed = packed
+        self.then = then  # the layer's own calls (gate|up written out)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.then.apply(layer, x, bias)
+
+    def swiglu(self, x: torch.Tensor, width: int) -> torch.Tensor | None:
+        """bf16(silu(x Wg^T)) * (x Wu^T), [rows, width], bit-identical to the gate|up linear
+        then silu_and_mul; None where the kernel does not apply."""
+        if not _amx_rows(x):
+            return None
+        act = x.new_empty(x.shape[0], width)
+        return act if torch.ops.flotilla.amx_swiglu(act, x.contiguous(), self.packed) else None
+
+
+class OneDNNLinear(LinearMethod):
+    def __init__(self, packed: torch.Tensor):
+        self.packed = packed
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.dim() == 2:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+        return F.linear(x, layer.weight, bias)
+
+
+class GemvLinear(LinearMethod):
+    def __init__(self, max_rows: int, then: LinearMethod):
+        self.max_rows = max_rows
+        self.then = then
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        w = layer.weight
+        if (
+            x.dim() == 2
+            and x.shape[0] <= self.max_rows
+            and x.dtype == w.dtype == torch.bfloat16
+            and x.device.type == "cpu"
+        ):
+            out = x.new_empty(x.shape[0], w.shape[0])
+            if torch.ops.flotilla.gemv_bf16(out, x.contiguous(), w):
+                return out if bias is None else out + bias
+        return self.then.apply(layer, x, bias)
+
+
+def _packable(w: torch.Tensor) -> bool:
+    return (
+        w.device.type == "cpu"
+        and w.dtype == torch.bfloat16
+        and torch.backends.mkldnn.is_available()
+    )
+
+
+def choose(
+    layer: LinearLayer, plan: KernelPlan, prepack: bool = True, swiglu: bool = False
+) -> LinearMethod:
+    """The method for one loaded layer. `prepack`: keep a packed copy of bf16 weights
+    (model.prepack); `swiglu`: the layer is a SwiGLU MLP's gate|up (pack it for amx_swiglu)."""
+    w = layer.weight.detach()  # type: ignore[attr-defined]
+    packed = prepack and plan.onednn_bf16 and _packable(w)
+    small = GemvLinear(plan.gemv_max_rows, TORCH_LINEAR) if plan.gemv_bf16 else TORCH_LINEAR
+    if packed and plan.amx:
+        if swiglu:
+            return AmxSwiGLU(amx_pack_swiglu(w), then=small)
+        bias = getattr(layer, "bias", None)
+        return AmxLinear(amx_pack(w), None if bias is None else bias.detach().float())
+    if not packed:
+        return small
+    onednn = OneDNNLinear(torch.ops.mkldnn._reorder_linear_weight(w, 64))
+    return GemvLinear(plan.gemv_max_rows, onednn) if plan.gemv_bf16 else onednn
+
+
+def attach_linear_methods(
+    model: nn.Module, plan: KernelPlan, prepack: bool = True, swiglu: frozenset = frozenset()
+) -> int:
+    """Give every linear layer of `model` its method; `swiglu`: the gate|up layers that may
+    be packed for amx_swiglu. Returns how many layers got something other than torch's."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, LinearLayer):
+            m.linear_method = choose(m, plan, prepack, m in swiglu)
+            n += m.linear_method is not TORCH_LINEAR
+    return n
