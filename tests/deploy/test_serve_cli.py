@@ -116,6 +116,7 @@ def test_startup_reports_progress(served):
     text = served[1].text()
     assert "starting 1 replica group(s)" in text
     # the group's own lines, forwarded by Ray from the replica's process
+    assert "flotilla: kernels: " in text
     assert "flotilla: weights loaded: " in text
     assert "flotilla: KV cache: 256 blocks x 8 tokens = 2048 tokens" in text
     assert "ready in" in text
