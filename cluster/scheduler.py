@@ -148,7 +148,7 @@ class Scheduler:
                 prefill -= n
 
         # 2b. Admit waiting requests (not in a step that had to preempt: memory is short).
-        if self.num_preemptions == preempts_before:
+        if self.waiting and min(budget, prefill) > 0 and self.num_preemptions == preempts_before:
             for req in self.admission.order(self.waiting, self.clock()):
                 if min(budget, prefill) <= 0 or len(self.running) >= self.config.max_num_seqs:
                     break
