@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from parallel.config import ParallelConfig
@@ -28,6 +30,64 @@ class SchedulerConfig(BaseModel):
     max_num_seqs: int = Field(128, ge=1, description="Most requests running at once.")
     max_waiting: int = Field(4096, ge=1, description="Queued requests before new ones are refused.")
     enable_chunked_prefill: bool = Field(True, description="Split prompts across steps.")
+    # Latency under load (cluster/policies.py tells the rules).
+    policy: Literal["fcfs", "sjf_aging"] = Field(
+        "fcfs",
+        description="Admission order: fcfs (arrival order) or sjf_aging (shortest prompt first "
+        "within sjf_window, aged so a request waits at most about max_wait_s before it goes "
+        "first). Preempted requests always go first.",
+    )
+    sjf_window: int = Field(
+        64, ge=1, le=65536, description="sjf_aging: how many queued requests are reordered."
+    )
+    max_wait_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="sjf_aging: a request's length key falls linearly to 0 over this wait; "
+        "past it, it is admitted ahead of every newer request.",
+    )
+    max_prefill_tokens_when_decoding: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        "auto",
+        description="Prefill tokens a step may carry while decodes run (stall-free batching): "
+        "a number, 'auto' (sized from measured step times to meet target_step_ms), or null "
+        "(no cap: prefill takes what the decodes leave of max_num_batched_tokens). Steps "
+        "without decodes always use the whole budget. Needs enable_chunked_prefill.",
+    )
+    target_step_ms: float = Field(
+        500.0,
+        gt=0,
+        le=60000,
+        description="'auto' cap: the step time (so the inter-token latency) to stay under while "
+        "decodes run. 500 ms keeps chunks of a few hundred tokens on a 2-core CPU (ITL p99 "
+        "well under vLLM-CPU's there, offline throughput within noise); lower it on faster "
+        "hardware.",
+    )
+    min_prefill_tokens: int = Field(
+        128,
+        ge=1,
+        description="'auto' cap: the least prefill a step with decodes may carry, so prompts "
+        "progress even when the decodes alone take target_step_ms (at most "
+        "max_num_batched_tokens).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SchedulerConfig:
+        cap, budget = self.max_prefill_tokens_when_decoding, self.max_num_batched_tokens
+        if isinstance(cap, int) and cap > budget:
+            raise ValueError(
+                f"max_prefill_tokens_when_decoding={cap} exceeds max_num_batched_tokens={budget}"
+            )
+        if (
+            not self.enable_chunked_prefill
+            and cap is not None
+            and "max_prefill_tokens_when_decoding" in self.model_fields_set
+        ):
+            raise ValueError(
+                "max_prefill_tokens_when_decoding needs enable_chunked_prefill=true "
+                "(whole prompts cannot be capped); set it to null"
+            )
+        return self
 
 
 class EngineConfig(BaseModel):

@@ -204,12 +204,16 @@ class LLMEngine:
 
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
         plan = self.scheduler.schedule()
         if not plan.seqs and not plan.finished_req_ids:
             return []
         result = self.executor.execute(plan)
         now = time.monotonic()
-        return [self._process(req, now) for req in self.scheduler.update(plan, result)]
+        outputs = [self._process(req, now) for req in self.scheduler.update(plan, result)]
+        # The whole step, as a stream sees it between two tokens (sizes the auto prefill cap).
+        self.scheduler.observe_step(plan, time.perf_counter() - start)
+        return outputs
 
     def _process(self, req: Request, now: float) -> RequestOutput:
         track = self._tracks[req.req_id]

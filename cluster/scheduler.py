@@ -1,32 +1,56 @@
-"""Token-budget scheduler: running requests first (decodes, or the rest of a chunked prefill),
-then waiting requests, FCFS, each taking what is left of the budget (chunked prefill).
+"""Token-budget scheduler with chunked prefill. One step, in order:
+
+1. Decodes: every running request whose prompt is computed gets its next token first.
+2. Prefill chunks: running requests still catching up (chunked prompts, recompute after
+   preemption), then waiting requests in the admission policy's order, each taking what is left
+   of `max_num_batched_tokens` -- and, while step 1 scheduled any decode, of the prefill cap, so a
+   new prompt cannot stall every running stream for a whole-budget step (stall-free batching).
+   Steps without decodes give prefill the whole budget (time to first token).
+
+Admission policies (fcfs, sjf_aging) and prefill caps (none, fixed, auto from the step-time
+model) are small objects in cluster/policies.py. `policy=fcfs` with
+`max_prefill_tokens_when_decoding=null` is the plain FCFS token-budget scheduler.
 
 When blocks run out for a running request, the most recently admitted running request is
 preempted by recompute: its blocks are freed, its computed count reset, and it goes back to the
-front of the queue. Its tokens so far are kept, so it resumes exactly where it stopped (and its
-prefix may come straight back from the prefix cache).
+front of the queue, ahead of every policy's order. Its tokens so far are kept, so it resumes
+exactly where it stopped (and its prefix may come straight back from the prefix cache).
 
 The scheduler never touches tensors. `schedule()` returns a StepPlan; `update()` takes the
-sampled tokens back and returns the requests that produced a token this step.
+sampled tokens back and returns the requests that produced a token this step; the engine reports
+each step's wall time to `observe_step()`, which feeds the step-time model.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 
 from cluster.block_manager import BlockManager
 from cluster.config import SchedulerConfig
+from cluster.policies import make_admission, make_prefill_cap
 from cluster.request import Request, Status
+from cluster.step_model import StepTimeModel
 from workers.messages import NewRequest, SeqPlan, StepPlan, StepResult
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.config = config
         self.bm = block_manager
+        self.clock = clock  # the clock of Request.arrival_time
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        self.step_model = StepTimeModel()
+        self.admission = make_admission(config)
+        self.prefill_cap = make_prefill_cap(config, self.step_model)
         self._finished_since_last_step: list[str] = []
         self._step_id = 0
         self.num_preemptions = 0
@@ -71,61 +95,88 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
+    def _allocate_running(self, req: Request, n: int) -> bool:
+        """Blocks for `n` more tokens of a running request, preempting from the tail of
+        `running` until they fit; False when `req` itself had to go."""
+        while not self.bm.allocate(req.req_id, req.num_computed_tokens + n):
+            victim = self.running.pop()
+            self._preempt(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _prefill_budget(self, num_decodes: int, budget: int) -> int:
+        if num_decodes == 0:
+            return budget
+        cap = self.prefill_cap.limit(num_decodes)
+        return budget if cap is None else min(cap, budget)
+
     def schedule(self) -> StepPlan:
         budget = self.config.max_num_batched_tokens
         chunked = self.config.enable_chunked_prefill
         seqs: list[SeqPlan] = []
         new: list[NewRequest] = []
         scheduled: list[tuple[Request, int]] = []  # (request, tokens granted)
-        preempted = False
+        preempts_before = self.num_preemptions
 
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not chunked and n < req.num_tokens - req.num_computed_tokens:
+        def behind(r: Request) -> int:
+            return r.num_tokens - r.num_computed_tokens
+
+        # 1. Decodes (running order: a preemption takes the most recently admitted).
+        decodes = [r for r in self.running if behind(r) == 1]
+        chunks = [r for r in self.running if behind(r) > 1]
+        for req in decodes:
+            if budget <= 0:
                 break
-            while not self.bm.allocate(req.req_id, req.num_computed_tokens + n):
-                victim = self.running.pop()
-                self._preempt(victim)
-                preempted = True
-                if victim is req:
-                    break
-            else:
+            if req.status is Status.RUNNING and self._allocate_running(req, 1):
+                scheduled.append((req, 1))
+                budget -= 1
+        prefill = self._prefill_budget(len(scheduled), budget)
+
+        # 2a. The rest of running requests' prompts (or of their recompute).
+        for req in chunks:
+            if min(budget, prefill) <= 0:
+                break
+            if req.status is not Status.RUNNING:
+                continue  # preempted above
+            n = min(behind(req), budget, prefill)
+            if not chunked and n < behind(req):
+                break
+            if self._allocate_running(req, n):
                 scheduled.append((req, n))
                 budget -= n
-                i += 1
+                prefill -= n
 
-        # Admit waiting requests (not in a step that had to preempt: memory is short).
-        while (
-            not preempted
-            and self.waiting
-            and budget > 0
-            and len(self.running) < self.config.max_num_seqs
-        ):
-            req = self.waiting[0]
-            hits = self.bm.find_cached_prefix(req.token_ids)
-            computed = len(hits) * self.bm.block_size
-            remaining = req.num_tokens - computed
-            n = min(remaining, budget)
-            if not chunked and n < remaining:
-                break
-            if not self.bm.allocate(req.req_id, computed + n, hits):
-                break
-            self.waiting.popleft()
-            if req.num_preemptions == 0:
-                self.bm.record_lookup(req.prompt_len, computed)
-                req.num_cached_tokens = computed
-            req.num_computed_tokens = computed
-            req.status = Status.RUNNING
-            self.running.append(req)
-            scheduled.append((req, n))
-            budget -= n
-            if not req.sent_to_workers:
-                new.append(
-                    NewRequest(req.req_id, req.prompt_token_ids, req.params, req.num_output_tokens)
-                )
-                req.sent_to_workers = True
+        # 2b. Admit waiting requests (not in a step that had to preempt: memory is short).
+        if self.waiting and min(budget, prefill) > 0 and self.num_preemptions == preempts_before:
+            for req in self.admission.order(self.waiting, self.clock()):
+                if min(budget, prefill) <= 0 or len(self.running) >= self.config.max_num_seqs:
+                    break
+                hits = self.bm.find_cached_prefix(req.token_ids)
+                computed = len(hits) * self.bm.block_size
+                remaining = req.num_tokens - computed
+                n = min(remaining, budget, prefill)
+                if not chunked and n < remaining:
+                    break
+                if not self.bm.allocate(req.req_id, computed + n, hits):
+                    break
+                self.waiting.remove(req)
+                if req.num_preemptions == 0:
+                    self.bm.record_lookup(req.prompt_len, computed)
+                    req.num_cached_tokens = computed
+                req.num_computed_tokens = computed
+                req.status = Status.RUNNING
+                self.running.append(req)
+                scheduled.append((req, n))
+                budget -= n
+                prefill -= n
+                if not req.sent_to_workers:
+                    new.append(
+                        NewRequest(
+                            req.req_id, req.prompt_token_ids, req.params, req.num_output_tokens
+                        )
+                    )
+                    req.sent_to_workers = True
 
         for req, n in scheduled:
             if req.status is not Status.RUNNING:
@@ -144,6 +195,12 @@ class Scheduler:
         self._step_id += 1
         finished, self._finished_since_last_step = self._finished_since_last_step, []
         return StepPlan(self._step_id, seqs, new, finished)
+
+    def observe_step(self, plan: StepPlan, seconds: float) -> None:
+        """The wall time of a step the engine ran from `plan` (feeds the auto prefill cap)."""
+        decodes = sum(1 for q in plan.seqs if q.is_decode)
+        tokens = sum(len(q.token_ids) for q in plan.seqs)
+        self.step_model.observe(decodes, tokens - decodes, seconds)
 
     def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
         """Advance computed counts, append sampled tokens; returns requests that got a token."""

@@ -285,3 +285,67 @@ def test_overload(tiny_model_dir):
         assert len(eng.generate([prompt(4, 32)], greedy(2))[0].token_ids) == 2
     finally:
         eng.shutdown()
+
+
+# ---- scheduling policies -------------------------------------------------------------------------
+def run_staggered(eng: LLMEngine, lengths: list[int], max_tokens: int = 6):
+    """One request arrives per step; returns ({id: token ids}, [(decodes, prefill tokens)])."""
+    shapes = []
+    execute = eng.executor.execute
+
+    def recording(plan):
+        d = sum(q.is_decode for q in plan.seqs)
+        shapes.append((d, sum(len(q.token_ids) for q in plan.seqs) - d))
+        return execute(plan)
+
+    eng.executor.execute = recording
+    final = {}
+    pending = [(f"r{i}", prompt(n, 40 + i)) for i, n in enumerate(lengths)][::-1]
+    while pending or eng.has_unfinished():
+        if pending:
+            rid, p = pending.pop()
+            eng.add_request(p, greedy(max_tokens), request_id=rid)
+        for out in eng.step():
+            if out.finished:
+                final[out.request_id] = out.token_ids
+    eng.executor.execute = execute
+    return final, shapes
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        dict(policy="fcfs", max_prefill_tokens_when_decoding=5),
+        dict(policy="sjf_aging", max_prefill_tokens_when_decoding=None),
+        dict(policy="sjf_aging", max_prefill_tokens_when_decoding=7, max_wait_s=0.05),
+        # A target no step can meet: the cap sits at its floor once the model has 8 steps.
+        dict(
+            policy="sjf_aging",
+            max_prefill_tokens_when_decoding="auto",
+            target_step_ms=0.001,
+            min_prefill_tokens=3,
+        ),
+    ],
+    ids=["fcfs-cap5", "sjf", "sjf-aging-cap7", "sjf-auto"],
+)
+def test_greedy_outputs_identical_under_every_policy(tiny_model_dir, knobs):
+    lengths = [37, 5, 50, 1, 23, 9, 61, 14]
+    ref = make_engine(tiny_model_dir("llama"), max_prefill_tokens_when_decoding=None)
+    try:
+        want, ref_shapes = run_staggered(ref, lengths)
+    finally:
+        ref.shutdown()
+    eng = make_engine(tiny_model_dir("llama"), **knobs)
+    try:
+        got, shapes = run_staggered(eng, lengths)
+        assert eng.scheduler.step_model.num_samples == len(shapes)  # the engine feeds the model
+    finally:
+        eng.shutdown()
+    assert got == want and all(len(t) == 6 for t in got.values())
+    cap = knobs["max_prefill_tokens_when_decoding"]
+    if cap == "auto":
+        cap = 3
+        shapes = shapes[8:]  # uncapped until the model has its first 8 samples
+    if cap is not None:
+        assert all(p <= cap for d, p in shapes if d)
+        assert shapes != ref_shapes  # the cap did change the steps
