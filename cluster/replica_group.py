@@ -38,7 +38,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cluster import kv_transfer, wire
+from cluster import wire
 from cluster.config import EngineConfig
 from workers.errors import EngineDead, EngineDraining, EngineOverloaded, InvalidRequest
 from workers.sampling_params import SamplingParams
@@ -337,6 +337,8 @@ class ReplicaGroup:
     def take_kv(self, request_id: str) -> Any:
         """A decode group takes (and so acknowledges) a request's prompt KV (token ids and block
         data, cluster.kv_transfer's form), or None when the lease expired or was never made."""
+        from cluster import kv_transfer  # torch: only in a group's process, never the router's
+
         kv = self.leases.take(request_id)
         return None if kv is None else kv_transfer.pack(*kv)
 
@@ -360,6 +362,8 @@ class ReplicaGroup:
         self.kv["imports"] += 1
         self.kv["bytes"] += kv["data"].nbytes
         self.kv["seconds"] += time.monotonic() - t0
+        from cluster import kv_transfer
+
         return kv_transfer.unpack(kv)
 
     def _delta(self, out, params: SamplingParams) -> dict[str, Any]:
