@@ -29,6 +29,7 @@ from typing import Any
 from cluster.block_manager import block_hashes
 from router.config import RouterConfig
 from router.errors import NoHealthyGroup, error_from_group
+from router.legs import Handoff, LegFailed, Progress
 from router.link import GroupLink, Inbox
 from router.metrics import RequestMetrics
 from router.policies import GroupView, Policy, SessionTable, make_policy
@@ -51,32 +52,6 @@ class Chunk:
     usage: dict[str, int] | None = None
     group: str = ""
     index: int = 0  # which of the request's n choices
-
-
-class _Handoff(Exception):
-    """A prefill leg ended in a hand-off; the decode leg imports the KV from `group`."""
-
-    def __init__(self, group: str):
-        self.group = group
-
-
-class _LegFailed(Exception):
-    """A leg's group failed. `before_start`: no token of this request reached the client yet;
-    `movable`: the request may resume elsewhere."""
-
-    def __init__(self, error: Exception, before_start: bool, movable: bool):
-        self.error, self.before_start, self.movable = error, before_start, movable
-
-
-@dataclass
-class _Progress:
-    """What a request has relayed so far, across its legs."""
-
-    arrival: float
-    ids: list[int] = field(default_factory=list)
-    ttft: float | None = None
-    last: float = 0.0
-    n_leg: int = 0  # tokens relayed by the current leg
 
 
 @dataclass
@@ -261,7 +236,7 @@ class Router:
         """
         request_id = request_id or uuid.uuid4().hex
         wire = params.model_dump(exclude_defaults=True)
-        acc = _Progress(time.monotonic())
+        acc = Progress(time.monotonic())
         leg: dict[str, Any] = self._first_leg(len(token_ids))
         migrations = 0
         while True:
@@ -272,9 +247,9 @@ class Router:
                 ):
                     yield chunk
                 return
-            except _Handoff as h:
+            except Handoff as h:
                 leg = {"resume": list(acc.ids), "kv_from": h.group}
-            except _LegFailed as f:
+            except LegFailed as f:
                 if f.before_start and role == "prefill":  # no prefill group: prefill on decode
                     self.counters["prefill_fallbacks"] += 1
                     self.metrics.prefill_fallbacks.inc(1, tags=self.metrics.tags("router"))
@@ -315,10 +290,10 @@ class Router:
         index: int,
         role: str,
         leg: dict[str, Any],
-        acc: _Progress,
+        acc: Progress,
     ) -> AsyncIterator[Chunk]:
-        """One leg on one group (see stream). Raises _Handoff when a prefill leg ends in a
-        hand-off, _LegFailed when the group fails and the request may move on."""
+        """One leg on one group (see stream). Raises Handoff when a prefill leg ends in a
+        hand-off, LegFailed when the group fails and the request may move on."""
         resumed = bool(leg.get("resume"))
         hashes = self._hashes(token_ids)
         group: GroupState | None = None
@@ -356,7 +331,7 @@ class Router:
                     request_id, token_ids, wire, hashes, session_id, role, leg
                 )
             except (NoHealthyGroup, EngineOverloaded, EngineDraining) as e:
-                raise _LegFailed(e, before_start=True, movable=False) from None
+                raise LegFailed(e, before_start=True, movable=False) from None
             acc.n_leg = 0
             if driver is not None:
                 driver.add_done_callback(release)
@@ -366,7 +341,7 @@ class Router:
                     ended = True
                     err = error_from_group(msg["error"])
                     if isinstance(err, EngineDead):  # the group died under the request
-                        raise _LegFailed(err, before_start=not acc.ids, movable=True)
+                        raise LegFailed(err, before_start=not acc.ids, movable=True)
                     raise err
                 now = time.monotonic()
                 k = len(msg["ids"])
@@ -386,7 +361,7 @@ class Router:
                         yield Chunk(
                             msg["ids"], msg["text"], msg["lp"], None, None, group.name, index
                         )
-                    raise _Handoff(group.name)
+                    raise Handoff(group.name)
                 if finish is not None:
                     outcome, ended = "finished", True
                 yield Chunk(
