@@ -139,17 +139,17 @@ async def _read_body(reader: asyncio.StreamReader) -> bytes | None:
     return await reader.readexactly(n)
 
 
-async def read_to_group(reader: asyncio.StreamReader) -> Hello | Submit | Abort | None:
+async def _read(reader: asyncio.StreamReader, decoder: msgspec.msgpack.Decoder, peer: str):
     body = await _read_body(reader)
     try:
-        return None if body is None else _to_group.decode(body)
+        return None if body is None else decoder.decode(body)
     except msgspec.DecodeError as e:
-        raise ProtocolError(f"unreadable frame from the router: {e}") from None
+        raise ProtocolError(f"unreadable frame from the {peer}: {e}") from None
+
+
+async def read_to_group(reader: asyncio.StreamReader) -> Hello | Submit | Abort | None:
+    return await _read(reader, _to_group, "router")
 
 
 async def read_to_router(reader: asyncio.StreamReader) -> Batch | Ack | Refused | None:
-    body = await _read_body(reader)
-    try:
-        return None if body is None else _to_router.decode(body)
-    except msgspec.DecodeError as e:
-        raise ProtocolError(f"unreadable frame from the replica group: {e}") from None
+    return await _read(reader, _to_router, "replica group")
