@@ -265,14 +265,18 @@ class ReplicaGroup:
                 await writer.drain()
                 return
             router_id = hello.router
-            out = asyncio.get_running_loop().create_task(pump(router_id))
-            self.direct_links += 1
+            if hello.subscribe:
+                out = asyncio.get_running_loop().create_task(pump(router_id))
+                self.direct_links += 1
             while (msg := await wire.read_to_group(reader)) is not None:
-                if isinstance(msg, wire.Submit):
+                if isinstance(msg, wire.Submit) and out is not None:
                     err = await self.submit(router_id, msg.id, msg.ids, msg.params, msg.leg)
                     writer.write(wire.frame(wire.Ack(msg.id, err)))
-                elif isinstance(msg, wire.Abort):
+                elif isinstance(msg, wire.Abort) and out is not None:
                     await self.abort(router_id, msg.ids)
+                elif isinstance(msg, wire.Call):
+                    writer.write(wire.frame(await self._control(msg)))
+                    await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError) as e:
             log.info("data-plane connection closed: %r", e)
         finally:
@@ -280,6 +284,22 @@ class ReplicaGroup:
                 self.direct_links -= 1
                 out.cancel()
             writer.close()
+
+    async def _control(self, call: wire.Call) -> wire.Reply:
+        """A control call from a router (stats, drain) or a peer group (take_kv)."""
+        try:
+            if call.method == "stats":
+                value = self.stats(*call.args)
+            elif call.method == "drain":
+                value = self.drain()
+            elif call.method == "take_kv":
+                value = self.take_kv(*call.args)
+            else:
+                return wire.Reply(call.id, err=f"unknown call {call.method!r}")
+            return wire.Reply(call.id, value)
+        except Exception as e:  # answer, never drop the connection over one bad call
+            log.exception("control call %s failed", call.method)
+            return wire.Reply(call.id, err=repr(e))
 
     # ---- requests ------------------------------------------------------------------------
     async def generate_stream(
@@ -342,16 +362,22 @@ class ReplicaGroup:
         kv = self.leases.take(request_id)
         return None if kv is None else kv_transfer.pack(*kv)
 
-    async def _fetch_kv(self, group: str, request_id: str) -> Any:
-        """The prompt KV held by `group`, or None (then the prompt is recomputed here)."""
-        from ray import serve
-
+    async def _fetch_kv(self, source: dict[str, Any], request_id: str) -> Any:
+        """The prompt KV held by the group `source` names ({group, host, port, secret}: its
+        data plane, which the router passes on), or None (then the prompt is recomputed here)."""
         t0 = time.monotonic()
+        group = source.get("group", "?")
         try:
-            app = serve.get_replica_context().app_name
-            handle = serve.get_deployment_handle(group, app)
             kv = await asyncio.wait_for(
-                handle.take_kv.remote(request_id), self.kv_transfer_timeout_s
+                wire.call_once(
+                    source["host"],
+                    source["port"],
+                    source["secret"],
+                    self.name,
+                    "take_kv",
+                    [request_id],
+                ),
+                self.kv_transfer_timeout_s,
             )
         except Exception as e:  # the prefill group died, or the transfer is late
             log.warning("KV of %s from %s not received, recomputing: %r", request_id, group, e)
@@ -360,7 +386,7 @@ class ReplicaGroup:
             self.kv["recomputes"] += 1
             return None
         self.kv["imports"] += 1
-        self.kv["bytes"] += kv["data"].nbytes
+        self.kv["bytes"] += len(kv["data"])
         self.kv["seconds"] += time.monotonic() - t0
         from cluster import kv_transfer
 

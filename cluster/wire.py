@@ -13,12 +13,18 @@ a msgpack body (msgspec: typed, ~10x cheaper than JSON per batch of deltas, and 
 scanning). The first frame is the router's Hello; a group that speaks another version answers
 Refused and closes, so a mixed-version deploy fails loudly instead of misreading frames.
 
-    router -> group   Hello(router, version)    first frame: subscribe
+    router -> group   Hello(router, version, subscribe)  first frame: subscribe (a peer
+                                                group fetching KV says subscribe=False)
                       Submit(id, ids, params, leg)  start (or resume) a request
                       Abort(ids)                stop requests, free their KV blocks
+                      Call(id, method, args)    control: stats / drain / take_kv (CALLS)
     group -> router   Batch(items)              [(request_id, delta), ...]; the first is empty
                       Ack(id, err)              a Submit's answer: None or an error delta
+                      Reply(id, value, err)     a Call's answer
                       Refused(message)          the Hello was not accepted; the group closes
+
+Control calls travel on the same connection because a pool is one Serve deployment of many
+replicas: a Serve handle call reaches *some* replica, the socket reaches *this* group.
 
 Deltas stay plain dicts (the shape cluster.replica_group documents), so the Serve-handle data
 plane (`router.data_plane: serve`) carries the very same values.
@@ -34,13 +40,17 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL_VERSION = 2  # 1 was newline-delimited JSON without a version
-MAX_FRAME = 64 << 20  # a batch of deltas is KBs; anything near this is a broken peer
+PROTOCOL_VERSION = 3  # 1: newline-delimited JSON; 2: no control calls
+# A batch of deltas is KBs; a prompt's KV (take_kv) up to a few hundred MB. Frames are read only
+# after the peer proved it holds the group's secret, so the limit guards against bugs, not abuse.
+MAX_FRAME = 1 << 30
+CALLS = ("stats", "drain", "take_kv")
 
 
 class Hello(msgspec.Struct, tag=True):
     router: str
     version: int
+    subscribe: bool = True  # False: a control-only connection (a peer group taking KV)
 
 
 class Submit(msgspec.Struct, tag=True):
@@ -52,6 +62,18 @@ class Submit(msgspec.Struct, tag=True):
 
 class Abort(msgspec.Struct, tag=True):
     ids: list[str]
+
+
+class Call(msgspec.Struct, tag=True):
+    id: int
+    method: str  # one of CALLS
+    args: list[Any] = []
+
+
+class Reply(msgspec.Struct, tag=True):
+    id: int
+    value: Any = None
+    err: str | None = None
 
 
 class Batch(msgspec.Struct, tag=True):
@@ -67,8 +89,8 @@ class Refused(msgspec.Struct, tag=True):
     message: str
 
 
-ToGroup = Hello | Submit | Abort
-ToRouter = Batch | Ack | Refused
+ToGroup = Hello | Submit | Abort | Call
+ToRouter = Batch | Ack | Reply | Refused
 
 _encoder = msgspec.msgpack.Encoder()
 _to_group = msgspec.msgpack.Decoder(ToGroup)
@@ -147,9 +169,41 @@ async def _read(reader: asyncio.StreamReader, decoder: msgspec.msgpack.Decoder, 
         raise ProtocolError(f"unreadable frame from the {peer}: {e}") from None
 
 
-async def read_to_group(reader: asyncio.StreamReader) -> Hello | Submit | Abort | None:
+async def read_to_group(reader: asyncio.StreamReader) -> Hello | Submit | Abort | Call | None:
     return await _read(reader, _to_group, "router")
 
 
-async def read_to_router(reader: asyncio.StreamReader) -> Batch | Ack | Refused | None:
+async def read_to_router(reader: asyncio.StreamReader) -> Batch | Ack | Reply | Refused | None:
     return await _read(reader, _to_router, "replica group")
+
+
+async def connect(host: str, port: int, secret: bytes, limit: int = 1 << 20):
+    """Open and authenticate a connection to a group's data plane -> (reader, writer)."""
+    reader, writer = await asyncio.open_connection(host, port, limit=limit)
+    try:
+        opening, nonce = client_hello(secret)
+        writer.write(opening)
+        await verify(reader, secret, nonce)
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer
+
+
+async def call_once(host: str, port: int, secret: bytes, caller: str, method: str, args: list):
+    """One control call on a connection of its own (a decode group taking a prompt's KV from
+    a prefill group: rare and large, so no connection is kept)."""
+    reader, writer = await connect(host, port, secret, limit=1 << 24)
+    try:
+        writer.write(frame(Hello(caller, PROTOCOL_VERSION, subscribe=False)))
+        writer.write(frame(Call(0, method, args)))
+        while (msg := await read_to_router(reader)) is not None:
+            if isinstance(msg, Reply):
+                if msg.err is not None:
+                    raise RuntimeError(f"{method} failed in the group: {msg.err}")
+                return msg.value
+            if isinstance(msg, Refused):
+                raise ProtocolError(msg.message)
+        raise ConnectionError("the replica group closed the connection")
+    finally:
+        writer.close()

@@ -1,15 +1,18 @@
-"""Config -> Ray Serve application: N replica-group deployments bound into the router ingress.
+"""Config -> Ray Serve application: one deployment per pool, a group registry, and the
+router ingress bound to both.
 
     build_app(FlotillaConfig) -> Application    (also usable as a Serve YAML `import_path`:
                                                   deploy.app:build_app with the config as args)
 
-Each group is its own deployment with one replica (named group-0, group-1, ...), so the
-router's policy -- not Serve's default load balancing -- decides where a request goes.
+Deployments: `router` (the ingress), `registry` (cluster.registry: which groups exist and
+where their data planes listen) and one per pool -- `groups` (colocated), or `prefill` and
+`decode` -- whose replicas are the replica groups (cluster.served_group). A pool scales by its
+replica count; the router finds its groups through the registry, so its policy -- not Serve's
+load balancing -- decides which group serves a request.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,68 +20,67 @@ from typing import Any
 from ray import serve
 from ray.serve.config import gRPCOptions
 
-from cluster.config import EngineConfig
-from cluster.replica_group import ReplicaGroup
+from cluster.registry import GroupRegistry
+from cluster.served_group import REGISTRY, ServedGroup
 from deploy import proxy_bind
-from deploy.config import FlotillaConfig, GroupSpec
+from deploy.config import FlotillaConfig, PoolSpec
 from router.ingress import Ingress
 
 # Our registration wraps the stock one; see router/grpc_server.py for why.
 GRPC_SERVICER = "router.grpc_server.add_servicer"
 
-# Serve calls for stats / info besides the requests themselves.
+# Serve calls for info besides the requests themselves (which travel on the data plane).
 _GROUP_CONTROL_HEADROOM = 64
+# Serve kills a replica this long after its drain (ServedGroup.__del__) ran out of time.
+_SHUTDOWN_MARGIN_S = 5.0
 
 
-def group_names(config: FlotillaConfig) -> list[str]:
-    return [g.name for g in config.group_specs()]
-
-
-def engine_config(config: FlotillaConfig, spec: GroupSpec | None = None) -> EngineConfig:
-    """A group's EngineConfig. Unset torch threads become this machine's cores shared among
-    the groups: Ray starts workers with OMP_NUM_THREADS=1, which would leave each engine one
-    thread. (On a multi-node cluster, set engine.model.num_threads explicitly.)"""
-    specs = config.group_specs()
-    engine = (spec or specs[0]).engine
-    if engine.model.num_threads is None:
-        threads = max(1, (os.cpu_count() or 1) // len(specs))
-        engine = engine.model_copy(
-            update={"model": engine.model.model_copy(update={"num_threads": threads})}
-        )
-    return engine
+def pool_deployment(config: FlotillaConfig, spec: PoolSpec) -> serve.Deployment:
+    s = config.serve
+    sched, engine = spec.engine.scheduler, spec.engine
+    # A one-rank group runs the model inside the Serve replica: on CUDA it needs its GPU there
+    # (Ray hides every GPU from an actor that asked for none). Multi-rank groups place their
+    # rank actors, one GPU each, themselves (cluster.ray_executor).
+    group_gpus = 1 if engine.model.device == "cuda" and engine.parallel.is_single else 0
+    return serve.deployment(ServedGroup).options(
+        name=spec.deployment,
+        num_replicas=spec.groups,
+        max_ongoing_requests=sched.max_num_seqs + sched.max_waiting + _GROUP_CONTROL_HEADROOM,
+        ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": group_gpus},
+        health_check_period_s=s.health_check_period_s,
+        graceful_shutdown_timeout_s=s.group_graceful_shutdown_s + _SHUTDOWN_MARGIN_S,
+        graceful_shutdown_wait_loop_s=0.5,
+        logging_config={"enable_access_log": False},
+    )
 
 
 def build_app(config: FlotillaConfig | dict[str, Any]) -> serve.Application:
     if not isinstance(config, FlotillaConfig):
         config = FlotillaConfig.model_validate(config)
     s, pools = config.serve, config.pools
-    group_deployment = serve.deployment(ReplicaGroup)
-    groups = {}
-    for spec in config.group_specs():
-        sched, engine = spec.engine.scheduler, spec.engine
-        # A one-rank group runs the model inside the Serve replica: on CUDA it needs its GPU
-        # there (Ray hides every GPU from an actor that asked for none). Multi-rank groups
-        # place their rank actors, one GPU each, themselves (cluster.ray_executor).
-        group_gpus = 1 if engine.model.device == "cuda" and engine.parallel.is_single else 0
-        groups[spec.name] = group_deployment.options(
-            name=spec.name,
+    cpu_share = 1.0 / config.max_groups()
+    registry = (
+        serve.deployment(GroupRegistry)
+        .options(
+            name=REGISTRY,
             num_replicas=1,
-            # Above what the engine admits, so an overloaded engine refuses (429 /
-            # RESOURCE_EXHAUSTED) instead of Serve queueing silently in front of it.
-            max_ongoing_requests=sched.max_num_seqs + sched.max_waiting + _GROUP_CONTROL_HEADROOM,
-            ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": group_gpus},
+            ray_actor_options={"num_cpus": 0},
             health_check_period_s=s.health_check_period_s,
-            graceful_shutdown_timeout_s=s.group_graceful_shutdown_s,
-            graceful_shutdown_wait_loop_s=0.5,
-            # The router polls stats() several times a second: keep those calls out of the log.
             logging_config={"enable_access_log": False},
-        ).bind(
-            engine_config(config, spec),
-            spec.name,
+        )
+        .bind()
+    )
+    bound = {
+        spec.role: pool_deployment(config, spec).bind(
+            spec.engine,
             spec.role,
             pools.kv_lease_s if pools else 30.0,
             pools.kv_transfer_timeout_s if pools else 30.0,
+            s.group_graceful_shutdown_s,
+            cpu_share,
         )
+        for spec in config.pool_specs()
+    }
     ingress = serve.deployment(Ingress).options(
         name="router",
         num_replicas=s.ingress_replicas,
@@ -87,8 +89,7 @@ def build_app(config: FlotillaConfig | dict[str, Any]) -> serve.Application:
         ray_actor_options={"num_cpus": s.ingress_num_cpus},
         health_check_period_s=s.health_check_period_s,
     )
-    roles = {spec.name: spec.role for spec in config.group_specs()}
-    return ingress.bind(config.router, config.model_name, groups, roles)
+    return ingress.bind(config.router, config.model_name, registry, bound)
 
 
 def grpc_options(config: FlotillaConfig) -> gRPCOptions:
@@ -136,18 +137,21 @@ def start(config: FlotillaConfig, blocking: bool = False) -> serve.handle.Deploy
 def drain(config: FlotillaConfig, timeout_s: float, report: Callable[[str], None] = print) -> int:
     """Stop admitting, then wait up to `timeout_s` for in-flight requests to finish: every group
     refuses new requests (the routers answer UNAVAILABLE / 503 "shutting down") while its
-    running streams go on. Returns how many were still running when the wait ended. The same
-    path serves Ctrl-C, SIGTERM and (later) scale-down."""
-    handles = [
-        serve.get_deployment_handle(name, config.serve.app_name) for name in group_names(config)
-    ]
-    in_flight = sum(h.drain.remote().result(timeout_s=30) for h in handles)
+    running streams go on. Returns how many were still running when the wait ended. Ctrl-C and
+    SIGTERM take this path; a group removed alone (scale-down) drains itself
+    (cluster.served_group)."""
+    router = serve.get_deployment_handle("router", config.serve.app_name)
+
+    def in_flight() -> int:
+        return router.drain_groups.remote().result(timeout_s=30)
+
+    left = in_flight()
     deadline = time.monotonic() + timeout_s
     report(
-        f"stopping: new requests are refused; {in_flight} request(s) in flight"
-        + (f", waiting up to {timeout_s:g} s for them" if in_flight else "")
+        f"stopping: new requests are refused; {left} request(s) in flight"
+        + (f", waiting up to {timeout_s:g} s for them" if left else "")
     )
-    while in_flight and time.monotonic() < deadline:
+    while left and time.monotonic() < deadline:
         time.sleep(0.25)
-        in_flight = sum(h.drain.remote().result(timeout_s=30) for h in handles)
-    return in_flight
+        left = in_flight()
+    return left

@@ -54,10 +54,12 @@ class ServeConfig(BaseModel):
     )
     health_check_period_s: float = Field(5.0, gt=0, description="Serve health-check period.")
     group_graceful_shutdown_s: float = Field(
-        5.0,
+        30.0,
         ge=0,
-        description="How long a group being stopped waits for its routers' streams to close "
-        "before Serve kills it (requests still running then fail with UNAVAILABLE).",
+        le=3600,
+        description="How long a group being removed on its own (scale-down, a rolling update) "
+        "lets its running streams finish; those still running then move to another group "
+        "(re-prefilled after the tokens already sent). Serve kills the process 5 s after.",
     )
     drain_timeout_s: float = Field(
         30.0,
@@ -119,6 +121,17 @@ class PoolsConfig(BaseModel):
 
 
 @dataclass(frozen=True)
+class PoolSpec:
+    """One pool to deploy: a Serve deployment whose replicas are its replica groups."""
+
+    deployment: str  # groups | prefill | decode
+    role: str  # colocated | prefill | decode
+    engine: EngineConfig
+    num_cpus: float  # per group
+    groups: int  # how many to start with
+
+
+@dataclass(frozen=True)
 class GroupSpec:
     """One replica group to deploy: its Serve deployment name, role and engine."""
 
@@ -175,6 +188,22 @@ class FlotillaConfig(BaseModel):
         if pool.num_threads is not None:
             update["model"] = engine.model.model_copy(update={"num_threads": pool.num_threads})
         return engine.model_copy(update=update) if update else engine
+
+    def pool_specs(self) -> list[PoolSpec]:
+        """Every pool of the deployment: one (colocated) or prefill and decode."""
+        cpus = self.serve.group_num_cpus
+        if self.pools is None:
+            return [PoolSpec("groups", "colocated", self.engine, cpus, self.groups)]
+        out = []
+        for role in ("prefill", "decode"):
+            pool: PoolConfig = getattr(self.pools, role)
+            n_cpus = cpus if pool.group_num_cpus is None else pool.group_num_cpus
+            out.append(PoolSpec(role, role, self._pool_engine(role), n_cpus, pool.groups))
+        return out
+
+    def max_groups(self) -> int:
+        """The most groups the app may run at once (sizes each group's share of a node)."""
+        return sum(p.groups for p in self.pool_specs())
 
     def group_specs(self) -> list[GroupSpec]:
         """Every replica group of the deployment, in order."""

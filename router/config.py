@@ -48,7 +48,16 @@ class RouterConfig(BaseModel):
         "direct",
         description="How the router talks to its groups once started: direct = one TCP "
         "connection per group to the group's own server (~0.1 ms a message); serve = Serve "
-        "handle calls and a Serve stream (~3 ms a call).",
+        "handle calls and a Serve stream (~3 ms a call; a test seam: a Serve handle reaches "
+        "some replica of a pool, not a chosen one, so only fakes with a handle per group use "
+        "it).",
+    )
+    discovery_interval_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="How often the router re-reads which replica groups exist (groups join "
+        "and leave as pools scale); a new group gets requests within about this long.",
     )
     max_migrations: int = Field(
         2,

@@ -11,9 +11,11 @@ with token ids and validated SamplingParams. Lifecycle of one request:
     -> if our caller goes away first (CancelledError / generator close) or anything fails,
        close it with abort: the group stops the request and frees its KV blocks
 
-A background task polls every group's `stats()` (load, KV usage, prefix counters and, when
-they changed, the hashes of its cached blocks) every `stats_interval_s`; a group that fails
-to answer is marked unhealthy until it answers again.
+A background task re-reads the directory (router.directory: which groups exist, where their
+data planes listen, which are draining) every `discovery_interval_s`, and polls every group's
+`stats()` (load, KV usage, prefix counters and, when they changed, the hashes of its cached
+blocks) every `stats_interval_s`; a group that fails to answer is marked unhealthy until it
+answers again. Draining groups get no new requests; their running streams go on.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.block_manager import block_hashes
+from cluster.registry import Member
 from router.config import RouterConfig
 from router.errors import NoHealthyGroup, error_from_group
 from router.legs import Handoff, LegFailed, Progress
@@ -57,34 +60,32 @@ class Chunk:
 @dataclass
 class GroupState(GroupView):
     role: str = "colocated"  # colocated | prefill | decode
-    handle: Any = None
+    member: Member | None = None
     link: GroupLink | None = None
     fingerprint: int | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    draining: bool = False  # leaving (announced, or gone from the directory): nothing new
 
 
 class Router:
     def __init__(
         self,
-        groups: dict[str, Any],
+        directory: Any,
         config: RouterConfig,
         model: str,
         metrics: RequestMetrics | None = None,
-        roles: dict[str, str] | None = None,
+        info_sources: Sequence[Any] = (),
+        disaggregated: bool = False,
     ):
-        if not groups:
-            raise ValueError("a router needs at least one replica group")
-        roles = roles or {}
+        """`directory`: router.directory's (which groups exist); `info_sources`: handles
+        whose `info()` any group answers (the pools' deployments)."""
+        self.directory = directory
+        self.info_sources = list(info_sources)
         self.config = config
         self.model = model
         self.router_id = uuid.uuid4().hex  # names this router replica to the groups
-        self.groups = {
-            name: GroupState(name=name, handle=h, role=roles.get(name, "colocated"))
-            for name, h in groups.items()
-        }
-        self.disaggregated = any(g.role == "prefill" for g in self.groups.values())
-        if self.disaggregated and all(g.role == "prefill" for g in self.groups.values()):
-            raise ValueError("a prefill pool needs a decode pool beside it")
+        self.groups: dict[str, GroupState] = {}
+        self.disaggregated = disaggregated
         self.counters = {"migrations": 0, "prefill_fallbacks": 0}
         self.policy: Policy = make_policy(config.policy, config.max_load_imbalance)
         self.sessions = SessionTable(config.max_sessions)
@@ -93,18 +94,20 @@ class Router:
         self.limits: Limits | None = None
         self.block_size = 0
         self._poller: asyncio.Task | None = None
+        self._discovered = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        """Fetch the model's limits and tokenizer from the first group that answers, then
-        start polling stats. Raises NoHealthyGroup after `startup_timeout_s`."""
+        """Fetch the model's limits and tokenizer from the first group that answers, link to
+        the groups the directory lists, then start polling. Raises NoHealthyGroup when no group
+        answers within `startup_timeout_s`."""
         deadline = time.monotonic() + self.config.startup_timeout_s
         info, last_err = None, None
         while info is None and time.monotonic() < deadline:
-            for g in self.groups.values():
+            for source in self.info_sources:
                 try:
                     info = await asyncio.wait_for(
-                        g.handle.info.remote(), max(1.0, deadline - time.monotonic())
+                        source.info.remote(), max(1.0, deadline - time.monotonic())
                     )
                     break
                 except Exception as e:  # not up yet, or restarting: try the next / again
@@ -123,21 +126,12 @@ class Router:
             max_n=self.config.max_n,
             max_prompt_chars=self.config.max_prompt_chars,
         )
-        for g in self.groups.values():
-            g.link = GroupLink(
-                g.name, g.handle, self.router_id, direct=self.config.data_plane == "direct"
-            )
-            g.link.start()
-        live = [asyncio.ensure_future(g.link.live.wait()) for g in self.groups.values()]
-        try:  # one live link is enough to serve; the others join as they come up
-            await asyncio.wait(
-                live,
-                timeout=max(1.0, deadline - time.monotonic()),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            for w in live:
-                w.cancel()
+        # One live link is enough to serve; the others join as they come up.
+        while time.monotonic() < deadline:
+            await self.discover()
+            if any(g.link is not None and g.link.live.is_set() for g in self.groups.values()):
+                break
+            await asyncio.sleep(0.05)
         await self.poll_once()
         self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
 
@@ -157,23 +151,72 @@ class Router:
         while True:
             await asyncio.sleep(self.config.stats_interval_s)
             try:
+                if time.monotonic() - self._discovered >= self.config.discovery_interval_s:
+                    await self.discover()
                 await self.poll_once()
             except Exception:  # keep polling whatever happens
                 log.exception("polling group stats failed")
 
+    async def discover(self) -> None:
+        """Link to groups that appeared, mark draining ones, drop those gone whose streams
+        have all ended. A directory that cannot answer keeps the groups we know."""
+        self._discovered = time.monotonic()
+        try:
+            members = await asyncio.wait_for(self.directory.members(), 10)
+        except Exception as e:
+            log.warning("group directory not answering, keeping %d groups: %r",
+                        len(self.groups), e)  # fmt: skip
+            return
+        listed = {m.name: m for m in members}
+        for m in members:
+            g = self.groups.get(m.name)
+            if (
+                g is not None
+                and g.member is not None
+                and (g.member.host, g.member.port)
+                != (
+                    m.host,
+                    m.port,
+                )
+            ):  # the same name at a new address: a restarted process
+                self._forget(g)
+                g = None
+            if g is None:
+                g = GroupState(name=m.name, role=m.role, member=m)
+                g.link = GroupLink(m, self.router_id, direct=self.config.data_plane == "direct")
+                g.link.start()
+                self.groups[m.name] = g
+                log.info("replica group %s (%s) joined at %s:%d", m.name, m.role, m.host, m.port)
+            g.draining = m.state == "draining"
+        for g in list(self.groups.values()):
+            if g.name in listed:
+                continue
+            g.draining = True  # left the directory: no new requests
+            if g.link is None or g.link.num_open == 0 or not g.link.live.is_set():
+                self._forget(g)
+                log.info("replica group %s left", g.name)
+
+    def _forget(self, g: GroupState) -> None:
+        if g.link is not None:
+            g.link.stop()
+        self.groups.pop(g.name, None)
+        self.metrics.forget_group(g.name)
+
     async def poll_once(self) -> None:
-        await asyncio.gather(*(self._poll(g) for g in self.groups.values()))
+        await asyncio.gather(*(self._poll(g) for g in list(self.groups.values())))
 
     async def _poll(self, g: GroupState) -> None:
         timeout = max(2.0, 10 * self.config.stats_interval_s)
         try:
-            s = await asyncio.wait_for(g.handle.stats.remote(g.fingerprint), timeout)
+            assert g.link is not None
+            s = await asyncio.wait_for(g.link.call("stats", g.fingerprint), timeout)
         except Exception as e:
-            if g.healthy:
+            if g.healthy and (g.link is None or g.link.live.is_set()):
                 log.warning("replica group %s is not answering: %r", g.name, e)
             g.healthy = False
             return
         g.healthy = bool(s["healthy"])
+        g.draining = g.draining or bool(s.get("draining"))
         g.num_running, g.num_waiting, g.kv_usage = s["num_running"], s["num_waiting"], s["kv_usage"]
         if s["hashes"] is not None:
             g.publish(s["hashes"])
@@ -182,17 +225,29 @@ class Router:
         self.metrics.record_group(g.name, s)
 
     def healthy_groups(self) -> list[GroupState]:
+        """Groups that may take new requests: answering, linked, and not draining."""
         return [
             g
             for g in self.groups.values()
-            if g.healthy and g.link is not None and g.link.live.is_set()
+            if g.healthy and not g.draining and g.link is not None and g.link.live.is_set()
         ]
 
     def group_stats(self) -> list[dict[str, Any]]:
         return [
-            {k: v for k, v in g.stats.items() if k != "hashes"} | {"healthy": g.healthy}
+            {"name": g.name, "role": g.role}
+            | {k: v for k, v in g.stats.items() if k != "hashes"}
+            | {"healthy": g.healthy, "draining": g.draining}
             for g in self.groups.values()
         ]
+
+    async def drain_groups(self) -> int:
+        """Tell every group to refuse new requests (app shutdown); their running requests go
+        on. Returns how many are still in flight across them."""
+        counts = await asyncio.gather(
+            *(g.link.call("drain") for g in list(self.groups.values()) if g.link is not None),
+            return_exceptions=True,
+        )
+        return sum(c for c in counts if isinstance(c, int))
 
     def _candidates(
         self, prompt_hashes: Sequence[int], session_id: str | None, role: str = "decode"
@@ -248,7 +303,7 @@ class Router:
                     yield chunk
                 return
             except Handoff as h:
-                leg = {"resume": list(acc.ids), "kv_from": h.group}
+                leg = {"resume": list(acc.ids), "kv_from": self._kv_source(h.group)}
             except LegFailed as f:
                 if f.before_start and role == "prefill":  # no prefill group: prefill on decode
                     self.counters["prefill_fallbacks"] += 1
@@ -269,6 +324,15 @@ class Router:
                     self.config.max_migrations,
                 )
                 leg = {"resume": list(acc.ids)} if acc.ids else {}
+
+    def _kv_source(self, name: str) -> dict[str, Any]:
+        """Where the decode group takes the prompt's KV from: the prefill group's data plane
+        (secret included: the decode group receives it on its own authenticated link)."""
+        g = self.groups.get(name)
+        m = g.member if g is not None else None
+        if m is None or m.handle is not None:  # unknown now, or a test fake: decode recomputes
+            return {"group": name, "host": "", "port": 0, "secret": b""}
+        return {"group": name, "host": m.host, "port": m.port, "secret": m.secret}
 
     def _first_leg(self, prompt_len: int) -> dict[str, Any]:
         """Prefill in the prefill pool (with a hand-off) or where it decodes: the rule of

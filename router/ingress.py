@@ -2,8 +2,8 @@
 through Serve's HTTP proxy) and the flotilla.v1 gRPC service (through Serve's gRPC proxy: a
 method named like an rpc serves it; an async generator serves a server-streaming rpc).
 
-deploy/app.py binds the replica-group deployments into it. The constructor is async: the
-replica reports ready only once a group has sent the model's limits and tokenizer.
+deploy/app.py binds the group registry and the pools' deployments into it. The constructor is
+async: the replica reports ready only once a group has sent the model's limits and tokenizer.
 """
 
 import logging
@@ -16,6 +16,7 @@ from ray import serve
 from router import grpc_api, openai_api
 from router.config import RouterConfig
 from router.core import Router
+from router.directory import RegistryDirectory
 from router.metrics import RequestMetrics
 from router.proto import flotilla_pb2 as pb
 
@@ -30,12 +31,20 @@ class Ingress:
         self,
         config: RouterConfig | dict,
         model: str,
-        groups: dict[str, Any],
-        roles: dict[str, str] | None = None,
+        registry: Any,
+        pools: dict[str, Any],
     ):
+        """`registry`: the app's group registry; `pools`: role -> that pool's deployment."""
         if isinstance(config, dict):
             config = RouterConfig.model_validate(config)
-        self.router = Router(groups, config, model, RequestMetrics(model), roles)
+        self.router = Router(
+            RegistryDirectory(registry),
+            config,
+            model,
+            RequestMetrics(model),
+            info_sources=[pools[r] for r in ("colocated", "decode", "prefill") if r in pools],
+            disaggregated="prefill" in pools,
+        )
         await self.router.start()
 
     # ---- HTTP (OpenAI-compatible) ---------------------------------------------------------
@@ -81,6 +90,10 @@ class Ingress:
         if refresh:
             await self.router.poll_once()
         return self.router.group_stats()
+
+    async def drain_groups(self) -> int:
+        """App shutdown: every group refuses new requests; returns how many are in flight."""
+        return await self.router.drain_groups()
 
     def __del__(self) -> None:
         router = getattr(self, "router", None)

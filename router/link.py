@@ -1,9 +1,11 @@
 """The router's end of one replica group's multiplexed stream.
 
 One long-lived stream per (router replica, group): by default a TCP connection to the group's
-direct data plane (cluster.replica_group.ReplicaGroup.data_address), else the Serve stream
-ReplicaGroup.subscribe(router_id); each message is a batch of (request_id, delta). GroupLink
-reads it in a background task and hands each delta to the inbox of the request it belongs to.
+direct data plane (the address and secret its registry entry, cluster.registry.Member, gives),
+else the Serve stream ReplicaGroup.subscribe(router_id) on the member's handle (a test seam:
+a Serve handle cannot pick one replica of a pool); each message is a batch of (request_id,
+delta). GroupLink reads it in a background task and hands each delta to the inbox of the
+request it belongs to. Control calls (stats, drain) share the connection: call().
 
 Lifecycle:
     start() -> subscribe; the group's first (empty) batch sets `live`
@@ -22,6 +24,7 @@ from collections import deque
 from typing import Any
 
 from cluster import wire
+from cluster.registry import Member
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +70,14 @@ class Inbox:
 
 
 class GroupLink:
-    """`direct=True` (the default data plane): submits, aborts and deltas travel on one TCP
-    connection to the group's own server (ReplicaGroup.data_address); Serve handles are used
-    only to find that address. `direct=False`: Serve handle calls and a Serve stream."""
+    """`direct=True` (the default data plane): submits, aborts, control calls and deltas travel
+    on one TCP connection to the group's own server. `direct=False`: calls on the member's
+    Serve handle and a Serve stream."""
 
-    def __init__(self, name: str, handle: Any, router_id: str, direct: bool = True):
-        self.name = name
-        self.handle = handle
-        self.streaming = handle.options(stream=True)
+    def __init__(self, member: Member, router_id: str, direct: bool = True):
+        self.member = member
+        self.name = member.name
+        self.handle = member.handle
         self.router_id = router_id
         self.direct = direct
         self.live = asyncio.Event()
@@ -84,6 +87,8 @@ class GroupLink:
         self._tasks: list[asyncio.Task] = []
         self._writer: asyncio.StreamWriter | None = None
         self._acks: dict[str, asyncio.Future] = {}
+        self._replies: dict[int, asyncio.Future] = {}
+        self._next_call = 0
 
     def start(self) -> None:
         """Call outside any request (e.g. from the router's constructor): the tasks started here
@@ -102,20 +107,13 @@ class GroupLink:
                 inbox.put(delta)
 
     async def _stream_serve(self) -> None:
-        async for batch in self.streaming.subscribe.remote(self.router_id):
+        async for batch in self.handle.options(stream=True).subscribe.remote(self.router_id):
             self.live.set()
             self._deliver(batch)
 
     async def _stream_direct(self) -> None:
-        host, port, secret = await self.handle.data_address.remote()
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            opening, nonce = wire.client_hello(secret)
-            writer.write(opening)
-            await wire.verify(reader, secret, nonce)
-        except BaseException:
-            writer.close()
-            raise
+        m = self.member
+        reader, writer = await wire.connect(m.host, m.port, m.secret)
         self._writer = writer
         try:
             self._send(wire.Hello(self.router_id, wire.PROTOCOL_VERSION))
@@ -127,15 +125,23 @@ class GroupLink:
                     fut = self._acks.pop(msg.id, None)
                     if fut is not None and not fut.done():
                         fut.set_result(msg.err)
+                elif isinstance(msg, wire.Reply):
+                    call = self._replies.pop(msg.id, None)
+                    if call is not None and not call.done():
+                        if msg.err is None:
+                            call.set_result(msg.value)
+                        else:
+                            call.set_exception(RuntimeError(msg.err))
                 else:  # Refused: a group of another version; retrying will not help soon
                     raise wire.ProtocolError(msg.message)
         finally:
             self._writer = None
             writer.close()
-            for fut in self._acks.values():
+            for fut in [*self._acks.values(), *self._replies.values()]:
                 if not fut.done():
                     fut.set_exception(ConnectionError("lost the replica group's connection"))
             self._acks.clear()
+            self._replies.clear()
 
     def _send(self, msg) -> None:
         if self._writer is None:
@@ -160,6 +166,20 @@ class GroupLink:
                 inbox.put(dead(reason))
             await asyncio.sleep(backoff)
             backoff = min(2 * backoff, 2.0)
+
+    async def call(self, method: str, *args: Any) -> Any:
+        """A control call (wire.CALLS) on this group; raises if it cannot be reached."""
+        if not self.direct:
+            return await getattr(self.handle, method).remote(*args)
+        fut = asyncio.get_running_loop().create_future()
+        self._next_call += 1
+        call_id = self._next_call
+        self._replies[call_id] = fut
+        try:
+            self._send(wire.Call(call_id, method, list(args)))
+            return await fut
+        finally:
+            self._replies.pop(call_id, None)
 
     @property
     def num_open(self) -> int:

@@ -102,6 +102,13 @@ class RequestMetrics:
             if key in stats:
                 g.set(stats[key], tags=t)
 
+    def forget_group(self, group: str) -> None:
+        """A group left: Ray keeps a gauge's last value, so zero its load rather than let a
+        departed group look busy forever."""
+        t = self.tags(group)
+        for g in (self.running, self.waiting, self.kv_usage):
+            g.set(0, tags=t)
+
     def record_finished(
         self,
         group: str,

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from deploy.app import GRPC_SERVICER, engine_config, group_names, grpc_options
+from cluster.served_group import threads_for
+from deploy.app import GRPC_SERVICER, grpc_options
 from deploy.cli import main, usage_text
 from deploy.config import FlotillaConfig
 
@@ -23,20 +24,24 @@ def test_example_yaml_is_the_default_deployment():
 
 def test_defaults_need_no_file():
     cfg = FlotillaConfig()
-    assert group_names(cfg) == ["group-0"]
+    assert [(p.deployment, p.role, p.groups) for p in cfg.pool_specs()] == [
+        ("groups", "colocated", 1)
+    ]
     opts = grpc_options(cfg)
     assert opts.port == 9000 and opts.grpc_servicer_functions == [GRPC_SERVICER]
     assert callable(opts.grpc_servicer_func_callable[0])  # importable where Serve runs
 
 
-def test_engine_threads_default_to_cores_per_group(monkeypatch):
+def test_engine_threads_default_to_the_nodes_cores_per_group(monkeypatch):
+    """Read in the group's own process (its node's cores), times its share of the app."""
     import os
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    assert engine_config(FlotillaConfig(groups=2)).model.num_threads == 4
-    assert engine_config(FlotillaConfig(groups=16)).model.num_threads == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    share = 1 / FlotillaConfig(groups=2).max_groups()
+    assert threads_for(FlotillaConfig().engine, share).model.num_threads == 4
+    assert threads_for(FlotillaConfig().engine, 1 / 16).model.num_threads == 1
     pinned = FlotillaConfig.model_validate({"engine": {"model": {"num_threads": 3}}})
-    assert engine_config(pinned).model.num_threads == 3
+    assert threads_for(pinned.engine, share).model.num_threads == 3
 
 
 @pytest.mark.parametrize(
@@ -86,5 +91,5 @@ def test_a_one_rank_cuda_group_asks_serve_for_its_gpu(device, tp, gpus):
     cfg = FlotillaConfig.model_validate(
         {"engine": {"model": {"device": device}, "parallel": {"tp": tp}}}
     )
-    groups = build_app(cfg)._bound_deployment.init_args[2]  # the ingress's bound groups
+    groups = build_app(cfg)._bound_deployment.init_args[3]  # the ingress's bound pools
     assert [g._bound_deployment.ray_actor_options["num_gpus"] for g in groups.values()] == [gpus]

@@ -81,7 +81,8 @@ def offline(config):
 
 
 def _stats(app) -> dict[str, dict]:
-    return {s["name"]: s for s in app.group_stats.remote().result(timeout_s=30)}
+    """By role: this app has one group in each pool."""
+    return {s["role"]: s for s in app.group_stats.remote().result(timeout_s=30)}
 
 
 PROMPTS = [
@@ -114,10 +115,10 @@ def test_outputs_equal_the_colocated_engine(app, stub, offline):
             assert got == (ref.token_ids, ref.text, "length"), (seeded, len(prompt))
     after = _stats(app)
     handed_off = 2 * 2  # the two long prompts, greedy and seeded
-    assert after["prefill-0"]["num_requests"] - before["prefill-0"]["num_requests"] == handed_off
-    assert after["decode-0"]["kv_imports"] - before["decode-0"]["kv_imports"] == handed_off
-    assert after["decode-0"]["kv_recomputes"] == before["decode-0"]["kv_recomputes"]
-    assert after["decode-0"]["num_requests"] - before["decode-0"]["num_requests"] == 2 * 3
+    assert after["prefill"]["num_requests"] - before["prefill"]["num_requests"] == handed_off
+    assert after["decode"]["kv_imports"] - before["decode"]["kv_imports"] == handed_off
+    assert after["decode"]["kv_recomputes"] == before["decode"]["kv_recomputes"]
+    assert after["decode"]["num_requests"] - before["decode"]["num_requests"] == 2 * 3
 
 
 def test_openai_http_through_the_pools(app, config, offline):
@@ -145,7 +146,7 @@ def test_nothing_is_held_afterwards(app):
     while True:
         stats = _stats(app)
         idle = all(s["num_running"] == 0 and s["kv_usage"] == 0.0 for s in stats.values())
-        if idle and stats["prefill-0"]["kv_leases"] == 0:
+        if idle and stats["prefill"]["kv_leases"] == 0:
             break
         assert time.monotonic() < deadline, stats
         time.sleep(0.1)
@@ -157,10 +158,10 @@ def test_a_dead_prefill_group_falls_back_to_decode(app, stub, offline):
 
     from workers.sampling_params import SamplingParams
 
-    status = serve.status().applications["flotilla"].deployments["prefill-0"]
+    status = serve.status().applications["flotilla"].deployments["prefill"]
     assert status.status == "HEALTHY"
     replica = next(
-        a for a in ray.util.list_named_actors(all_namespaces=True) if "prefill-0" in a["name"]
+        a for a in ray.util.list_named_actors(all_namespaces=True) if "#prefill#" in a["name"]
     )
     ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=False)
     want = offline.generate(

@@ -9,6 +9,7 @@ import pytest
 
 from router.config import RouterConfig
 from router.core import Router
+from router.directory import StaticDirectory
 from router.tokenize import Tokenizer
 from router.validation import Limits
 
@@ -23,7 +24,7 @@ def tokenizer_files(smollm2_tokenizer, tmp_path_factory) -> dict[str, bytes]:
 @pytest.fixture()
 def offline_router(tokenizer_files) -> Router:
     """A Router with limits and tokenizer set, as after start(), but no groups behind it."""
-    r = Router({"group-0": None}, RouterConfig(max_n=4), model="tiny")
+    r = Router(StaticDirectory([]), RouterConfig(max_n=4), model="tiny")
     r.tokenizer = Tokenizer(tokenizer_files)
     r.limits = Limits(max_model_len=64, vocab_size=49152, max_n=4, max_prompt_chars=1000)
     r.block_size = 8

@@ -8,8 +8,10 @@ import asyncio
 import pytest
 
 from cluster.block_manager import block_hashes
+from cluster.registry import Member
 from router.config import RouterConfig
 from router.core import Router
+from router.directory import StaticDirectory
 from router.errors import NoHealthyGroup, api_error
 from workers.errors import EngineOverloaded, InvalidRequest
 from workers.sampling_params import SamplingParams
@@ -136,15 +138,31 @@ class FakeGroup:
         }
 
 
+def fake_member(g: FakeGroup, role: str = "colocated", state: str = "ready") -> Member:
+    return Member(g.name, role, "127.0.0.1", 0, b"", state=state, handle=g)
+
+
 def run(tokenizer_files, modes, body, policy="round_robin", roles=None, **config_kw):
     """Start a Router over fake groups, run `body(router, groups)` in the same loop, stop."""
 
     async def main():
         groups = {f"g{i}": FakeGroup(f"g{i}", tokenizer_files, m) for i, m in enumerate(modes)}
+        roles_ = roles or {}
         # The fakes speak the Serve-handle data plane; the direct one is tested end to end
         # (tests/deploy) against real groups.
-        config = RouterConfig(policy=policy, stats_interval_s=60, data_plane="serve", **config_kw)
-        r = Router(groups, config, model="m", roles=roles)
+        directory = StaticDirectory(
+            [fake_member(g, roles_.get(n, "colocated")) for n, g in groups.items()]
+        )
+        config_kw.setdefault("stats_interval_s", 60)
+        config = RouterConfig(policy=policy, data_plane="serve", **config_kw)
+        r = Router(
+            directory,
+            config,
+            model="m",
+            info_sources=list(groups.values()),
+            disaggregated="prefill" in roles_.values(),
+        )
+        r.test_directory = directory
         await r.start()
         for _ in range(100):  # every link live (the first one is enough for start())
             if all(g.link.live.is_set() for g in r.groups.values()):
@@ -380,7 +398,7 @@ def test_disaggregated_prefill_then_decode(tokenizer_files):
         assert chunks[0].group == "g0" and chunks[0].finish is None  # first token, at once
         assert {c.group for c in chunks[1:]} == {"g1"} and chunks[-1].finish == "length"
         assert groups["g0"].legs == [{"handoff": True}]
-        assert groups["g1"].legs == [{"resume": [100], "kv_from": "g0"}]
+        assert groups["g1"].legs == [{"resume": [100], "kv_from": KV_FROM_FAKE_G0}]
         assert all(g.inflight == 0 and g.link.num_open == 0 for g in r.groups.values())
 
     run(tokenizer_files, ["ok", "ok"], body, roles=PD, pd_min_prompt_tokens=4)
@@ -399,6 +417,59 @@ def test_short_prompts_and_a_dead_prefill_pool_prefill_on_decode(tokenizer_files
     run(tokenizer_files, ["ok", "ok"], body, roles=PD, pd_min_prompt_tokens=4)
 
 
-def test_a_prefill_pool_needs_a_decode_pool(tokenizer_files):
-    with pytest.raises(ValueError, match="needs a decode pool"):
-        Router({"g0": object()}, RouterConfig(), model="m", roles={"g0": "prefill"})
+KV_FROM_FAKE_G0 = {"group": "g0", "host": "", "port": 0, "secret": b""}
+
+
+def test_groups_join_drain_and_leave_while_serving(tokenizer_files):
+    """A pool's groups come and go: the router links to a group the directory lists, stops
+    choosing one that drains while its running stream goes on, and drops it once it left
+    and its streams ended."""
+
+    async def body(r, groups):
+        extra = FakeGroup("g1", tokenizer_files)
+        r.test_directory.list.append(fake_member(extra))
+        await r.discover()
+        for _ in range(100):
+            if r.groups["g1"].link.live.is_set():
+                break
+            await asyncio.sleep(0.01)
+        await r.poll_once()
+        seen = {(await collect(r, [i]))[0].group for i in range(4)}
+        assert seen == {"g0", "g1"}  # round robin now spreads over both
+
+        agen = r.stream([1], SamplingParams(max_tokens=30))
+        first = await agen.__anext__()
+        busy = first.group
+        idle = "g1" if busy == "g0" else "g0"
+        # The busy group drains: nothing new goes there, its stream goes on to the end.
+        r.test_directory.list = [
+            fake_member(groups.get(n) or extra, state="draining" if n == busy else "ready")
+            for n in ("g0", "g1")
+        ]
+        await r.discover()
+        assert {(await collect(r, [i]))[0].group for i in range(3)} == {idle}
+        rest = [c async for c in agen]
+        assert {c.group for c in rest} == {busy} and rest[-1].finish == "length"
+        # It leaves the directory: forgotten, since no stream of ours runs there any more.
+        r.test_directory.list = [m for m in r.test_directory.list if m.name != busy]
+        await r.discover()
+        assert set(r.groups) == {idle}
+
+    run(tokenizer_files, ["ok"], body)
+
+
+def test_a_group_that_left_keeps_its_running_streams(tokenizer_files):
+    async def body(r, groups):
+        agen = r.stream([1], SamplingParams(max_tokens=20))
+        await agen.__anext__()
+        r.test_directory.list = []
+        await r.discover()
+        assert "g0" in r.groups and r.groups["g0"].draining  # a stream still runs there
+        with pytest.raises(NoHealthyGroup):
+            await collect(r, [2])
+        rest = [c async for c in agen]
+        assert rest[-1].finish == "length"
+        await r.discover()
+        assert r.groups == {}
+
+    run(tokenizer_files, ["ok"], body)

@@ -108,7 +108,8 @@ def test_prometheus_metrics_exported(app):
             break
         assert time.monotonic() < deadline, f"missing metrics: {wanted - names}"
         time.sleep(1)
-    assert 'group="group-1"' in text and 'model="' in text
+    groups = {s["name"] for s in group_stats(app)}
+    assert all(f'group="{g}"' in text for g in groups) and 'model="' in text
 
 
 def test_kv_usage_returns_to_zero_after_everything(app):

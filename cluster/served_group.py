@@ -1,0 +1,137 @@
+"""A replica group as one replica of a pool's Serve deployment: it names itself after its
+replica, sizes its threads from its own node, announces its data plane to the registry, and
+when Serve removes it (scale-down, delete, a rolling update) it drains before it goes.
+
+    ServedGroup(engine_config, role, kv_lease_s, kv_transfer_timeout_s, drain_s, cpu_share)
+
+Removal, step by step (Serve calls `__del__` once its own requests -- none: ours travel on the
+data plane -- are done, and kills the process `graceful_shutdown_timeout_s` after it started):
+  1. refuse new requests (kind "draining": the router tries another group) and announce
+     "draining", so routers stop choosing it within a heartbeat;
+  2. let running streams finish and KV leases be taken, for up to `drain_s`;
+  3. end whatever still runs with kind "dead": each router resumes those requests on another
+     group after the tokens it already relayed (the same path as a crash, bounded by
+     router.max_migrations);
+  4. leave the registry and free the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+from cluster.config import EngineConfig
+from cluster.registry import HEARTBEAT_S, Member
+from cluster.replica_group import ReplicaGroup
+
+log = logging.getLogger(__name__)
+
+REGISTRY = "registry"  # the registry's deployment name in every Flotilla app
+
+
+def threads_for(config: EngineConfig, cpu_share: float) -> EngineConfig:
+    """Unset torch threads become this node's cores times this group's share of them (Ray
+    starts workers with OMP_NUM_THREADS=1, which would leave each engine one thread). Read
+    here, in the group's own process, so a group on a 16-core node gets that node's cores."""
+    if config.model.num_threads is not None:
+        return config
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = max(1, int((cores or 1) * cpu_share))
+    return config.model_copy(
+        update={"model": config.model.model_copy(update={"num_threads": threads})}
+    )
+
+
+def pool_prefix(role: str) -> str:
+    return "group" if role == "colocated" else role
+
+
+class ServedGroup(ReplicaGroup):
+    async def __init__(
+        self,
+        config: EngineConfig | dict,
+        role: str = "colocated",
+        kv_lease_s: float = 30.0,
+        kv_transfer_timeout_s: float = 30.0,
+        drain_s: float = 30.0,
+        cpu_share: float = 1.0,
+    ):
+        import ray
+        from ray import serve
+
+        if isinstance(config, dict):
+            config = EngineConfig.model_validate(config)
+        ctx = serve.get_replica_context()
+        name = f"{pool_prefix(role)}-{ctx.replica_id.unique_id}"
+        super().__init__(threads_for(config, cpu_share), name, role, kv_lease_s,
+                         kv_transfer_timeout_s)  # fmt: skip
+        self.drain_s = drain_s
+        host, port, secret = await self.data_address()
+        self.member = Member(
+            name, role, host, port, secret, node_id=ray.get_runtime_context().get_node_id()
+        )
+        self._registry = serve.get_deployment_handle(REGISTRY, ctx.app_name)
+        await self._announce()
+        self._heartbeat = asyncio.get_running_loop().create_task(self._announce_forever())
+
+    async def _announce(self) -> None:
+        await self._registry.announce.remote(self.member.to_dict())
+
+    async def _announce_forever(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                await asyncio.wait_for(self._announce(), 10 * HEARTBEAT_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the registry is restarting: the next beat refills it
+                log.info("group %s: announcing failed: %r", self.name, e)
+
+    def in_flight(self) -> int:
+        s = self.engine.stats()
+        return s.num_running + s.num_waiting + sum(len(x.tasks) for x in self._subscribers.values())
+
+    async def __del__(self) -> None:  # Serve awaits it; see the module docstring
+        # Drained by the app's shutdown already (deploy.app.drain waited): do not wait again.
+        wait_s = 0.0 if self.draining else self.drain_s
+        self.draining = True
+        self.member.state = "draining"
+        try:
+            await asyncio.wait_for(self._announce(), 5)
+        except Exception as e:
+            log.info("group %s: announcing the drain failed: %r", self.name, e)
+        deadline = time.monotonic() + wait_s
+        while (self.in_flight() or self.leases.items) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            self.leases.sweep()
+        moved = self.evict("replica group is being removed")
+        if moved:
+            log.warning("group %s: %d request(s) still running after %.0f s moved on",
+                        self.name, moved, wait_s)  # fmt: skip
+            await asyncio.sleep(0.5)  # let the error deltas reach the routers
+        self._heartbeat.cancel()
+        try:
+            await asyncio.wait_for(self._registry.leave.remote(self.name), 5)
+        except Exception:  # TTL removes it anyway
+            pass
+        ReplicaGroup.__del__(self)
+
+    def evict(self, reason: str) -> int:
+        """End every running request with kind "dead" (routers resume them elsewhere)."""
+        err = {"error": {"kind": "dead", "field": None, "message": f"{self.name}: {reason}"}}
+        n = 0
+        for sub in self._subscribers.values():
+            for request_id, task in list(sub.tasks.items()):
+                sub.push(request_id, err)
+                task.cancel()
+                n += 1
+        return n
+
+    def stats(self, known_fingerprint: int | None = None) -> dict[str, Any]:
+        return super().stats(known_fingerprint) | {
+            "node_id": self.member.node_id,
+            "host": self.member.host,
+        }
