@@ -45,13 +45,8 @@ if TYPE_CHECKING:
 POLICIES = ("queue", "kv_usage", "ttft", "itl")
 LOAD_KEYS = ("num_running", "num_waiting")
 METRIC_KEY = {"kv_usage": "kv_usage", "ttft": "ttft_ms_p90", "itl": "itl_ms_p90"}
-# Our keys in the policy state (Serve keeps its own delay counters in the same dict).
-LAST_TARGET, CHANGED_AT, DEMAND, REASON = (
-    "flotilla_last_target",
-    "flotilla_changed_at",
-    "flotilla_demand",
-    "flotilla_reason",
-)
+# Our keys in the policy state, for logs and tests (Serve keeps its delay counters there too).
+DEMAND, REASON = "flotilla_demand", "flotilla_reason"
 
 
 class GroupAutoscalingPolicy:
@@ -100,14 +95,8 @@ class GroupAutoscalingPolicy:
     def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
         now = ctx.current_time if ctx.current_time is not None else time.time()
         held = ctx.target_num_replicas
-        prev = ctx.policy_state or {}
-        state: dict[str, Any] = {k: prev[k] for k in (LAST_TARGET, CHANGED_AT) if k in prev}
-        if state.get(LAST_TARGET) is not None and state[LAST_TARGET] != held:
-            state[CHANGED_AT] = now  # a decision took effect since the last tick
-        state[LAST_TARGET] = held
-
         demand, complete = self.demand(ctx)
-        state[DEMAND] = demand
+        state: dict[str, Any] = {DEMAND: demand}
         desired, reason = held, "hold"
         if demand is None:
             reason = "no data"
@@ -120,7 +109,8 @@ class GroupAutoscalingPolicy:
             ctx.capacity_adjusted_min_replicas, min(desired, ctx.capacity_adjusted_max_replicas)
         )
         if desired != held:
-            changes = [state.get(CHANGED_AT), ctx.last_scale_up_time, ctx.last_scale_down_time]
+            # Serve stamps these (time.time(), like current_time) when it changes the target.
+            changes = (ctx.last_scale_up_time, ctx.last_scale_down_time)
             last = max((t for t in changes if t is not None), default=None)
             if last is not None and now - last < self.cooldown_s:
                 desired, reason = held, "cooldown"
