@@ -1,7 +1,7 @@
 """A stand-in for a replica group in the autoscaling test: it reports, as its queue, the number
-written in a file, so the test can raise and drop the load without running requests. Serve
-imports this module in the replica (pytest puts tests/deploy on sys.path, which Ray passes on
-to the job's workers)."""
+written in a file, so the test can raise and drop the load without running requests. The
+replica gets the class by value (the decorator rebinds its name to the Deployment, so
+cloudpickle cannot pickle it by reference); tests/deploy is not on the workers' sys.path."""
 
 from __future__ import annotations
 
