@@ -264,3 +264,18 @@ def test_policies_refuse_bad_kwargs():
         GroupAutoscalingPolicy(target=0)
     with pytest.raises(ValueError):
         PoolRatioPolicy(pools={}, prefill_per_decode=0)
+
+
+def test_the_policy_module_needs_only_the_standard_library():
+    """Serve pickles it by value for the controller; any other import would have to be
+    importable there (NOTES-autoscale.md)."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    import deploy.autoscaling_policy as module
+
+    tree = ast.parse(Path(module.__file__).read_text())
+    runtime = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = {(n.module if isinstance(n, ast.ImportFrom) else n.names[0].name) for n in runtime}
+    assert names <= set(sys.stdlib_module_names) | {"__future__"}, names
