@@ -40,6 +40,7 @@ from typing import Any
 
 from cluster import wire
 from cluster.config import EngineConfig
+from cluster.latency_window import TokenLatencies
 from workers.errors import EngineDead, EngineDraining, EngineOverloaded, InvalidRequest
 from workers.sampling_params import SamplingParams
 
@@ -150,6 +151,7 @@ class ReplicaGroup:
         self.rejected_links = 0  # connections closed unread: no or a wrong secret
         self._secret = b""
         self.draining = False  # set by drain(): new requests are refused, running ones finish
+        self.latency = TokenLatencies()  # recent TTFT / ITL, for record_autoscaling_stats
 
     # ---- multiplexed requests --------------------------------------------------------------
     async def subscribe(self, router_id: str) -> AsyncIterator[list[tuple[str, dict[str, Any]]]]:
@@ -334,8 +336,10 @@ class ReplicaGroup:
                 handoff=bool(leg.get("handoff")),
                 kv=kv,
             )
+            last_t = None  # when this request's previous tokens came (self.latency.observe)
             async for out in stream:
                 finished = out.finished
+                last_t = self.latency.observe(out, last_t)
                 if out.finish_reason == "handoff":
                     self.leases.put(request_id, out.kv)
                 yield self._delta(out, sampling)
@@ -476,12 +480,16 @@ class ReplicaGroup:
         }
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Custom metrics Serve forwards to autoscaling policies (see deploy/)."""
+        """Custom metrics Serve forwards to autoscaling policies (deploy/autoscaling_policy.py).
+        The latency p90s cover the last 30 s; 0.0 means no sample, not fast."""
         s = self.engine.stats()
+        ttft_p90, itl_p90 = self.latency.p90_ms()
         return {
             "num_running": float(s.num_running),
             "num_waiting": float(s.num_waiting),
             "kv_usage": float(s.kv_usage),
+            "ttft_ms_p90": ttft_p90,
+            "itl_ms_p90": itl_p90,
         }
 
     def check_health(self) -> None:

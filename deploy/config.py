@@ -2,7 +2,8 @@
 
     engine:   cluster.config.EngineConfig  -- model, KV cache, scheduler, parallel layout
     groups:   how many replica groups (each one Serve replica running one engine), or
-    pools:    prefill and decode pools (disaggregated): groups, CPUs, layout, KV per pool
+    autoscaling: deploy.autoscaling.AutoscalingSpec -- a group count that follows the load, or
+    pools:    prefill and decode pools (disaggregated): groups or autoscaling, CPUs, layout, KV
     router:   router.config.RouterConfig   -- routing policy, session header, API limits
     serve:    ServeConfig (below)          -- ports, replicas, CPUs, Serve queue limits
 
@@ -19,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.config import CacheConfig, EngineConfig
+from deploy.autoscaling import AutoscalingRatio, AutoscalingSpec
 from parallel.config import ParallelConfig
 from router.config import RouterConfig
 
@@ -93,6 +95,9 @@ class PoolConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     groups: int = Field(1, ge=1, le=64, description="Replica groups in this pool.")
+    autoscaling: AutoscalingSpec | None = Field(
+        None, description="Scale this pool's groups with its load instead of a fixed `groups`."
+    )
     group_num_cpus: float | None = Field(
         None, ge=0, description="Ray CPUs per group; default serve.group_num_cpus."
     )
@@ -101,6 +106,15 @@ class PoolConfig(BaseModel):
     )
     parallel: ParallelConfig | None = Field(None, description="Layout; default engine.parallel.")
     cache: CacheConfig | None = Field(None, description="KV cache; default engine.cache.")
+
+    @model_validator(mode="after")
+    def _one_count(self) -> PoolConfig:
+        if self.autoscaling is not None and "groups" in self.model_fields_set:
+            raise ValueError(
+                "set either groups or autoscaling, not both "
+                "(autoscaling.initial_groups is the starting count)"
+            )
+        return self
 
 
 class PoolsConfig(BaseModel):
@@ -118,6 +132,22 @@ class PoolsConfig(BaseModel):
     kv_transfer_timeout_s: float = Field(
         30.0, gt=0, description="A decode group that has not received the KV by then recomputes it."
     )
+    autoscaling_ratio: AutoscalingRatio | None = Field(
+        None,
+        description="Coordinate the pools' autoscaling (a Serve application-level policy; "
+        "needs prefill.autoscaling and decode.autoscaling).",
+    )
+
+    @model_validator(mode="after")
+    def _ratio_needs_both(self) -> PoolsConfig:
+        if self.autoscaling_ratio is not None and None in (
+            self.prefill.autoscaling,
+            self.decode.autoscaling,
+        ):
+            raise ValueError(
+                "pools.autoscaling_ratio needs pools.prefill.autoscaling and pools.decode.autoscaling"
+            )
+        return self
 
 
 @dataclass(frozen=True)
@@ -148,6 +178,9 @@ class FlotillaConfig(BaseModel):
     groups: int = Field(
         1, ge=1, le=64, description="Replica groups, each a full model copy (colocated mode)."
     )
+    autoscaling: AutoscalingSpec | None = Field(
+        None, description="Scale the colocated groups with their load instead of `groups`."
+    )
     pools: PoolsConfig | None = Field(
         None, description="Prefill and decode pools instead of `groups` (disaggregated mode)."
     )
@@ -158,7 +191,17 @@ class FlotillaConfig(BaseModel):
     def _check(self) -> FlotillaConfig:
         if self.serve.http_port == self.serve.grpc_port:
             raise ValueError(f"serve.http_port and serve.grpc_port are both {self.serve.grpc_port}")
+        if self.autoscaling is not None and "groups" in self.model_fields_set:
+            raise ValueError(
+                "autoscaling: set either groups or autoscaling, not both "
+                "(autoscaling.initial_groups is the starting count)"
+            )
         if self.pools is not None:
+            if self.autoscaling is not None:
+                raise ValueError(
+                    "autoscaling: applies to colocated groups; with pools, set "
+                    "pools.prefill.autoscaling / pools.decode.autoscaling"
+                )
             if "groups" in self.model_fields_set:
                 raise ValueError("set either groups (colocated) or pools (disaggregated), not both")
             p, d = (self._pool_engine(r) for r in ("prefill", "decode"))
