@@ -2,7 +2,8 @@
 replica, sizes its threads from its own node, announces its data plane to the registry, and
 when Serve removes it (scale-down, delete, a rolling update) it drains before it goes.
 
-    ServedGroup(engine_config, role, kv_lease_s, kv_transfer_timeout_s, drain_s, cpu_share)
+    ServedGroup(engine_config, role, kv_lease_s, kv_transfer_timeout_s, drain_s)
+    reconfigure({"cpu_share": f})   Serve's user_config: the share of the node's cores
 
 Removal, step by step (Serve calls `__del__` once its own requests -- none: ours travel on the
 data plane -- are done, and kills the process `graceful_shutdown_timeout_s` after it started):
@@ -57,18 +58,32 @@ class ServedGroup(ReplicaGroup):
         kv_lease_s: float = 30.0,
         kv_transfer_timeout_s: float = 30.0,
         drain_s: float = 30.0,
-        cpu_share: float = 1.0,
     ):
+        # The engine starts in the first reconfigure(), which Serve calls right after this,
+        # before the replica counts as ready: the thread share arrives there, in user_config,
+        # so that a change of the pool's size is an in-place update, not a restart.
+        if isinstance(config, dict):
+            config = EngineConfig.model_validate(config)
+        self._args = (config, role, kv_lease_s, kv_transfer_timeout_s)
+        self.drain_s = drain_s
+        self.started = False
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's user_config hook: {"cpu_share": fraction of the node's cores}."""
+        self.cpu_share = float(user_config.get("cpu_share", 1.0))
+        if not self.started:
+            await self._start()
+
+    async def _start(self) -> None:
         import ray
         from ray import serve
 
-        if isinstance(config, dict):
-            config = EngineConfig.model_validate(config)
+        config, role, kv_lease_s, kv_transfer_timeout_s = self._args
         ctx = serve.get_replica_context()
         name = f"{pool_prefix(role)}-{ctx.replica_id.unique_id}"
-        super().__init__(threads_for(config, cpu_share), name, role, kv_lease_s,
-                         kv_transfer_timeout_s)  # fmt: skip
-        self.drain_s = drain_s
+        config = threads_for(config, self.cpu_share)
+        super().__init__(config, name, role, kv_lease_s, kv_transfer_timeout_s)
+        self.started = True
         host, port, secret = await self.data_address()
         self.member = Member(
             name, role, host, port, secret, node_id=ray.get_runtime_context().get_node_id()
@@ -95,6 +110,8 @@ class ServedGroup(ReplicaGroup):
         return s.num_running + s.num_waiting + sum(len(x.tasks) for x in self._subscribers.values())
 
     async def __del__(self) -> None:  # Serve awaits it; see the module docstring
+        if not getattr(self, "started", False):
+            return
         # Drained by the app's shutdown already (deploy.app.drain waited): do not wait again.
         wait_s = 0.0 if self.draining else self.drain_s
         self.draining = True

@@ -159,16 +159,8 @@ class PoolSpec:
     engine: EngineConfig
     num_cpus: float  # per group
     groups: int  # how many to start with
-
-
-@dataclass(frozen=True)
-class GroupSpec:
-    """One replica group to deploy: its Serve deployment name, role and engine."""
-
-    name: str
-    role: str  # colocated | prefill | decode
-    engine: EngineConfig
-    num_cpus: float
+    max_groups: int  # the most it may grow to (= groups without autoscaling)
+    autoscaling: AutoscalingSpec | None = None
 
 
 class FlotillaConfig(BaseModel):
@@ -236,32 +228,18 @@ class FlotillaConfig(BaseModel):
         """Every pool of the deployment: one (colocated) or prefill and decode."""
         cpus = self.serve.group_num_cpus
         if self.pools is None:
-            return [PoolSpec("groups", "colocated", self.engine, cpus, self.groups)]
+            return [_pool("groups", "colocated", self.engine, cpus, self.groups, self.autoscaling)]
         out = []
         for role in ("prefill", "decode"):
             pool: PoolConfig = getattr(self.pools, role)
             n_cpus = cpus if pool.group_num_cpus is None else pool.group_num_cpus
-            out.append(PoolSpec(role, role, self._pool_engine(role), n_cpus, pool.groups))
+            engine = self._pool_engine(role)
+            out.append(_pool(role, role, engine, n_cpus, pool.groups, pool.autoscaling))
         return out
 
     def max_groups(self) -> int:
         """The most groups the app may run at once (sizes each group's share of a node)."""
-        return sum(p.groups for p in self.pool_specs())
-
-    def group_specs(self) -> list[GroupSpec]:
-        """Every replica group of the deployment, in order."""
-        cpus = self.serve.group_num_cpus
-        if self.pools is None:
-            return [
-                GroupSpec(f"group-{i}", "colocated", self.engine, cpus) for i in range(self.groups)
-            ]
-        specs = []
-        for role in ("prefill", "decode"):
-            pool: PoolConfig = getattr(self.pools, role)
-            engine = self._pool_engine(role)
-            n_cpus = cpus if pool.group_num_cpus is None else pool.group_num_cpus
-            specs += [GroupSpec(f"{role}-{i}", role, engine, n_cpus) for i in range(pool.groups)]
-        return specs
+        return sum(p.max_groups for p in self.pool_specs())
 
     @property
     def model_name(self) -> str:
@@ -274,3 +252,11 @@ class FlotillaConfig(BaseModel):
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
         return cls.model_validate(data)
+
+
+def _pool(
+    name: str, role: str, engine: EngineConfig, cpus: float, groups: int, a: AutoscalingSpec | None
+) -> PoolSpec:
+    if a is None:
+        return PoolSpec(name, role, engine, cpus, groups, groups)
+    return PoolSpec(name, role, engine, cpus, a.initial_groups or a.min_groups, a.max_groups, a)

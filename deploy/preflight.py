@@ -83,12 +83,11 @@ def cpu_demand(config: FlotillaConfig) -> tuple[float, str]:
     s = config.serve
     total = s.ingress_replicas * s.ingress_num_cpus
     parts: dict[str, list] = {}  # one term per pool: [groups, cpus per group, ranks, per rank]
-    for spec in config.group_specs():
+    for spec in config.pool_specs():  # at the count it starts with (autoscaling: initial)
         p = spec.engine.parallel
         ranks = 0 if p.is_single else p.world_size
-        total += spec.num_cpus + ranks * p.cpus_per_rank
-        term = parts.setdefault(spec.role, [0, spec.num_cpus, ranks, p.cpus_per_rank])
-        term[0] += 1
+        total += spec.groups * (spec.num_cpus + ranks * p.cpus_per_rank)
+        parts[spec.role] = [spec.groups, spec.num_cpus, ranks, p.cpus_per_rank]
     terms = []
     for role, (n, cpus, ranks, per_rank) in parts.items():
         what = "group(s)" if role == "colocated" else f"{role} group(s)"

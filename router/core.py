@@ -257,6 +257,11 @@ class Router:
         healthy = [g for g in self.healthy_groups() if (g.role == "prefill") == (role == "prefill")]
         if not healthy:
             pool = "prefill" if role == "prefill" else "decode" if self.disaggregated else ""
+            if any(
+                g.draining and g.healthy and (g.role == "prefill") == (role == "prefill")
+                for g in self.groups.values()
+            ):
+                raise EngineDraining(f"every {pool + ' ' if pool else ''}replica group is leaving")
             raise NoHealthyGroup(
                 f"every {pool + ' ' if pool else ''}replica group is down or restarting"
             )
