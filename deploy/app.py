@@ -19,12 +19,10 @@ from ray.serve.config import gRPCOptions
 
 from cluster.config import EngineConfig
 from cluster.replica_group import ReplicaGroup
-from deploy import proxy_bind
 from deploy.config import FlotillaConfig, GroupSpec
+from deploy.serve_config import GRPC_SERVICER
+from deploy.serve_config import runtime_env as runtime_env  # re-exported: one definition
 from router.ingress import Ingress
-
-# Our registration wraps the stock one; see router/grpc_server.py for why.
-GRPC_SERVICER = "router.grpc_server.add_servicer"
 
 # Serve calls for stats / info besides the requests themselves.
 _GROUP_CONTROL_HEADROOM = 64
@@ -107,27 +105,14 @@ def http_options(config: FlotillaConfig) -> dict[str, Any]:
     }
 
 
-def runtime_env(config: FlotillaConfig) -> dict[str, Any]:
-    """The `runtime_env` for ray.init when we start the cluster: every process Serve starts for
-    this job (controller, proxies, replicas) inherits these variables."""
-    env = {
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        proxy_bind.HOST_ENV: config.serve.host,  # the gRPC proxy listens there too
-    }
-    if config.serve.throughput_optimized:
-        env |= {
-            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-            "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",  # keep the HTTP and gRPC proxies
-            "RAY_SERVE_PROXY_USE_GRPC": "1",
-        }
-    return {"env_vars": env, "worker_process_setup_hook": "deploy.proxy_bind.install"}
-
-
 def start(config: FlotillaConfig, blocking: bool = False) -> serve.handle.DeploymentHandle:
     """serve.start with our proxies' options, then run the app; returns the router's handle.
     Ray must be initialized. Proxy options are fixed by the first serve.start in a cluster."""
-    serve.start(http_options=http_options(config), grpc_options=grpc_options(config))
+    serve.start(
+        proxy_location=config.serve.proxy_location,
+        http_options=http_options(config),
+        grpc_options=grpc_options(config),
+    )
     return serve.run(
         build_app(config), name=config.serve.app_name, route_prefix="/", blocking=blocking
     )
