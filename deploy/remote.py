@@ -13,6 +13,7 @@ the cluster's resources (preflight), its nodes, and the router's group stats.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -51,22 +52,14 @@ def err(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def auth_headers() -> dict[str, str]:
-    """The cluster's token as an Authorization header, when one is found (RAY_AUTH_TOKEN,
-    then the file RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token). Ray's REST client adds it by
-    itself only when RAY_AUTH_MODE=token is set in this process; sending it to a cluster
-    without auth is harmless, so send it whenever we have it."""
-    from ray._raylet import AuthenticationTokenLoader
-
-    return dict(
-        AuthenticationTokenLoader.instance().get_token_for_http_header(ignore_auth_mode=True)
-    )
-
-
 def client(dashboard_url: str):
+    """Ray's REST client. On a cluster with token auth it sends the token (RAY_AUTH_TOKEN, else
+    the file RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token) only when this process has
+    RAY_AUTH_MODE=token, as ray.init(address=...) does: a token is never sent to an address
+    the user did not mark as a token cluster."""
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
-    return ServeSubmissionClient(dashboard_url, headers=auth_headers())
+    return ServeSubmissionClient(dashboard_url)
 
 
 # ---- apply --------------------------------------------------------------------------------
@@ -382,10 +375,19 @@ def run_deploy(
         report(f"{cfg.serve.app_name!r} is RUNNING ({time.monotonic() - t0:.1f} s)")
         return 0
     except Exception as e:  # a CLI answers with the reason, not a traceback
-        err(f"flotilla: {e if isinstance(e, DeployError) else f'{type(e).__name__}: {e}'}")
-        return 1
+        return failed(e)
     finally:
         ray.shutdown()  # only disconnects: the cluster and the app stay
+
+
+def failed(e: Exception) -> int:
+    err(f"flotilla: {e if isinstance(e, DeployError) else f'{type(e).__name__}: {e}'}")
+    if isinstance(e, ConnectionError) and os.environ.get("RAY_AUTH_MODE") != "token":
+        err(
+            "  (a cluster started with RAY_AUTH_MODE=token needs RAY_AUTH_MODE=token here too, "
+            "and its token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
+        )
+    return 1
 
 
 def config_failed(e: Exception) -> int:
@@ -403,8 +405,7 @@ def run_status(address: str, dashboard: str | None, app_name: str | None) -> int
         say(status_text(client(url).get_serve_details(), app_name))
         return 0
     except Exception as e:  # a CLI answers with the reason, not a traceback
-        err(f"flotilla: {e if isinstance(e, DeployError) else f'{type(e).__name__}: {e}'}")
-        return 1
+        return failed(e)
     finally:
         ray.shutdown()
 
@@ -419,7 +420,6 @@ def run_delete(
         delete(client(url), app_name, timeout_s, report)
         return 0
     except Exception as e:  # a CLI answers with the reason, not a traceback
-        err(f"flotilla: {e if isinstance(e, DeployError) else f'{type(e).__name__}: {e}'}")
-        return 1
+        return failed(e)
     finally:
         ray.shutdown()
