@@ -174,18 +174,22 @@ def group_stats(app_name: str, timeout_s: float = 10.0) -> list[dict[str, Any]] 
         return None
 
 
-def ready(app: dict[str, Any] | None, expected: list[str], before: float | None) -> bool:
+def ready(
+    app: dict[str, Any] | None, expected: dict[str, int | None], before: float | None
+) -> bool:
+    """RUNNING, this apply taken, and every deployment at its replica count (`expected`: name
+    -> num_replicas, None for an autoscaled one) with nothing starting or stopping."""
     if app is None or app.get("status") != "RUNNING":
         return False
     if before is not None and app.get("last_deployed_time_s") == before:
         return False  # the controller has not taken this apply yet
     deployments = app.get("deployments") or {}
-    for name in expected:
+    for name, want in expected.items():
         d = deployments.get(name)
         if d is None or d.get("status") != "HEALTHY":
             return False
         running, target, states = replica_counts(d)
-        if running != target or sum(states.values()) != running:
+        if running != target or sum(states.values()) != running or want not in (None, target):
             return False
     return True
 
@@ -202,7 +206,7 @@ def wait_ready(
     lines as they change); DeployError on DEPLOY_FAILED or after timeout_s."""
     entry = serve_cfg["applications"][0]
     app_name = entry["name"]
-    expected = [d["name"] for d in entry["deployments"]]
+    expected = {d["name"]: d.get("num_replicas") for d in entry["deployments"]}
     deadline = time.monotonic() + timeout_s
     shown: dict[str, str] = {}
     while True:
