@@ -250,11 +250,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _set_overrides(items: list[str]) -> dict[str, Any]:
+    """--set serve.host=0.0.0.0 -> {"serve.host": "0.0.0.0"} (values read as YAML scalars)."""
+    import yaml
+
+    from deploy import preflight
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(
+                f"flotilla: --set {item!r}: expected KEY=VALUE, e.g. serve.host=0.0.0.0"
+            )
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise preflight.ConfigError([f"--set {key}: not a YAML value: {value!r}"]) from None
+    return out
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from deploy import preflight, serve_config
 
     try:
-        cfg = preflight.load(args.config)
+        cfg = preflight.load(args.config, _set_overrides(args.set))
     except preflight.ConfigError as e:
         return _config_failed(e)
     text = serve_config.to_yaml(serve_config.build(cfg))
@@ -308,6 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="write the Ray Serve config of a Flotilla config")
     b.add_argument("config", help="Flotilla YAML config")
     b.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
+    b.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set serve.host=0.0.0.0 (repeatable)",
+    )
     b.set_defaults(func=cmd_build)
 
     d = sub.add_parser("deploy", help="apply the app onto an existing Ray cluster and wait")

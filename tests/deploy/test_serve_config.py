@@ -1,6 +1,5 @@
-"""`flotilla build`: the Serve config it writes validates through Ray's own schema, carries the
-Flotilla config exactly (args + the replica counts in `deployments:`), and the examples in
-deploy/examples/ (a `ray up` cluster, a KubeRay RayService) are valid and not stale."""
+"""`flotilla build`: the Serve config it writes validates through Ray's own schema and carries
+the Flotilla config exactly (args + the replica counts in `deployments:`)."""
 
 from __future__ import annotations
 
@@ -100,6 +99,28 @@ def test_build_cli_writes_the_file(tmp_path):
     assert r.returncode == 0, r.stderr
     cfg = preflight.load(str(EXAMPLES / "default.yaml"))
     assert yaml.safe_load(out.read_text()) == serve_config.build(cfg)
+
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deploy.cli",
+            "build",
+            str(EXAMPLES / "default.yaml"),
+            "--set",
+            "serve.host=0.0.0.0",
+            "--set",
+            "groups=3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    built = yaml.safe_load(r.stdout)
+    assert built["http_options"]["host"] == "0.0.0.0"
+    assert built["applications"][0]["args"]["groups"] == 3
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("groups: 0\n")
