@@ -10,7 +10,9 @@ flotilla build CONFIG -o serve.yaml
 flotilla deploy CONFIG --address HOST:PORT [--dashboard-address URL] [--dry-run] [--timeout S]
 flotilla status --address HOST:PORT [--app NAME]
 flotilla delete --address HOST:PORT [--app NAME]
-    onto / about an existing Ray cluster, declaratively (deploy/remote.py).
+    onto / about an existing Ray cluster, declaratively (deploy/remote.py). A cluster with token
+    auth needs RAY_AUTH_MODE=token here and its token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token): Ray sends a token to an explicit address only in token mode.
 flotilla generate "prompt" [--stream] [--max-tokens N] [--temperature T] [--chat]
                   [--address 127.0.0.1:9000]
     one request over gRPC (needs only grpcio and the generated stubs; no Ray import).
