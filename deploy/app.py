@@ -22,33 +22,16 @@ from ray.serve.config import gRPCOptions
 
 from cluster.registry import GroupRegistry
 from cluster.served_group import REGISTRY, ServedGroup
-from deploy import proxy_bind
-from deploy.autoscaling import app_autoscaling_policy, serve_autoscaling_config
+from deploy import serve_config
 from deploy.config import FlotillaConfig, PoolSpec
+from deploy.serve_config import GRPC_SERVICER, pool_options
+from deploy.serve_config import runtime_env as runtime_env  # re-exported: one definition
 from router.ingress import Ingress
-
-# Our registration wraps the stock one; see router/grpc_server.py for why.
-GRPC_SERVICER = "router.grpc_server.add_servicer"
 
 # Serve calls for info besides the requests themselves (which travel on the data plane).
 _GROUP_CONTROL_HEADROOM = 64
 # Serve kills a replica this long after its drain (ServedGroup.__del__) ran out of time.
 _SHUTDOWN_MARGIN_S = 5.0
-
-
-def pool_options(config: FlotillaConfig, spec: PoolSpec) -> dict[str, Any]:
-    """A pool deployment's options that may change while it runs -- its group count (fixed, or
-    an autoscaling config) and `user_config` -- which Serve applies in place. The Serve YAML
-    carries them as `deployments:` overrides (pool_overrides), never in the app's args: Serve
-    restarts every replica when the args change."""
-    out: dict[str, Any] = (
-        {"num_replicas": spec.groups}
-        if spec.autoscaling is None
-        else {"autoscaling_config": serve_autoscaling_config(spec.autoscaling)}
-    )
-    # With threads unset, each group takes this share of its node's cores (ServedGroup).
-    out["user_config"] = {"cpu_share": round(1.0 / config.max_groups(), 6)}
-    return out
 
 
 def pool_deployment(config: FlotillaConfig, spec: PoolSpec, counts: bool) -> serve.Deployment:
@@ -116,44 +99,6 @@ def declarative_app(config: dict[str, Any]) -> serve.Application:
     return build_app(config, counts=False)
 
 
-_COUNT_FIELDS = ("groups", "autoscaling")
-
-
-def app_args(config: FlotillaConfig) -> dict[str, Any]:
-    """The config as the Serve YAML's `args`: everything but the group counts (pool_options)."""
-    args = config.model_dump(mode="json", exclude_unset=True)
-    for key in _COUNT_FIELDS:
-        args.pop(key, None)
-    pools = args.get("pools")
-    if pools:
-        pools.pop("autoscaling_ratio", None)
-        for role in ("prefill", "decode"):
-            for key in _COUNT_FIELDS:
-                pools.get(role, {}).pop(key, None)
-    return args
-
-
-def pool_overrides(config: FlotillaConfig) -> list[dict[str, Any]]:
-    """The Serve YAML's `deployments:` entries: each pool's count and user_config."""
-    return [{"name": p.deployment, **pool_options(config, p)} for p in config.pool_specs()]
-
-
-def application(config: FlotillaConfig) -> dict[str, Any]:
-    """The app's entry in a Serve config (`applications:`), as `serve deploy` takes it."""
-    app: dict[str, Any] = {
-        "name": config.serve.app_name,
-        "route_prefix": "/",
-        "import_path": "deploy.app:declarative_app",
-        "args": app_args(config),
-        "runtime_env": runtime_env(config),
-        "deployments": pool_overrides(config),
-    }
-    policy = app_autoscaling_policy(config)
-    if policy is not None:
-        app["autoscaling_policy"] = policy
-    return app
-
-
 def grpc_options(config: FlotillaConfig) -> gRPCOptions:
     return gRPCOptions(
         port=config.serve.grpc_port,
@@ -170,23 +115,6 @@ def http_options(config: FlotillaConfig) -> dict[str, Any]:
     }
 
 
-def runtime_env(config: FlotillaConfig) -> dict[str, Any]:
-    """The `runtime_env` for ray.init when we start the cluster: every process Serve starts for
-    this job (controller, proxies, replicas) inherits these variables."""
-    env = {
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        proxy_bind.HOST_ENV: config.serve.host,  # the gRPC proxy listens there too
-    }
-    if config.serve.throughput_optimized:
-        env |= {
-            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-            "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",  # keep the HTTP and gRPC proxies
-            "RAY_SERVE_PROXY_USE_GRPC": "1",
-        }
-    return {"env_vars": env, "worker_process_setup_hook": "deploy.proxy_bind.install"}
-
-
 def start(config: FlotillaConfig, timeout_s: float = 900.0) -> serve.handle.DeploymentHandle:
     """serve.start with our proxies' options, then apply the app the way `serve deploy` does
     (declaratively: later applies change group counts in place, and an app-level autoscaling
@@ -195,7 +123,11 @@ def start(config: FlotillaConfig, timeout_s: float = 900.0) -> serve.handle.Depl
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    serve.start(http_options=http_options(config), grpc_options=grpc_options(config))
+    serve.start(
+        proxy_location=config.serve.proxy_location,
+        http_options=http_options(config),
+        grpc_options=grpc_options(config),
+    )
     apply(_get_global_client(), ServeDeploySchema, config)
     wait_running(config.serve.app_name, timeout_s)
     return serve.get_deployment_handle("router", config.serve.app_name)
@@ -204,7 +136,7 @@ def start(config: FlotillaConfig, timeout_s: float = 900.0) -> serve.handle.Depl
 def apply(client: Any, schema: Any, config: FlotillaConfig) -> None:
     """Deploy our app, keeping every other app the controller runs (a deploy of a config
     replaces the whole set, as `serve deploy` does)."""
-    ours = application(config)
+    ours = serve_config.application(config)
     others = [a for a in _current_apps(client) if a.get("name") != ours["name"]]
     client.deploy_apps(schema(applications=[*others, ours]))
 

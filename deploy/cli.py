@@ -5,6 +5,14 @@ flotilla serve [--config cfg.yaml] [--model M] [--groups N] [--policy P]
     (or join) a Ray cluster, run the Serve app, print how to call it, block until Ctrl-C or
     SIGTERM, then drain (refuse new requests, let running ones finish for
     serve.drain_timeout_s) and delete only this app (and the cluster, if it started it).
+flotilla build CONFIG -o serve.yaml
+    the config as a plain Ray Serve config (`serve deploy`, KubeRay's serveConfigV2).
+flotilla deploy CONFIG --address HOST:PORT [--dashboard-address URL] [--dry-run] [--timeout S]
+flotilla status --address HOST:PORT [--app NAME]
+flotilla delete --address HOST:PORT [--app NAME]
+    onto / about an existing Ray cluster, declaratively (deploy/remote.py). A cluster with token
+    auth needs RAY_AUTH_MODE=token here and its token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token): Ray sends a token to an explicit address only in token mode.
 flotilla generate "prompt" [--stream] [--max-tokens N] [--temperature T] [--chat]
                   [--address 127.0.0.1:9000]
     one request over gRPC (needs only grpcio and the generated stubs; no Ray import).
@@ -244,6 +252,70 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _set_overrides(items: list[str]) -> dict[str, Any]:
+    """--set serve.host=0.0.0.0 -> {"serve.host": "0.0.0.0"} (values read as YAML scalars)."""
+    import yaml
+
+    from deploy import preflight
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(
+                f"flotilla: --set {item!r}: expected KEY=VALUE, e.g. serve.host=0.0.0.0"
+            )
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise preflight.ConfigError([f"--set {key}: not a YAML value: {value!r}"]) from None
+    return out
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from deploy import preflight, serve_config
+
+    try:
+        cfg = preflight.load(args.config, _set_overrides(args.set))
+    except preflight.ConfigError as e:
+        return _config_failed(e)
+    text = serve_config.to_yaml(serve_config.build(cfg))
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"wrote {args.output}: `serve deploy {args.output}` or a RayService serveConfigV2")
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from deploy import remote
+
+    return remote.run_deploy(
+        args.config, args.address, args.dashboard_address, args.dry_run, args.timeout
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from deploy import remote
+
+    return remote.run_status(args.address, args.dashboard_address, args.app)
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from deploy import remote
+
+    return remote.run_delete(args.address, args.dashboard_address, args.app, args.timeout)
+
+
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", required=True, help="the Ray cluster's GCS (HOST:6379)")
+    p.add_argument(
+        "--dashboard-address", help="Ray dashboard URL (default: the one the cluster reports)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="flotilla", description="Flotilla LLM serving on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -254,6 +326,36 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--groups", type=int, help="override groups")
     s.add_argument("--policy", choices=["round_robin", "power_of_two", "prefix_aware"])
     s.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("build", help="write the Ray Serve config of a Flotilla config")
+    b.add_argument("config", help="Flotilla YAML config")
+    b.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
+    b.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set serve.host=0.0.0.0 (repeatable)",
+    )
+    b.set_defaults(func=cmd_build)
+
+    d = sub.add_parser("deploy", help="apply the app onto an existing Ray cluster and wait")
+    d.add_argument("config", help="Flotilla YAML config")
+    _cluster_args(d)
+    d.add_argument("--dry-run", action="store_true", help="check and print the plan only")
+    d.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for RUNNING")
+    d.set_defaults(func=cmd_deploy)
+
+    st = sub.add_parser("status", help="applications, replicas, nodes and groups of a cluster")
+    _cluster_args(st)
+    st.add_argument("--app", help="only this application")
+    st.set_defaults(func=cmd_status)
+
+    de = sub.add_parser("delete", help="delete one application (the others stay)")
+    _cluster_args(de)
+    de.add_argument("--app", default="flotilla", help="application name (serve.app_name)")
+    de.add_argument("--timeout", type=float, default=120.0, help="seconds to wait until gone")
+    de.set_defaults(func=cmd_delete)
 
     g = sub.add_parser("generate", help="one request over gRPC")
     g.add_argument("prompt")

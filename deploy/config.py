@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -34,6 +35,11 @@ class ServeConfig(BaseModel):
         min_length=1,
         description="Listen address of the HTTP and the gRPC proxy (0.0.0.0 / :: for every "
         "interface). Applies when `flotilla serve` starts the cluster or Serve.",
+    )
+    proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = Field(
+        "EveryNode",
+        description="Where Serve runs its HTTP and gRPC proxies: on every node with a replica "
+        "(Serve's default), on the head node only, or nowhere.",
     )
     http_port: int = Field(8000, ge=1, le=65535, description="OpenAI-compatible HTTP port.")
     grpc_port: int = Field(9000, ge=1, le=65535, description="gRPC port (flotilla.v1.Flotilla).")
