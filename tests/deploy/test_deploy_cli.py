@@ -136,7 +136,7 @@ def test_dry_run_and_preflight_deploy_nothing(cluster, rest, configs):
     assert r.returncode == 0, r.stderr
     assert "pool colocated (deployment groups): 1 group(s), 0.5 CPU each" in r.stdout
     assert "CPUs reserved: 0.6 of the cluster's 4" in r.stdout
-    assert "import_path: deploy.app:build_app" in r.stdout
+    assert "import_path: deploy.app:declarative_app" in r.stdout
     assert "dry run: nothing deployed" in r.stdout
 
     r = flotilla(cluster, "deploy", str(files["too_big"]), *on_cluster(cluster))
