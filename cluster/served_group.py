@@ -75,15 +75,25 @@ class ServedGroup(ReplicaGroup):
             await self._start()
 
     async def _start(self) -> None:
+        import psutil
         import ray
         from ray import serve
 
+        from workers import progress
+
+        t_engine = time.time()
         config, role, kv_lease_s, kv_transfer_timeout_s = self._args
         ctx = serve.get_replica_context()
         name = f"{pool_prefix(role)}-{ctx.replica_id.unique_id}"
         config = threads_for(config, self.cpu_share)
         super().__init__(config, name, role, kv_lease_s, kv_transfer_timeout_s)
         self.started = True
+        # Where this group's cold start went (one-rank groups: the phases ran in this process).
+        self.startup = {
+            "process_s": t_engine - psutil.Process().create_time(),  # up to the engine's start
+            **{f"{k}_s": round(v, 3) for k, v in progress.PHASES.items()},
+            "engine_s": time.time() - t_engine,  # kernels + weights + KV + the rest
+        }
         host, port, secret = await self.data_address()
         self.member = Member(
             name, role, host, port, secret, node_id=ray.get_runtime_context().get_node_id()
@@ -91,6 +101,7 @@ class ServedGroup(ReplicaGroup):
         self._registry = serve.get_deployment_handle(REGISTRY, ctx.app_name)
         await self._announce()
         self._heartbeat = asyncio.get_running_loop().create_task(self._announce_forever())
+        self.startup["ready_s"] = time.time() - psutil.Process().create_time()
 
     async def _announce(self) -> None:
         await self._registry.announce.remote(self.member.to_dict())
@@ -151,4 +162,5 @@ class ServedGroup(ReplicaGroup):
         return super().stats(known_fingerprint) | {
             "node_id": self.member.node_id,
             "host": self.member.host,
+            "startup": self.startup,
         }

@@ -99,6 +99,7 @@ class ModelRunner:
             progress.report("kernels: loading the native CPU kernels (built on first use) ...")
         self.kernels: KernelPlan = decide(config.kernels, self.device)
         paths = [k for k, v in vars(self.kernels).items() if v is True]
+        progress.phase("kernels", time.monotonic() - t0)
         progress.report(
             f"kernels: {', '.join(paths) or 'torch only'} ({time.monotonic() - t0:.1f} s)"
         )
@@ -144,12 +145,14 @@ class ModelRunner:
         return max(2, int(gib * 2**30) // self.bytes_per_block())
 
     def allocate_kv(self, num_blocks: int) -> None:
+        t0 = time.monotonic()
         layers, kvh, hd = self.model.kv_layout()
         self.num_blocks = num_blocks
         self.kv_caches = [
             torch.zeros(2, num_blocks, self.block_size, kvh, hd, dtype=self.dtype, device=self.device)
             for _ in range(layers)
         ]
+        progress.phase("kv_cache", time.monotonic() - t0)
 
     # ---- per-request state ------------------------------------------------------------------
     def _update_states(self, plan: StepPlan) -> None:

@@ -28,8 +28,17 @@ if not _log.handlers:
 BAR_MIN_BYTES = 1 << 30
 
 
+# Seconds each start-up phase took in this process (kernels, weights, kv_cache), for the
+# group's start-up breakdown (cluster.served_group; benchmarks/scaling.py reports it).
+PHASES: dict[str, float] = {}
+
+
 def report(message: str) -> None:
     _log.info(message)
+
+
+def phase(name: str, seconds: float) -> None:
+    PHASES[name] = PHASES.get(name, 0.0) + seconds
 
 
 def weights(items: Iterable[T], total_bytes: int, what: str = "weights") -> Iterator[T]:
@@ -44,4 +53,5 @@ def weights(items: Iterable[T], total_bytes: int, what: str = "weights") -> Iter
             )
             next_step = pct // 10 * 10 + 10
         yield item
+    phase(what, time.monotonic() - t0)
     report(f"{what} loaded: {done / 1e9:.2f} GB in {time.monotonic() - t0:.1f} s")
