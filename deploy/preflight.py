@@ -78,16 +78,18 @@ def load(path: str | None, overrides: dict[str, Any] | None = None) -> FlotillaC
         raise ConfigError(_field_errors(e, where)) from None
 
 
-def cpu_demand(config: FlotillaConfig) -> tuple[float, str]:
-    """Ray CPUs the application reserves, and how that number is made up (for messages)."""
+def cpu_demand(config: FlotillaConfig, largest: bool = False) -> tuple[float, str]:
+    """Ray CPUs the application reserves, and how that number is made up (for messages): at
+    the group counts it starts with, or (`largest`) at autoscaling's max_groups."""
     s = config.serve
     total = s.ingress_replicas * s.ingress_num_cpus
     parts: dict[str, list] = {}  # one term per pool: [groups, cpus per group, ranks, per rank]
-    for spec in config.pool_specs():  # at the count it starts with (autoscaling: initial)
+    for spec in config.pool_specs():
+        n = spec.max_groups if largest else spec.groups
         p = spec.engine.parallel
         ranks = 0 if p.is_single else p.world_size
-        total += spec.groups * (spec.num_cpus + ranks * p.cpus_per_rank)
-        parts[spec.role] = [spec.groups, spec.num_cpus, ranks, p.cpus_per_rank]
+        total += n * (spec.num_cpus + ranks * p.cpus_per_rank)
+        parts[spec.role] = [n, spec.num_cpus, ranks, p.cpus_per_rank]
     terms = []
     for role, (n, cpus, ranks, per_rank) in parts.items():
         what = "group(s)" if role == "colocated" else f"{role} group(s)"
@@ -103,14 +105,18 @@ def cpu_demand(config: FlotillaConfig) -> tuple[float, str]:
     return total, " + ".join(terms)
 
 
-def check_cpus(config: FlotillaConfig, cluster_cpus: float, where: str) -> list[str]:
-    need, how = cpu_demand(config)
+def check_cpus(
+    config: FlotillaConfig, cluster_cpus: float, where: str, largest: bool = False
+) -> list[str]:
+    need, how = cpu_demand(config, largest)
     if need <= cluster_cpus + 1e-9:
         return []
+    scaled = any(p.autoscaling for p in config.pool_specs())
+    at = " at autoscaling's max_groups" if largest and scaled else ""
     return [
-        f"the config reserves {need:g} CPUs ({how}) but {where} has {cluster_cpus:g}: lower "
-        "groups, serve.group_num_cpus or serve.ingress_num_cpus (fractions are fine: CPUs "
-        "here are Ray's logical reservations)"
+        f"the config reserves {need:g} CPUs{at} ({how}) but {where} has {cluster_cpus:g}: lower "
+        f"{'max_groups, ' if scaled else ''}groups, serve.group_num_cpus or "
+        "serve.ingress_num_cpus (fractions are fine: CPUs here are Ray's logical reservations)"
     ]
 
 
@@ -169,7 +175,9 @@ def check_ports(config: FlotillaConfig) -> list[str]:
 def check_local(config: FlotillaConfig) -> None:
     """Everything checkable before starting a cluster on this machine."""
     problems = check_model(config) + check_ports(config)
-    problems += check_cpus(config, local_cpus(), f"this machine ({local_cpus()} cores)")
+    # No cluster autoscaler adds a machine here: every group a pool may grow to must fit.
+    where = f"this machine ({local_cpus()} cores)"
+    problems += check_cpus(config, local_cpus(), where, largest=True)
     if problems:
         raise ConfigError(problems)
 

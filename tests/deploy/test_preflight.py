@@ -75,6 +75,22 @@ def test_cpu_demand_counts_groups_ranks_and_routers():
     )
 
 
+def test_an_autoscaled_pool_must_fit_at_its_largest_on_one_machine():
+    scaled = {"autoscaling": {"max_groups": 4}, "serve": {"group_num_cpus": 0.9}}
+    cfg = FlotillaConfig.model_validate(scaled)
+    assert preflight.check_cpus(cfg, 2, "here") == []  # it starts with 1 group: fits
+    (msg,) = preflight.check_cpus(cfg, 2, "this machine", largest=True)
+    assert "3.7 CPUs at autoscaling's max_groups" in msg and "max_groups" in msg
+    example = preflight.load(str(preflight_root() / "deploy" / "examples" / "autoscale.yaml"))
+    assert preflight.check_cpus(example, 2, "a 2-core machine", largest=True) == []
+
+
+def preflight_root():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[2]
+
+
 def test_busy_port_is_reported():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
