@@ -77,7 +77,9 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, executor: Executor | None = None):
         self.config = config = config or EngineConfig()
         path = resolve_model_path(config.model.model)
+        t0 = time.monotonic()
         self.tokenizer = load_tokenizer(path)
+        progress.phase("tokenizer", time.monotonic() - t0)
         self.executor = executor or make_executor(config)
         hf = self.executor.hf_config
         self.vocab_size = hf.vocab_size

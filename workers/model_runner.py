@@ -109,13 +109,17 @@ class ModelRunner:
         self.hf_config = load_hf_config(path)
         arch = LlamaArch.from_hf(self.hf_config)
         first, last = layer_range or (0, arch.num_layers)
+        t0 = time.monotonic()
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = LlamaForCausalLM(self.hf_config, groups.tp, (first, last), groups.ep)
+        progress.phase("model_init", time.monotonic() - t0)
         self._param_bytes = self._count_param_bytes()  # allocated already: the bar's total
         weights = iter_weights(path, self.dtype, shard_filter=self._wants(first, last))
         self.model.load_weights(progress.weights(weights, self._param_bytes))
         self.model.eval()
+        t0 = time.monotonic()
         self.model.use_kernels(self.kernels, prepack=config.prepack)
+        progress.phase("prepack", time.monotonic() - t0)
         self.hidden_size = arch.hidden_size
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
