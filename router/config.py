@@ -44,6 +44,29 @@ class RouterConfig(BaseModel):
     max_prompt_chars: int = Field(
         1_000_000, ge=1, description="Longest prompt text accepted before tokenizing."
     )
+    max_body_bytes: int = Field(
+        16 << 20,
+        ge=1024,
+        description="Largest HTTP request body read (413 past it, before it is all in memory).",
+    )
+    max_messages: int = Field(
+        1024, ge=1, description="Most chat messages in one request (HTTP and gRPC)."
+    )
+    max_stop_strings: int = Field(16, ge=0, description="Most stop strings in one request.")
+    max_stop_chars: int = Field(1024, ge=1, description="Longest stop string accepted.")
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Accepted API keys (HTTP `Authorization: Bearer KEY`, gRPC metadata "
+        "`authorization: Bearer KEY`); empty with no api_keys_env = no authentication. Keys "
+        "written here are visible to whoever can read the Serve config: prefer api_keys_env.",
+    )
+    api_keys_env: str | None = Field(
+        None,
+        min_length=1,
+        description="Name of an environment variable of the router's process holding accepted "
+        "API keys, comma-separated (set it where Ray starts: `flotilla serve`'s shell, or "
+        "`ray start` on each node). Unset or empty variable: only api_keys count.",
+    )
     data_plane: Literal["direct", "serve"] = Field(
         "direct",
         description="How the router talks to its groups once started: direct = one TCP "

@@ -30,6 +30,7 @@ from typing import Any
 
 from cluster.block_manager import block_hashes
 from cluster.registry import Member
+from router.auth import ApiKeys
 from router.config import RouterConfig
 from router.errors import NoHealthyGroup, error_from_group
 from router.legs import Handoff, LegFailed, Progress
@@ -89,6 +90,7 @@ class Router:
         self.counters = {"migrations": 0, "prefill_fallbacks": 0}
         self.policy: Policy = make_policy(config.policy, config.max_load_imbalance)
         self.sessions = SessionTable(config.max_sessions)
+        self.keys = ApiKeys(config)
         self.metrics = metrics or RequestMetrics(model, enabled=False)
         self.tokenizer: Tokenizer | None = None
         self.limits: Limits | None = None
@@ -125,6 +127,9 @@ class Router:
             vocab_size=info["vocab_size"],
             max_n=self.config.max_n,
             max_prompt_chars=self.config.max_prompt_chars,
+            max_messages=self.config.max_messages,
+            max_stop_strings=self.config.max_stop_strings,
+            max_stop_chars=self.config.max_stop_chars,
         )
         # One live link is enough to serve; the others join as they come up.
         while time.monotonic() < deadline:

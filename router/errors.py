@@ -63,10 +63,35 @@ def invalid(field: str, message: str) -> ApiError:
     )
 
 
+class BodyTooLarge(ValueError):
+    """An HTTP body past router.max_body_bytes."""
+
+
+class Unauthenticated(PermissionError):
+    """No API key, or one this server does not accept (router.auth)."""
+
+
 def api_error(exc: BaseException, request_id: str = "") -> ApiError:
     """Map an exception to the status clients see."""
     if isinstance(exc, InvalidRequest):
         return invalid(exc.field, exc.message)
+    if isinstance(exc, Unauthenticated):
+        return ApiError(
+            grpc.StatusCode.UNAUTHENTICATED,
+            401,
+            "invalid_request_error",
+            "invalid_api_key",
+            str(exc),
+        )
+    if isinstance(exc, BodyTooLarge):
+        return ApiError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            413,
+            "invalid_request_error",
+            "request_too_large",
+            f"body: {exc}",
+            "body",
+        )
     if isinstance(exc, ModelNotFound):
         return ApiError(
             grpc.StatusCode.NOT_FOUND,

@@ -15,7 +15,7 @@ from typing import Any
 from router.core import Chunk, Router
 from router.errors import ModelNotFound, api_error
 from router.proto import flotilla_pb2 as pb
-from router.validation import check_limits, check_token_ids
+from router.validation import check_limits, check_messages, check_token_ids
 from workers.errors import InvalidRequest
 from workers.sampling_params import SamplingParams
 
@@ -56,6 +56,14 @@ def _params_dict(p: pb.SamplingParams) -> dict[str, Any]:
     return out
 
 
+def authenticate(router: Router, context: Any) -> None:
+    """The API key from the `authorization` metadata (router.auth)."""
+    if not router.keys.enabled:
+        return
+    meta = dict(context.invocation_metadata()) if context is not None else {}
+    router.keys.check(meta.get("authorization"))
+
+
 def prepare(router: Router, req: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
     """Validate a GenerateRequest -> (prompt token ids, SamplingParams)."""
     if req.model and req.model != router.model:
@@ -70,8 +78,7 @@ def prepare(router: Router, req: pb.GenerateRequest) -> tuple[list[int], Samplin
             raise InvalidRequest("prompt_token_ids", "must not be empty")
         check_token_ids(token_ids, limits, "prompt_token_ids")
     elif kind == "messages":
-        if not req.messages.messages:
-            raise InvalidRequest("messages", "must not be empty")
+        check_messages(len(req.messages.messages), limits)
         assert router.tokenizer is not None
         token_ids = router.tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in req.messages.messages]
@@ -137,6 +144,7 @@ def _fail(context: Any, exc: BaseException, request_id: str) -> None:
 async def generate(router: Router, req: pb.GenerateRequest, context: Any) -> pb.GenerateResponse:
     request_id = uuid.uuid4().hex
     try:
+        authenticate(router, context)
         token_ids, params = prepare(router, req)
         c = await router.complete(token_ids, params, _session(router, req, context), request_id)
     except Exception as e:
@@ -158,6 +166,7 @@ async def generate_stream(
 ) -> AsyncIterator[pb.GenerateStreamResponse]:
     request_id = uuid.uuid4().hex
     try:
+        authenticate(router, context)
         token_ids, params = prepare(router, req)
         async for c in router.stream(token_ids, params, _session(router, req, context), request_id):
             yield pb.GenerateStreamResponse(
@@ -188,7 +197,12 @@ async def health(router: Router) -> pb.HealthResponse:
     return pb.HealthResponse(status=status, groups=groups)
 
 
-def list_models(router: Router) -> pb.ListModelsResponse:
+def list_models(router: Router, context: Any = None) -> pb.ListModelsResponse:
+    try:
+        authenticate(router, context)
+    except Exception as e:
+        _fail(context, e, "")
+        return pb.ListModelsResponse()
     limits = router.limits
     return pb.ListModelsResponse(
         models=[

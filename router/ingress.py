@@ -57,8 +57,8 @@ class Ingress:
         return await openai_api.chat_completions(self.router, request)
 
     @app.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
-        return openai_api.models(self.router)
+    async def models(self, request: Request) -> Response:
+        return openai_api.models(self.router, request)
 
     @app.get("/health")
     async def health(self) -> Response:
@@ -75,8 +75,10 @@ class Ingress:
     async def Health(self, request: pb.HealthRequest) -> pb.HealthResponse:  # noqa: N802
         return await grpc_api.health(self.router)
 
-    async def ListModels(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:  # noqa: N802
-        return grpc_api.list_models(self.router)
+    async def ListModels(
+        self, request: pb.ListModelsRequest, grpc_context
+    ) -> pb.ListModelsResponse:  # noqa: N802
+        return grpc_api.list_models(self.router, grpc_context)
 
     # ---- operations (DeploymentHandle only) --------------------------------------------------
     def reconfigure(self, user_config: dict[str, Any]) -> None:

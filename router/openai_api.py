@@ -21,11 +21,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from router.core import Chunk, Router
-from router.errors import ModelNotFound, api_error
+from router.errors import BodyTooLarge, ModelNotFound, api_error
 from router.validation import (
     ChatCompletionRequest,
     CompletionRequest,
     chat_params,
+    check_messages,
     completion_params,
     completion_prompt,
     finalize,
@@ -107,10 +108,26 @@ def _session(router: Router, request: Request) -> str | None:
     return request.headers.get(router.config.session_header)
 
 
+async def read_body(router: Router, request: Request) -> bytes:
+    """The API key first (nothing is read for a caller without one), then the body, refused
+    once it passes router.max_body_bytes instead of being read whole into memory."""
+    router.keys.check(request.headers.get("authorization"))
+    limit = router.config.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"{declared} bytes; the limit is {limit}")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise BodyTooLarge(f"more than {limit} bytes; the limit is {limit}")
+    return bytes(body)
+
+
 async def completions(router: Router, request: Request) -> Response:
     request_id = f"cmpl-{uuid.uuid4().hex}"
     try:
-        req = parse_body(await request.body(), CompletionRequest)
+        req = parse_body(await read_body(router, request), CompletionRequest)
         _check_model(router, req.model)
         limits = router.prompt_limits()
         params, opts = completion_params(req, limits)
@@ -125,9 +142,10 @@ async def completions(router: Router, request: Request) -> Response:
 async def chat_completions(router: Router, request: Request) -> Response:
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     try:
-        req = parse_body(await request.body(), ChatCompletionRequest)
+        req = parse_body(await read_body(router, request), ChatCompletionRequest)
         _check_model(router, req.model)
         limits = router.prompt_limits()
+        check_messages(len(req.messages), limits)
         params, opts = chat_params(req, limits)
         messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
         assert router.tokenizer is not None
@@ -268,20 +286,26 @@ async def _sse(
     yield "data: [DONE]\n\n"
 
 
-def models(router: Router) -> dict[str, Any]:
+def models(router: Router, request: Request) -> Response:
+    try:
+        router.keys.check(request.headers.get("authorization"))
+    except Exception as e:
+        return error_response(e)
     limits = router.limits
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": router.model,
-                "object": "model",
-                "created": 0,
-                "owned_by": "flotilla",
-                "max_model_len": limits.max_model_len if limits else None,
-            }
-        ],
-    }
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": router.model,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "flotilla",
+                    "max_model_len": limits.max_model_len if limits else None,
+                }
+            ],
+        }
+    )
 
 
 def health(router: Router) -> Response:

@@ -10,6 +10,7 @@ tokenized; the replica group checks them again, authoritatively, before queueing
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,6 +42,9 @@ class Limits:
     vocab_size: int
     max_n: int = 8
     max_prompt_chars: int = 1_000_000
+    max_messages: int = 1024
+    max_stop_strings: int = 16
+    max_stop_chars: int = 1024
 
 
 @dataclass
@@ -237,6 +241,7 @@ def finalize(
 
 
 def check_limits(num_prompt_tokens: int, params: SamplingParams, limits: Limits) -> None:
+    check_stop(params.stop, limits)
     n, cap = num_prompt_tokens, limits.max_model_len
     if n == 0:
         raise InvalidRequest("prompt", "must not be empty")
@@ -248,6 +253,23 @@ def check_limits(num_prompt_tokens: int, params: SamplingParams, limits: Limits)
             f"{params.max_tokens} + {n} prompt tokens exceeds max_model_len={cap} "
             f"(at most {cap - n})",
         )
+
+
+def check_stop(stop: Sequence[str], limits: Limits) -> None:
+    if len(stop) > limits.max_stop_strings:
+        raise InvalidRequest("stop", f"{len(stop)} strings; the limit is {limits.max_stop_strings}")
+    longest = max((len(x) for x in stop), default=0)
+    if longest > limits.max_stop_chars:
+        raise InvalidRequest(
+            "stop", f"a stop string of {longest} characters; the limit is {limits.max_stop_chars}"
+        )
+
+
+def check_messages(count: int, limits: Limits) -> None:
+    if count == 0:
+        raise InvalidRequest("messages", "must not be empty")
+    if count > limits.max_messages:
+        raise InvalidRequest("messages", f"{count} messages; the limit is {limits.max_messages}")
 
 
 def check_token_ids(token_ids: list[int], limits: Limits, field: str = "prompt") -> None:

@@ -13,7 +13,7 @@ from router.config import RouterConfig
 from router.core import Router
 from router.directory import StaticDirectory
 from router.errors import NoHealthyGroup, api_error
-from workers.errors import EngineOverloaded, InvalidRequest
+from workers.errors import EngineDraining, EngineOverloaded, InvalidRequest
 from workers.sampling_params import SamplingParams
 
 
@@ -465,7 +465,7 @@ def test_a_group_that_left_keeps_its_running_streams(tokenizer_files):
         r.test_directory.list = []
         await r.discover()
         assert "g0" in r.groups and r.groups["g0"].draining  # a stream still runs there
-        with pytest.raises(NoHealthyGroup):
+        with pytest.raises(EngineDraining):  # UNAVAILABLE / 503 "shutting down"
             await collect(r, [2])
         rest = [c async for c in agen]
         assert rest[-1].finish == "length"
