@@ -94,7 +94,9 @@ class RayExecutor:
             )
             self.num_blocks = config.cache.num_blocks or min(caps)
             self._get([a.allocate_kv.remote(self.num_blocks) for a in self.actors], timeout=120)
-            self.all_reduce = self._all_reduce()
+            ranks = self.describe()
+            self.all_reduce = self._all_reduce({d["tp_all_reduce"] for d in ranks})
+            self.rank_threads = [d["num_threads"] for d in ranks]
         except BaseException:
             self.shutdown()
             raise
@@ -110,10 +112,9 @@ class RayExecutor:
         share = None if p.cpu_share is None else p.cpu_share / here
         return len(stage_nodes) == 1, share
 
-    def _all_reduce(self) -> str:
-        """How the tensor-parallel ranks all-reduce: shm, the torch.distributed backend
-        (gloo / nccl), or none (tp = 1)."""
-        kinds = {d["tp_all_reduce"] for d in self.describe()}
+    def _all_reduce(self, kinds: set[str]) -> str:
+        """How the tensor-parallel ranks all-reduce, from what each rank reports: shm, the
+        torch.distributed backend (gloo / nccl), mixed (shm in some stages only) or none."""
         if kinds == {"none"}:
             return "none"
         if kinds == {"shm"}:
@@ -123,8 +124,12 @@ class RayExecutor:
         return dist if kinds == {"dist"} else "mixed"
 
     def layout(self) -> dict:
-        """Where the ranks run and how they all-reduce (a group's stats carry it)."""
-        return {"rank_nodes": list(self.rank_nodes), "all_reduce": self.all_reduce}
+        """Where the ranks run, their threads and how they all-reduce (in a group's stats)."""
+        return {
+            "rank_nodes": list(self.rank_nodes),
+            "rank_threads": list(self.rank_threads),
+            "all_reduce": self.all_reduce,
+        }
 
     def _create_placement(self, p: ParallelConfig, timeout_s: float):
         # A zero amount asks for nothing; Ray refuses zeros in bundles.
