@@ -23,6 +23,8 @@ class Executor(Protocol):
 
     def import_blocks(self, block_ids: list[int], data: Any) -> None: ...
 
+    def layout(self) -> dict[str, Any]: ...
+
     def shutdown(self) -> None: ...
 
 
@@ -44,6 +46,10 @@ class LocalExecutor:
 
     def import_blocks(self, block_ids: list[int], data) -> None:
         self.runner.import_blocks(block_ids, data)
+
+    def layout(self) -> dict[str, Any]:
+        """One rank in this process: nothing to all-reduce (RayExecutor.layout: its ranks)."""
+        return {"all_reduce": "none"}
 
     def shutdown(self) -> None:
         pass

@@ -477,7 +477,7 @@ class ReplicaGroup:
             "kv_transfer_seconds": self.kv["seconds"],
             "hash_fingerprint": fp,
             "hashes": None if fp == known_fingerprint else hashes,
-        }
+        } | self.engine.engine.executor.layout()
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom metrics Serve forwards to autoscaling policies (deploy/autoscaling_policy.py).

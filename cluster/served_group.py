@@ -1,6 +1,7 @@
 """A replica group as one replica of a pool's Serve deployment: it names itself after its
-replica, sizes its threads from its own node, announces its data plane to the registry, and
-when Serve removes it (scale-down, delete, a rolling update) it drains before it goes.
+replica, sizes its threads from its own node (its ranks from theirs), announces its data plane
+to the registry, and when Serve removes it (scale-down, delete, a rolling update) it drains
+before it goes.
 
     ServedGroup(engine_config, role, kv_lease_s, kv_transfer_timeout_s, drain_s)
     reconfigure({"cpu_share": f})   Serve's user_config: the share of the node's cores
@@ -36,9 +37,16 @@ REGISTRY = "registry"  # the registry's deployment name in every Flotilla app
 def threads_for(config: EngineConfig, cpu_share: float) -> EngineConfig:
     """Unset torch threads become this node's cores times this group's share of them (Ray
     starts workers with OMP_NUM_THREADS=1, which would leave each engine one thread). Read
-    here, in the group's own process, so a group on a 16-core node gets that node's cores."""
+    here, in the group's own process, so a group on a 16-core node gets that node's cores.
+    A multi-rank group's ranks may run on other nodes: they get the share instead and count
+    their own node's cores (cluster.ray_executor)."""
     if config.model.num_threads is not None:
         return config
+    if not config.parallel.is_single:
+        share = min(1.0, cpu_share)
+        return config.model_copy(
+            update={"parallel": config.parallel.model_copy(update={"cpu_share": share})}
+        )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = max(1, int((cores or 1) * cpu_share))
     return config.model_copy(

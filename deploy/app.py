@@ -41,13 +41,16 @@ def pool_deployment(config: FlotillaConfig, spec: PoolSpec, counts: bool) -> ser
     # (Ray hides every GPU from an actor that asked for none). Multi-rank groups place their
     # rank actors, one GPU each, themselves (cluster.ray_executor).
     group_gpus = 1 if engine.model.device == "cuda" and engine.parallel.is_single else 0
+    actor = {"num_cpus": spec.num_cpus, "num_gpus": group_gpus}
+    if spec.resources:  # pins the pool's groups to the nodes that have them
+        actor["resources"] = dict(spec.resources)
     options = pool_options(config, spec)
     if not counts:  # the Serve YAML's overrides set them
         options = {"user_config": options["user_config"]}
     return serve.deployment(ServedGroup).options(
         name=spec.deployment,
         max_ongoing_requests=sched.max_num_seqs + sched.max_waiting + _GROUP_CONTROL_HEADROOM,
-        ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": group_gpus},
+        ray_actor_options=actor,
         health_check_period_s=s.health_check_period_s,
         graceful_shutdown_timeout_s=s.group_graceful_shutdown_s + _SHUTDOWN_MARGIN_S,
         graceful_shutdown_wait_loop_s=0.5,

@@ -13,7 +13,7 @@ location) is the only place that reads the environment: nothing here does yet.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cluster.config import CacheConfig, EngineConfig
 from deploy.autoscaling import AutoscalingRatio, AutoscalingSpec
 from parallel.config import ParallelConfig
+from parallel.resources import CustomResources
 from router.config import RouterConfig
 
 
@@ -59,6 +60,12 @@ class ServeConfig(BaseModel):
     )
     group_num_cpus: float = Field(
         1.0, ge=0, description="Ray CPUs reserved per replica group (its engine thread)."
+    )
+    group_resources: CustomResources = Field(
+        default_factory=dict,
+        description="Ray custom resources each replica group's actor asks for (e.g. "
+        "{node_b: 0.1}): groups only start on nodes started with them (`ray start --resources`). "
+        "Pins the colocated pool, and the pools that do not set pools.<role>.resources.",
     )
     health_check_period_s: float = Field(5.0, gt=0, description="Serve health-check period.")
     group_graceful_shutdown_s: float = Field(
@@ -106,6 +113,11 @@ class PoolConfig(BaseModel):
     )
     group_num_cpus: float | None = Field(
         None, ge=0, description="Ray CPUs per group; default serve.group_num_cpus."
+    )
+    resources: CustomResources | None = Field(
+        None,
+        description="Ray custom resources per group of this pool (pins it to the nodes that "
+        "have them); default serve.group_resources.",
     )
     num_threads: int | None = Field(
         None, ge=1, le=512, description="torch threads per rank; default engine.model.num_threads."
@@ -167,6 +179,8 @@ class PoolSpec:
     groups: int  # how many to start with
     max_groups: int  # the most it may grow to (= groups without autoscaling)
     autoscaling: AutoscalingSpec | None = None
+    resources: dict[str, float] | None = None  # Ray custom resources per group, if any
+    resources_field: str = "serve.group_resources"  # where they were set (for messages)
 
 
 class FlotillaConfig(BaseModel):
@@ -232,15 +246,21 @@ class FlotillaConfig(BaseModel):
 
     def pool_specs(self) -> list[PoolSpec]:
         """Every pool of the deployment: one (colocated) or prefill and decode."""
-        cpus = self.serve.group_num_cpus
+        cpus, res = self.serve.group_num_cpus, self.serve.group_resources
         if self.pools is None:
-            return [_pool("groups", "colocated", self.engine, cpus, self.groups, self.autoscaling)]
+            spec = _pool("groups", "colocated", self.engine, cpus, self.groups, self.autoscaling)
+            return [replace(spec, resources=res)]
         out = []
         for role in ("prefill", "decode"):
             pool: PoolConfig = getattr(self.pools, role)
             n_cpus = cpus if pool.group_num_cpus is None else pool.group_num_cpus
             engine = self._pool_engine(role)
-            out.append(_pool(role, role, engine, n_cpus, pool.groups, pool.autoscaling))
+            spec = _pool(role, role, engine, n_cpus, pool.groups, pool.autoscaling)
+            own = pool.resources is not None
+            field = f"pools.{role}.resources" if own else spec.resources_field
+            out.append(
+                replace(spec, resources=pool.resources if own else res, resources_field=field)
+            )
         return out
 
     def max_groups(self) -> int:

@@ -3,7 +3,8 @@ at once with one message naming the field and the numbers, instead of Serve wait
 
     load(path, overrides)      the YAML and the CLI overrides -> FlotillaConfig (ConfigError)
     check_local(config)        model files, listen ports, CPUs of the cluster we would start
-    check_cluster(config, r)   CPUs of an existing cluster against what the config reserves
+    check_cluster(config, r)   CPUs and custom resources of an existing cluster against what
+                               the config reserves
 
 Each check raises ConfigError with every problem it found; the CLI prints it and exits 2.
 Nothing here starts Ray or imports torch.
@@ -120,6 +121,42 @@ def check_cpus(
     ]
 
 
+# What every node reports by itself, besides the custom resources it was started with.
+_RAY_OWN = ("CPU", "GPU", "memory", "object_store_memory")
+_RAY_OWN_PREFIXES = ("node:", "accelerator_type:")
+
+
+def resource_demand(config: FlotillaConfig) -> list[tuple[str, str, float]]:
+    """(field, resource, amount per actor) for every custom resource the config asks for."""
+    out = []
+    for spec in config.pool_specs():
+        out += [(spec.resources_field, k, v) for k, v in (spec.resources or {}).items()]
+        own = config.pools is not None and getattr(config.pools, spec.role).parallel is not None
+        field = f"pools.{spec.role}.parallel" if own else "engine.parallel"
+        p = spec.engine.parallel
+        if not p.is_single:
+            out += [(f"{field}.rank_resources", k, v) for k, v in p.rank_resources.items()]
+    return list(dict.fromkeys(out))  # pools sharing serve.* / engine.* ask once
+
+
+def check_resources(config: FlotillaConfig, cluster: dict[str, float], where: str) -> list[str]:
+    """Custom resources the cluster lacks would leave the groups pending forever."""
+    custom = (k for k in cluster if k not in _RAY_OWN and not k.startswith(_RAY_OWN_PREFIXES))
+    have = ", ".join(sorted(custom)) or "none"
+    problems = []
+    for field, name, amount in resource_demand(config):
+        if name not in cluster:
+            problems.append(
+                f"{field}: {where} has no custom resource {name!r} (it has: {have}; nodes get "
+                "them from `ray start --resources`)"
+            )
+        elif amount > float(cluster[name]) + 1e-9:
+            problems.append(
+                f"{field}: asks for {amount:g} {name} but {where} has {cluster[name]:g}"
+            )
+    return problems
+
+
 def local_cpus() -> int:
     """The CPUs a Ray cluster started here gets (ray.init counts the cores this process may use)."""
     try:
@@ -178,13 +215,17 @@ def check_local(config: FlotillaConfig) -> None:
     # No cluster autoscaler adds a machine here: every group a pool may grow to must fit.
     where = f"this machine ({local_cpus()} cores)"
     problems += check_cpus(config, local_cpus(), where, largest=True)
+    # The cluster `flotilla serve` starts has no custom resources (join one that does).
+    problems += check_resources(config, {}, "the local Ray cluster")
     if problems:
         raise ConfigError(problems)
 
 
 def check_cluster(config: FlotillaConfig, cluster_resources: dict[str, float]) -> None:
-    """An existing cluster: its CPUs (ports and files live on its nodes, not here)."""
+    """An existing cluster: its CPUs and custom resources (ports and files live on its nodes,
+    not here)."""
     cpus = float(cluster_resources.get("CPU", 0.0))
     problems = check_cpus(config, cpus, "the Ray cluster")
+    problems += check_resources(config, cluster_resources, "the Ray cluster")
     if problems:
         raise ConfigError(problems)

@@ -324,6 +324,9 @@ def plan_text(cfg, serve_cfg: dict[str, Any], cluster_cpus: float) -> str:
     for spec in cfg.pool_specs():
         p = spec.engine.parallel
         ranks = "" if p.is_single else f" + {p.world_size} ranks x {p.cpus_per_rank:g} CPU"
+        if not p.is_single and p.placement != "pack":
+            ranks += f" ({p.placement})"
+        pinned = ", ".join(f"{v:g} {k}" for k, v in (spec.resources or {}).items())
         a = spec.autoscaling
         count = (
             f"{spec.groups} group(s)"
@@ -332,7 +335,7 @@ def plan_text(cfg, serve_cfg: dict[str, Any], cluster_cpus: float) -> str:
         )
         lines.append(
             f"  pool {spec.role} (deployment {spec.deployment}): {count}, "
-            f"{spec.num_cpus:g} CPU each{ranks}"
+            f"{spec.num_cpus:g} CPU each{ranks}" + (f", on nodes with {pinned}" if pinned else "")
         )
     lines.append(f"  router: {s.ingress_replicas} replica(s), {s.ingress_num_cpus:g} CPU each")
     need, _ = preflight.cpu_demand(cfg)

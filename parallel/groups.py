@@ -82,7 +82,11 @@ def init_groups(
     master_port: int,
     backend: str,
     timeout_s: float = 120.0,
+    stage_on_one_node: bool = True,
 ) -> ParallelGroups:
+    """Join the group. `stage_on_one_node`: every rank of this rank's stage runs on the same
+    node (the caller knows, by node identity; the same value on all of them) -- shared memory
+    is only tried then: on separate machines a /dev/shm file is not shared."""
     world, stage = config.world_size, config.stage_size
     if world == 1:
         return SINGLE_RANK
@@ -103,11 +107,13 @@ def init_groups(
             stage_group = g
     shm = None
     if config.tp > 1 and backend == "gloo" and config.cpu_all_reduce != "gloo":
-        shm = make_shm_all_reduce(stage_group, stage_rank, stage, config.step_timeout_s)
+        if stage_on_one_node:
+            shm = make_shm_all_reduce(stage_group, stage_rank, stage, config.step_timeout_s)
         if shm is None and config.cpu_all_reduce == "shm":
             raise ValueError(
                 "cpu_all_reduce='shm' needs every rank of a stage on one node with the native "
                 "CPU kernels built"
+                + ("" if stage_on_one_node else " (this stage's ranks are on different nodes)")
             )
     tp = TPGroup(stage_rank, stage, stage_group, shm) if config.tp > 1 else SINGLE
     ep = EPGroup(stage_rank, stage, stage_group) if config.ep > 1 else EP_SINGLE

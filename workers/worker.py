@@ -36,6 +36,13 @@ def _interface_for(addr: str) -> str | None:
     return None
 
 
+def node_cores() -> int:
+    """Cores this process may use: the node's, read on the node itself."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class Worker:
     def __init__(
         self,
@@ -57,17 +64,35 @@ class Worker:
     def rendezvous_address(self, host: str) -> tuple[str, int]:
         return host, free_port(host)
 
-    def init(self, master_addr: str, master_port: int, num_layers: int) -> int:
-        """Join the group and load this rank's weights; returns its KV capacity in blocks."""
+    def init(
+        self,
+        master_addr: str,
+        master_port: int,
+        num_layers: int,
+        stage_on_one_node: bool = True,
+        node_share: float | None = None,
+    ) -> int:
+        """Join the group and load this rank's weights; returns its KV capacity in blocks.
+        `stage_on_one_node`: see parallel.groups.init_groups. `node_share`: with
+        model.num_threads unset, this rank's share of its own node's cores for its threads."""
         from workers.model_runner import ModelRunner
 
+        if self.model_config.num_threads is None and node_share is not None:
+            torch.set_num_threads(max(1, int(node_cores() * node_share)))
         iface = _interface_for(master_addr)
         if iface is not None:
             # Process-wide setting for this actor's own process: gloo must bind where the
             # rendezvous address lives (loopback in tests, the node's interface in a cluster).
             os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
         backend = resolve_backend(self.parallel, self.model_config.device)
-        groups = init_groups(self.parallel, self.rank, master_addr, master_port, backend)
+        groups = init_groups(
+            self.parallel,
+            self.rank,
+            master_addr,
+            master_port,
+            backend,
+            stage_on_one_node=stage_on_one_node,
+        )
         layer_range = partition_layers(num_layers, self.parallel.pp)[groups.pp_rank]
         self.runner = ModelRunner(self.model_config, self.block_size, groups, layer_range)
         return self.runner.blocks_for_memory(self.kv_gib)
@@ -101,6 +126,7 @@ class Worker:
             "rank": self.rank,
             "tp_all_reduce": "none" if g.tp.size == 1 else ("shm" if g.tp.shm else "dist"),
             "native_kernels": self.runner.native,
+            "num_threads": torch.get_num_threads(),
         }
 
     def ping(self) -> int:
