@@ -12,19 +12,22 @@ llama.cpp's converter permutes the rows of q_proj / k_proj for the `llama` archi
 its interleaved (GPT-J style) rope can be applied to HF's half-split (NeoX style) heads; we
 undo that permutation, so the tensors we yield are the HF checkpoint's tensors. Qwen
 architectures are stored unpermuted.
+
+The file is read with `workers.gguf_file.GGUFFile`, which skips the tokenizer's string arrays
+(gguf-py's `GGUFReader` spends seconds building numpy views of every one of their elements).
 """
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from gguf import GGUFReader, ReaderField
 from gguf.quants import dequantize
 from transformers import AutoConfig, PretrainedConfig
+
+from workers.gguf_file import GGUFFile
 
 # GGUF `general.architecture` -> transformers `model_type`. llama.cpp writes Mistral-style
 # models (no sliding window in GGUF metadata) as "llama"; a LlamaConfig describes exactly what
@@ -77,17 +80,9 @@ def gguf_to_hf_name(gguf_name: str) -> str:
     raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face equivalent we can load")
 
 
-@functools.lru_cache(maxsize=1)
-def _reader(path: str) -> GGUFReader:
-    """gguf's reader parses every metadata field in Python -- ~3.5 s for SmolLM2's 49k-token
-    vocabulary here, most of a group's cold start -- so the config and the weights share one
-    parse (the reader maps the file; the tensors we yield are copies)."""
-    return GGUFReader(path)
-
-
 def read_gguf_config(path: str) -> PretrainedConfig:
     """Build the transformers config equivalent to the GGUF file's metadata."""
-    reader = _reader(path)
+    reader = GGUFFile(path)
     arch = _architecture(reader, path)
     tensors = {t.name: t for t in reader.tensors}
     if "rope_freqs.weight" in tensors:
@@ -132,7 +127,7 @@ def iter_gguf_weights(
     skips a tensor before it is dequantized. Each tensor is a fresh copy, not a view of the
     memory-mapped file.
     """
-    reader = _reader(path)
+    reader = GGUFFile(path)
     arch = _architecture(reader, path)
     heads = _int(reader, f"{arch}.attention.head_count", path)
     kv_heads = _int(reader, f"{arch}.attention.head_count_kv", path, default=heads)
@@ -142,7 +137,7 @@ def iter_gguf_weights(
 
 
 def _dequantized(
-    reader: GGUFReader,
+    reader: GGUFFile,
     dtype: torch.dtype,
     shard_filter: Callable[[str], bool] | None,
     permuted_heads: dict[str, int],
@@ -155,7 +150,7 @@ def _dequantized(
         if not array.flags.writeable:  # F32 comes back as a view of the read-only mmap
             array = array.copy()
         # GGUF lists dimensions fastest-first (ggml `ne`); HF shapes are slowest-first.
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        shape = tuple(reversed(tensor.shape))
         weight = torch.from_numpy(array.reshape(shape))
         projection = name.split(".")[-2]
         if projection in permuted_heads:
@@ -179,7 +174,7 @@ def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return pairs.transpose(1, 2).reshape(weight.shape)
 
 
-def _architecture(reader: GGUFReader, path: str) -> str:
+def _architecture(reader: GGUFFile, path: str) -> str:
     arch = _field(reader, "general.architecture")
     if arch not in _MODEL_TYPES:
         raise ValueError(
@@ -189,29 +184,28 @@ def _architecture(reader: GGUFReader, path: str) -> str:
     return arch
 
 
-def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
-    field: ReaderField | None = reader.fields.get(key)
-    return default if field is None else field.contents()
+def _field(reader: GGUFFile, key: str, default: Any = None) -> Any:
+    return reader.get(key, default)
 
 
-def _int(reader: GGUFReader, key: str, path: str, default: int | None = None) -> int:
+def _int(reader: GGUFFile, key: str, path: str, default: int | None = None) -> int:
     value = _field(reader, key, default)
     if not isinstance(value, int):
         raise ValueError(f"{path}: GGUF metadata {key!r} must be one integer, got {value!r}")
     return value
 
 
-def _vocab_size(reader: GGUFReader, arch: str, tensors: dict[str, Any]) -> int:
+def _vocab_size(reader: GGUFFile, arch: str, tensors: dict[str, Any]) -> int:
     size = _field(reader, f"{arch}.vocab_size")
     if size is not None:
         return size
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    if tokens is not None:
-        return len(tokens.data)
+    if tokens is not None and tokens.length is not None:
+        return tokens.length  # counted; the strings themselves are skipped, not read
     return int(tensors["token_embd.weight"].shape[1])  # ne = [hidden, vocab]
 
 
-def _rope_parameters(reader: GGUFReader, arch: str, path: str) -> dict[str, Any]:
+def _rope_parameters(reader: GGUFFile, arch: str, path: str) -> dict[str, Any]:
     params: dict[str, Any] = {
         "rope_type": "default",
         "rope_theta": _field(reader, f"{arch}.rope.freq_base", 10000.0),
