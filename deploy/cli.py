@@ -69,9 +69,16 @@ Ctrl-C stops the server.
 
 
 def _layout(cfg) -> str:
+    def count(spec) -> str:
+        a = spec.autoscaling
+        if a is None:
+            return str(spec.groups)
+        return f"{spec.groups} (autoscaled {a.min_groups}-{a.max_groups} on {a.policy})"
+
+    specs = {p.role: p for p in cfg.pool_specs()}
     if cfg.pools is None:
-        return f"{cfg.groups} replica group(s)"
-    return f"{cfg.pools.prefill.groups} prefill + {cfg.pools.decode.groups} decode group(s)"
+        return f"{count(specs['colocated'])} replica group(s)"
+    return f"{count(specs['prefill'])} prefill + {count(specs['decode'])} decode group(s)"
 
 
 def _metrics_url(cfg) -> str:
