@@ -140,7 +140,8 @@ class ReplicaGroup:
         self.role = role
         self.leases = _Leases(kv_lease_s)
         self.kv_transfer_timeout_s = kv_transfer_timeout_s
-        self.kv = {"imports": 0, "recomputes": 0, "bytes": 0, "seconds": 0.0}
+        # fetched and imported / recomputed instead / abandoned (the request was cancelled)
+        self.kv = {"imports": 0, "recomputes": 0, "cancelled": 0, "bytes": 0, "seconds": 0.0}
         self.config = config
         self.engine = AsyncEngine(config)
         self.num_aborted = 0  # requests whose caller went away before they finished
@@ -383,6 +384,9 @@ class ReplicaGroup:
                 ),
                 self.kv_transfer_timeout_s,
             )
+        except asyncio.CancelledError:  # the client went away mid-transfer: nothing to import
+            self.kv["cancelled"] += 1
+            raise
         except Exception as e:  # the prefill group died, or the transfer is late
             log.warning("KV of %s from %s not received, recomputing: %r", request_id, group, e)
             kv = None
@@ -484,9 +488,11 @@ class ReplicaGroup:
             "rejected_links": self.rejected_links,
             "role": self.role,
             "kv_leases": len(self.leases.items),
+            "kv_leases_taken": self.leases.taken,
             "kv_lease_expiries": self.leases.expired,
             "kv_imports": self.kv["imports"],
             "kv_recomputes": self.kv["recomputes"],
+            "kv_transfers_cancelled": self.kv["cancelled"],
             "kv_transfer_bytes": self.kv["bytes"],
             "kv_transfer_seconds": self.kv["seconds"],
             "hash_fingerprint": fp,
