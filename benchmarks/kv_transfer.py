@@ -32,7 +32,7 @@ from workers.sampling_params import SamplingParams
 class Receiver:
     def take(self, refs):
         t0 = time.perf_counter()
-        tokens, data = kv_transfer.unpack(ray.get(refs[0]))
+        tokens, data, _ = kv_transfer.unpack(ray.get(refs[0]))
         return time.perf_counter() - t0, float(data.sum())  # read every byte, as import does
 
 
@@ -58,7 +58,9 @@ def main() -> None:
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     recv = Receiver.remote()
-    ray.get(recv.take.remote([ray.put(kv_transfer.pack([], torch.zeros(1)))]))  # start it
+    ray.get(
+        recv.take.remote([ray.put(kv_transfer.pack([], torch.zeros(1), prefill.kv_layout))])
+    )  # start it
 
     rows = {"export": [], "put": [], "get": [], "import": [], "memcpy": []}
     for _ in range(args.rounds):
@@ -66,7 +68,7 @@ def main() -> None:
         out = prefill.executor.export_blocks(blocks)
         rows["export"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        ref = ray.put(kv_transfer.pack(tokens, out))
+        ref = ray.put(kv_transfer.pack(tokens, out, prefill.kv_layout))
         rows["put"].append(time.perf_counter() - t0)
         get_s, _ = ray.get(recv.take.remote([ref]))
         rows["get"].append(get_s)

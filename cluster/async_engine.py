@@ -93,11 +93,11 @@ class AsyncEngine:
         request_id: str | None = None,
         resume_output_ids: Sequence[int] = (),
         handoff: bool = False,
-        kv: tuple[list[int], Any] | None = None,
+        kv: tuple[Any, ...] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream RequestOutput deltas for one request; the last one has finished=True.
         `resume_output_ids` / `handoff`: see LLMEngine.add_request. `kv`: exported blocks
-        (token ids, data) of this prompt to import first, on the engine thread right before
+        (token ids, data[, sender's KVLayout]) of this prompt to import first, on the engine thread right before
         the request is queued, so no step can evict them in between."""
         if self.dead is not None:
             raise EngineDead(f"engine failed: {self.dead!r}")
@@ -162,7 +162,7 @@ class AsyncEngine:
                 if stream is not None:
                     stream.put(asyncio.CancelledError())
 
-    def _import(self, kv: tuple[list[int], Any]) -> None:
+    def _import(self, kv: tuple[Any, ...]) -> None:
         """Imported blocks enter the prefix cache; a failed import only costs a recompute."""
         try:
             self.engine.import_kv(*kv)

@@ -21,6 +21,7 @@ from cluster.block_manager import BlockManager
 from cluster.config import EngineConfig
 from cluster.detokenizer import IncrementalDetokenizer
 from cluster.executor import Executor, make_executor
+from cluster.kv_transfer import KVLayout
 from cluster.request import Request
 from cluster.scheduler import Scheduler
 from workers import progress
@@ -96,6 +97,8 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         bs = config.cache.block_size
+        # What this engine's exported KV is, and what KV it imports (cluster.kv_transfer).
+        self.kv_layout = KVLayout(config.model.name, *self.executor.kv_layout(), block_size=bs)
         progress.report(
             f"KV cache: {self.executor.num_blocks} blocks x {bs} tokens = "
             f"{self.executor.num_blocks * bs} tokens; max model length {self.max_model_len}"
@@ -120,7 +123,8 @@ class LLMEngine:
         bad = next((t for t in token_ids if not (0 <= t < self.vocab_size)), None)
         if bad is not None:
             raise InvalidRequest(
-                "prompt_token_ids", f"token id {bad} is outside the vocabulary [0, {self.vocab_size})"
+                "prompt_token_ids",
+                f"token id {bad} is outside the vocabulary [0, {self.vocab_size})",
             )
         if n >= self.max_model_len:
             raise InvalidRequest(
@@ -324,11 +328,14 @@ class LLMEngine:
         blocks = self.block_manager.block_table(req.req_id)[:n_full]
         return req.token_ids[: n_full * bs], self.executor.export_blocks(blocks)
 
-    def import_kv(self, token_ids: Sequence[int], data: Any) -> int:
-        """Write exported blocks into this engine's prefix cache; a later request with these
-        tokens as its prefix reuses them instead of recomputing. Returns tokens imported."""
+    def import_kv(self, token_ids: Sequence[int], data: Any, layout: KVLayout | None = None) -> int:
+        """Write exported blocks (the whole model's, from an engine of any parallel layout)
+        into this engine's prefix cache; a later request with these tokens as its prefix reuses
+        them instead of recomputing. Returns tokens imported. Raises ValueError, changing
+        nothing, when the sender's `layout` or the data's shape / dtype do not fit this one."""
         bm = self.block_manager
         n_full = len(token_ids) // bm.block_size
+        self.kv_layout.check(list(token_ids[: n_full * bm.block_size]), data, layout)
         if n_full == 0:
             return 0
         tmp = f"__import-{next(self._ids)}"

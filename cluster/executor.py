@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from cluster import kv_shards
 from cluster.config import EngineConfig
 from workers.messages import StepPlan, StepResult
 
@@ -18,6 +19,8 @@ class Executor(Protocol):
     hf_config: Any
 
     def execute(self, plan: StepPlan) -> StepResult: ...
+
+    def kv_layout(self) -> tuple[int, int, int, str]: ...
 
     def export_blocks(self, block_ids: list[int]) -> Any: ...
 
@@ -34,12 +37,18 @@ class LocalExecutor:
 
         self.runner = ModelRunner(config.model, block_size=config.cache.block_size)
         c = config.cache
-        self.runner.allocate_kv(c.num_blocks or self.runner.blocks_for_memory(c.kv_cache_memory_gib))
+        self.runner.allocate_kv(
+            c.num_blocks or self.runner.blocks_for_memory(c.kv_cache_memory_gib)
+        )
         self.num_blocks = self.runner.num_blocks
         self.hf_config = self.runner.hf_config
 
     def execute(self, plan: StepPlan) -> StepResult:
         return self.runner.execute(plan)
+
+    def kv_layout(self) -> tuple[int, int, int, str]:
+        """(layers, KV heads, head dim, dtype): one rank holds the whole model's KV."""
+        return kv_shards.whole([self.runner.kv_shard()])
 
     def export_blocks(self, block_ids: list[int]):
         return self.runner.export_blocks(block_ids)

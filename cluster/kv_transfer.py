@@ -1,13 +1,20 @@
 """The form a prompt's KV takes between a prefill and a decode group: its raw bytes (bf16 and
-fp16 as their 16-bit patterns) with dtype and shape beside them, sent as one frame on the
-decode group's own connection to the prefill group's data plane (cluster/wire.py `take_kv`).
-The sender hands the socket a view of the tensor's memory (no serialization of the values);
-the receiver maps a tensor over the received bytes and copies it into its blocks once.
+fp16 as their 16-bit patterns) with dtype and shape beside them, and the layout they were cut
+to (`KVLayout`), sent as one frame on the decode group's own connection to the prefill group's
+data plane (cluster/wire.py `take_kv`). The sender hands the socket a view of the tensor's
+memory (no serialization of the values); the receiver maps a tensor over the received bytes
+and copies it into its blocks once.
+
+The blocks are always the whole model's (cluster.kv_shards), so groups of different TP / PP /
+EP layouts exchange them; what must match is the layout itself -- the same model, layer and
+KV-head counts, head dim, dtype and block size. The importer checks that first: KV that does
+not fit is recomputed (with the reason logged), never written into blocks it would corrupt.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -16,24 +23,66 @@ import torch
 _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
-def pack(token_ids: list[int], data: torch.Tensor) -> dict[str, Any]:
+@dataclass(frozen=True)
+class KVLayout:
+    """What one block of a group's exported KV is: the whole model's, not a rank's."""
+
+    model: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str  # torch's name without the prefix: float32, bfloat16, ...
+    block_size: int
+
+    def shape(self, n_blocks: int) -> tuple[int, ...]:
+        """[layers, 2 (K, V), blocks, block_size, kv_heads, head_dim]"""
+        return (self.layers, 2, n_blocks, self.block_size, self.kv_heads, self.head_dim)
+
+    def mismatch(self, sent: KVLayout) -> str | None:
+        """Why KV of layout `sent` cannot go into a group of this layout, or None."""
+        diff = [
+            f"{f.name} {getattr(sent, f.name)!r} != {getattr(self, f.name)!r}"
+            for f in fields(self)
+            if getattr(sent, f.name) != getattr(self, f.name)
+        ]
+        return ", ".join(diff) if diff else None
+
+    def check(self, token_ids: list[int], data: torch.Tensor, sent: KVLayout | None) -> None:
+        """Raise ValueError naming what does not fit: the sender's layout, or the data's own
+        shape and dtype (KV without a layout, e.g. from this process, is checked by those)."""
+        why = sent and self.mismatch(sent)
+        if why:
+            raise ValueError(f"KV layout does not match this group's: {why}")
+        want = self.shape(len(token_ids) // self.block_size)
+        got_dtype = str(data.dtype).removeprefix("torch.")
+        if tuple(data.shape) != want or got_dtype != self.dtype:
+            raise ValueError(
+                f"KV of shape {list(data.shape)} {got_dtype} for {len(token_ids)} tokens; this "
+                f"group's is {list(want)} {self.dtype}"
+            )
+
+
+def pack(token_ids: list[int], data: torch.Tensor, layout: KVLayout) -> dict[str, Any]:
     dtype = data.dtype
     data = data.contiguous()
     arr = data.view(_BITS[dtype]).numpy() if dtype in _BITS else data.numpy()
     return {
         "tokens": list(token_ids),
+        "layout": asdict(layout),
         "dtype": str(dtype).removeprefix("torch."),
         "shape": list(arr.shape),
         "data": memoryview(arr.reshape(-1)).cast("B"),
     }
 
 
-def unpack(msg: dict[str, Any]) -> tuple[list[int], torch.Tensor]:
-    """The tokens and a tensor over the received buffer (the importer only reads it)."""
+def unpack(msg: dict[str, Any]) -> tuple[list[int], torch.Tensor, KVLayout | None]:
+    """The tokens, a tensor over the received buffer (the importer only reads it) and the
+    sender's layout (None from a sender that did not say)."""
     dtype = getattr(torch, msg["dtype"])
     np_dtype = np.int16 if dtype in _BITS else torch.empty(0, dtype=dtype).numpy().dtype
     arr = np.frombuffer(msg["data"], dtype=np_dtype).reshape(msg["shape"])
     with warnings.catch_warnings():  # bytes are immutable; the importer only reads them
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         t = torch.from_numpy(arr)
-    return msg["tokens"], (t.view(dtype) if dtype in _BITS else t)
+    layout = KVLayout(**msg["layout"]) if msg.get("layout") else None
+    return msg["tokens"], (t.view(dtype) if dtype in _BITS else t), layout

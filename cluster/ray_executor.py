@@ -27,6 +27,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster import kv_shards
 from cluster.config import EngineConfig
 from parallel.config import ParallelConfig
 from workers.errors import EngineDead
@@ -97,6 +98,8 @@ class RayExecutor:
             ranks = self.describe()
             self.all_reduce = self._all_reduce({d["tp_all_reduce"] for d in ranks})
             self.rank_threads = [d["num_threads"] for d in ranks]
+            self.kv_shards = self._get([a.kv_shard.remote() for a in self.actors], 60)
+            self._kv_whole = kv_shards.whole(self.kv_shards)
         except BaseException:
             self.shutdown()
             raise
@@ -168,12 +171,24 @@ class RayExecutor:
         )
         return results[self.driver]
 
+    def kv_layout(self) -> tuple[int, int, int, str]:
+        """(layers, KV heads, head dim, dtype) of the whole model, as exports carry it."""
+        return self._kv_whole
+
     def export_blocks(self, block_ids: list[int]):
-        return self._get([a.export_blocks.remote(block_ids) for a in self.actors], 120)
+        """The blocks in the whole model's form (cluster.kv_shards), gathered from one rank
+        per shard, so that a group of another layout can import them."""
+        ranks = kv_shards.holders(self.kv_shards)
+        parts = self._get([self.actors[r].export_blocks.remote(block_ids) for r in ranks], 120)
+        return kv_shards.gather(self.kv_shards, dict(zip(ranks, parts, strict=True)))
 
     def import_blocks(self, block_ids: list[int], data) -> None:
+        """Whole-model blocks: every rank writes its own shard of them."""
         self._get(
-            [a.import_blocks.remote(block_ids, d) for a, d in zip(self.actors, data, strict=True)],
+            [
+                a.import_blocks.remote(block_ids, kv_shards.scatter(shard, data))
+                for a, shard in zip(self.actors, self.kv_shards, strict=True)
+            ],
             120,
         )
 

@@ -140,7 +140,8 @@ class ReplicaGroup:
         self.role = role
         self.leases = _Leases(kv_lease_s)
         self.kv_transfer_timeout_s = kv_transfer_timeout_s
-        self.kv = {"imports": 0, "recomputes": 0, "bytes": 0, "seconds": 0.0}
+        # fetched and imported / recomputed instead / abandoned (the request was cancelled)
+        self.kv = {"imports": 0, "recomputes": 0, "cancelled": 0, "bytes": 0, "seconds": 0.0}
         self.config = config
         self.engine = AsyncEngine(config)
         self.num_aborted = 0  # requests whose caller went away before they finished
@@ -364,7 +365,7 @@ class ReplicaGroup:
         from cluster import kv_transfer  # torch: only in a group's process, never the router's
 
         kv = self.leases.take(request_id)
-        return None if kv is None else kv_transfer.pack(*kv)
+        return None if kv is None else kv_transfer.pack(*kv, self.engine.engine.kv_layout)
 
     async def _fetch_kv(self, source: dict[str, Any], request_id: str) -> Any:
         """The prompt KV held by the group `source` names ({group, host, port, secret}: its
@@ -383,18 +384,35 @@ class ReplicaGroup:
                 ),
                 self.kv_transfer_timeout_s,
             )
+        except asyncio.CancelledError:  # the client went away mid-transfer: nothing to import
+            self.kv["cancelled"] += 1
+            raise
         except Exception as e:  # the prefill group died, or the transfer is late
             log.warning("KV of %s from %s not received, recomputing: %r", request_id, group, e)
             kv = None
+        if kv is not None:
+            kv = self._fitting_kv(kv, request_id, group)
         if kv is None:
             self.kv["recomputes"] += 1
             return None
         self.kv["imports"] += 1
-        self.kv["bytes"] += len(kv["data"])
+        self.kv["bytes"] += kv[1].nbytes
         self.kv["seconds"] += time.monotonic() - t0
-        from cluster import kv_transfer
+        return kv
 
-        return kv_transfer.unpack(kv)
+    def _fitting_kv(self, msg: dict[str, Any], request_id: str, group: str) -> tuple | None:
+        """take_kv's answer as (token ids, data, layout) when it fits this group's KV layout
+        (any TP / PP / EP layout of the same model does: cluster.kv_shards), else None with
+        the reason logged -- a different model, dtype, head dim or block size is recomputed."""
+        from cluster import kv_transfer  # torch: only in a group's process
+
+        try:
+            tokens, data, layout = kv_transfer.unpack(msg)
+            self.engine.engine.kv_layout.check(tokens, data, layout)
+        except (ValueError, TypeError, KeyError) as e:
+            log.warning("KV of %s from %s does not fit, recomputing: %s", request_id, group, e)
+            return None
+        return tokens, data, layout
 
     def _delta(self, out, params: SamplingParams) -> dict[str, Any]:
         msg: dict[str, Any] = {"ids": out.new_token_ids, "text": out.delta_text, "lp": None}
@@ -470,9 +488,11 @@ class ReplicaGroup:
             "rejected_links": self.rejected_links,
             "role": self.role,
             "kv_leases": len(self.leases.items),
+            "kv_leases_taken": self.leases.taken,
             "kv_lease_expiries": self.leases.expired,
             "kv_imports": self.kv["imports"],
             "kv_recomputes": self.kv["recomputes"],
+            "kv_transfers_cancelled": self.kv["cancelled"],
             "kv_transfer_bytes": self.kv["bytes"],
             "kv_transfer_seconds": self.kv["seconds"],
             "hash_fingerprint": fp,

@@ -170,5 +170,6 @@ class ServedGroup(ReplicaGroup):
         return super().stats(known_fingerprint) | {
             "node_id": self.member.node_id,
             "host": self.member.host,
+            "pid": os.getpid(),  # the replica's process on that node (its engine, one-rank)
             "startup": self.startup,
         }

@@ -220,15 +220,12 @@ class FlotillaConfig(BaseModel):
             if p.cache.block_size != d.cache.block_size:
                 raise ValueError(
                     f"pools.prefill block_size {p.cache.block_size} != pools.decode block_size "
-                    f"{d.cache.block_size}: KV blocks move between them as they are"
+                    f"{d.cache.block_size}: KV blocks move between them as they are (re-blocking "
+                    "is not supported)"
                 )
-            lp, ld = p.parallel, d.parallel
-            if (lp.tp, lp.pp, lp.ep) != (ld.tp, ld.pp, ld.ep):
-                raise ValueError(
-                    f"pools.prefill parallel (tp={lp.tp}, pp={lp.pp}, ep={lp.ep}) differs from "
-                    f"pools.decode (tp={ld.tp}, pp={ld.pp}, ep={ld.ep}): re-sharding KV between "
-                    "layouts is not supported yet"
-                )
+            # The pools' TP / PP / EP layouts may differ: KV travels as the whole model's blocks
+            # (cluster.kv_shards). The model and its dtype are the top-level engine's, shared;
+            # a dtype that `auto` resolves differently on two nodes is caught per transfer.
         return self
 
     def _pool_engine(self, role: str) -> EngineConfig:

@@ -93,6 +93,10 @@ class Ingress:
             await self.router.poll_once()
         return self.router.group_stats()
 
+    def router_counters(self) -> dict[str, int]:
+        """This router replica's request migrations and prefill fallbacks so far."""
+        return dict(self.router.counters)
+
     async def drain_groups(self) -> int:
         """App shutdown: every group refuses new requests; returns how many are in flight."""
         return await self.router.drain_groups()

@@ -109,6 +109,7 @@ class ModelRunner:
         self.hf_config = load_hf_config(path)
         arch = LlamaArch.from_hf(self.hf_config)
         first, last = layer_range or (0, arch.num_layers)
+        self.layer_range = (first, last)
         t0 = time.monotonic()
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = LlamaForCausalLM(self.hf_config, groups.tp, (first, last), groups.ep)
@@ -153,7 +154,9 @@ class ModelRunner:
         layers, kvh, hd = self.model.kv_layout()
         self.num_blocks = num_blocks
         self.kv_caches = [
-            torch.zeros(2, num_blocks, self.block_size, kvh, hd, dtype=self.dtype, device=self.device)
+            torch.zeros(
+                2, num_blocks, self.block_size, kvh, hd, dtype=self.dtype, device=self.device
+            )
             for _ in range(layers)
         ]
         progress.phase("kv_cache", time.monotonic() - t0)
@@ -289,9 +292,28 @@ class ModelRunner:
         return out
 
     def import_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
+        """Write export_blocks' form of this rank's shard into the given blocks. The dtype
+        must be this cache's: converting would continue from values the sender never had."""
+        if data.dtype != self.dtype:
+            raise ValueError(f"KV of dtype {data.dtype} cannot go into a {self.dtype} cache")
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         for c, d in zip(self.kv_caches, data, strict=True):
-            c.index_copy_(1, idx, d.to(device=self.device, dtype=c.dtype))
+            c.index_copy_(1, idx, d.to(device=self.device))
+
+    def kv_shard(self) -> dict:
+        """Where this rank's KV cache sits in the whole model's: layers [first, last) and KV
+        heads [first, last) (ranks that replicate a head -- tp > KV heads, or EP ranks without
+        TP -- report the same range), head dim and dtype. cluster.kv_shards gathers and
+        scatters a group's blocks with it."""
+        _, heads, head_dim = self.model.kv_layout()
+        qkv = next(iter(self.model.layers.values())).self_attn.qkv_proj
+        first = self.groups.tp.rank // qkv.kv_replicas * heads
+        return {
+            "layers": list(self.layer_range),
+            "heads": [first, first + heads],
+            "head_dim": head_dim,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
 
     def param_bytes(self) -> int:
         """Bytes of this rank's loaded parameters (tied weights counted once)."""

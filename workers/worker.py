@@ -109,6 +109,9 @@ class Worker:
     def import_blocks(self, block_ids: list[int], data) -> None:
         self.runner.import_blocks(block_ids, data)
 
+    def kv_shard(self) -> dict:
+        return self.runner.kv_shard()
+
     def param_bytes(self) -> int:
         return self.runner.param_bytes()
 

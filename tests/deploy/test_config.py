@@ -93,3 +93,22 @@ def test_a_one_rank_cuda_group_asks_serve_for_its_gpu(device, tp, gpus):
     )
     groups = build_app(cfg)._bound_deployment.init_args[3]  # the ingress's bound pools
     assert [g._bound_deployment.ray_actor_options["num_gpus"] for g in groups.values()] == [gpus]
+
+
+def _pools(prefill: dict, decode: dict) -> dict:
+    return {"pools": {"prefill": prefill, "decode": decode}}
+
+
+def test_pools_may_differ_in_parallel_layout():
+    cfg = FlotillaConfig.model_validate(
+        _pools({"parallel": {"tp": 1}}, {"parallel": {"tp": 2, "pp": 2}})
+    )
+    prefill, decode = (s.engine.parallel for s in cfg.pool_specs())
+    assert (prefill.tp, decode.tp, decode.pp) == (1, 2, 2)
+
+
+def test_pools_must_share_the_block_size():
+    with pytest.raises(ValueError, match="prefill block_size 8 != pools.decode block_size 16"):
+        FlotillaConfig.model_validate(
+            _pools({"cache": {"block_size": 8}}, {"cache": {"block_size": 16}})
+        )

@@ -1,0 +1,264 @@
+"""Faults of the prefill -> decode hand-off, served for real (Ray Serve, gRPC) on the tiny
+seeded Llama: one prefill group and two decode groups, a 1 s KV lease. Every answer equals the
+colocated engine's, and the counters say exactly what happened:
+
+* both decode groups stall (SIGSTOP) past the lease: the decode group fetches late, finds the
+  lease expired and recomputes the prompt (seeded sampling continues as if nothing happened);
+* the client cancels right after the first token, while the decode group takes the KV: the
+  lease is taken or expires, every block on both sides ends free or cached, nothing hangs;
+* the decode group dies mid-stream: the router resumes the request on the other one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from deploy import preflight
+from router.proto import flotilla_pb2 as pb
+from router.proto import flotilla_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+META = (("application", "flotilla"),)
+LEASE_S = 1.0
+PROMPT = [100 + (7 * i) % 500 for i in range(40)]  # 5 full blocks: always handed off
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def config(tiny_model_dir):
+    return preflight.load(
+        str(ROOT / "deploy" / "examples" / "pd.yaml"),
+        {
+            "engine.model.model": tiny_model_dir("llama"),
+            "engine.model.dtype": "float32",
+            "engine.cache": {"block_size": 8, "num_blocks": 512},
+            "pools.decode.groups": 2,
+            "pools.prefill.group_num_cpus": 0.5,
+            "pools.decode.group_num_cpus": 0.5,
+            "pools.kv_lease_s": LEASE_S,
+            "pools.kv_transfer_timeout_s": 20,
+            "router.pd_min_prompt_tokens": 12,
+            # A stalled group is marked unhealthy after max(2 s, 10 polls) unanswered: 5 s.
+            "router.stats_interval_s": 0.5,
+            "serve.http_port": _free_port(),
+            "serve.grpc_port": _free_port(),
+            "serve.metrics_export_port": None,
+            "serve.health_check_period_s": 1.0,
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def app(config):
+    import ray
+    from ray import serve
+
+    from deploy.app import runtime_env, start
+
+    ray.init(
+        num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env(config)
+    )
+    try:
+        yield start(config)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def stub(app, config):
+    channel = grpc.insecure_channel(f"127.0.0.1:{config.serve.grpc_port}")
+    yield pb_grpc.FlotillaStub(channel)
+    channel.close()
+
+
+@pytest.fixture(scope="module")
+def offline(config):
+    from cluster.engine import LLMEngine
+
+    return LLMEngine(config.engine)
+
+
+def _stats(app, refresh: bool = True) -> list[dict]:
+    return app.group_stats.remote(refresh).result(timeout_s=30)
+
+
+def _sums(app) -> dict[str, dict[str, float]]:
+    """Per pool, the counters summed over its groups."""
+    keys = ("num_requests", "num_aborted", "kv_imports", "kv_recomputes",
+            "kv_transfers_cancelled", "kv_leases_taken", "kv_lease_expiries")  # fmt: skip
+    out = {"prefill": dict.fromkeys(keys, 0), "decode": dict.fromkeys(keys, 0)}
+    for s in _stats(app):
+        for k in keys:
+            out[s["role"]][k] += s[k]
+    return out
+
+
+def _delta(before: dict, after: dict) -> dict[str, dict[str, float]]:
+    return {r: {k: after[r][k] - before[r][k] for k in before[r]} for r in before}
+
+
+def _wait_for_decode_groups(app, n: int = 2, timeout_s: float = 60.0) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        decode = [s for s in _stats(app) if s["role"] == "decode" and s["healthy"]]
+        if len(decode) == n:
+            return decode
+        assert time.monotonic() < deadline, f"{len(decode)} healthy decode groups, want {n}"
+        time.sleep(0.2)
+
+
+def _wait_idle(app, timeout_s: float = 20.0) -> list[dict]:
+    """Bounded: nothing runs, every KV block is free or cached, no lease is held."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = _stats(app)
+        idle = all(s["num_running"] == 0 and s["num_waiting"] == 0 for s in stats)
+        if idle and all(s["kv_usage"] == 0.0 and s["kv_leases"] == 0 for s in stats):
+            return stats
+        assert time.monotonic() < deadline, f"not idle after {timeout_s}s: {stats}"
+        time.sleep(0.1)
+
+
+def _request(ids: list[int], params: pb.SamplingParams) -> pb.GenerateRequest:
+    return pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=ids), params=params)
+
+
+def _want(offline, max_tokens: int, **kw) -> tuple[list[int], str]:
+    from workers.sampling_params import SamplingParams
+
+    ref = offline.generate([PROMPT], SamplingParams(max_tokens=max_tokens, ignore_eos=True, **kw))
+    return ref[0].token_ids, ref[0].text
+
+
+def _collect(stream) -> tuple[list[int], str, str]:
+    ids, text, finish = [], [], ""
+    for msg in stream:
+        ids += msg.token_ids
+        text.append(msg.text)
+        finish = msg.finish_reason or finish
+    return ids, "".join(text), finish
+
+
+def test_a_late_decode_group_recomputes_after_the_lease_expired(app, stub, offline):
+    decode = _wait_for_decode_groups(app)
+    _wait_idle(app)
+    before = _sums(app)
+    kw = {"temperature": 0.8, "seed": 5, "top_k": 40}
+    pids = [s["pid"] for s in decode]
+    for pid in pids:  # a stall (GC, an overloaded node): the decode groups fetch late
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        stream = stub.GenerateStream(
+            _request(PROMPT, pb.SamplingParams(max_tokens=16, ignore_eos=True, **kw)),
+            metadata=META,
+            timeout=60,
+        )
+        first = next(stream)  # the prefill group's token; its lease starts now
+        time.sleep(2 * LEASE_S)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    ids, text, finish = _collect(stream)
+    got = (list(first.token_ids) + ids, first.text + text, finish)
+    assert got == (*_want(offline, 16, **kw), "length")
+    d = _delta(before, _sums(app))
+    assert d["prefill"] == {
+        "num_requests": 1, "num_aborted": 0, "kv_imports": 0, "kv_recomputes": 0,
+        "kv_transfers_cancelled": 0, "kv_leases_taken": 0, "kv_lease_expiries": 1,
+    }  # fmt: skip
+    assert d["decode"] == {
+        "num_requests": 1, "num_aborted": 0, "kv_imports": 0, "kv_recomputes": 1,
+        "kv_transfers_cancelled": 0, "kv_leases_taken": 0, "kv_lease_expiries": 0,
+    }  # fmt: skip
+    _wait_idle(app)
+
+
+def test_a_cancel_during_the_transfer_leaves_nothing_held(app, stub, offline):
+    _wait_for_decode_groups(app)
+    before = _sums(app)
+    # Long enough that no decode leg ends before the cancel reaches it.
+    params = pb.SamplingParams(max_tokens=900, temperature=0.0, ignore_eos=True)
+    n = 3
+    for _ in range(n):
+        stream = stub.GenerateStream(_request(PROMPT, params), metadata=META, timeout=60)
+        assert len(next(stream).token_ids) == 1  # the prefill group's token ...
+        stream.cancel()  # ... and the client is gone while the decode group takes the KV
+        with pytest.raises(grpc.RpcError) as err:
+            next(stream)
+        assert err.value.code() == grpc.StatusCode.CANCELLED
+    time.sleep(LEASE_S)  # a lease nobody took runs out
+    _wait_idle(app)
+    d = _delta(before, _sums(app))
+    assert d["prefill"]["num_requests"] == n
+    assert d["prefill"]["kv_leases_taken"] + d["prefill"]["kv_lease_expiries"] == n
+    # Each decode leg that started (the cancel may also reach the router before it submits)
+    # imported the KV, found its lease gone or was cancelled while taking it -- and was
+    # aborted, not run to its end. A lease taken but not imported went to a cancelled fetch.
+    dd = d["decode"]
+    started = dd["num_requests"]
+    assert started <= n and dd["num_aborted"] == started
+    assert dd["kv_imports"] + dd["kv_recomputes"] + dd["kv_transfers_cancelled"] == started
+    taken_unused = d["prefill"]["kv_leases_taken"] - dd["kv_imports"]
+    assert 0 <= taken_unused <= dd["kv_transfers_cancelled"]
+    # Nothing hangs: the next request runs through the hand-off as usual.
+    short = pb.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    got = _collect(stub.GenerateStream(_request(PROMPT, short), metadata=META, timeout=60))
+    assert got == (*_want(offline, 16, temperature=0.0), "length")
+
+
+def test_a_dead_decode_group_hands_the_stream_to_the_other(app, stub, offline):
+    import ray
+
+    _wait_for_decode_groups(app)
+    _wait_idle(app)
+    before = {s["name"]: s for s in _stats(app)}
+    migrations = app.router_counters.remote().result(timeout_s=30)["migrations"]
+    params = pb.SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
+    stream = stub.GenerateStream(_request(PROMPT, params), metadata=META, timeout=120)
+    ids, text = [], []
+    for msg in stream:
+        ids += msg.token_ids
+        text.append(msg.text)
+        if len(ids) >= 20:
+            break
+    running = [s for s in _stats(app) if s["role"] == "decode" and s["num_running"]]
+    assert len(running) == 1, running
+    victim = running[0]["name"]
+    actor = next(
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].endswith("#decode#" + victim.removeprefix("decode-"))
+    )
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=False)
+    rest = _collect(stream)
+    got = (ids + rest[0], "".join(text) + rest[1], rest[2])
+    assert got == (*_want(offline, 500, temperature=0.0), "length")
+    assert app.router_counters.remote().result(timeout_s=30)["migrations"] - migrations == 1
+    after = {s["name"]: s for s in _stats(app)}
+    (survivor,) = (n for n, s in before.items() if s["role"] == "decode" and n != victim)
+    (prefill,) = (n for n, s in before.items() if s["role"] == "prefill")
+
+    def d(name: str, key: str) -> int:
+        return after[name][key] - before[name][key]
+
+    # The victim took the prompt's KV; the survivor resumed after the relayed tokens,
+    # recomputing the prompt and those tokens (no lease to fetch): one leg, run to its end.
+    assert (d(prefill, "num_requests"), d(prefill, "kv_leases_taken")) == (1, 1)
+    assert [d(survivor, k) for k in ("num_requests", "num_aborted", "kv_imports",
+                                     "kv_recomputes")] == [1, 0, 0, 0]  # fmt: skip
+    assert victim not in after or not after[victim]["healthy"]
