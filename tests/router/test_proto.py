@@ -15,9 +15,8 @@ from pathlib import Path
 
 from google.protobuf import descriptor_pb2
 
-from router.proto import codegen
+from router.proto import codegen, health_pb2
 from router.proto import flotilla_pb2 as pb
-from router.proto import health_pb2
 
 _STAMP = re.compile(r"^GRPC_GENERATED_VERSION = '[^']*'$", re.M)
 
