@@ -80,7 +80,8 @@ Flotilla is serving {model!r} on {_layout(cfg)}, routing {cfg.router.policy}.
     python -c "import openai; c = openai.OpenAI(base_url='{http}/v1', api_key='-'); \\
 print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'content': 'Hi!'}}]).choices[0].message.content)"
   health / models: curl {http}/health ; curl {http}/v1/models
-  metrics (Prometheus, ray_flotilla_*): {_metrics_url(cfg)}
+  tokens: curl {http}/tokenize -H 'Content-Type: application/json' -d '{{"prompt": "Hi"}}'
+  metrics (Prometheus, ray_flotilla_*): {_metrics_url(cfg)} (this router's: {http}/metrics)
 
 Ctrl-C stops the server.
 """

@@ -1,5 +1,11 @@
 """OpenAI-compatible HTTP front end: /v1/completions, /v1/chat/completions (the model's chat
-template), /v1/models, /health. Streaming is SSE ending with `data: [DONE]`.
+template), /v1/models, /health (router.utility_api: /tokenize, /detokenize, /version,
+/metrics). Streaming is SSE ending with `data: [DONE]`.
+
+Like vLLM's server: unknown body fields are ignored and named in `x-flotilla-ignored-fields`
+(router.unknown_fields); a client's `X-Request-Id` is the id the request runs under (choice i
+of n > 1: `<id>-<i>`) and what gRPC `Abort` takes (router.request_ids); Serve's HTTP proxy
+echoes it, and gives a request without one an id of its own, which we then use.
 
 Errors use OpenAI's JSON shape ({"error": {"message", "type", "param", "code"}}) with 400
 (invalid field or malformed JSON), 404 (unknown model), 429 (every group's queue is full) or
@@ -35,7 +41,6 @@ from router.validation import (
     parse_body,
     seeded,
 )
-from workers.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -149,23 +154,19 @@ class HttpCall:
                         ", ".join(self.ignored))  # fmt: skip
 
     def headers(self) -> dict[str, str]:
-        h = {request_ids.HEADER: self.client_id or self.run_id}
+        # A request that came with an id gets it echoed by Serve's HTTP proxy, which also gives
+        # every request without one an id of its own (so through Serve, client_id is always
+        # set); a second copy from us would make the header a list. Only an id we made up is
+        # ours to send.
+        h = {} if self.client_id else {request_ids.HEADER: self.run_id}
         if self.ignored:
             h[unknown_fields.HEADER] = ",".join(self.ignored)
         return h
 
     def error(self, exc: BaseException) -> JSONResponse:
         resp = error_response(request_ids.as_field(exc, request_ids.HEADER), self.body_id)
-        if self.client_id is None or self._id_ok():
-            resp.headers.update(self.headers())
+        resp.headers.update(self.headers())
         return resp
-
-    def _id_ok(self) -> bool:  # never echo an id we refused (it may not even be a valid value)
-        try:
-            self.check()
-            return True
-        except InvalidRequest:
-            return False
 
 
 def _reject_unknown(router: Router) -> bool:
