@@ -1,6 +1,10 @@
 """The `flotilla` command.
 
-flotilla serve [--config cfg.yaml] [--model M] [--groups N] [--policy P]
+flotilla --version
+flotilla serve [--config cfg.yaml] [--model M] [--served-model-name NAME] [--groups N]
+               [--policy P] [--host H] [--http-port P] [--grpc-port P] [--tp N] [--pp N]
+               [--max-model-len N] [--dtype D]
+    each flag overrides one field of the YAML (which stays the full form; see _FLAGS), then
     check the config (exit 2 naming the field and the numbers if it cannot be served), start
     (or join) a Ray cluster, run the Serve app, print how to call it, block until Ctrl-C or
     SIGTERM, then drain (refuse new requests, let running ones finish for
@@ -25,16 +29,30 @@ import sys
 import time
 from typing import Any
 
+# `flotilla serve` flag -> (the config field it overrides, argparse type). Values are checked
+# by the config itself, so a bad one fails like the same value in the YAML: exit 2 naming the
+# field (types only catch what is not even a number).
+_FLAGS: dict[str, tuple[str, type]] = {
+    "model": ("engine.model.model", str),
+    "served_model_name": ("engine.model.served_name", str),
+    "groups": ("groups", int),
+    "policy": ("router.policy", str),
+    "host": ("serve.host", str),
+    "http_port": ("serve.http_port", int),
+    "grpc_port": ("serve.grpc_port", int),
+    "tp": ("engine.parallel.tp", int),
+    "pp": ("engine.parallel.pp", int),
+    "max_model_len": ("engine.model.max_model_len", int),
+    "dtype": ("engine.model.dtype", str),
+}
+
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if args.model:
-        out["engine.model.model"] = args.model
-    if args.groups is not None:
-        out["groups"] = args.groups
-    if args.policy:
-        out["router.policy"] = args.policy
-    return out
+    return {
+        field: getattr(args, dest)
+        for dest, (field, _) in _FLAGS.items()
+        if getattr(args, dest, None) is not None
+    }
 
 
 def _config_failed(e: Exception) -> int:
@@ -62,7 +80,8 @@ Flotilla is serving {model!r} on {_layout(cfg)}, routing {cfg.router.policy}.
     python -c "import openai; c = openai.OpenAI(base_url='{http}/v1', api_key='-'); \\
 print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'content': 'Hi!'}}]).choices[0].message.content)"
   health / models: curl {http}/health ; curl {http}/v1/models
-  metrics (Prometheus, ray_flotilla_*): {_metrics_url(cfg)}
+  tokens: curl {http}/tokenize -H 'Content-Type: application/json' -d '{{"prompt": "Hi"}}'
+  metrics (Prometheus, ray_flotilla_*): {_metrics_url(cfg)} (this router's: {http}/metrics)
 
 Ctrl-C stops the server.
 """
@@ -323,15 +342,18 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from router.version import version
+
     p = argparse.ArgumentParser(prog="flotilla", description="Flotilla LLM serving on Ray.")
+    p.add_argument("--version", action="version", version=f"flotilla {version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the Serve app (gRPC + OpenAI HTTP) until Ctrl-C")
     s.add_argument("--config", help="YAML file (deploy/examples/default.yaml shows every section)")
-    s.add_argument("--model", help="override engine.model.model")
-    s.add_argument("--groups", type=int, help="override groups")
-    s.add_argument("--policy", choices=["round_robin", "power_of_two", "prefix_aware"])
+    for dest, (field, kind) in _FLAGS.items():
+        s.add_argument(f"--{dest.replace('_', '-')}", dest=dest, type=kind,
+                       help=f"override {field}")  # fmt: skip
     s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("build", help="write the Ray Serve config of a Flotilla config")
@@ -377,8 +399,11 @@ def main(argv: list[str] | None = None) -> int:
     from deploy.bench.cli import register as register_bench  # `flotilla bench` (deploy/bench/)
 
     register_bench(sub)
+    return p
 
-    args = p.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

@@ -67,6 +67,13 @@ class RouterConfig(BaseModel):
         "API keys, comma-separated (set it where Ray starts: `flotilla serve`'s shell, or "
         "`ray start` on each node). Unset or empty variable: only api_keys count.",
     )
+    unknown_fields: Literal["ignore", "reject"] = Field(
+        "ignore",
+        description="OpenAI request fields this server does not know: ignore = serve the "
+        "request (the names are logged and returned in the x-flotilla-ignored-fields header), "
+        "except a name that looks like a typo of a known field (400 with the likely name); "
+        "reject = 400 for any unknown field.",
+    )
     data_plane: Literal["direct", "serve"] = Field(
         "direct",
         description="How the router talks to its groups once started: direct = one TCP "

@@ -32,17 +32,23 @@ from cluster.block_manager import block_hashes
 from cluster.registry import Member
 from router.auth import ApiKeys
 from router.config import RouterConfig
-from router.errors import NoHealthyGroup, error_from_group
+from router.errors import NoHealthyGroup, RequestAborted, error_from_group
 from router.legs import Handoff, LegFailed, Progress
 from router.link import GroupLink, Inbox
 from router.metrics import RequestMetrics
 from router.policies import GroupView, Policy, SessionTable, make_policy
+from router.running import Running, Ticket
 from router.tokenize import Tokenizer
 from router.validation import Limits
 from workers.errors import EngineDead, EngineDraining, EngineOverloaded, InvalidRequest
 from workers.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+
+def choice_id(request_id: str, index: int, n: int) -> str:
+    """The id choice `index` of `n` runs under: the request's own when n == 1."""
+    return request_id if n == 1 else f"{request_id}-{index}"
 
 
 @dataclass
@@ -91,6 +97,7 @@ class Router:
         self.policy: Policy = make_policy(config.policy, config.max_load_imbalance)
         self.sessions = SessionTable(config.max_sessions)
         self.keys = ApiKeys(config)
+        self.running = Running()
         self.metrics = metrics or RequestMetrics(model, enabled=False)
         self.tokenizer: Tokenizer | None = None
         self.limits: Limits | None = None
@@ -290,8 +297,10 @@ class Router:
         session_id: str | None = None,
         request_id: str | None = None,
         index: int = 0,
+        key: str | None = None,
     ) -> AsyncIterator[Chunk]:
-        """Deltas of one request; the last has finish and usage.
+        """Deltas of one request; the last has finish and usage. `request_id` must not be
+        running already (InvalidRequest); `key` (default: the id) is what `abort` finds it by.
 
         A request runs as one or more legs, each on one group. Colocated: one leg, unless its
         group dies mid-stream -- then it resumes on another group after the tokens already
@@ -300,6 +309,34 @@ class Router:
         imports it and continues; the same resume covers a decode group dying mid-stream.
         """
         request_id = request_id or uuid.uuid4().hex
+        ticket = self.running.start(request_id, key or request_id)
+        # Also unregistered when the task driving us ends while we sit at a yield (see _leg).
+        driver = asyncio.current_task()
+        done = lambda _task: self.running.end(ticket)  # noqa: E731
+        if driver is not None:
+            driver.add_done_callback(done)
+        try:
+            async for chunk in self._legs(request_id, token_ids, params, session_id, index, ticket):
+                yield chunk
+        finally:
+            self.running.end(ticket)
+            if driver is not None:
+                driver.remove_done_callback(done)
+
+    def abort(self, key: str) -> int:
+        """Stop the running requests of `key` (gRPC Abort) as if their clients went away: the
+        group aborts them and frees their KV blocks. Returns how many were running here."""
+        return self.running.abort(key)
+
+    async def _legs(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        params: SamplingParams,
+        session_id: str | None,
+        index: int,
+        ticket: Ticket,
+    ) -> AsyncIterator[Chunk]:
         wire = params.model_dump(exclude_defaults=True)
         acc = Progress(time.monotonic())
         leg: dict[str, Any] = self._first_leg(len(token_ids))
@@ -308,7 +345,7 @@ class Router:
             role = "prefill" if leg.get("handoff") else "decode"
             try:
                 async for chunk in self._leg(
-                    request_id, token_ids, wire, session_id, index, role, leg, acc
+                    request_id, token_ids, wire, session_id, index, role, leg, acc, ticket
                 ):
                     yield chunk
                 return
@@ -365,6 +402,7 @@ class Router:
         role: str,
         leg: dict[str, Any],
         acc: Progress,
+        ticket: Ticket,
     ) -> AsyncIterator[Chunk]:
         """One leg on one group (see stream). Raises Handoff when a prefill leg ends in a
         hand-off, LegFailed when the group fails and the request may move on."""
@@ -400,6 +438,8 @@ class Router:
 
         driver = asyncio.current_task()
         try:
+            if ticket.aborted:  # between legs
+                raise RequestAborted(f"request {request_id} was aborted")
             try:
                 inbox, group, msg = await self._open(
                     request_id, token_ids, wire, hashes, session_id, role, leg
@@ -409,8 +449,11 @@ class Router:
             acc.n_leg = 0
             if driver is not None:
                 driver.add_done_callback(release)
+            ticket.attach(inbox)
             tags = self.metrics.tags(group.name)
             while True:
+                if ticket.aborted:  # not `ended`: release() tells the group to abort it
+                    raise RequestAborted(f"request {request_id} was aborted")
                 if "error" in msg:
                     ended = True
                     err = error_from_group(msg["error"])
@@ -518,13 +561,14 @@ class Router:
         session_id: str | None = None,
         request_id: str | None = None,
         index: int = 0,
+        key: str | None = None,
     ) -> Chunk:
         """The whole output of one request as one Chunk."""
         ids: list[int] = []
         text: list[str] = []
         lps: list[Any] | None = [] if params.logprobs is not None else None
         last = None
-        async for c in self.stream(token_ids, params, session_id, request_id, index):
+        async for c in self.stream(token_ids, params, session_id, request_id, index, key):
             ids += c.ids
             text.append(c.text)
             if lps is not None and c.logprobs:
@@ -534,19 +578,27 @@ class Router:
         return Chunk(ids, "".join(text), lps, last.finish, last.usage, last.group, index)
 
     async def stream_n(
-        self, token_ids: list[int], params: list[SamplingParams], session_id: str | None
+        self,
+        token_ids: list[int],
+        params: list[SamplingParams],
+        session_id: str | None,
+        request_id: str | None = None,
     ) -> AsyncIterator[Chunk]:
-        """n choices of one prompt, interleaved as they arrive (Chunk.index tells them apart)."""
+        """n choices of one prompt, interleaved as they arrive (Chunk.index tells them apart).
+        Choice i of n > 1 runs as `{request_id}-{i}` (the group link needs distinct ids);
+        `abort(request_id)` stops them all."""
         if len(params) == 1:
-            async for c in self.stream(token_ids, params[0], session_id):
+            async for c in self.stream(token_ids, params[0], session_id, request_id):
                 yield c
             return
+        base = request_id or uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
 
         async def pump(i: int, sp: SamplingParams) -> None:
             try:
-                async for c in self.stream(token_ids, sp, session_id, index=i):
+                ids = choice_id(base, i, len(params))
+                async for c in self.stream(token_ids, sp, session_id, ids, i, base):
                     await queue.put(c)
             except Exception as e:
                 await queue.put(e)

@@ -63,6 +63,10 @@ def invalid(field: str, message: str) -> ApiError:
     )
 
 
+class RequestAborted(Exception):
+    """Stopped by an Abort call (router.running); like a client cancel, but seen by the client."""
+
+
 class BodyTooLarge(ValueError):
     """An HTTP body past router.max_body_bytes."""
 
@@ -82,6 +86,11 @@ def api_error(exc: BaseException, request_id: str = "") -> ApiError:
             "invalid_request_error",
             "invalid_api_key",
             str(exc),
+        )
+    if isinstance(exc, RequestAborted):
+        # 499: nginx's "client closed request" -- the closest HTTP has to a cancel.
+        return ApiError(
+            grpc.StatusCode.CANCELLED, 499, "request_aborted", "request_aborted", str(exc)
         )
     if isinstance(exc, BodyTooLarge):
         return ApiError(

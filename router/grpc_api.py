@@ -8,10 +8,10 @@ keeps the code and details the context carries.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from router import request_ids
 from router.core import Chunk, Router
 from router.errors import ModelNotFound, api_error
 from router.proto import flotilla_pb2 as pb
@@ -142,9 +142,11 @@ def _fail(context: Any, exc: BaseException, request_id: str) -> None:
 
 
 async def generate(router: Router, req: pb.GenerateRequest, context: Any) -> pb.GenerateResponse:
-    request_id = uuid.uuid4().hex
+    request_id = request_ids.new()
     try:
         authenticate(router, context)
+        if req.request_id:
+            request_id = request_ids.check(req.request_id, "request_id")
         token_ids, params = prepare(router, req)
         c = await router.complete(token_ids, params, _session(router, req, context), request_id)
     except Exception as e:
@@ -164,9 +166,11 @@ async def generate(router: Router, req: pb.GenerateRequest, context: Any) -> pb.
 async def generate_stream(
     router: Router, req: pb.GenerateRequest, context: Any
 ) -> AsyncIterator[pb.GenerateStreamResponse]:
-    request_id = uuid.uuid4().hex
+    request_id = request_ids.new()
     try:
         authenticate(router, context)
+        if req.request_id:
+            request_id = request_ids.check(req.request_id, "request_id")
         token_ids, params = prepare(router, req)
         async for c in router.stream(token_ids, params, _session(router, req, context), request_id):
             yield pb.GenerateStreamResponse(
@@ -180,6 +184,17 @@ async def generate_stream(
     except Exception as e:
         _fail(context, e, request_id)
         raise GrpcAbort(context.details()) from None
+
+
+def abort(router: Router, req: pb.AbortRequest, context: Any = None) -> pb.AbortResponse:
+    """Stop the running requests of that id here (Router.abort)."""
+    try:
+        authenticate(router, context)
+        request_ids.check(req.request_id, "request_id")
+    except Exception as e:
+        _fail(context, e, "")
+        return pb.AbortResponse()
+    return pb.AbortResponse(aborted=router.abort(req.request_id))
 
 
 async def health(router: Router) -> pb.HealthResponse:

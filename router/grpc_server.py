@@ -1,5 +1,6 @@
-"""Registers the flotilla.v1 service with Serve's gRPC proxy (the function named in
-gRPCOptions.grpc_servicer_functions; it runs inside the proxy process).
+"""Registers the flotilla.v1 service and the standard grpc.health.v1 one (router.grpc_health)
+with Serve's gRPC proxy (the function named in gRPCOptions.grpc_servicer_functions; it runs
+inside the proxy process).
 
 Why not the generated `add_FlotillaServicer_to_server` directly: in Ray Serve 2.60 the proxy's
 server-streaming handler only cancels the call into the replica when the client's cancel or
@@ -26,6 +27,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from router import grpc_health
 from router.proto import flotilla_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -33,10 +35,15 @@ log = logging.getLogger(__name__)
 _END = object()
 
 
+def _add_all(servicer: Any, server: Any) -> None:
+    pb_grpc.add_FlotillaServicer_to_server(servicer, server)
+    grpc_health.add_to_server(servicer, server)
+
+
 def add_servicer(servicer: Any, server: Any) -> None:
     factory = getattr(server, "service_handler_factory", None)
     if not callable(factory):
-        pb_grpc.add_FlotillaServicer_to_server(servicer, server)
+        _add_all(servicer, server)
         return
 
     def cancel_safe_factory(*, service_method: str, streaming_type: Any) -> Callable:
@@ -47,7 +54,7 @@ def add_servicer(servicer: Any, server: Any) -> None:
 
     server.service_handler_factory = cancel_safe_factory
     try:
-        pb_grpc.add_FlotillaServicer_to_server(servicer, server)
+        _add_all(servicer, server)
     finally:
         server.service_handler_factory = factory
 

@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from ray import serve
 
-from router import grpc_api, openai_api
+from router import grpc_api, grpc_health, openai_api, utility_api
 from router.config import RouterConfig
 from router.core import Router
 from router.directory import RegistryDirectory
@@ -64,6 +64,22 @@ class Ingress:
     async def health(self) -> Response:
         return openai_api.health(self.router)
 
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        return await utility_api.tokenize(self.router, request)
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request) -> Response:
+        return await utility_api.detokenize(self.router, request)
+
+    @app.get("/version")
+    async def version(self, request: Request) -> Response:
+        return utility_api.version(self.router, request)
+
+    @app.get("/metrics")
+    async def metrics(self, request: Request) -> Response:
+        return utility_api.metrics(self.router, request)
+
     # ---- gRPC (flotilla.v1.Flotilla) --------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:  # noqa: N802
         return await grpc_api.generate(self.router, request, grpc_context)
@@ -79,6 +95,17 @@ class Ingress:
         self, request: pb.ListModelsRequest, grpc_context
     ) -> pb.ListModelsResponse:  # noqa: N802
         return grpc_api.list_models(self.router, grpc_context)
+
+    async def Abort(self, request: pb.AbortRequest, grpc_context) -> pb.AbortResponse:  # noqa: N802
+        return grpc_api.abort(self.router, request, grpc_context)
+
+    # ---- gRPC (grpc.health.v1.Health, registered by router.grpc_server) ---------------------
+    async def Check(self, request, grpc_context):  # noqa: N802
+        return grpc_health.check(self.router, request, grpc_context)
+
+    async def Watch(self, request, grpc_context):  # noqa: N802
+        async for msg in grpc_health.watch(self.router, request, grpc_context):
+            yield msg
 
     # ---- operations (DeploymentHandle only) --------------------------------------------------
     def reconfigure(self, user_config: dict[str, Any]) -> None:

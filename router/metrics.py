@@ -5,12 +5,16 @@ the node's metrics export port (`flotilla serve` prints it). Every series carrie
 `group` tags. Latencies are measured in the router, so they include routing and the hops
 between router and group -- what a client sees minus the proxy.
 
-Outside a Ray worker (unit tests) `RequestMetrics(enabled=False)` records nothing.
+Every value is also kept in process (router.metrics_mirror) for the router's own
+`GET /metrics`: the same names, this replica's share only. Outside a Ray worker (unit tests)
+`RequestMetrics(enabled=False)` records to that mirror alone.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from router.metrics_mirror import Mirror
 
 # Seconds. TTFT and end-to-end span interactive to long generations; ITL is per token.
 # fmt: off
@@ -30,22 +34,56 @@ class _Noop:
     def set(self, *a: Any, **k: Any) -> None: ...
 
 
+class _Both:
+    """One metric recorded to Ray and to the in-process mirror."""
+
+    __slots__ = ("ray", "mirror")
+
+    def __init__(self, ray_metric: Any, mirror_metric: Any):
+        self.ray, self.mirror = ray_metric, mirror_metric
+
+    def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self.ray.observe(value, tags=tags)
+        self.mirror.observe(value, tags=tags)
+
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+        self.ray.inc(value, tags=tags)
+        self.mirror.inc(value, tags=tags)
+
+    def set(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self.ray.set(value, tags=tags)
+        self.mirror.set(value, tags=tags)
+
+
 class RequestMetrics:
     def __init__(self, model: str, enabled: bool = True):
         self.model = model
+        self.mirror = Mirror()
+        mirror = self.mirror
         if enabled:
             from ray.util import metrics as m
 
             def hist(name, desc, buckets):
-                return m.Histogram(name, desc, boundaries=buckets, tag_keys=_TAGS)
+                return _Both(
+                    m.Histogram(name, desc, boundaries=buckets, tag_keys=_TAGS),
+                    mirror.histogram(name, desc, buckets, _TAGS),
+                )
 
             def gauge(name, desc):
-                return m.Gauge(name, desc, tag_keys=_TAGS)
+                return _Both(m.Gauge(name, desc, tag_keys=_TAGS), mirror.gauge(name, desc, _TAGS))
 
             def counter(name, desc, tags=_TAGS):
-                return m.Counter(name, desc, tag_keys=tags)
+                return _Both(m.Counter(name, desc, tag_keys=tags), mirror.counter(name, desc, tags))
         else:
-            hist = gauge = counter = lambda *a, **k: _Noop()  # noqa: E731
+
+            def hist(name, desc, buckets):
+                return _Both(_Noop(), mirror.histogram(name, desc, buckets, _TAGS))
+
+            def gauge(name, desc):
+                return _Both(_Noop(), mirror.gauge(name, desc, _TAGS))
+
+            def counter(name, desc, tags=_TAGS):
+                return _Both(_Noop(), mirror.counter(name, desc, tags))
 
         self.ttft = hist(
             "flotilla_time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS

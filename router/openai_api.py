@@ -1,5 +1,11 @@
 """OpenAI-compatible HTTP front end: /v1/completions, /v1/chat/completions (the model's chat
-template), /v1/models, /health. Streaming is SSE ending with `data: [DONE]`.
+template), /v1/models, /health (router.utility_api: /tokenize, /detokenize, /version,
+/metrics). Streaming is SSE ending with `data: [DONE]`.
+
+Like vLLM's server: unknown body fields are ignored and named in `x-flotilla-ignored-fields`
+(router.unknown_fields); a client's `X-Request-Id` is the id the request runs under (choice i
+of n > 1: `<id>-<i>`) and what gRPC `Abort` takes (router.request_ids); Serve's HTTP proxy
+echoes it, and gives a request without one an id of its own, which we then use.
 
 Errors use OpenAI's JSON shape ({"error": {"message", "type", "param", "code"}}) with 400
 (invalid field or malformed JSON), 404 (unknown model), 429 (every group's queue is full) or
@@ -12,18 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from router.core import Chunk, Router
+from router import request_ids, unknown_fields
+from router.core import Chunk, Router, choice_id
 from router.errors import BodyTooLarge, ModelNotFound, api_error
 from router.validation import (
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     chat_params,
     check_messages,
@@ -34,6 +42,8 @@ from router.validation import (
     seeded,
 )
 
+log = logging.getLogger(__name__)
+
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -42,7 +52,7 @@ def error_response(exc: BaseException, request_id: str = "") -> JSONResponse:
     return JSONResponse(err.openai_body(), status_code=err.http_status)
 
 
-def _check_model(router: Router, model: str | None) -> None:
+def check_model(router: Router, model: str | None) -> None:
     if model and model != router.model:
         raise ModelNotFound(model, router.model)
 
@@ -124,46 +134,100 @@ async def read_body(router: Router, request: Request) -> bytes:
     return bytes(body)
 
 
+class HttpCall:
+    """What one HTTP request carries besides its body: its ids and the fields ignored."""
+
+    def __init__(self, request: Request, prefix: str):
+        self.client_id = request.headers.get(request_ids.HEADER)
+        self.run_id = self.client_id or f"{prefix}-{request_ids.new()}"  # what the router uses
+        self.body_id = f"{prefix}-{self.client_id}" if self.client_id else self.run_id
+        self.ignored: list[str] = []
+
+    def check(self) -> None:
+        if self.client_id is not None:
+            request_ids.check(self.client_id, request_ids.HEADER)
+
+    def note_ignored(self, req: Any) -> None:
+        self.ignored = unknown_fields.unknown_fields(req)
+        if self.ignored:
+            log.warning("request %s: ignored unknown fields: %s", self.run_id,
+                        ", ".join(self.ignored))  # fmt: skip
+
+    def headers(self) -> dict[str, str]:
+        # A request that came with an id gets it echoed by Serve's HTTP proxy, which also gives
+        # every request without one an id of its own (so through Serve, client_id is always
+        # set); a second copy from us would make the header a list. Only an id we made up is
+        # ours to send.
+        h = {} if self.client_id else {request_ids.HEADER: self.run_id}
+        if self.ignored:
+            h[unknown_fields.HEADER] = ",".join(self.ignored)
+        return h
+
+    def error(self, exc: BaseException) -> JSONResponse:
+        resp = error_response(request_ids.as_field(exc, request_ids.HEADER), self.body_id)
+        resp.headers.update(self.headers())
+        return resp
+
+
+def _reject_unknown(router: Router) -> bool:
+    return router.config.unknown_fields == "reject"
+
+
 async def completions(router: Router, request: Request) -> Response:
-    request_id = f"cmpl-{uuid.uuid4().hex}"
+    call = HttpCall(request, "cmpl")
     try:
-        req = parse_body(await read_body(router, request), CompletionRequest)
-        _check_model(router, req.model)
+        body = await read_body(router, request)
+        call.check()
+        req = parse_body(body, CompletionRequest, _reject_unknown(router))
+        call.note_ignored(req)
+        check_model(router, req.model)
         limits = router.prompt_limits()
         params, opts = completion_params(req, limits)
         token_ids = router.tokenize(completion_prompt(req))
         sp = finalize(params, opts, len(token_ids), limits)
     except Exception as e:
-        return error_response(e, request_id)
+        return call.error(e)
     choice_params = [seeded(sp, i) for i in range(opts.n)]
-    return await _respond(router, request, request_id, token_ids, choice_params, opts, chat=False)
+    return await _respond(router, request, call, token_ids, choice_params, opts, chat=False)
 
 
 async def chat_completions(router: Router, request: Request) -> Response:
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    call = HttpCall(request, "chatcmpl")
     try:
-        req = parse_body(await read_body(router, request), ChatCompletionRequest)
-        _check_model(router, req.model)
+        body = await read_body(router, request)
+        call.check()
+        req = parse_body(body, ChatCompletionRequest, _reject_unknown(router))
+        call.note_ignored(req)
+        check_model(router, req.model)
         limits = router.prompt_limits()
         check_messages(len(req.messages), limits)
         params, opts = chat_params(req, limits)
-        messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
-        assert router.tokenizer is not None
-        token_ids = router.tokenizer.apply_chat_template(messages, req.add_generation_prompt)
+        token_ids = chat_ids(router, req.messages, req.add_generation_prompt)
         sp = finalize(params, opts, len(token_ids), limits)
     except Exception as e:
-        return error_response(e, request_id)
+        return call.error(e)
     choice_params = [seeded(sp, i) for i in range(opts.n)]
-    return await _respond(router, request, request_id, token_ids, choice_params, opts, chat=True)
+    return await _respond(router, request, call, token_ids, choice_params, opts, chat=True)
 
 
-async def _respond(router, request, request_id, token_ids, choice_params, opts, chat: bool):
+def chat_ids(router: Router, messages: list[ChatMessage], add_generation_prompt: bool):
+    rendered = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in messages]
+    assert router.tokenizer is not None
+    return router.tokenizer.apply_chat_template(rendered, add_generation_prompt)
+
+
+async def _respond(router, request, call: HttpCall, token_ids, choice_params, opts, chat: bool):
     session = _session(router, request)
     created = int(time.time())
+    n = len(choice_params)
     if not opts.stream:
         # One message per choice from the group (Router.complete): no per-token hops.
         tasks = [
-            asyncio.ensure_future(router.complete(token_ids, sp, session, index=i))
+            asyncio.ensure_future(
+                router.complete(
+                    token_ids, sp, session, choice_id(call.run_id, i, n), i, call.run_id
+                )
+            )
             for i, sp in enumerate(choice_params)
         ]
         try:
@@ -171,18 +235,18 @@ async def _respond(router, request, request_id, token_ids, choice_params, opts, 
         except Exception as e:
             for t in tasks:  # one choice failed: stop the others (frees their KV blocks)
                 t.cancel()
-            return error_response(e, request_id)
-        headers = {"x-flotilla-group": chunks[0].group, "x-request-id": request_id}
-        body = _merge(router, request_id, created, chunks, len(choice_params), chat)
+            return call.error(e)
+        headers = {"x-flotilla-group": chunks[0].group} | call.headers()
+        body = _merge(router, call.body_id, created, chunks, n, chat)
         return JSONResponse(body, headers=headers)
-    stream = router.stream_n(token_ids, choice_params, session)
+    stream = router.stream_n(token_ids, choice_params, session, call.run_id)
     try:
         first = await stream.__anext__()  # accepted (200) or the error's own status code
     except Exception as e:
         await stream.aclose()
-        return error_response(e, request_id)
-    headers = {"x-flotilla-group": first.group, "x-request-id": request_id}
-    body = _sse(router, request_id, created, first, stream, opts, chat)
+        return call.error(e)
+    headers = {"x-flotilla-group": first.group} | call.headers()
+    body = _sse(router, call.body_id, created, first, stream, opts, chat)
     return StreamingResponse(body, media_type="text/event-stream", headers=headers | _SSE_HEADERS)
 
 

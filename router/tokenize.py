@@ -30,9 +30,13 @@ class Tokenizer:
             self.tok = PreTrainedTokenizerFast.from_pretrained(tmp)
         self._token_text: dict[int, str] = {}
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # Same call as LLMEngine.tokenize (special tokens added as the tokenizer config says).
-        return self.tok.encode(text)
+        return self.tok.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Token ids -> text, special tokens included (what /detokenize returns)."""
+        return self.tok.decode(list(token_ids))
 
     def apply_chat_template(
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True

@@ -1,8 +1,8 @@
 """Untrusted request fields -> (prompt, SamplingParams, options), or InvalidRequest naming the
 field and the limit.
 
-Both APIs end here: the OpenAI request bodies (pydantic models below, unknown fields refused)
-and the gRPC GenerateRequest (router.grpc_api converts it to the same dict first). Limits that
+Both APIs end here: the OpenAI request bodies (pydantic models below; unknown fields are
+ignored, typos of known ones refused: router.unknown_fields) and the gRPC GenerateRequest (router.grpc_api converts it to the same dict first). Limits that
 need the model (context length, vocabulary) are checked in `check_limits` once the prompt is
 tokenized; the replica group checks them again, authoritatively, before queueing anything.
 """
@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from router import unknown_fields
 from workers.errors import InvalidRequest
 from workers.sampling_params import MAX_LOGPROBS, SamplingParams, invalid_from_pydantic
 
@@ -58,12 +59,12 @@ class Options:
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")  # unknown: ignored, see router.unknown_fields
     include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")  # unknown: ignored, see router.unknown_fields
 
     model: str | None = None
     n: int = Field(1, ge=1)
@@ -140,13 +141,24 @@ class ChatCompletionRequest(_Common):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None  # the legacy names of tools / tool_choice
+    function_call: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
 
-    @field_validator("tools")
+    @field_validator("tools", "functions")
     @classmethod
     def _no_tools(cls, v):
         if v:
             raise ValueError("tools are not supported")
+        return v
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, v):
+        # "none" and "auto" without tools mean plain text: what we produce anyway.
+        if v is not None and v not in ("none", "auto"):
+            raise ValueError("tools are not supported (only 'none' or 'auto' without tools)")
         return v
 
     @field_validator("response_format")
@@ -157,8 +169,9 @@ class ChatCompletionRequest(_Common):
         return v
 
 
-def parse_body(body: bytes, model: type[BaseModel]) -> Any:
-    """JSON bytes -> a request model; malformed JSON or a bad field -> InvalidRequest."""
+def parse_body(body: bytes, model: type[BaseModel], reject_unknown: bool = False) -> Any:
+    """JSON bytes -> a request model; malformed JSON, a bad field or an unknown one that looks
+    like a typo (any unknown one with `reject_unknown`) -> InvalidRequest."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
@@ -166,9 +179,11 @@ def parse_body(body: bytes, model: type[BaseModel]) -> Any:
     if not isinstance(data, dict):
         raise InvalidRequest("body", "expected a JSON object")
     try:
-        return model.model_validate(data)
+        req = model.model_validate(data)
     except ValidationError as e:
         raise invalid_from_pydantic(e) from None
+    unknown_fields.check(req, reject_unknown)
+    return req
 
 
 def _stop_list(stop: str | list[str] | None) -> list[str]:

@@ -1,4 +1,5 @@
-"""Generate the Python gRPC stubs from flotilla.proto: `python -m router.proto.codegen`.
+"""Generate the Python gRPC stubs from flotilla.proto and health.proto (the standard
+grpc.health.v1 service): `python -m router.proto.codegen`.
 
 Run from any directory. The proto is compiled with the repository root as the include path,
 so the generated service module imports `router.proto.flotilla_pb2` (a package path that
@@ -12,7 +13,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTO = "router/proto/flotilla.proto"
-GENERATED = ("flotilla_pb2.py", "flotilla_pb2.pyi", "flotilla_pb2_grpc.py")
+HEALTH_PROTO = "router/proto/health.proto"
+GENERATED = tuple(
+    f"{stem}{suffix}"
+    for stem in ("flotilla", "health")
+    for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+)
 
 
 def generate(out_root: Path = ROOT) -> list[Path]:
@@ -28,9 +34,10 @@ def generate(out_root: Path = ROOT) -> list[Path]:
         f"--pyi_out={out_root}",
         f"--grpc_python_out={out_root}",
         str(ROOT / PROTO),
+        str(ROOT / HEALTH_PROTO),
     ]
     if protoc.main(args) != 0:
-        raise RuntimeError(f"protoc failed on {PROTO}")
+        raise RuntimeError(f"protoc failed on {PROTO} or {HEALTH_PROTO}")
     return [out_dir / name for name in GENERATED]
 
 

@@ -5,7 +5,7 @@ import warnings
 
 from router.proto import flotilla_pb2 as router_dot_proto_dot_flotilla__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -54,6 +54,11 @@ class FlotillaStub:
                 request_serializer=router_dot_proto_dot_flotilla__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=router_dot_proto_dot_flotilla__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Abort = channel.unary_unary(
+                '/flotilla.v1.Flotilla/Abort',
+                request_serializer=router_dot_proto_dot_flotilla__pb2.AbortRequest.SerializeToString,
+                response_deserializer=router_dot_proto_dot_flotilla__pb2.AbortResponse.FromString,
+                _registered_method=True)
 
 
 class FlotillaServicer:
@@ -85,6 +90,15 @@ class FlotillaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Abort(self, request, context):
+        """Stop a running request by its id (GenerateRequest.request_id, or HTTP X-Request-Id) as if
+        its client had gone away: its stream ends with CANCELLED and its KV blocks are freed.
+        With several router replicas it reaches one of them: `aborted` says whether it was there.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FlotillaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +121,11 @@ def add_FlotillaServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=router_dot_proto_dot_flotilla__pb2.ListModelsRequest.FromString,
                     response_serializer=router_dot_proto_dot_flotilla__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Abort': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abort,
+                    request_deserializer=router_dot_proto_dot_flotilla__pb2.AbortRequest.FromString,
+                    response_serializer=router_dot_proto_dot_flotilla__pb2.AbortResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +236,33 @@ class Flotilla:
             '/flotilla.v1.Flotilla/ListModels',
             router_dot_proto_dot_flotilla__pb2.ListModelsRequest.SerializeToString,
             router_dot_proto_dot_flotilla__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Abort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flotilla.v1.Flotilla/Abort',
+            router_dot_proto_dot_flotilla__pb2.AbortRequest.SerializeToString,
+            router_dot_proto_dot_flotilla__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,

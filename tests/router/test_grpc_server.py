@@ -102,6 +102,10 @@ def test_add_servicer_wraps_only_server_streaming_methods():
     stream = server.handlers["/flotilla.v1.Flotilla/GenerateStream"]
     unary = server.handlers["/flotilla.v1.Flotilla/Generate"]
     assert stream.__name__ == "stream" and unary.__name__ == "h"
+    # The standard health service rides along, routed the same way.
+    assert server.handlers["/grpc.health.v1.Health/Check"].__name__ == "h"
+    assert server.handlers["/grpc.health.v1.Health/Watch"].__name__ == "stream"
+    assert server.handlers["/flotilla.v1.Flotilla/Abort"].__name__ == "h"
 
 
 def test_guarded_context_never_touches_an_ended_call():

@@ -1,4 +1,5 @@
-"""The checked-in gRPC stubs say what flotilla.proto says (regenerate with `make proto`).
+"""The checked-in gRPC stubs say what flotilla.proto and health.proto say (regenerate with
+`make proto`).
 
 What matters is the API, not which grpcio-tools release wrote the files: the messages and
 services are compared as protobuf descriptors, and the service module as text with its
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from google.protobuf import descriptor_pb2
 
-from router.proto import codegen
+from router.proto import codegen, health_pb2
 from router.proto import flotilla_pb2 as pb
 
 _STAMP = re.compile(r"^GRPC_GENERATED_VERSION = '[^']*'$", re.M)
@@ -29,22 +30,25 @@ def _descriptor_of(pb2_source: str) -> descriptor_pb2.FileDescriptorProto:
 
 
 def test_messages_and_services_match_the_proto(tmp_path):
-    fresh = tmp_path / "router" / "proto" / "flotilla_pb2.py"
     codegen.generate(tmp_path)
-    want = _descriptor_of(fresh.read_text())
-    have = descriptor_pb2.FileDescriptorProto.FromString(pb.DESCRIPTOR.serialized_pb)
-    assert have == want, "router/proto/flotilla_pb2.py is stale: run `make proto`"
-    assert [s.name for s in have.service] == ["Flotilla"]
+    for module, service in ((pb, "Flotilla"), (health_pb2, "Health")):
+        name = module.__name__.rsplit(".", 1)[1]
+        fresh = tmp_path / "router" / "proto" / f"{name}.py"
+        want = _descriptor_of(fresh.read_text())
+        have = descriptor_pb2.FileDescriptorProto.FromString(module.DESCRIPTOR.serialized_pb)
+        assert have == want, f"router/proto/{name}.py is stale: run `make proto`"
+        assert [s.name for s in have.service] == [service]
 
 
 def test_service_module_matches_the_proto(tmp_path):
     codegen.generate(tmp_path)
-    fresh = (tmp_path / "router" / "proto" / "flotilla_pb2_grpc.py").read_text()
-    checked_in = (codegen.ROOT / "router" / "proto" / "flotilla_pb2_grpc.py").read_text()
-    mask = "GRPC_GENERATED_VERSION = '*'"
-    assert _STAMP.sub(mask, checked_in) == _STAMP.sub(mask, fresh), (
-        "router/proto/flotilla_pb2_grpc.py is stale: run `make proto`"
-    )
+    for name in ("flotilla_pb2_grpc.py", "health_pb2_grpc.py"):
+        fresh = (tmp_path / "router" / "proto" / name).read_text()
+        checked_in = (codegen.ROOT / "router" / "proto" / name).read_text()
+        mask = "GRPC_GENERATED_VERSION = '*'"
+        assert _STAMP.sub(mask, checked_in) == _STAMP.sub(mask, fresh), (
+            f"router/proto/{name} is stale: run `make proto`"
+        )
 
 
 def test_the_check_sees_a_changed_proto(tmp_path, monkeypatch):
@@ -52,6 +56,7 @@ def test_the_check_sees_a_changed_proto(tmp_path, monkeypatch):
     edited = tmp_path / "src" / codegen.PROTO
     edited.parent.mkdir(parents=True)
     text = (codegen.ROOT / codegen.PROTO).read_text()
+    (edited.parent / "health.proto").write_text((codegen.ROOT / codegen.HEALTH_PROTO).read_text())
     edited.write_text(
         text.replace(
             "message SamplingParams {",

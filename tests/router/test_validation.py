@@ -61,7 +61,7 @@ def _field_of(fn) -> tuple[str, str]:
         ({"suffix": "x"}, "suffix", "not supported"),
         ({"logit_bias": {"1": 2}}, "logit_bias", "not supported"),
         ({"best_of": 3}, "best_of", "best_of == n"),
-        ({"bogus": 1}, "bogus", "unknown field"),
+        ({"max_token": 5}, "max_token", "did you mean 'max_tokens'"),
     ],
 )
 def test_each_bad_completion_field_is_named(body, field, limit):

@@ -14,7 +14,16 @@ import requests
 
 from router.proto import flotilla_pb2 as pb
 
-from .serve_support import BASE, MAX_MODEL_LEN, PROMPTS, greedy, group_stats
+from .serve_support import (
+    BASE,
+    GRPC_PORT,
+    MAX_MODEL_LEN,
+    PROMPTS,
+    counts,
+    greedy,
+    group_stats,
+    wait_aborted,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -204,7 +213,7 @@ def test_openai_n_and_logprobs(client, config):
         ({"prompt": "x", "frequency_penalty": "lots"}, 400, "frequency_penalty"),
         ({"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
         ({"prompt": "x", "min_p": 3}, 400, "min_p"),
-        ({"prompt": "x", "unknown_knob": 1}, 400, "unknown_knob"),
+        ({"prompt": "x", "max_token": 1}, 400, "max_token"),  # a typo: not ignored
         ({"prompt": ""}, 400, "prompt"),
         ({"prompt": "word " * 1100}, 400, "prompt"),
         ({"prompt": [5, 10**8]}, 400, "prompt"),
@@ -245,3 +254,56 @@ def test_replicas_stay_healthy_after_bad_inputs(app, stub):
     assert all(s["direct_links"] == 1 for s in group_stats(app))
     resp = stub.Generate(pb.GenerateRequest(prompt="still fine", params=greedy(3)), timeout=60)
     assert resp.usage.completion_tokens == 3
+
+
+# ---- what vLLM's users expect ------------------------------------------------------------------
+def test_openai_client_extra_fields_request_id_and_tokenize(client, offline, config):
+    r = client.chat.completions.with_raw_response.create(
+        model=config.model_name,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=3,
+        temperature=0,
+        metadata={"team": "a"},  # an OpenAI field we do not use
+        extra_body={"parallel_tool_calls": False, "service_tier": "auto"},
+        extra_headers={"X-Request-Id": "serve-api-1"},
+    )
+    assert r.headers["x-request-id"] == "serve-api-1"  # once: Serve's proxy echoes it
+    assert r.headers["x-flotilla-ignored-fields"] == "metadata,parallel_tool_calls,service_tier"
+    c = r.parse()
+    assert c.id == "chatcmpl-serve-api-1" and c.usage.completion_tokens == 3
+
+    got = requests.post(f"{BASE}/tokenize", json={"prompt": PROMPTS[1]}, timeout=30).json()
+    assert got["tokens"] == offline.tokenize(PROMPTS[1]) and got["max_model_len"] == MAX_MODEL_LEN
+    back = requests.post(f"{BASE}/detokenize", json={"tokens": got["tokens"]}, timeout=30)
+    assert back.json()["prompt"].endswith(PROMPTS[1])  # the tokenizer may add a BOS token
+    assert requests.get(f"{BASE}/version", timeout=30).json()["version"]
+    metrics = requests.get(f"{BASE}/metrics", timeout=30).text  # this router's own series
+    assert "\nray_flotilla_requests_total{" in metrics and 'group="group-' in metrics
+
+
+def test_grpc_abort_frees_the_streams_blocks(app, stub):
+    before = counts(app)
+    call = stub.GenerateStream(
+        pb.GenerateRequest(
+            prompt="Abort this story", request_id="abort-me", params=greedy(1000, ignore_eos=True)
+        ),
+        timeout=60,
+    )
+    first = next(call)
+    assert first.request_id == "abort-me"
+    assert stub.Abort(pb.AbortRequest(request_id="abort-me"), timeout=30).aborted == 1
+    with pytest.raises(grpc.RpcError) as e:
+        for _ in call:
+            pass
+    assert e.value.code() == grpc.StatusCode.CANCELLED
+    wait_aborted(app, before, "Abort")
+    assert stub.Abort(pb.AbortRequest(request_id="abort-me"), timeout=30).aborted == 0
+
+
+def test_standard_grpc_health_service(app):
+    from router.grpc_health import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        got = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        assert got.status == health_pb2.HealthCheckResponse.SERVING
