@@ -120,7 +120,8 @@ class LLMEngine:
         bad = next((t for t in token_ids if not (0 <= t < self.vocab_size)), None)
         if bad is not None:
             raise InvalidRequest(
-                "prompt_token_ids", f"token id {bad} is outside the vocabulary [0, {self.vocab_size})"
+                "prompt_token_ids",
+                f"token id {bad} is outside the vocabulary [0, {self.vocab_size})",
             )
         if n >= self.max_model_len:
             raise InvalidRequest(
