@@ -128,3 +128,38 @@ def test_a_step_that_never_returns_fails_streams_and_refuses(tiny_model_dir, mon
             asyncio.run(refused())
     finally:
         eng.shutdown()
+
+
+def test_a_hung_group_reports_it_and_ends_its_requests_as_dead(tiny_model_dir, monkeypatch):
+    from cluster.replica_group import ReplicaGroup
+
+    monkeypatch.setenv(faults.ENV, "hang_step_after:2")
+    monkeypatch.delenv(faults.ONCE_ENV, raising=False)
+    group = ReplicaGroup(_config(tiny_model_dir("llama"), 0.5), name="g")
+    params = {"max_tokens": 40, "temperature": 0.0, "ignore_eos": True}
+
+    async def main():
+        deltas: list[tuple[str, dict]] = []
+        sub = group.subscribe("r")
+        assert await sub.__anext__() == []
+        for i in range(2):
+            assert await group.submit("r", f"q{i}", [100 + i, 7, 8], params) is None
+        while sum("error" in d or "finish" in d for _, d in deltas) < 2:
+            deltas += await asyncio.wait_for(sub.__anext__(), 10)
+        refused = await group.submit("r", "late", [1, 2], params)
+        late = await asyncio.wait_for(sub.__anext__(), 10) if refused is None else []
+        await sub.aclose()
+        return deltas, late
+
+    try:
+        deltas, late = asyncio.run(main())
+        ends = {rid: d["error"]["kind"] for rid, d in deltas if "error" in d}
+        assert ends == {"q0": "dead", "q1": "dead"}
+        assert [d["error"]["kind"] for _, d in late] == ["dead"]  # refused, as dead
+        s = group.stats()
+        assert s["healthy"] is False and s["hung"] is True
+        assert s["blocks"]["total"] == 64
+        with pytest.raises(EngineDead, match="engine hung"):
+            group.check_health()
+    finally:
+        group.engine.shutdown()
