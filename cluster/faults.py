@@ -1,9 +1,10 @@
 """TEST-ONLY fault injection: make a real group hang, to test hang detection end to end.
 
-    FLOTILLA_FAULT=hang_step_after:N   the engine's (N+1)-th step never returns
-    FLOTILLA_FAULT_ONCE=/path          optional: only the first process to create this file
-                                       hangs (so one group of a pool hangs, and its
-                                       replacement does not)
+    FLOTILLA_FAULT=hang_step_after:N   a step after the N-th never returns
+    FLOTILLA_FAULT_ONCE=/path          optional: a step hangs only if it creates this file
+                                       (exclusively): one hang across every process given
+                                       the path, and none while the file exists -- a test
+                                       creates it first, then deletes it to arm the fault
 
 Read once, when an AsyncEngine starts. Unset (always, outside tests), the engine steps through
 LLMEngine.step directly: nothing here is on the serving path.
@@ -37,7 +38,7 @@ def wrap_step(step: Callable[[], Any]) -> Callable[[], Any]:
     def faulty() -> Any:
         nonlocal steps
         steps += 1
-        if steps == after + 1 and _claim(once):
+        if steps > after and _claim(once):
             log.error("%s: step %d hangs now (test fault injection)", ENV, steps)
             while True:  # a step that never returns; the process is killed around it
                 time.sleep(3600)
