@@ -10,6 +10,12 @@ Lifecycle of a stream:
     (EngineOverloaded) -> deltas until finished. If the consumer stops early (client cancel,
     deadline, disconnect: asyncio.CancelledError or generator close), an "abort" command frees
     the request's KV blocks. If a step raises, every in-flight stream fails with EngineDead.
+
+Hangs: a watchdog thread checks the engine thread's StepClock (cluster.watchdog) every
+min(1 s, hang_timeout_s / 4). Once a step has run past `scheduler.hang_timeout_s`, or work
+has waited that long with no step begun, the engine is `hung` for good: every in-flight stream
+fails with EngineDead (so a router resumes it elsewhere) and new requests are refused. The
+group reports it and fails its health check; nothing un-hangs it, Serve replaces it.
 """
 
 from __future__ import annotations
@@ -18,11 +24,14 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from cluster import faults
 from cluster.config import EngineConfig
 from cluster.engine import EngineStats, LLMEngine, RequestOutput
+from cluster.watchdog import StepClock
 from workers.errors import EngineDead
 from workers.sampling_params import SamplingParams
 
@@ -49,6 +58,10 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stopped = False
         self.dead: BaseException | None = None
+        self.hung: str | None = None  # why the watchdog gave up on the engine thread
+        self.clock = StepClock()
+        # KV block accounting as of the engine's last idle moment (exact: taken on its thread)
+        self.blocks: dict[str, int] = {}
         self._ids = 0
         # The engine is built on the thread that steps it. torch's OpenMP runtime keeps one
         # worker pool per calling thread: loading on one thread and stepping on another leaves
@@ -65,11 +78,16 @@ class AsyncEngine:
         ready.wait()
         if failed:
             raise failed[0]
+        self.hang_timeout_s = self.engine.config.scheduler.hang_timeout_s
+        self._watchdog = threading.Thread(target=self._watch, name="flotilla-watchdog", daemon=True)
+        self._watchdog.start()
 
     def _main(self, config, ready: threading.Event, failed: list[BaseException]) -> None:
         try:
             if self.engine is None:
                 self.engine = LLMEngine(config)
+            self._step = faults.wrap_step(self.engine.step)  # engine.step outside tests
+            self.blocks = self.engine.block_audit()
         except BaseException as e:  # reported to the constructor's caller
             failed.append(e)
             return
@@ -101,6 +119,8 @@ class AsyncEngine:
         the request is queued, so no step can evict them in between."""
         if self.dead is not None:
             raise EngineDead(f"engine failed: {self.dead!r}")
+        if self.hung is not None:
+            raise EngineDead(f"engine hung: {self.hung}")
         params = params or SamplingParams()
         token_ids = self.engine.tokenize(prompt)
         self.engine.validate(token_ids, params)  # InvalidRequest before any state changes
@@ -137,8 +157,31 @@ class AsyncEngine:
     def shutdown(self) -> None:
         self._stopped = True
         self._wake.set()
-        self._thread.join(timeout=10)
+        # A hung thread never comes back; it is a daemon and ends with the process.
+        self._thread.join(timeout=0 if self.hung else 10)
+        self._watchdog.join(timeout=2)
         self.engine.shutdown()
+
+    # ---- watchdog thread ----------------------------------------------------------------------
+    def _watch(self) -> None:
+        period = min(1.0, self.hang_timeout_s / 4)
+        while not self._stopped and self.dead is None and self.hung is None:
+            time.sleep(period)
+            pending = self.engine.has_unfinished() or not self._cmds.empty()
+            reason = self.clock.stalled(pending, self.hang_timeout_s)
+            if reason is not None and not self._stopped and self.dead is None:
+                self._give_up(reason)
+
+    def _give_up(self, reason: str) -> None:
+        """The engine thread is stuck: fail every stream now (the routers resume them on other
+        groups), refuse new requests, and queue aborts that free the blocks should the thread
+        ever come back."""
+        self.hung = reason
+        log.error("engine hung: %s; failing %d stream(s)", reason, len(self._streams))
+        err = EngineDead(f"engine hung: {reason}")
+        for req_id, stream in list(self._streams.items()):
+            stream.put(err)
+            self._send("abort", req_id)
 
     # ---- engine thread ----------------------------------------------------------------------
     def _drain(self) -> None:
@@ -170,14 +213,22 @@ class AsyncEngine:
             log.warning("KV import of %d tokens failed, recomputing: %r", len(kv[0]), e)
 
     def _run(self) -> None:
+        busy = False
         while not self._stopped:
+            self.clock.tick()
             self._drain()
             if not self.engine.has_unfinished():
+                if busy:  # just went idle: account for every block (between steps: exact)
+                    self.blocks = self.engine.block_audit()
+                    busy = False
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
+            busy = True
             try:
-                outputs = self.engine.step()
+                self.clock.start()
+                outputs = self._step()
+                self.clock.end()
             except BaseException as e:  # a rank died or a kernel failed: fail loudly, never hang
                 log.exception("engine step failed")
                 self.dead = e

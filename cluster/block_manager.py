@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 
@@ -184,6 +184,36 @@ class BlockManager:
                     self._free.move_to_end(b, last=False)
                 else:
                     self._free[b] = None
+
+    def audit(self, live: Collection[str]) -> dict[str, int]:
+        """Account for every block: free (unused), cached (unused, findable by hash), in use
+        (referenced). `leaked` counts blocks whose state disagrees with the requests in
+        `live`: referenced by no live request's table (a finished request kept them), a
+        reference count other than the live tables' count, or a free block missing from the
+        free queue (never reusable). O(num_blocks): call it between steps, not in them."""
+        refs = [0] * self.num_blocks
+        for req_id, table in self._tables.items():
+            if req_id in live:
+                for b in table:
+                    refs[b] += 1
+        free = cached = in_use = leaked = 0
+        for block in self.blocks:
+            if block.ref_count > 0:
+                in_use += 1
+            elif block.hash is None:
+                free += 1
+            else:
+                cached += 1
+            queued = block.block_id in self._free
+            if block.ref_count != refs[block.block_id] or queued != (block.ref_count == 0):
+                leaked += 1
+        return {
+            "total": self.num_blocks,
+            "free": free,
+            "cached": cached,
+            "in_use": in_use,
+            "leaked": leaked,
+        }
 
     def reset_prefix_cache(self) -> None:
         for h, b in list(self._cached.items()):

@@ -71,6 +71,17 @@ class SchedulerConfig(BaseModel):
         "max_num_batched_tokens).",
     )
 
+    hang_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=86400,
+        description="The group is hung when one step has run this long, or work is pending "
+        "and no step has begun for this long (a rank stuck in a collective, a step that never "
+        "returns): its requests move to other groups and its health check fails, so Serve "
+        "replaces it. Keep it above the slowest legitimate step (a full "
+        "max_num_batched_tokens prefill on this hardware).",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> SchedulerConfig:
         cap, budget = self.max_prefill_tokens_when_decoding, self.max_num_batched_tokens

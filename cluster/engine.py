@@ -314,6 +314,11 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
         )
 
+    def block_audit(self) -> dict[str, int]:
+        """BlockManager.audit against the requests in flight: leaked > 0 means a finished or
+        aborted request still holds blocks. Exact only between steps (the engine's thread)."""
+        return self.block_manager.audit(self.scheduler.requests.keys())
+
     # ---- KV export / import (the hand-off between prefill and decode groups) ---------------
     def export_kv(self, request_id: str) -> tuple[list[int], Any]:
         """The computed full blocks of a running request: (their token ids, block data)."""

@@ -470,7 +470,8 @@ class ReplicaGroup:
         fp = _fingerprint(hashes)
         return {
             "name": self.name,
-            "healthy": self.engine.dead is None,
+            "healthy": self.health(),
+            "hung": self.engine.hung is not None,
             "draining": self.draining,
             "time": time.time(),
             "num_running": s.num_running,
@@ -497,6 +498,7 @@ class ReplicaGroup:
             "kv_transfer_seconds": self.kv["seconds"],
             "hash_fingerprint": fp,
             "hashes": None if fp == known_fingerprint else hashes,
+            "blocks": dict(self.engine.blocks),  # as of the engine's last idle moment
         } | self.engine.engine.executor.layout()
 
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -513,12 +515,15 @@ class ReplicaGroup:
         }
 
     def check_health(self) -> None:
-        """Serve calls this periodically; raising makes Serve replace the replica."""
+        """Serve calls this every health_check_period_s; after 3 failures in a row (raised, or
+        no answer within health_check_timeout_s) Serve replaces the replica."""
         if self.engine.dead is not None:
             raise EngineDead(f"engine failed: {self.engine.dead!r}")
+        if self.engine.hung is not None:
+            raise EngineDead(f"engine hung: {self.engine.hung}")
 
     def health(self) -> bool:
-        return self.engine.dead is None
+        return self.engine.dead is None and self.engine.hung is None
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

@@ -131,8 +131,9 @@ class ServedGroup(ReplicaGroup):
     async def __del__(self) -> None:  # Serve awaits it; see the module docstring
         if not getattr(self, "started", False):
             return
-        # Drained by the app's shutdown already (deploy.app.drain waited): do not wait again.
-        wait_s = 0.0 if self.draining else self.drain_s
+        # Drained by the app's shutdown already (deploy.app.drain waited), or hung (nothing
+        # will finish; its streams were failed over already): do not wait.
+        wait_s = 0.0 if self.draining or not self.health() else self.drain_s
         self.draining = True
         self.member.state = "draining"
         try:

@@ -52,6 +52,7 @@ def pool_deployment(config: FlotillaConfig, spec: PoolSpec, counts: bool) -> ser
         max_ongoing_requests=sched.max_num_seqs + sched.max_waiting + _GROUP_CONTROL_HEADROOM,
         ray_actor_options=actor,
         health_check_period_s=s.health_check_period_s,
+        health_check_timeout_s=s.health_check_timeout_s,
         graceful_shutdown_timeout_s=s.group_graceful_shutdown_s + _SHUTDOWN_MARGIN_S,
         graceful_shutdown_wait_loop_s=0.5,
         logging_config={"enable_access_log": False},
@@ -72,6 +73,7 @@ def build_app(config: FlotillaConfig | dict[str, Any], counts: bool = True) -> s
             num_replicas=1,
             ray_actor_options={"num_cpus": 0},
             health_check_period_s=s.health_check_period_s,
+            health_check_timeout_s=s.health_check_timeout_s,
             logging_config={"enable_access_log": False},
         )
         .bind()
@@ -93,6 +95,7 @@ def build_app(config: FlotillaConfig | dict[str, Any], counts: bool = True) -> s
         max_queued_requests=s.ingress_max_queued_requests,
         ray_actor_options={"num_cpus": s.ingress_num_cpus},
         health_check_period_s=s.health_check_period_s,
+        health_check_timeout_s=s.health_check_timeout_s,
     )
     return ingress.bind(config.router, config.model_name, registry, bound)
 

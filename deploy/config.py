@@ -68,6 +68,15 @@ class ServeConfig(BaseModel):
         "Pins the colocated pool, and the pools that do not set pools.<role>.resources.",
     )
     health_check_period_s: float = Field(5.0, gt=0, description="Serve health-check period.")
+    health_check_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="A health check not answered within this long fails (a replica whose "
+        "event loop hangs never answers). Serve replaces a replica after 3 failed checks in a "
+        "row: a hung event loop is replaced after about 3 x max(health_check_timeout_s, "
+        "health_check_period_s), a hung engine about 3 x health_check_period_s after "
+        "engine.scheduler.hang_timeout_s.",
+    )
     group_graceful_shutdown_s: float = Field(
         30.0,
         ge=0,

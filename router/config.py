@@ -97,6 +97,15 @@ class RouterConfig(BaseModel):
         "died under it (resumed after the tokens already sent: re-prefill of prompt + "
         "output); past it the request fails with UNAVAILABLE / 503.",
     )
+    group_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="A group that has not answered a stats call for this long (its event "
+        "loop hung, its connection alive but silent) counts as dead for the requests it runs "
+        "for this router: each moves to another group, resumed after the tokens already "
+        "sent. It is marked unhealthy as soon as one stats call fails.",
+    )
     pd_min_prompt_tokens: int = Field(
         256,
         ge=0,

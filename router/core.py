@@ -15,7 +15,9 @@ A background task re-reads the directory (router.directory: which groups exist, 
 data planes listen, which are draining) every `discovery_interval_s`, and polls every group's
 `stats()` (load, KV usage, prefix counters and, when they changed, the hashes of its cached
 blocks) every `stats_interval_s`; a group that fails to answer is marked unhealthy until it
-answers again. Draining groups get no new requests; their running streams go on.
+answers again. Draining groups get no new requests; their running streams go on. A group
+that has not answered for `group_timeout_s` (hung, though its connection stays up) counts as
+dead for its running requests: they resume on other groups.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class GroupState(GroupView):
     fingerprint: int | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     draining: bool = False  # leaving (announced, or gone from the directory): nothing new
+    answered: float = field(default_factory=time.monotonic)  # its last stats answer
 
 
 class Router:
@@ -218,7 +221,8 @@ class Router:
         await asyncio.gather(*(self._poll(g) for g in list(self.groups.values())))
 
     async def _poll(self, g: GroupState) -> None:
-        timeout = max(2.0, 10 * self.config.stats_interval_s)
+        # Never wait past group_timeout_s: a silent group's requests must move within it.
+        timeout = min(max(2.0, 10 * self.config.stats_interval_s), self.config.group_timeout_s)
         try:
             assert g.link is not None
             s = await asyncio.wait_for(g.link.call("stats", g.fingerprint), timeout)
@@ -226,7 +230,9 @@ class Router:
             if g.healthy and (g.link is None or g.link.live.is_set()):
                 log.warning("replica group %s is not answering: %r", g.name, e)
             g.healthy = False
+            self._fail_if_silent(g)
             return
+        g.answered = time.monotonic()
         g.healthy = bool(s["healthy"])
         g.draining = g.draining or bool(s.get("draining"))
         g.num_running, g.num_waiting, g.kv_usage = s["num_running"], s["num_waiting"], s["kv_usage"]
@@ -235,6 +241,16 @@ class Router:
             g.fingerprint = s["hash_fingerprint"]
         g.stats = s
         self.metrics.record_group(g.name, s)
+
+    def _fail_if_silent(self, g: GroupState) -> None:
+        """A group silent for group_timeout_s will not finish our requests: move them on."""
+        silent = time.monotonic() - g.answered
+        if g.link is None or silent < self.config.group_timeout_s:
+            return
+        moved = g.link.fail_open(f"replica group {g.name} has not answered for {silent:.0f} s")
+        if moved:
+            log.warning("replica group %s silent for %.0f s: moving its %d request(s)",
+                        g.name, silent, moved)  # fmt: skip
 
     def healthy_groups(self) -> list[GroupState]:
         """Groups that may take new requests: answering, linked, and not draining."""

@@ -210,6 +210,18 @@ class GroupLink:
         finally:
             self._acks.pop(request_id, None)
 
+    def fail_open(self, reason: str) -> int:
+        """End every open request with a "dead" delta (their legs move elsewhere) and tell the
+        group to abort them, should it ever read again: the group stopped answering while
+        the connection stays up. Returns how many."""
+        ids = list(self._inboxes)
+        for inbox in self._inboxes.values():
+            inbox.put(dead(reason))
+        if ids:
+            self._to_abort += ids
+            self._abort_wake.set()
+        return len(ids)
+
     def close(self, request_id: str, abort: bool) -> None:
         """Forget the request; with `abort`, tell the group to stop it and free its blocks.
         Never blocks: safe while the calling task is being cancelled."""

@@ -312,3 +312,24 @@ def test_everything_freed_returns_all_blocks():
     assert bm.num_free_blocks == bm.num_blocks
     assert all(b.ref_count == 0 for b in bm.blocks)
     assert sorted(bm._free) == list(range(16))
+
+
+def test_audit_counts_every_block_and_finds_leaks():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    cached_req(bm, "a", list(range(8)))  # 2 full blocks, hashed
+    bm.allocate("b", 5)  # 2 blocks, unhashed
+    assert bm.audit({"a", "b"}) == {"total": 8, "free": 4, "cached": 0, "in_use": 4, "leaked": 0}
+    bm.free("a")  # its blocks stay findable: cached
+    assert bm.audit({"b"}) == {"total": 8, "free": 4, "cached": 2, "in_use": 2, "leaked": 0}
+    # "b" finished but nobody freed its blocks: both are leaked
+    assert bm.audit(set())["leaked"] == 2
+    bm.free("b")
+    audit = bm.audit(set())
+    assert audit["leaked"] == 0 and audit["free"] + audit["cached"] == 8
+
+
+def test_audit_finds_a_wrong_reference_count():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    bm.allocate("a", 4)
+    bm.blocks[0].ref_count += 1  # a reference nobody holds
+    assert bm.audit({"a"})["leaked"] == 1

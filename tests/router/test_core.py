@@ -49,7 +49,8 @@ class FakeSubscription:
 
 
 class FakeGroup:
-    """mode: ok | overloaded | invalid | dead; `steps` deltas of one token each."""
+    """mode: ok | overloaded | invalid | dead | hung (connected, but answers nothing and makes
+    no progress: a hung event loop); `steps` deltas of one token each."""
 
     def __init__(self, name: str, files: dict[str, bytes], mode: str = "ok"):
         self.name, self.files, self.mode = name, files, mode
@@ -67,6 +68,9 @@ class FakeGroup:
 
     def options(self, stream: bool = False):
         return self
+
+    def hang(self):
+        self.mode = "hung"
 
     def kill(self):
         self.mode = "dead"
@@ -98,6 +102,8 @@ class FakeGroup:
         done = len(leg.get("resume", ()))  # output token i is 100 + i, wherever it is made
         for i in range(done, n):
             await asyncio.sleep(0.001)
+            while self.mode == "hung":
+                await asyncio.sleep(3600)
             delta = {"ids": [100 + i], "text": "a", "lp": None}
             if i == n - 1:
                 delta |= {"finish": "length", "usage": {"prompt_tokens": 1, "completion_tokens": n}}
@@ -117,6 +123,8 @@ class FakeGroup:
     async def _stats(self, fingerprint=None):
         if self.mode == "dead":
             raise RuntimeError("actor died")
+        while self.mode == "hung":
+            await asyncio.sleep(3600)
         fp = hash(frozenset(self.hashes))
         return {
             "name": self.name,
@@ -367,6 +375,42 @@ def test_group_dying_mid_stream_resumes_on_another(tokenizer_files):
         assert all(g.inflight == 0 for g in r.groups.values())
 
     run(tokenizer_files, ["ok", "ok"], body)
+
+
+def test_a_silent_group_s_requests_move_after_group_timeout(tokenizer_files):
+    """A group whose connection stays up but which answers nothing (a hung event loop): after
+    group_timeout_s without a stats answer its requests resume elsewhere, and the group is
+    told to abort them."""
+
+    async def body(r, groups):
+        agen = r.stream([1], SamplingParams(max_tokens=30))
+        got = [await agen.__anext__() for _ in range(4)]
+        assert {c.group for c in got} == {"g0"}
+        groups["g0"].hang()
+        t0 = asyncio.get_running_loop().time()
+        got += [c async for c in agen]
+        waited = asyncio.get_running_loop().time() - t0
+        assert [i for c in got for i in c.ids] == list(range(100, 130))
+        assert got[-1].group == "g1" and r.counters["migrations"] == 1
+        # bound: group_timeout_s + one poll (capped at group_timeout_s) + stats_interval_s
+        assert 0.3 <= waited < 2 * 0.3 + 0.05 + 0.5, waited
+        assert not r.groups["g0"].healthy and r.groups["g0"].link.live.is_set()
+        for _ in range(100):
+            if groups["g0"].aborted:
+                break
+            await asyncio.sleep(0.01)
+        assert len(groups["g0"].aborted) == 1
+        assert all(g.inflight == 0 for g in r.groups.values())
+
+    run(tokenizer_files, ["ok", "ok"], body, stats_interval_s=0.05, group_timeout_s=0.3)
+
+
+def test_group_timeout_is_validated():
+    from pydantic import ValidationError
+
+    assert RouterConfig().group_timeout_s == 30.0
+    with pytest.raises(ValidationError, match="group_timeout_s"):
+        RouterConfig(group_timeout_s=0)
 
 
 def test_migrations_are_bounded(tokenizer_files):

@@ -1,0 +1,269 @@
+"""Faults under load, for real (Ray Serve, two colocated groups of the tiny seeded Llama,
+gRPC streams): a group whose engine hangs mid-stream, and a group killed mid-stream. Either
+way every stream completes with the offline engine's greedy tokens (the failed group's streams
+resume on the other one), not one request fails, Serve replaces the group (a new replica), and
+afterwards every group's KV blocks add up with none leaked.
+
+The hang is real: FLOTILLA_FAULT (cluster/faults.py, test-only) makes a step never return in
+whichever group steps first once the test deletes the claim file."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from deploy.config import FlotillaConfig
+from router.proto import flotilla_pb2 as pb
+from router.proto import flotilla_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.slow
+
+META = (("application", "flotilla"),)
+MAX_TOKENS = 300
+HANG_TIMEOUT_S = 3.0
+PROMPTS = [[100 + (17 * i + 5 * j) % 700 for i in range(5 + 2 * j)] for j in range(6)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def config(tiny_model_dir) -> FlotillaConfig:
+    return FlotillaConfig.model_validate(
+        {
+            "engine": {
+                "model": {
+                    "model": tiny_model_dir("llama"),
+                    "dtype": "float32",
+                    "max_model_len": 1024,
+                    "num_threads": 1,
+                },
+                "cache": {"block_size": 8, "num_blocks": 1024},
+                "scheduler": {"max_num_seqs": 8, "max_waiting": 8, "hang_timeout_s": 3.0},
+            },
+            "groups": 2,
+            "router": {"policy": "round_robin", "stats_interval_s": 0.1, "group_timeout_s": 5},
+            "serve": {
+                "http_port": _free_port(),
+                "grpc_port": _free_port(),
+                "metrics_export_port": None,
+                "group_num_cpus": 0.5,
+                "health_check_period_s": 1.0,
+                "health_check_timeout_s": 5.0,
+                "group_graceful_shutdown_s": 1.0,
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def claim(tmp_path_factory) -> Path:
+    """Exists: no group hangs. Deleted: the next group to step claims it and hangs."""
+    path = tmp_path_factory.mktemp("fault") / "hang-claim"
+    path.touch()
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(config, claim):
+    import ray
+    from ray import serve
+
+    from cluster import faults
+    from deploy.app import runtime_env, start
+
+    fault = {faults.ENV: "hang_step_after:0", faults.ONCE_ENV: str(claim)}
+    env = runtime_env(config)
+    env["env_vars"] = env["env_vars"] | fault
+    # Workers inherit the raylet's environment, which ray.init takes from ours: set it only
+    # for that call, so that no engine of this test process ever sees the fault.
+    saved = {k: os.environ.get(k) for k in fault}
+    os.environ.update(fault)
+    try:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=env)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        yield start(config)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def stub(cluster, config):
+    channel = grpc.insecure_channel(f"127.0.0.1:{config.serve.grpc_port}")
+    yield pb_grpc.FlotillaStub(channel)
+    channel.close()
+
+
+@pytest.fixture(scope="module")
+def reference(config) -> list[list[int]]:
+    from cluster.engine import LLMEngine
+    from workers.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    return [o.token_ids for o in LLMEngine(config.engine).generate(PROMPTS, params)]
+
+
+def _groups(router) -> list[dict]:
+    return router.group_stats.remote().result(timeout_s=30)
+
+
+def _replicas() -> dict[str, str]:
+    """Live replica actors of the groups' deployment: name -> Ray namespace."""
+    import ray
+
+    return {
+        a["name"]: a["namespace"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "#groups#" in a["name"]
+    }
+
+
+def _replica_ids() -> set[str]:
+    return set(_replicas())
+
+
+def _wait(cond, what: str, timeout_s: float = 90):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = cond()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _two_healthy(router) -> list[dict] | None:
+    gs = _groups(router)
+    ok = len(gs) == 2 and all(g["healthy"] and not g["draining"] for g in gs)
+    return gs if ok else None
+
+
+class Load:
+    """One greedy stream per prompt, each in its own thread; `started` once all have a token.
+    `gap` per stream: the longest wait between two messages (a failover shows up there)."""
+
+    def __init__(self, stub):
+        self.results: dict[int, object] = {}
+        self.gaps: dict[int, float] = {}
+        self.started = threading.Barrier(len(PROMPTS) + 1, timeout=120)
+        params = pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+        self.threads = [
+            threading.Thread(target=self._one, args=(stub, i, params)) for i in range(len(PROMPTS))
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _one(self, stub, i: int, params) -> None:
+        req = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=PROMPTS[i]), params=params)
+        ids, finish, last, gap = [], "", None, 0.0
+        try:
+            for msg in stub.GenerateStream(req, metadata=META, timeout=240):
+                now = time.monotonic()
+                if last is None:
+                    self.started.wait()
+                else:
+                    gap = max(gap, now - last)
+                last = time.monotonic()
+                ids += msg.token_ids
+                finish = msg.finish_reason or finish
+            self.results[i] = (ids, finish)
+        except Exception as e:  # counted as failed below
+            self.results[i] = e
+        self.gaps[i] = gap
+
+    def outcome(self, reference: list[list[int]]) -> dict[str, int]:
+        """Once every stream ended: how many completed with the reference's tokens, failed,
+        or completed with other tokens."""
+        for t in self.threads:
+            t.join(timeout=240)
+        assert not any(t.is_alive() for t in self.threads), "a stream never ended"
+        out = {"completed": 0, "failed": 0, "mismatched": 0}
+        for i, r in self.results.items():
+            key = (
+                "failed"
+                if isinstance(r, Exception)
+                else "completed"
+                if r == (reference[i], "length")
+                else "mismatched"
+            )
+            out[key] += 1
+        return out
+
+
+def _audit_when_idle(router) -> list[dict]:
+    """Every group's block audit, once all are idle (twice in a row: the engine audits on
+    its own thread as it goes idle, a moment after its last request finished)."""
+    idle_polls = 0
+
+    def idle() -> list[dict] | None:
+        nonlocal idle_polls
+        gs = _groups(router)
+        quiet = all(g["num_running"] == 0 and g["num_waiting"] == 0 for g in gs)
+        idle_polls = idle_polls + 1 if quiet else 0
+        return gs if idle_polls >= 3 else None
+
+    gs = _wait(idle, "idle groups", 60)
+    for g in gs:
+        b = g["blocks"]
+        assert b["free"] + b["cached"] + b["in_use"] == b["total"], (g["name"], b)
+    return gs
+
+
+def test_a_hung_group_is_detected_its_streams_move_and_it_is_replaced(
+    cluster, stub, reference, claim
+):
+    before = {g["name"] for g in _wait(lambda: _two_healthy(cluster), "two groups")}
+    replicas = _replica_ids()
+    load = Load(stub)
+    load.started.wait()  # every stream has a token: both groups are mid-stream
+    claim.unlink()  # arm: the next step of either group never returns
+    hung = _wait(
+        lambda: [g["name"] for g in _groups(cluster) if g.get("hung")],
+        "a group to report hung",
+        HANG_TIMEOUT_S + 30,
+    )
+    assert len(hung) == 1 and hung[0] in before
+    assert load.outcome(reference) == {"completed": len(PROMPTS), "failed": 0, "mismatched": 0}
+    # The hung group's streams waited about hang_timeout_s (+ the watchdog's period), then
+    # resumed on the other group.
+    assert HANG_TIMEOUT_S < max(load.gaps.values()) < HANG_TIMEOUT_S + 15, load.gaps
+    after = _wait(lambda: _two_healthy(cluster), "the hung group's replacement", 120)
+    names = {g["name"] for g in after}
+    assert hung[0] not in names and len(names - before) == 1
+    assert len(_replica_ids() - replicas) == 1 and len(replicas - _replica_ids()) == 1
+    for g in _audit_when_idle(cluster):
+        assert g["blocks"]["leaked"] == 0 and g["blocks"]["in_use"] == 0, g
+        assert not g["hung"]
+
+
+def test_a_killed_group_s_streams_move_and_it_is_replaced(cluster, stub, reference):
+    import ray
+
+    before = {g["name"] for g in _wait(lambda: _two_healthy(cluster), "two groups")}
+    replicas = _replica_ids()
+    load = Load(stub)
+    load.started.wait()  # every stream has a token: both groups are mid-stream
+    victim, namespace = sorted(_replicas().items())[0]
+    ray.kill(ray.get_actor(victim, namespace=namespace), no_restart=True)
+    assert load.outcome(reference) == {"completed": len(PROMPTS), "failed": 0, "mismatched": 0}
+    after = _wait(lambda: _two_healthy(cluster), "the killed group's replacement", 120)
+    assert len({g["name"] for g in after} - before) == 1
+    assert victim not in _replica_ids() and len(_replica_ids() - replicas) == 1
+    for g in _audit_when_idle(cluster):
+        assert g["blocks"]["leaked"] == 0 and g["blocks"]["in_use"] == 0, g
