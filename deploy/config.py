@@ -7,8 +7,10 @@
     router:   router.config.RouterConfig   -- routing policy, session header, API limits
     serve:    ServeConfig (below)          -- ports, replicas, CPUs, Serve queue limits
 
-Each layer receives only its own sub-config. This module (with workers.loader's cache
-location) is the only place that reads the environment: nothing here does yet.
+Each layer receives only its own sub-config. Read from the environment elsewhere, on purpose:
+the kernel cache location (workers.loader, parallel.native_build), the API keys named by
+router.api_keys_env (in the router's process, so keys stay out of the Serve config), and the
+test-only fault injection (cluster/faults.py).
 """
 
 from __future__ import annotations
