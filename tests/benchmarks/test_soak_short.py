@@ -21,7 +21,7 @@ def test_short_soak_with_one_kill(tiny_model_dir, tmp_path, capsys):
         import soak
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    argv = ["--duration-s", "25", "--kill-every-s", "10", "--clients", "3", "--max-tokens", "24"]
+    argv = ["--duration-s", "25", "--kill-every-s", "15", "--clients", "3", "--max-tokens", "24"]
     argv += ["--model", tiny_model_dir("llama"), "--dtype", "float32", "--out", str(tmp_path)]
     rc = soak.main(argv)
     print(capsys.readouterr().out)  # the report, for -s runs and failures
