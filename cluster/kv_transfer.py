@@ -1,7 +1,8 @@
 """The form a prompt's KV takes between a prefill and a decode group: its raw bytes (bf16 and
 fp16 as their 16-bit patterns) with dtype and shape beside them, and the layout they were cut
 to (`KVLayout`), sent as one frame on the decode group's own connection to the prefill group's
-data plane (cluster/wire.py `take_kv`). The sender hands the socket a view of the tensor's
+data plane (cluster/wire.py `take_kv`) -- or, between groups on one node, left in a slot of the
+prefill group's shared-memory arena (cluster/kv_arena.py), the frame saying where. The sender hands the socket a view of the tensor's
 memory (no serialization of the values); the receiver maps a tensor over the received bytes
 and copies it into its blocks once.
 
@@ -62,27 +63,46 @@ class KVLayout:
             )
 
 
-def pack(token_ids: list[int], data: torch.Tensor, layout: KVLayout) -> dict[str, Any]:
+def pack(
+    token_ids: list[int],
+    data: torch.Tensor,
+    layout: KVLayout,
+    arena: tuple[str, int] | None = None,
+) -> dict[str, Any]:
+    """The message for `data`: its bytes inline, or (`arena`: (path, offset)) where in a
+    same-node arena (cluster/kv_arena.py) they were put."""
     dtype = data.dtype
-    data = data.contiguous()
-    arr = data.view(_BITS[dtype]).numpy() if dtype in _BITS else data.numpy()
-    return {
+    msg: dict[str, Any] = {
         "tokens": list(token_ids),
         "layout": asdict(layout),
         "dtype": str(dtype).removeprefix("torch."),
-        "shape": list(arr.shape),
-        "data": memoryview(arr.reshape(-1)).cast("B"),
+        "shape": list(data.shape),
     }
+    if arena is not None:
+        msg["arena"] = {"path": arena[0], "offset": arena[1]}
+        return msg
+    data = data.contiguous()
+    arr = data.view(_BITS[dtype]).numpy() if dtype in _BITS else data.numpy()
+    msg["data"] = memoryview(arr.reshape(-1)).cast("B")
+    return msg
 
 
-def unpack(msg: dict[str, Any]) -> tuple[list[int], torch.Tensor, KVLayout | None]:
-    """The tokens, a tensor over the received buffer (the importer only reads it) and the
-    sender's layout (None from a sender that did not say)."""
+def unpack(
+    msg: dict[str, Any], maps: Any = None
+) -> tuple[list[int], torch.Tensor, KVLayout | None]:
+    """The tokens, a tensor over the received buffer or the arena slot (the importer only
+    reads it; `maps`: the reader's cluster.kv_arena.ArenaMaps) and the sender's layout (None
+    from a sender that did not say)."""
     dtype = getattr(torch, msg["dtype"])
+    layout = KVLayout(**msg["layout"]) if msg.get("layout") else None
+    if msg.get("arena"):
+        if maps is None:
+            raise ValueError("KV in a shared-memory arena, but no arena maps to read it")
+        a = msg["arena"]
+        return msg["tokens"], maps.view(a["path"], a["offset"], msg["shape"], dtype), layout
     np_dtype = np.int16 if dtype in _BITS else torch.empty(0, dtype=dtype).numpy().dtype
     arr = np.frombuffer(msg["data"], dtype=np_dtype).reshape(msg["shape"])
     with warnings.catch_warnings():  # bytes are immutable; the importer only reads them
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         t = torch.from_numpy(arr)
-    layout = KVLayout(**msg["layout"]) if msg.get("layout") else None
     return msg["tokens"], (t.view(dtype) if dtype in _BITS else t), layout

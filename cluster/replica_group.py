@@ -128,9 +128,11 @@ class ReplicaGroup:
         role: str = "colocated",
         kv_lease_s: float = 30.0,
         kv_transfer_timeout_s: float = 30.0,
+        kv_arena_mib: int = 0,
     ):
         # Imported here so that deploy/ (which only names this class) never imports torch.
         from cluster.async_engine import AsyncEngine
+        from cluster.kv_arena import ArenaMaps, KVArena
 
         if isinstance(config, dict):
             config = EngineConfig.model_validate(config)
@@ -142,6 +144,16 @@ class ReplicaGroup:
         self.kv_transfer_timeout_s = kv_transfer_timeout_s
         # fetched and imported / recomputed instead / abandoned (the request was cancelled)
         self.kv = {"imports": 0, "recomputes": 0, "cancelled": 0, "bytes": 0, "seconds": 0.0}
+        self.kv["shm_imports"] = 0  # ... of which read from a same-node prefill group's arena
+        # Same-node hand-offs go through shared memory (cluster/kv_arena.py): a prefill group
+        # lends slots of its arena, a decode group maps the arenas it is sent.
+        self.arena = (
+            KVArena(name, kv_arena_mib << 20, hold_s=kv_lease_s + kv_transfer_timeout_s)
+            if role == "prefill" and kv_arena_mib > 0
+            else None
+        )
+        self.arena_maps = ArenaMaps()
+        self._arena_loans: dict[str, dict[str, Any]] = {}  # request -> the lender's address
         self.config = config
         self.engine = AsyncEngine(config)
         self.num_aborted = 0  # requests whose caller went away before they finished
@@ -297,6 +309,8 @@ class ReplicaGroup:
                 value = self.drain()
             elif call.method == "take_kv":
                 value = self.take_kv(*call.args)
+            elif call.method == "release_kv":
+                value = self.arena.release(*call.args) if self.arena is not None else False
             else:
                 return wire.Reply(call.id, err=f"unknown call {call.method!r}")
             return wire.Reply(call.id, value)
@@ -339,6 +353,8 @@ class ReplicaGroup:
             )
             last_t = None  # when this request's previous tokens came (self.latency.observe)
             async for out in stream:
+                if request_id in self._arena_loans:  # imported (the engine did it first)
+                    self._give_back_arena(request_id)
                 finished = out.finished
                 last_t = self.latency.observe(out, last_t)
                 if out.finish_reason == "handoff":
@@ -359,19 +375,50 @@ class ReplicaGroup:
                 await self.engine.abort(request_id)
 
     # ---- KV hand-off ------------------------------------------------------------------------
-    def take_kv(self, request_id: str) -> Any:
+    def take_kv(self, request_id: str, via: str = "inline") -> Any:
         """A decode group takes (and so acknowledges) a request's prompt KV (token ids and block
-        data, cluster.kv_transfer's form), or None when the lease expired or was never made."""
+        data, cluster.kv_transfer's form), or None when the lease expired or was never made.
+        via="shm" (a decode group on this node): the data goes into a slot of this group's
+        arena and the answer says where; the taker releases the slot (release_kv) once it
+        imported it, or the slot is freed after the lease and transfer times."""
         from cluster import kv_transfer  # torch: only in a group's process, never the router's
 
         kv = self.leases.take(request_id)
-        return None if kv is None else kv_transfer.pack(*kv, self.engine.engine.kv_layout)
+        if kv is None:
+            return None
+        layout = self.engine.engine.kv_layout
+        if via == "shm" and self.arena is not None:
+            offset = self.arena.put(request_id, kv[1])
+            if offset is not None:
+                return kv_transfer.pack(kv[0], kv[1], layout, arena=(self.arena.path, offset))
+        return kv_transfer.pack(*kv, layout)
+
+    def _give_back_arena(self, request_id: str) -> None:
+        """Release the arena slot the request's KV was read from (fire and forget: a release
+        that does not arrive is a slot freed later by the lender's sweep)."""
+        source = self._arena_loans.pop(request_id)
+
+        async def release() -> None:
+            try:
+                await asyncio.wait_for(
+                    wire.call_once(
+                        source["host"], source["port"], source["secret"], self.name,
+                        "release_kv", [request_id],
+                    ),
+                    10,
+                )  # fmt: skip
+            except Exception as e:
+                log.info("arena slot of %s not released: %r", request_id, e)
+
+        asyncio.get_running_loop().create_task(release())
 
     async def _fetch_kv(self, source: dict[str, Any], request_id: str) -> Any:
         """The prompt KV held by the group `source` names ({group, host, port, secret}: its
         data plane, which the router passes on), or None (then the prompt is recomputed here)."""
         t0 = time.monotonic()
         group = source.get("group", "?")
+        here = getattr(getattr(self, "member", None), "node_id", None)
+        via = "shm" if here and source.get("node_id") == here else "inline"
         try:
             kv = await asyncio.wait_for(
                 wire.call_once(
@@ -380,7 +427,7 @@ class ReplicaGroup:
                     source["secret"],
                     self.name,
                     "take_kv",
-                    [request_id],
+                    [request_id, via],
                 ),
                 self.kv_transfer_timeout_s,
             )
@@ -391,7 +438,14 @@ class ReplicaGroup:
             log.warning("KV of %s from %s not received, recomputing: %r", request_id, group, e)
             kv = None
         if kv is not None:
+            in_arena = bool(kv.get("arena"))
             kv = self._fitting_kv(kv, request_id, group)
+            if kv is not None and in_arena:
+                # Read in place: the slot stays lent until the engine has imported it. A
+                # request cancelled before that leaves it to the lender's sweep (the engine
+                # thread may still be reading it).
+                self._arena_loans[request_id] = source
+                self.kv["shm_imports"] += 1
         if kv is None:
             self.kv["recomputes"] += 1
             return None
@@ -407,9 +461,9 @@ class ReplicaGroup:
         from cluster import kv_transfer  # torch: only in a group's process
 
         try:
-            tokens, data, layout = kv_transfer.unpack(msg)
+            tokens, data, layout = kv_transfer.unpack(msg, self.arena_maps)
             self.engine.engine.kv_layout.check(tokens, data, layout)
-        except (ValueError, TypeError, KeyError) as e:
+        except (ValueError, TypeError, KeyError, OSError) as e:
             log.warning("KV of %s from %s does not fit, recomputing: %s", request_id, group, e)
             return None
         return tokens, data, layout
@@ -465,6 +519,8 @@ class ReplicaGroup:
         changed since `known_fingerprint` (the router's last copy)."""
         s = self.engine.stats()
         self.leases.sweep()
+        if self.arena is not None:
+            self.arena.sweep()
         bm = self.engine.engine.block_manager
         hashes = self.engine.cached_block_hashes()
         fp = _fingerprint(hashes)
@@ -496,6 +552,9 @@ class ReplicaGroup:
             "kv_transfers_cancelled": self.kv["cancelled"],
             "kv_transfer_bytes": self.kv["bytes"],
             "kv_transfer_seconds": self.kv["seconds"],
+            "kv_shm_imports": self.kv["shm_imports"],
+            "kv_arena_lent": self.arena.lent if self.arena is not None else 0,
+            "kv_arena_expired": self.arena.expired if self.arena is not None else 0,
             "hash_fingerprint": fp,
             "hashes": None if fp == known_fingerprint else hashes,
             "blocks": dict(self.engine.blocks),  # as of the engine's last idle moment

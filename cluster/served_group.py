@@ -3,7 +3,7 @@ replica, sizes its threads from its own node (its ranks from theirs), announces 
 to the registry, and when Serve removes it (scale-down, delete, a rolling update) it drains
 before it goes.
 
-    ServedGroup(engine_config, role, kv_lease_s, kv_transfer_timeout_s, drain_s)
+    ServedGroup(engine_config, role, kv_lease_s, kv_transfer_timeout_s, drain_s, kv_arena_mib)
     reconfigure({"cpu_share": f})   Serve's user_config: the share of the node's cores
 
 Removal, step by step (Serve calls `__del__` once its own requests -- none: ours travel on the
@@ -66,13 +66,14 @@ class ServedGroup(ReplicaGroup):
         kv_lease_s: float = 30.0,
         kv_transfer_timeout_s: float = 30.0,
         drain_s: float = 30.0,
+        kv_arena_mib: int = 0,
     ):
         # The engine starts in the first reconfigure(), which Serve calls right after this,
         # before the replica counts as ready: the thread share arrives there, in user_config,
         # so that a change of the pool's size is an in-place update, not a restart.
         if isinstance(config, dict):
             config = EngineConfig.model_validate(config)
-        self._args = (config, role, kv_lease_s, kv_transfer_timeout_s)
+        self._args = (config, role, kv_lease_s, kv_transfer_timeout_s, kv_arena_mib)
         self.drain_s = drain_s
         self.started = False
 
@@ -90,11 +91,11 @@ class ServedGroup(ReplicaGroup):
         from workers import progress
 
         t_engine = time.time()
-        config, role, kv_lease_s, kv_transfer_timeout_s = self._args
+        config, role, kv_lease_s, kv_transfer_timeout_s, kv_arena_mib = self._args
         ctx = serve.get_replica_context()
         name = f"{pool_prefix(role)}-{ctx.replica_id.unique_id}"
         config = threads_for(config, self.cpu_share)
-        super().__init__(config, name, role, kv_lease_s, kv_transfer_timeout_s)
+        super().__init__(config, name, role, kv_lease_s, kv_transfer_timeout_s, kv_arena_mib)
         self.started = True
         # Where this group's cold start went (one-rank groups: the phases ran in this process).
         self.startup = {

@@ -44,7 +44,7 @@ PROTOCOL_VERSION = 3  # 1: newline-delimited JSON; 2: no control calls
 # A batch of deltas is KBs; a prompt's KV (take_kv) up to a few hundred MB. Frames are read only
 # after the peer proved it holds the group's secret, so the limit guards against bugs, not abuse.
 MAX_FRAME = 1 << 30
-CALLS = ("stats", "drain", "take_kv")
+CALLS = ("stats", "drain", "take_kv", "release_kv")
 
 
 class Hello(msgspec.Struct, tag=True):

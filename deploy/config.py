@@ -161,6 +161,14 @@ class PoolsConfig(BaseModel):
     kv_transfer_timeout_s: float = Field(
         30.0, gt=0, description="A decode group that has not received the KV by then recomputes it."
     )
+    kv_arena_mib: int = Field(
+        256,
+        ge=0,
+        le=1 << 20,
+        description="Shared memory each prefill group keeps for hand-offs to decode groups on "
+        "its node (faulted in once at start; a prompt that does not fit goes over the socket). "
+        "0 = always the socket.",
+    )
     autoscaling_ratio: AutoscalingRatio | None = Field(
         None,
         description="Coordinate the pools' autoscaling (a Serve application-level policy; "

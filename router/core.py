@@ -394,8 +394,14 @@ class Router:
         g = self.groups.get(name)
         m = g.member if g is not None else None
         if m is None or m.handle is not None:  # unknown now, or a test fake: decode recomputes
-            return {"group": name, "host": "", "port": 0, "secret": b""}
-        return {"group": name, "host": m.host, "port": m.port, "secret": m.secret}
+            return {"group": name, "host": "", "port": 0, "secret": b"", "node_id": ""}
+        return {
+            "group": name,
+            "host": m.host,
+            "port": m.port,
+            "secret": m.secret,
+            "node_id": m.node_id,  # the same as the decode group's: shared memory (kv_arena)
+        }
 
     def _first_leg(self, prompt_len: int) -> dict[str, Any]:
         """Prefill in the prefill pool (with a hand-off) or where it decodes: the rule of

@@ -74,7 +74,9 @@ def test_shards_that_leave_a_gap_are_refused():
 
 def _group(layout: KVLayout):
     """Just what ReplicaGroup._fitting_kv reads of its group."""
-    return SimpleNamespace(engine=SimpleNamespace(engine=SimpleNamespace(kv_layout=layout)))
+    return SimpleNamespace(
+        engine=SimpleNamespace(engine=SimpleNamespace(kv_layout=layout)), arena_maps=None
+    )
 
 
 def test_a_group_recomputes_kv_that_does_not_fit_and_says_why(caplog):

@@ -119,6 +119,8 @@ def test_outputs_equal_the_colocated_engine(app, stub, offline):
     assert after["decode"]["kv_imports"] - before["decode"]["kv_imports"] == handed_off
     assert after["decode"]["kv_recomputes"] == before["decode"]["kv_recomputes"]
     assert after["decode"]["num_requests"] - before["decode"]["num_requests"] == 2 * 3
+    # Both groups are on this node: the KV came through the prefill group's arena.
+    assert after["decode"]["kv_shm_imports"] - before["decode"]["kv_shm_imports"] == handed_off
 
 
 def test_openai_http_through_the_pools(app, config, offline):
@@ -146,7 +148,7 @@ def test_nothing_is_held_afterwards(app):
     while True:
         stats = _stats(app)
         idle = all(s["num_running"] == 0 and s["kv_usage"] == 0.0 for s in stats.values())
-        if idle and stats["prefill"]["kv_leases"] == 0:
+        if idle and stats["prefill"]["kv_leases"] == 0 and stats["prefill"]["kv_arena_lent"] == 0:
             break
         assert time.monotonic() < deadline, stats
         time.sleep(0.1)

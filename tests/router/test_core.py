@@ -461,7 +461,7 @@ def test_short_prompts_and_a_dead_prefill_pool_prefill_on_decode(tokenizer_files
     run(tokenizer_files, ["ok", "ok"], body, roles=PD, pd_min_prompt_tokens=4)
 
 
-KV_FROM_FAKE_G0 = {"group": "g0", "host": "", "port": 0, "secret": b""}
+KV_FROM_FAKE_G0 = {"group": "g0", "host": "", "port": 0, "secret": b"", "node_id": ""}
 
 
 def test_groups_join_drain_and_leave_while_serving(tokenizer_files):
