@@ -1,16 +1,20 @@
 """KV hand-off cost on one node: what a prefill -> decode transfer does to a prompt's blocks,
-step by step, against a plain memcpy of the same bytes in the same run.
+step by step, through each transport, against a plain memcpy of the same bytes in the same run.
 
     .venv/bin/python benchmarks/kv_transfer.py [--prompt-tokens 1024] [--rounds 5]
 
-Steps, as the disaggregated path runs them (cluster/replica_group.py, cluster/engine.py):
+The prefill engine runs in this process, the decode engine in a Ray actor on the node (two
+processes, as two groups are). Steps, as the disaggregated path runs them
+(cluster/replica_group.py, cluster/engine.py):
   export   the prefill engine copies the prompt's full blocks out of its paged cache
-  put+get  the copy crosses processes through Ray's object store (a Serve response is one) in
-           cluster.kv_transfer's numpy form: put in the prefill process, get (and one read of
-           every byte, as the import does) in another actor on the node
-  import   the decode engine writes them into free blocks of its cache
-Baseline: `torch.Tensor.clone()` of a tensor of the same size (one read + one write, like
-export). Model: the default SmolLM2-135M (30 layers, 3 KV heads x 64, dtype auto).
+  shm      (groups on one node; the default) the copy goes into a slot of the prefill group's
+           arena (cluster/kv_arena.py); the decode process imports straight from the slot
+  socket   (groups on two nodes) the decode process takes it over the data plane
+           (cluster/wire.py call_once: one frame of raw bytes) and imports it
+  import   the decode engine writes the blocks into free blocks of its cache (counted inside
+           each transport's figure, as the decode group does it)
+Baseline: `torch.Tensor.clone()` of a tensor of the same size (one read + one write into fresh
+memory, like export). Model: the default SmolLM2-135M (30 layers, 3 KV heads x 64, dtype auto).
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import statistics
 import time
 
 import ray
-import torch
 
 from cluster import kv_transfer
 from cluster.config import CacheConfig, EngineConfig
@@ -29,11 +32,65 @@ from workers.sampling_params import SamplingParams
 
 
 @ray.remote(num_cpus=0)
-class Receiver:
-    def take(self, refs):
+class Decoder:
+    """The decode side in its own process: a decode engine and the arenas it maps."""
+
+    def __init__(self, cfg: EngineConfig):
+        from cluster.kv_arena import ArenaMaps
+
+        self.engine = LLMEngine(cfg)
+        self.maps = ArenaMaps()
+
+    def _import(self, msg) -> None:
+        self.engine.block_manager.reset_prefix_cache()  # so each round imports every block
+        tokens, data, _ = kv_transfer.unpack(msg, self.maps)
+        assert self.engine.import_kv(tokens, data) == len(tokens)
+
+    def shm(self, msg) -> float:
         t0 = time.perf_counter()
-        tokens, data, _ = kv_transfer.unpack(ray.get(refs[0]))
-        return time.perf_counter() - t0, float(data.sum())  # read every byte, as import does
+        self._import(msg)
+        return time.perf_counter() - t0
+
+    def socket(self, host: str, port: int, secret: bytes) -> float:
+        import asyncio
+
+        from cluster import wire
+
+        t0 = time.perf_counter()
+        msg = asyncio.run(wire.call_once(host, port, secret, "bench", "take_kv", ["r"]))
+        self._import(msg)
+        return time.perf_counter() - t0
+
+
+def serve_inline(payload: dict) -> tuple[str, int, bytes]:
+    """A data-plane stand-in in a thread of this process: answers every take_kv with `payload`
+    (the prefill group's socket path)."""
+    import asyncio
+    import threading
+
+    from cluster import wire
+
+    secret = wire.new_secret()
+    ready: dict = {}
+
+    async def handler(reader, writer):
+        if not await wire.accept(reader, writer, secret):
+            return
+        await wire.read_to_group(reader)  # the Hello
+        while (msg := await wire.read_to_group(reader)) is not None:
+            await wire.send_large(writer, wire.Reply(msg.id, payload["msg"]))
+        writer.close()
+
+    def run() -> None:
+        loop = asyncio.new_event_loop()
+        srv = loop.run_until_complete(asyncio.start_server(handler, "127.0.0.1", 0))
+        ready["port"] = srv.sockets[0].getsockname()[1]
+        loop.run_forever()
+
+    threading.Thread(target=run, daemon=True).start()
+    while "port" not in ready:
+        time.sleep(0.01)
+    return "127.0.0.1", ready["port"], secret
 
 
 def main() -> None:
@@ -43,7 +100,7 @@ def main() -> None:
     args = ap.parse_args()
 
     cfg = EngineConfig(cache=CacheConfig(block_size=16, num_blocks=512))
-    prefill, decode = LLMEngine(cfg), LLMEngine(cfg)
+    prefill = LLMEngine(cfg)
     prompt = [100 + (31 * i) % 40000 for i in range(args.prompt_tokens)]
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     rid = prefill.add_request(prompt, params, handoff=True)
@@ -56,43 +113,50 @@ def main() -> None:
     data = data[:, :, : len(blocks)]
     nbytes = data.numel() * data.element_size()
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    recv = Receiver.remote()
-    ray.get(
-        recv.take.remote([ray.put(kv_transfer.pack([], torch.zeros(1), prefill.kv_layout))])
-    )  # start it
+    from cluster.kv_arena import KVArena
 
-    rows = {"export": [], "put": [], "get": [], "import": [], "memcpy": []}
-    for _ in range(args.rounds):
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    dec = Decoder.remote(cfg)
+    arena = KVArena("bench", 2 * nbytes + (1 << 20))
+    layout = prefill.kv_layout
+    payload: dict = {}
+    host, port, secret = serve_inline(payload)
+
+    rows: dict[str, list[float]] = {"export": [], "shm": [], "socket": [], "memcpy": []}
+    for i in range(args.rounds + 1):  # the first round warms both sides up: not counted
         t0 = time.perf_counter()
         out = prefill.executor.export_blocks(blocks)
-        rows["export"].append(time.perf_counter() - t0)
+        export_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        ref = ray.put(kv_transfer.pack(tokens, out, prefill.kv_layout))
-        rows["put"].append(time.perf_counter() - t0)
-        get_s, _ = ray.get(recv.take.remote([ref]))
-        rows["get"].append(get_s)
-        del ref
-        t0 = time.perf_counter()
-        decode.import_kv(tokens, out)
-        rows["import"].append(time.perf_counter() - t0)
+        off = arena.put("r", out)
+        put_s = time.perf_counter() - t0
+        shm_s = put_s + ray.get(
+            dec.shm.remote(kv_transfer.pack(tokens, out, layout, (arena.path, off)))
+        )
+        arena.release("r")
+        payload["msg"] = kv_transfer.pack(tokens, out, layout)
+        socket_s = ray.get(dec.socket.remote(host, port, secret))
         t0 = time.perf_counter()
         data.clone()
-        rows["memcpy"].append(time.perf_counter() - t0)
+        memcpy_s = time.perf_counter() - t0
+        if i:
+            for k, v in zip(rows, (export_s, shm_s, socket_s, memcpy_s), strict=True):
+                rows[k].append(v)
     ray.shutdown()
 
     med = {k: statistics.median(v) for k, v in rows.items()}
-    total = med["export"] + med["put"] + med["get"] + med["import"]
     print(
         f"{len(tokens)} prompt tokens in {len(blocks)} blocks: {nbytes / 1e6:.1f} MB of KV "
         f"({data.dtype}), median of {args.rounds} rounds"
     )
-    for k in ("export", "put", "get", "import", "memcpy"):
+    for k in ("export", "shm", "socket", "memcpy"):
         print(f"  {k:7s} {med[k] * 1e3:8.2f} ms  {nbytes / med[k] / 1e9:6.2f} GB/s")
-    print(
-        f"  total   {total * 1e3:8.2f} ms  {nbytes / total / 1e9:6.2f} GB/s = "
-        f"{med['memcpy'] / total:.0%} of memcpy's rate"
-    )
+    for transport in ("shm", "socket"):
+        total = med["export"] + med[transport]
+        print(
+            f"  export + {transport:6s} {total * 1e3:8.2f} ms  {nbytes / total / 1e9:6.2f} GB/s = "
+            f"{med['memcpy'] / total:.0%} of memcpy's rate"
+        )
 
 
 if __name__ == "__main__":

@@ -290,8 +290,7 @@ class ReplicaGroup:
                 elif isinstance(msg, wire.Abort) and out is not None:
                     await self.abort(router_id, msg.ids)
                 elif isinstance(msg, wire.Call):
-                    writer.write(wire.frame(await self._control(msg)))
-                    await writer.drain()
+                    await wire.send_large(writer, await self._control(msg))
         except (ConnectionError, asyncio.IncompleteReadError) as e:
             log.info("data-plane connection closed: %r", e)
         finally:

@@ -142,6 +142,19 @@ async def verify(reader: asyncio.StreamReader, secret: bytes, nonce: bytes) -> N
         raise ProtocolError("the peer on the data-plane port is not the replica group")
 
 
+_CHUNK = 1 << 20
+
+
+async def send_large(writer: asyncio.StreamWriter, msg: msgspec.Struct) -> None:
+    """Write a frame that may be large (a prompt's KV) in 1 MiB pieces, draining between them:
+    asyncio's transport (3.11) keeps unsent bytes in one bytearray and deletes each sent piece
+    from its front, so one 50 MB write costs ~1 s of memmove; pieces keep that buffer small."""
+    body = memoryview(frame(msg))
+    for i in range(0, len(body), _CHUNK):
+        writer.write(body[i : i + _CHUNK])
+        await writer.drain()
+
+
 def frame(msg: msgspec.Struct) -> bytes:
     body = _encoder.encode(msg)
     return len(body).to_bytes(4, "big") + body
