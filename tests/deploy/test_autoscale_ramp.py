@@ -5,12 +5,12 @@ whole ramp, and every answer equals the engine's own greedy output."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import grpc
 import pytest
+from app_fixtures import META, free_port, running_app
 
 from deploy.config import FlotillaConfig
 from router.proto import flotilla_pb2 as pb
@@ -18,15 +18,8 @@ from router.proto import flotilla_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
-META = (("application", "flotilla"),)
 MAX_TOKENS = 120
 PROMPTS = [[100 + (17 * i + 5 * j) % 700 for i in range(5 + j)] for j in range(8)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +49,8 @@ def config(tiny_model_dir) -> FlotillaConfig:
             },
             "router": {"policy": "round_robin", "stats_interval_s": 0.1},
             "serve": {
-                "http_port": _free_port(),
-                "grpc_port": _free_port(),
+                "http_port": free_port(),
+                "grpc_port": free_port(),
                 "metrics_export_port": None,
                 "group_num_cpus": 0.5,
                 "health_check_period_s": 1.0,
@@ -69,19 +62,8 @@ def config(tiny_model_dir) -> FlotillaConfig:
 
 @pytest.fixture(scope="module")
 def app(config):
-    import ray
-    from ray import serve
-
-    from deploy.app import runtime_env, start
-
-    ray.init(
-        num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env(config)
-    )
-    try:
-        yield start(config)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with running_app(config) as router:
+        yield router
 
 
 class Load:

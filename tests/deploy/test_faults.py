@@ -10,30 +10,21 @@ whichever group steps first once the test deletes the claim file."""
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from pathlib import Path
 
-import grpc
 import pytest
+from app_fixtures import META, free_port, grpc_stub
 
 from deploy.config import FlotillaConfig
 from router.proto import flotilla_pb2 as pb
-from router.proto import flotilla_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 
-META = (("application", "flotilla"),)
 MAX_TOKENS = 300
 HANG_TIMEOUT_S = 3.0
 PROMPTS = [[100 + (17 * i + 5 * j) % 700 for i in range(5 + 2 * j)] for j in range(6)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +44,8 @@ def config(tiny_model_dir) -> FlotillaConfig:
             "groups": 2,
             "router": {"policy": "round_robin", "stats_interval_s": 0.1, "group_timeout_s": 5},
             "serve": {
-                "http_port": _free_port(),
-                "grpc_port": _free_port(),
+                "http_port": free_port(),
+                "grpc_port": free_port(),
                 "metrics_export_port": None,
                 "group_num_cpus": 0.5,
                 "health_check_period_s": 1.0,
@@ -105,9 +96,8 @@ def cluster(config, claim):
 
 @pytest.fixture(scope="module")
 def stub(cluster, config):
-    channel = grpc.insecure_channel(f"127.0.0.1:{config.serve.grpc_port}")
-    yield pb_grpc.FlotillaStub(channel)
-    channel.close()
+    with grpc_stub(config) as stub:
+        yield stub
 
 
 @pytest.fixture(scope="module")

@@ -5,26 +5,18 @@ prefill >= ceil(1.0 x decode) although its own queue never asks for it."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import grpc
 import pytest
+from app_fixtures import META, free_port, running_app
 
 from deploy.config import FlotillaConfig
 from router.proto import flotilla_pb2 as pb
 from router.proto import flotilla_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
-
-META = (("application", "flotilla"),)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _scaled(**kw) -> dict:
@@ -62,8 +54,8 @@ def config(tiny_model_dir) -> FlotillaConfig:
             },
             "router": {"policy": "round_robin", "stats_interval_s": 0.1},
             "serve": {
-                "http_port": _free_port(),
-                "grpc_port": _free_port(),
+                "http_port": free_port(),
+                "grpc_port": free_port(),
                 "metrics_export_port": None,
                 "health_check_period_s": 1.0,
                 "group_graceful_shutdown_s": 2.0,
@@ -74,19 +66,8 @@ def config(tiny_model_dir) -> FlotillaConfig:
 
 @pytest.fixture(scope="module")
 def app(config):
-    import ray
-    from ray import serve
-
-    from deploy.app import runtime_env, start
-
-    ray.init(
-        num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env(config)
-    )
-    try:
-        yield start(config)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with running_app(config) as router:
+        yield router
 
 
 def _pools(app) -> dict[str, int]:

@@ -6,29 +6,20 @@ group dies: requests still complete, prefilled on the decode group."""
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
-import grpc
 import openai
 import pytest
+from app_fixtures import META, free_port, grpc_stub, running_app
 
 from deploy import preflight
 from router.proto import flotilla_pb2 as pb
-from router.proto import flotilla_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-META = (("application", "flotilla"),)
 MIN_PD = 12  # prompts of at least this many tokens go through the prefill group
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +32,8 @@ def config(tiny_model_dir):
             "engine.cache": {"block_size": 8, "num_blocks": 512},
             "router.pd_min_prompt_tokens": MIN_PD,
             "router.stats_interval_s": 0.1,
-            "serve.http_port": _free_port(),
-            "serve.grpc_port": _free_port(),
+            "serve.http_port": free_port(),
+            "serve.grpc_port": free_port(),
             "serve.metrics_export_port": None,
             "serve.health_check_period_s": 1.0,
         },
@@ -51,26 +42,14 @@ def config(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def app(config):
-    import ray
-    from ray import serve
-
-    from deploy.app import runtime_env, start
-
-    ray.init(
-        num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env(config)
-    )
-    try:
-        yield start(config)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with running_app(config) as router:
+        yield router
 
 
 @pytest.fixture(scope="module")
 def stub(app, config):
-    channel = grpc.insecure_channel(f"127.0.0.1:{config.serve.grpc_port}")
-    yield pb_grpc.FlotillaStub(channel)
-    channel.close()
+    with grpc_stub(config) as stub:
+        yield stub
 
 
 @pytest.fixture(scope="module")

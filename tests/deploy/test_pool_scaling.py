@@ -5,27 +5,18 @@ one request fails; every token equals the colocated engine's greedy output."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
-import grpc
 import pytest
+from app_fixtures import META, free_port, grpc_stub, running_app
 
 from deploy.config import FlotillaConfig
 from router.proto import flotilla_pb2 as pb
-from router.proto import flotilla_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 
-META = (("application", "flotilla"),)
 MAX_TOKENS = 600
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +36,8 @@ def config(tiny_model_dir) -> FlotillaConfig:
             "groups": 1,
             "router": {"policy": "round_robin", "stats_interval_s": 0.1},
             "serve": {
-                "http_port": _free_port(),
-                "grpc_port": _free_port(),
+                "http_port": free_port(),
+                "grpc_port": free_port(),
                 "metrics_export_port": None,
                 "group_num_cpus": 0.5,
                 "health_check_period_s": 1.0,
@@ -63,26 +54,14 @@ def _with_groups(config: FlotillaConfig, n: int) -> FlotillaConfig:
 
 @pytest.fixture(scope="module")
 def cluster(config):
-    import ray
-    from ray import serve
-
-    from deploy.app import runtime_env, start
-
-    ray.init(
-        num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env(config)
-    )
-    try:
-        yield start(config)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with running_app(config) as router:
+        yield router
 
 
 @pytest.fixture(scope="module")
 def stub(cluster, config):
-    channel = grpc.insecure_channel(f"127.0.0.1:{config.serve.grpc_port}")
-    yield pb_grpc.FlotillaStub(channel)
-    channel.close()
+    with grpc_stub(config) as stub:
+        yield stub
 
 
 def _groups(router) -> list[dict]:
