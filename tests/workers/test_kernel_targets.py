@@ -115,7 +115,11 @@ def lower_target(cpu: frozenset[str]) -> str:
     return "portable"
 
 
-OP_TESTS = ["tests/workers/test_cpu_ops.py", "tests/workers/test_paged_kernel.py"]
+OP_TESTS = [
+    "tests/workers/test_cpu_ops.py",
+    "tests/workers/test_paged_kernel.py",
+    "tests/workers/test_int8.py",
+]
 
 
 def test_op_tests_pass_on_a_lower_target(kernel_plan):
