@@ -53,6 +53,7 @@ struct Avx512 {  // (compiled on AVX-512 targets; tested here only by compiling)
 };
 #endif
 
+#if FLOTILLA_AVX2 || FLOTILLA_AVX512
 constexpr int kRows = 4;  // weight rows per micro-kernel
 
 // dot[r][c] = sum_k w[r * K + k] * x[c * K + k] for R weight rows and C input rows.
@@ -145,6 +146,7 @@ const float* as_float(const at::Tensor& t, std::vector<float>& buf) {
   for (int64_t i = 0; i < t.numel(); ++i) buf[i] = Raw<c10::BFloat16>::load(p[i]);
   return buf.data();
 }
+#endif  // FLOTILLA_AVX2 || FLOTILLA_AVX512
 
 bool float_or_bf16(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
