@@ -92,6 +92,11 @@ class LinearLayer:
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self.linear_method.apply(self, x, bias)  # type: ignore[arg-type]
 
+    def out_vector_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        """Load a per-output-channel vector (e.g. int8 weight scales) sharded as this layer's
+        output channels are."""
+        raise NotImplementedError
+
 
 def _param(*shape: int, loader) -> nn.Parameter:
     p = nn.Parameter(torch.empty(*shape), requires_grad=False)
@@ -110,6 +115,9 @@ class ColumnParallelLinear(LinearLayer, nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         n = param.shape[0]
         param.data.copy_(loaded.narrow(0, self.tp.rank * n, n))
+
+    def out_vector_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        self.weight_loader(param, loaded, shard_id)  # the rows' slice (as the bias's)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear(x, self.bias)
@@ -182,6 +190,9 @@ class RowParallelLinear(LinearLayer, nn.Module):
     def _full_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         param.data.copy_(loaded)
 
+    def out_vector_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        self._full_loader(param, loaded)  # output channels are whole on every rank
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.tp.all_reduce(self._linear(x, None))
         return y if self.bias is None else y + self.bias
@@ -213,6 +224,9 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(LinearLayer, VocabParallelEmbedding):
     """Vocab-parallel output projection; every rank ends with the full logits row."""
+
+    def out_vector_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        self.weight_loader(param, loaded, shard_id)  # this rank's vocab rows, padded
 
     def greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Each row's argmax token (int64 [rows]) without writing the logits out -- what

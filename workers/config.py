@@ -34,6 +34,12 @@ class ModelConfig(BaseModel):
         "panels for the native AMX linear (with native kernels on an AMX CPU), else oneDNN's "
         "blocked layout.",
     )
+    quantization: Literal["none", "int8"] = Field(
+        "none",
+        description="int8 = weight-only int8: every linear layer's weight (attention, MLP, LM "
+        "head; not the embedding) quantized at load, symmetric per output channel; activations "
+        "stay in `dtype`. Small batches run the native int8 kernel (AVX2/AVX-512).",
+    )
 
     kernels: Literal["auto", "native", "torch"] = Field(
         "auto",

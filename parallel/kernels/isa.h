@@ -4,6 +4,7 @@
 //   FLOTILLA_X86          x86 intrinsics usable (immintrin.h included). 0 on other machines,
 //                         and where FLOTILLA_PORTABLE is defined: the portable scalar paths only,
 //                         so they can be built and tested on an x86 machine too.
+//   FLOTILLA_AVX2         AVX2 + FMA vector paths (the weight-only int8 linear).
 //   FLOTILLA_AVX512       AVX-512 F/BW/VL vector paths (norms, rotary, SiLU, argmax, decode
 //                         attention).
 //   FLOTILLA_AVX512_BF16  AVX512-BF16 dot products and conversions (GEMV, prefill attention).
@@ -19,6 +20,12 @@
 #include <immintrin.h>
 #else
 #define FLOTILLA_X86 0
+#endif
+
+#if FLOTILLA_X86 && defined(__AVX2__) && defined(__FMA__)
+#define FLOTILLA_AVX2 1
+#else
+#define FLOTILLA_AVX2 0
 #endif
 
 #if FLOTILLA_X86 && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)

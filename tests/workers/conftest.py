@@ -12,6 +12,8 @@ _HARDWARE = {
     "tested everywhere)",
     "gemv_bf16": "an AVX512-BF16 CPU (the bf16 GEMV has no other path; its decline is tested "
     "everywhere)",
+    "w8": "an AVX2+FMA or AVX-512 CPU (the int8 linear kernel has no other path; its decline "
+    "and torch's fallback are tested everywhere)",
     "prefill_attention": "an AVX512-BF16 CPU (the prefill kernel has no other path; SDPA is "
     "tested everywhere)",
 }

@@ -8,18 +8,20 @@ import os
 import pytest
 import torch
 
-from workers.kernels.dispatch import BuildInfo, KernelPlan, decide
+from workers.kernels.dispatch import W8_MAX_ROWS, BuildInfo, KernelPlan, decide
 
 AVX2 = {"sse2", "avx", "avx2", "fma", "f16c"}
 AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl"}
 BF16 = AVX512 | {"avx512bf16"}
 AMX = BF16 | {"amx-tile", "amx-bf16"}
 PATHS = {  # what parallel/kernels/isa.h compiles in for a -march=native build on such a CPU
-    "avx2": {"x86"},
-    "avx512": {"x86", "avx512"},
-    "bf16": {"x86", "avx512", "avx512_bf16"},
-    "amx": {"x86", "avx512", "avx512_bf16", "amx"},
+    "portable": set(),
+    "avx2": {"x86", "avx2"},
+    "avx512": {"x86", "avx2", "avx512"},
+    "bf16": {"x86", "avx2", "avx512", "avx512_bf16"},
+    "amx": {"x86", "avx2", "avx512", "avx512_bf16", "amx"},
 }
+W8 = dict(w8=True, w8_max_rows=W8_MAX_ROWS)
 
 
 def _info(features: set[str], paths: str, cpu: set[str] | None = None, permitted=True):
@@ -31,32 +33,48 @@ def _info(features: set[str], paths: str, cpu: set[str] | None = None, permitted
 @pytest.mark.parametrize(
     "info,want",
     [
-        (_info(AVX2, "avx2"), KernelPlan(native=True)),
-        (_info(AVX512, "avx512"), KernelPlan(native=True)),
+        (_info(AVX2, "avx2"), KernelPlan(native=True, **W8)),
+        (_info(AVX512, "avx512"), KernelPlan(native=True, **W8)),
         (
             _info(BF16, "bf16"),
-            KernelPlan(native=True, prefill_attention=True, gemv_bf16=True, gemv_max_rows=4),
+            KernelPlan(native=True, prefill_attention=True, gemv_bf16=True, gemv_max_rows=4, **W8),
         ),
         (
             _info(AMX, "amx"),
             KernelPlan(
-                native=True, prefill_attention=True, amx=True, gemv_bf16=True, gemv_max_rows=1
+                native=True,
+                prefill_attention=True,
+                amx=True,
+                gemv_bf16=True,
+                gemv_max_rows=1,
+                **W8,
             ),
         ),
         # Linux refused the tile data: no AMX kernels; oneDNN still has AMX, so 1 GEMV row
         (
             _info(AMX, "amx", permitted=False),
-            KernelPlan(native=True, prefill_attention=True, gemv_bf16=True, gemv_max_rows=1),
+            KernelPlan(native=True, prefill_attention=True, gemv_bf16=True, gemv_max_rows=1, **W8),
         ),
         # a lower build on an AMX CPU (FLOTILLA_KERNEL_TARGET=cooperlake): the BF16 paths
         (
             _info(BF16, "bf16", cpu=AMX),
-            KernelPlan(native=True, prefill_attention=True, gemv_bf16=True, gemv_max_rows=1),
+            KernelPlan(native=True, prefill_attention=True, gemv_bf16=True, gemv_max_rows=1, **W8),
         ),
         # built for a CPU this one is not: nothing native at all
         (_info(AMX, "amx", cpu=AVX2), KernelPlan()),
+        # a portable build (FLOTILLA_KERNEL_TARGET=portable): native ops, no int8 kernel
+        (_info(set(), "portable", cpu=AVX2), KernelPlan(native=True)),
     ],
-    ids=["avx2", "avx512", "avx512-bf16", "amx", "amx-not-permitted", "lower-build", "foreign"],
+    ids=[
+        "avx2",
+        "avx512",
+        "avx512-bf16",
+        "amx",
+        "amx-not-permitted",
+        "lower-build",
+        "foreign",
+        "portable",
+    ],
 )
 def test_plan_per_machine_class(info, want):
     assert KernelPlan.from_info(info, onednn_bf16=False) == want
@@ -82,4 +100,6 @@ def test_build_info_reports_the_build_and_this_cpu(kernel_plan):
     if target == "native" and "avx2" in info.cpu:
         assert "avx2" in info.compiled and "x86" in info.paths
     assert ("avx512" in info.paths) == ("avx512f" in info.compiled)
+    assert ("avx2" in info.paths) == ({"avx2", "fma"} <= info.compiled)
+    assert kernel_plan.w8 == bool({"avx2", "avx512"} & info.paths)
     assert kernel_plan.amx <= ("amx" in info.paths and info.amx_permitted)

@@ -32,12 +32,18 @@ from workers.kernels import CPU_KERNELS
 # target -> the kernel paths (parallel/kernels/isa.h) it must compile in
 X86_TARGETS = {
     "x86-64": [],  # baseline (SSE2): the generic loops
-    "x86-64-v3": [],  # AVX2 + FMA: this CI class has no AVX-512
-    "skylake-avx512": ["FLOTILLA_AVX512"],
-    "cooperlake": ["FLOTILLA_AVX512", "FLOTILLA_AVX512_BF16"],
-    "sapphirerapids": ["FLOTILLA_AVX512", "FLOTILLA_AVX512_BF16", "FLOTILLA_AMX"],
+    "x86-64-v3": ["FLOTILLA_AVX2"],  # AVX2 + FMA: this CI class has no AVX-512
+    "skylake-avx512": ["FLOTILLA_AVX2", "FLOTILLA_AVX512"],
+    "cooperlake": ["FLOTILLA_AVX2", "FLOTILLA_AVX512", "FLOTILLA_AVX512_BF16"],
+    "sapphirerapids": ["FLOTILLA_AVX2", "FLOTILLA_AVX512", "FLOTILLA_AVX512_BF16", "FLOTILLA_AMX"],
 }
-ALL_PATHS = ["FLOTILLA_X86", "FLOTILLA_AVX512", "FLOTILLA_AVX512_BF16", "FLOTILLA_AMX"]
+ALL_PATHS = [
+    "FLOTILLA_X86",
+    "FLOTILLA_AVX2",
+    "FLOTILLA_AVX512",
+    "FLOTILLA_AVX512_BF16",
+    "FLOTILLA_AMX",
+]
 
 
 def _unit(tmp: Path, name: str, want_on: list[str], want_off: list[str]) -> Path:
@@ -109,7 +115,11 @@ def lower_target(cpu: frozenset[str]) -> str:
     return "portable"
 
 
-OP_TESTS = ["tests/workers/test_cpu_ops.py", "tests/workers/test_paged_kernel.py"]
+OP_TESTS = [
+    "tests/workers/test_cpu_ops.py",
+    "tests/workers/test_paged_kernel.py",
+    "tests/workers/test_int8.py",
+]
 
 
 def test_op_tests_pass_on_a_lower_target(kernel_plan):

@@ -3,9 +3,10 @@
 `load_cpu_kernels()` builds the `.cpp` files here into one shared library with the tree's one
 builder (parallel/native_build.py: cache, lock, target knob) and registers the ops
 (``torch.ops.flotilla.*``: paged decode and prefill attention, the KV-cache write, norms,
-rotary, SiLU-and-mul, the AMX linear, bf16 GEMV, a dense model's decoder layers in one call, row
-argmax, and `build_info`, which says what the library was compiled for). Which of them a model
-uses is decided in one place, workers/kernels/dispatch.py; README.md here has the op x ISA table.
+rotary, SiLU-and-mul, the AMX linear, bf16 GEMV, the weight-only int8 linear, a dense model's
+decoder layers in one call, row argmax, and `build_info`, which says what the library was
+compiled for). Which of them a model uses is decided in one place, workers/kernels/dispatch.py;
+README.md here has the op x ISA table.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ CPU_KERNELS = native_build.NativeLib(
             "cpu_ops.cpp",
             "dense_layers.cpp",
             "gemm_amx.cpp",
+            "gemm_w8.cpp",
             "paged_attention.cpp",
             "prefill_attention.cpp",
         )

@@ -3,7 +3,7 @@
 // the compile-time #ifs (parallel/kernels/isa.h) and the run-time CPU checks have one reader.
 //
 //   "compiled": the target's ISA macros (__AVX2__, __AVX512BF16__, __AMX_TILE__, ...)
-//   "paths":    the kernel paths compiled in (FLOTILLA_AVX512, _AVX512_BF16, _AMX; x86 at all)
+//   "paths":    the kernel paths compiled in (FLOTILLA_AVX2, _AVX512, _AVX512_BF16, _AMX; x86 at all)
 //   "cpu":      the CPU's features at run time (x86: __builtin_cpu_supports, which also checks
 //               that the OS saves the registers)
 //   "amx_permitted": Linux granted this process the AMX tile data (arch_prctl XTILEDATA)
@@ -69,6 +69,7 @@ std::string compiled() {
 std::string paths() {
   std::string s = "[";
   add(s, "x86", FLOTILLA_X86);
+  add(s, "avx2", FLOTILLA_AVX2);
   add(s, "avx512", FLOTILLA_AVX512);
   add(s, "avx512_bf16", FLOTILLA_AVX512_BF16);
   add(s, "amx", FLOTILLA_AMX);

@@ -26,7 +26,7 @@ class BuildInfo:
     """What torch.ops.flotilla.build_info() reports (see workers/kernels/build_info.cpp)."""
 
     compiled: frozenset[str]  # the target's ISA features (compiler macros), e.g. "avx512bf16"
-    paths: frozenset[str]  # kernel paths compiled in: "x86", "avx512", "avx512_bf16", "amx"
+    paths: frozenset[str]  # kernel paths compiled in: "x86", "avx2", "avx512", ...
     cpu: frozenset[str]  # the CPU's features at run time
     amx_permitted: bool  # Linux granted the AMX tile data to this process
 
@@ -56,6 +56,12 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+W8_MAX_ROWS = 32
+"""Up to this many rows an int8-weight linear runs on linear_w8; past it the float GEMM on the
+weight dequantized once per call wins (AVX2 EPYC, float32, [M, 576] x [1536, 576] and
+[M, 1536] x [576, 1536], one thread: 0.89 vs 0.94 ms at 32 rows, 1.8 vs 1.6 ms at 64)."""
+
+
 @dataclass(frozen=True)
 class KernelPlan:
     """Each op's path on this rank. All False: the plain torch code everywhere."""
@@ -66,6 +72,8 @@ class KernelPlan:
     gemv_bf16: bool = False  # small-batch bf16 linears by gemv_bf16 (AVX512-BF16)
     gemv_max_rows: int = 0  # ... up to this many rows (oneDNN wins past it)
     onednn_bf16: bool = False  # torch's oneDNN bf16 GEMM: prepacked weights pay off
+    w8: bool = False  # int8-weight linears by linear_w8 (AVX2+FMA or AVX-512 path)
+    w8_max_rows: int = 0  # ... up to this many rows (torch on the dequantized weight past it)
 
     @property
     def dense_layers(self) -> bool:
@@ -92,6 +100,7 @@ class KernelPlan:
         # vs 13.5 at 4 (oneDNN wins from ~6); with AMX (oneDNN uses it whatever our build),
         # oneDNN's tile GEMM wins from 2 rows (13.3 vs 16.4 ms at 1 row, 16.1 vs 20.0 at 4).
         rows = 1 if "amx-bf16" in info.cpu else 4
+        w8 = bool({"avx2", "avx512"} & info.paths)
         return cls(
             native=True,
             prefill_attention=bf16,
@@ -99,6 +108,8 @@ class KernelPlan:
             gemv_bf16=bf16,
             gemv_max_rows=rows if bf16 else 0,
             onednn_bf16=onednn_bf16,
+            w8=w8,
+            w8_max_rows=W8_MAX_ROWS if w8 else 0,
         )
 
 

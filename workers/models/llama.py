@@ -484,6 +484,8 @@ class LlamaForCausalLM(nn.Module):
             if loader is None:
                 param.data.copy_(tensor)
             else:
-                loader(param, tensor.to(param.dtype), shard)
+                # (an int8 weight's loader quantizes the float tensor itself)
+                t = tensor.to(param.dtype) if param.is_floating_point() else tensor
+                loader(param, t, shard)
             loaded.add(name)
         return loaded
