@@ -40,6 +40,7 @@ from typing import Any
 
 from cluster import wire
 from cluster.config import EngineConfig
+from cluster.kv_handoff import KVHandoff, _Leases
 from cluster.latency_window import TokenLatencies
 from workers.errors import EngineDead, EngineDraining, EngineOverloaded, InvalidRequest
 from workers.sampling_params import SamplingParams
@@ -90,37 +91,7 @@ class _Subscriber:
 ROLES = ("colocated", "prefill", "decode")
 
 
-class _Leases:
-    """Prompt KV exported by this (prefill) group, held until a decode group takes it or the
-    lease runs out. What is held is a copy: the group's own blocks went back to its prefix
-    cache when the request finished, so an abandoned hand-off can never pin KV memory."""
-
-    def __init__(self, lease_s: float):
-        self.lease_s = lease_s
-        self.items: OrderedDict[str, tuple[float, Any]] = OrderedDict()
-        self.expired = 0
-        self.taken = 0
-
-    def put(self, request_id: str, kv: Any) -> None:
-        self.sweep()
-        self.items[request_id] = (time.monotonic() + self.lease_s, kv)
-
-    def take(self, request_id: str) -> Any:
-        self.sweep()
-        item = self.items.pop(request_id, None)
-        if item is None:
-            return None
-        self.taken += 1
-        return item[1]
-
-    def sweep(self) -> None:
-        now = time.monotonic()
-        while self.items and next(iter(self.items.values()))[0] < now:
-            self.items.popitem(last=False)
-            self.expired += 1
-
-
-class ReplicaGroup:
+class ReplicaGroup(KVHandoff):
     def __init__(
         self,
         config: EngineConfig | dict,
@@ -372,100 +343,6 @@ class ReplicaGroup:
             if not finished:
                 self.num_aborted += 1
                 await self.engine.abort(request_id)
-
-    # ---- KV hand-off ------------------------------------------------------------------------
-    def take_kv(self, request_id: str, via: str = "inline") -> Any:
-        """A decode group takes (and so acknowledges) a request's prompt KV (token ids and block
-        data, cluster.kv_transfer's form), or None when the lease expired or was never made.
-        via="shm" (a decode group on this node): the data goes into a slot of this group's
-        arena and the answer says where; the taker releases the slot (release_kv) once it
-        imported it, or the slot is freed after the lease and transfer times."""
-        from cluster import kv_transfer  # torch: only in a group's process, never the router's
-
-        kv = self.leases.take(request_id)
-        if kv is None:
-            return None
-        layout = self.engine.engine.kv_layout
-        if via == "shm" and self.arena is not None:
-            offset = self.arena.put(request_id, kv[1])
-            if offset is not None:
-                return kv_transfer.pack(kv[0], kv[1], layout, arena=(self.arena.path, offset))
-        return kv_transfer.pack(*kv, layout)
-
-    def _give_back_arena(self, request_id: str) -> None:
-        """Release the arena slot the request's KV was read from (fire and forget: a release
-        that does not arrive is a slot freed later by the lender's sweep)."""
-        source = self._arena_loans.pop(request_id)
-
-        async def release() -> None:
-            try:
-                await asyncio.wait_for(
-                    wire.call_once(
-                        source["host"], source["port"], source["secret"], self.name,
-                        "release_kv", [request_id],
-                    ),
-                    10,
-                )  # fmt: skip
-            except Exception as e:
-                log.info("arena slot of %s not released: %r", request_id, e)
-
-        asyncio.get_running_loop().create_task(release())
-
-    async def _fetch_kv(self, source: dict[str, Any], request_id: str) -> Any:
-        """The prompt KV held by the group `source` names ({group, host, port, secret}: its
-        data plane, which the router passes on), or None (then the prompt is recomputed here)."""
-        t0 = time.monotonic()
-        group = source.get("group", "?")
-        here = getattr(getattr(self, "member", None), "node_id", None)
-        via = "shm" if here and source.get("node_id") == here else "inline"
-        try:
-            kv = await asyncio.wait_for(
-                wire.call_once(
-                    source["host"],
-                    source["port"],
-                    source["secret"],
-                    self.name,
-                    "take_kv",
-                    [request_id, via],
-                ),
-                self.kv_transfer_timeout_s,
-            )
-        except asyncio.CancelledError:  # the client went away mid-transfer: nothing to import
-            self.kv["cancelled"] += 1
-            raise
-        except Exception as e:  # the prefill group died, or the transfer is late
-            log.warning("KV of %s from %s not received, recomputing: %r", request_id, group, e)
-            kv = None
-        if kv is not None:
-            in_arena = bool(kv.get("arena"))
-            kv = self._fitting_kv(kv, request_id, group)
-            if kv is not None and in_arena:
-                # Read in place: the slot stays lent until the engine has imported it. A
-                # request cancelled before that leaves it to the lender's sweep (the engine
-                # thread may still be reading it).
-                self._arena_loans[request_id] = source
-                self.kv["shm_imports"] += 1
-        if kv is None:
-            self.kv["recomputes"] += 1
-            return None
-        self.kv["imports"] += 1
-        self.kv["bytes"] += kv[1].nbytes
-        self.kv["seconds"] += time.monotonic() - t0
-        return kv
-
-    def _fitting_kv(self, msg: dict[str, Any], request_id: str, group: str) -> tuple | None:
-        """take_kv's answer as (token ids, data, layout) when it fits this group's KV layout
-        (any TP / PP / EP layout of the same model does: cluster.kv_shards), else None with
-        the reason logged -- a different model, dtype, head dim or block size is recomputed."""
-        from cluster import kv_transfer  # torch: only in a group's process
-
-        try:
-            tokens, data, layout = kv_transfer.unpack(msg, self.arena_maps)
-            self.engine.engine.kv_layout.check(tokens, data, layout)
-        except (ValueError, TypeError, KeyError, OSError) as e:
-            log.warning("KV of %s from %s does not fit, recomputing: %s", request_id, group, e)
-            return None
-        return tokens, data, layout
 
     def _delta(self, out, params: SamplingParams) -> dict[str, Any]:
         msg: dict[str, Any] = {"ids": out.new_token_ids, "text": out.delta_text, "lp": None}
