@@ -10,6 +10,9 @@ by `attach_linear_methods` as the kernel plan (workers/kernels/dispatch.py) allo
   faster per matmul on bf16-capable CPUs without AMX).
 - GemvLinear: a few bf16 rows by torch.ops.flotilla.gemv_bf16 (AVX512-BF16), streaming the
   weight at memory bandwidth; more rows by the method it wraps.
+- F32Linear: a few float32 rows by torch.ops.flotilla.linear_f32 (AVX2/AVX-512), which streams
+  the weight at memory bandwidth where torch's GEMM (MKL on an AVX2 EPYC) reaches a third to
+  half of it; more rows by torch.
 - Int8Linear: an int8 weight with per-output-channel scales (workers/quantization.py): a few
   rows by torch.ops.flotilla.linear_w8 (AVX2/AVX-512), more rows by torch on the dequantized
   weight (float32) or torch's int8 matmul (bf16).
@@ -127,6 +130,24 @@ class GemvLinear(LinearMethod):
         return self.then.apply(layer, x, bias)
 
 
+class F32Linear(LinearMethod):
+    def __init__(self, max_rows: int):
+        self.max_rows = max_rows
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        w = layer.weight
+        if (
+            x.dim() == 2
+            and x.shape[0] <= self.max_rows
+            and x.dtype == w.dtype == torch.float32
+            and x.device.type == "cpu"
+        ):
+            out = x.new_empty(x.shape[0], w.shape[0])
+            if torch.ops.flotilla.linear_f32(out, x.contiguous(), w, bias):
+                return out
+        return F.linear(x, w, bias)
+
+
 class Int8Linear(LinearMethod):
     """y = (x @ q^T) * scale (+ bias) for layer.weight int8 [N, K], layer.weight_scale [N].
 
@@ -174,6 +195,8 @@ def choose(
     if is_int8(layer):
         return Int8Linear(plan.w8_max_rows if plan.w8 else 0)
     w = layer.weight.detach()  # type: ignore[attr-defined]
+    if plan.f32 and w.dtype == torch.float32 and w.device.type == "cpu":
+        return F32Linear(plan.f32_max_rows)
     packed = prepack and plan.onednn_bf16 and _packable(w)
     small = GemvLinear(plan.gemv_max_rows, TORCH_LINEAR) if plan.gemv_bf16 else TORCH_LINEAR
     if packed and plan.amx:

@@ -62,6 +62,12 @@ weight dequantized once per call wins (AVX2 EPYC, float32, [M, 576] x [1536, 576
 [M, 1536] x [576, 1536], one thread: 0.89 vs 0.94 ms at 32 rows, 1.8 vs 1.6 ms at 64)."""
 
 
+F32_MAX_ROWS = 16
+"""Up to this many rows a float32 linear runs on linear_f32; past it torch's GEMM catches up
+(AVX2 EPYC, SmolLM2-135M's linears and LM head, 2 threads: 22 vs 38 ms at 1 row, 32 vs 67 at
+8, 72 vs 91 at 16, 136 vs 122 at 32; benchmarks/RESULTS.md)."""
+
+
 @dataclass(frozen=True)
 class KernelPlan:
     """Each op's path on this rank. All False: the plain torch code everywhere."""
@@ -74,6 +80,8 @@ class KernelPlan:
     onednn_bf16: bool = False  # torch's oneDNN bf16 GEMM: prepacked weights pay off
     w8: bool = False  # int8-weight linears by linear_w8 (AVX2+FMA or AVX-512 path)
     w8_max_rows: int = 0  # ... up to this many rows (torch on the dequantized weight past it)
+    f32: bool = False  # float32 linears by linear_f32 (the same loop with float32 weights)
+    f32_max_rows: int = 0  # ... up to this many rows (torch's GEMM past it)
 
     @property
     def dense_layers(self) -> bool:
@@ -90,7 +98,8 @@ class KernelPlan:
         if not info.runs_here:
             log.warning(
                 "native kernels built for %s, but this CPU lacks %s: using the torch paths",
-                sorted(info.compiled), sorted(info.compiled - info.cpu),
+                sorted(info.compiled),
+                sorted(info.compiled - info.cpu),
             )
             return cls(onednn_bf16=onednn_bf16)
         bf16 = "avx512_bf16" in info.paths and "avx512bf16" in info.cpu
@@ -110,6 +119,8 @@ class KernelPlan:
             onednn_bf16=onednn_bf16,
             w8=w8,
             w8_max_rows=W8_MAX_ROWS if w8 else 0,
+            f32=w8,
+            f32_max_rows=F32_MAX_ROWS if w8 else 0,
         )
 
 

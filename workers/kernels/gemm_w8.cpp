@@ -1,15 +1,18 @@
-// Weight-only int8 linear for small batches (decode):
-//   out[m, n] = (sum_k x[m, k] * w[n, k]) * scale[n] (+ bias[n])
-// w int8 [N, K] (symmetric, one float32 scale per output row: workers/quantization.py), x and
-// out float32 or bf16. A decode step streams every weight from DRAM once, so reading 1 byte
-// per weight instead of 4 (float32) or 2 (bf16) is the win; the arithmetic is float32: each
-// 8 (AVX2) or 16 (AVX-512) int8 weights are widened to int32 then float in registers and
-// multiplied into float32 accumulators by FMA. A micro-kernel takes kRows weight rows x up to
-// kCols input rows, so that each weight vector is converted once per kCols rows and the
+// Small-batch linears that stream their weight at memory bandwidth (decode):
+//   linear_w8:  out[m, n] = (sum_k x[m, k] * w[n, k]) * scale[n] (+ bias[n]), w int8 [N, K]
+//               (symmetric, one float32 scale per output row: workers/quantization.py);
+//   linear_f32: out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]), w float32 [N, K].
+// x and out float32 or bf16. A decode step streams every weight from DRAM once, so the weight
+// bytes set the time: int8 reads 1 byte per weight instead of 4; float32 is here because
+// torch's GEMM (MKL) streams a [<=32, K] x [N, K]^T product at only 4-13 GB/s on an AVX2 EPYC
+// where this loop reaches ~20 (benchmarks/RESULTS.md). The arithmetic is float32: int8
+// weights are widened to int32 then float in registers, and every weight vector is multiplied
+// into float32 accumulators by FMA. A micro-kernel takes kRows weight rows x up to kCols input
+// rows, so that each weight vector is loaded (and converted) once per kCols rows and the
 // accumulators stay in registers (AVX2: 4 x 3 = 12 of the 16 ymm). Threads split the output
 // channels (at::parallel_for), each walking its weight rows front to back. bf16 activations
 // are widened to float32 once per call (M x K values, in L1/L2). No vector path in the build
-// (portable, pre-AVX2): the op declines and the caller takes torch's path.
+// (portable, pre-AVX2): the ops decline and the caller takes torch's path.
 
 #include "common.h"
 
@@ -27,6 +30,7 @@ struct Avx2 {
     const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
   }
+  static V load_w(const float* p) { return _mm256_loadu_ps(p); }
   static V load_x(const float* p) { return _mm256_loadu_ps(p); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static float sum(V v) {
@@ -47,6 +51,7 @@ struct Avx512 {  // (compiled on AVX-512 targets; tested here only by compiling)
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
   }
+  static V load_w(const float* p) { return _mm512_loadu_ps(p); }
   static V load_x(const float* p) { return _mm512_loadu_ps(p); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static float sum(V v) { return _mm512_reduce_add_ps(v); }
@@ -55,10 +60,12 @@ struct Avx512 {  // (compiled on AVX-512 targets; tested here only by compiling)
 
 #if FLOTILLA_AVX2 || FLOTILLA_AVX512
 constexpr int kRows = 4;  // weight rows per micro-kernel
+template <typename W>
+constexpr int64_t kLine = 64 / sizeof(W);  // weights per cache line
 
 // dot[r][c] = sum_k w[r * K + k] * x[c * K + k] for R weight rows and C input rows.
-template <class S, int R, int C>
-inline void micro(const int8_t* w, const float* x, int64_t K, float (&dot)[kRows][4]) {
+template <class S, int R, int C, typename W>
+inline void micro(const W* w, const float* x, int64_t K, float (&dot)[kRows][4]) {
   using V = typename S::V;
   const int64_t kv = K / S::kWidth * S::kWidth;
   V acc[R][C];
@@ -71,7 +78,7 @@ inline void micro(const int8_t* w, const float* x, int64_t K, float (&dot)[kRows
     // prefetchers follow poorly: one line per row of the next block, requested a block ahead,
     // streams the LM head's 28 MB 1.6x faster at 1-2 rows (a prefetch never faults, so the
     // last block may ask past the end).
-    if ((k & 63) == 0)
+    if ((k & (kLine<W> - 1)) == 0)
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r)
         _mm_prefetch(reinterpret_cast<const char*>(w + (kRows + r) * K + k), _MM_HINT_T0);
@@ -90,8 +97,8 @@ inline void micro(const int8_t* w, const float* x, int64_t K, float (&dot)[kRows
     }
 }
 
-template <class S, int R>
-inline void micro_cols(int C, const int8_t* w, const float* x, int64_t K,
+template <class S, int R, typename W>
+inline void micro_cols(int C, const W* w, const float* x, int64_t K,
                        float (&dot)[kRows][4]) {
   static_assert(S::kCols <= 4, "dot holds up to 4 input rows");
   switch (C) {
@@ -103,14 +110,16 @@ inline void micro_cols(int C, const int8_t* w, const float* x, int64_t K,
   }
 }
 
-template <class S, typename T>
-void linear_w8_impl(const at::Tensor& out, const float* x, const int8_t* w, const float* scale,
-                    const float* bias, int64_t M, int64_t N, int64_t K) {
+// scale: nullptr for float32 weights (none to apply)
+template <class S, typename T, typename W>
+void linear_small_impl(const at::Tensor& out, const float* x, const W* w, const float* scale,
+                       const float* bias, int64_t M, int64_t N, int64_t K) {
   using R = Raw<T>;
   auto* op = reinterpret_cast<typename R::type*>(out.data_ptr());
   const int64_t blocks = (N + kRows - 1) / kRows;
   // ~16 KB of weights per task at least: enough to amortise the thread hand-off
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, kRows * K));
+  const int64_t grain =
+      std::max<int64_t>(1, 16384 / std::max<int64_t>(1, kRows * K * int64_t(sizeof(W))));
   at::parallel_for(0, blocks, grain, [&](int64_t b, int64_t e) {
     float dot[kRows][4];
     for (int64_t blk = b; blk < e; ++blk) {
@@ -130,7 +139,7 @@ void linear_w8_impl(const at::Tensor& out, const float* x, const int8_t* w, cons
         }
         for (int r = 0; r < rows; ++r) {
           const int64_t n = n0 + r;
-          const float s = scale[n], bn = bias ? bias[n] : 0.0f;
+          const float s = scale ? scale[n] : 1.0f, bn = bias ? bias[n] : 0.0f;
           for (int c = 0; c < cols; ++c) op[(m0 + c) * N + n] = R::store(dot[r][c] * s + bn);
         }
       }
@@ -179,15 +188,51 @@ bool linear_w8(at::Tensor out, const at::Tensor& x, const at::Tensor& w, const a
   const auto* wp = reinterpret_cast<const int8_t*>(w.data_ptr());
   const float* sp = scales.data_ptr<float>();
   if (out.scalar_type() == at::kFloat)
-    linear_w8_impl<S, float>(out, xf, wp, sp, bf, M, N, K);
+    linear_small_impl<S, float>(out, xf, wp, sp, bf, M, N, K);
   else
-    linear_w8_impl<S, c10::BFloat16>(out, xf, wp, sp, bf, M, N, K);
+    linear_small_impl<S, c10::BFloat16>(out, xf, wp, sp, bf, M, N, K);
   return true;
 #else
   return false;  // no vector path in this build: the caller dequantizes and uses torch
 #endif
 }
 
+bool linear_f32(at::Tensor out, const at::Tensor& x, const at::Tensor& w,
+                const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && out.dim() == 2 && x.size(1) == w.size(1) &&
+                  out.size(0) == x.size(0) && out.size(1) == w.size(0) &&
+                  (!bias || bias->numel() == w.size(0)),
+              "linear_f32: x [M, K], w [N, K], bias [N], out [M, N]");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && out.is_contiguous() &&
+                  (!bias || bias->is_contiguous()),
+              "linear_f32: contiguous tensors only");
+  if (w.scalar_type() != at::kFloat || !float_or_bf16(x) || !float_or_bf16(out) ||
+      (bias && !float_or_bf16(*bias)))
+    return false;
+#if FLOTILLA_AVX2 || FLOTILLA_AVX512
+#if FLOTILLA_AVX512
+  using S = Avx512;
+#else
+  using S = Avx2;
+#endif
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  std::vector<float> xbuf, bbuf;
+  const float* xf = as_float(x, xbuf);
+  const float* bf = bias ? as_float(*bias, bbuf) : nullptr;
+  const float* wp = w.data_ptr<float>();
+  if (out.scalar_type() == at::kFloat)
+    linear_small_impl<S, float>(out, xf, wp, nullptr, bf, M, N, K);
+  else
+    linear_small_impl<S, c10::BFloat16>(out, xf, wp, nullptr, bf, M, N, K);
+  return true;
+#else
+  return false;  // no vector path in this build: the caller uses torch's linear
+#endif
+}
+
 }  // namespace flotilla
 
-TORCH_LIBRARY_IMPL(flotilla, CPU, m) { m.impl("linear_w8", &flotilla::linear_w8); }
+TORCH_LIBRARY_IMPL(flotilla, CPU, m) {
+  m.impl("linear_w8", &flotilla::linear_w8);
+  m.impl("linear_f32", &flotilla::linear_f32);
+}
