@@ -30,12 +30,26 @@ def _router_scrape() -> dict:
     return sample_values(r.text)
 
 
+def _settled_scrape() -> dict:
+    """A scrape once the requests of earlier tests are all recorded (two alike, 0.3 s apart)."""
+    last = _router_scrape()
+    for _ in range(30):
+        time.sleep(0.3)
+        now = _router_scrape()
+        if total(now, "ray_flotilla_request_success_total") == total(
+            last, "ray_flotilla_request_success_total"
+        ):
+            return now
+        last = now
+    raise AssertionError("the router kept recording requests nobody sent")
+
+
 def _dashboard_names() -> set[str]:
     return {n for exprs in dashboard_queries().values() for e in exprs for n in metric_names(e)}
 
 
 def test_dashboard_queries_and_request_histograms_against_a_live_scrape(app, client):
-    before = _router_scrape()
+    before = _settled_scrape()
     usages = []
     for prompt, max_tokens in PROMPTS:
         resp = client.completions.create(
