@@ -128,7 +128,13 @@ class AsyncEngine:
             self._ids += 1
             request_id = f"async-{id(self):x}-{self._ids}"
         stream = _Stream(asyncio.get_running_loop())
-        extra = {"resume_output_ids": list(resume_output_ids), "handoff": handoff}
+        # Arrival is now, not when the engine thread picks the command up: queue time then
+        # includes the wait for the step in progress, as a client sees it.
+        extra = {
+            "resume_output_ids": list(resume_output_ids),
+            "handoff": handoff,
+            "arrival_time": time.monotonic(),
+        }
         self._send("add", request_id, token_ids, params, stream, extra, kv)
         finished = False
         try:

@@ -47,6 +47,10 @@ class RequestOutput:
     num_cached_tokens: int = 0
     arrival_time: float = 0.0
     first_token_time: float | None = None
+    # Per-request timings (time.monotonic) and preemptions, for the router's histograms.
+    scheduled_time: float | None = None  # first admitted: arrival -> here is queue time
+    finished_time: float | None = None  # set on the last output only
+    num_preemptions: int = 0
     # finish_reason "handoff": the prompt's full KV blocks, (their token ids, block data),
     # copied out as the request finished, for a decode group to import
     kv: tuple[list[int], Any] | None = None
@@ -269,6 +273,9 @@ class LLMEngine:
             num_cached_tokens=req.num_cached_tokens,
             arrival_time=req.arrival_time,
             first_token_time=req.first_token_time,
+            scheduled_time=req.scheduled_time,
+            finished_time=now if reason is not None else None,
+            num_preemptions=req.num_preemptions,
             kv=kv,
         )
 

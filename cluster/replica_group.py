@@ -16,7 +16,9 @@ Two ways to run requests:
   request; cancelling the call (asyncio.CancelledError / generator close) aborts the request.
 
 Either way a request's first delta is an error (invalid / overloaded / dead: nothing was
-queued, no KV blocks held) or its first tokens; its last delta carries "finish" and "usage".
+queued, no KV blocks held) or its first tokens; its last delta carries "finish" and "usage",
+and (optional keys, for the router's metrics) "preemptions" and "timing" {queue, prefill,
+decode} in seconds.
 Aborting frees the request's KV blocks at the engine's next step boundary.
 
 Errors never travel as exceptions (custom exception classes do not survive pickling well and
@@ -358,6 +360,10 @@ class ReplicaGroup(KVHandoff):
                 "completion_tokens": len(out.token_ids),
                 "cached_tokens": out.num_cached_tokens,
             }
+            msg["preemptions"] = out.num_preemptions
+            timing = leg_timing(out)
+            if timing is not None:
+                msg["timing"] = timing
         if out.finish_reason == "handoff":
             msg["handoff"] = {"group": self.name, "kv_tokens": len(out.kv[0]) if out.kv else 0}
         if out.first_token_time is not None and len(out.token_ids) == len(out.new_token_ids):
@@ -467,6 +473,19 @@ class ReplicaGroup(KVHandoff):
                 engine.shutdown()
             except Exception:  # interpreter shutdown: nothing left to free
                 pass
+
+
+def leg_timing(out) -> dict[str, float] | None:
+    """Seconds this leg spent queued, prefilling (admitted -> first token) and decoding (first
+    -> last token) in this group: the router's per-phase histograms. Optional on the wire: a
+    router that does not know the key ignores it, one that gets no key records nothing."""
+    if out.scheduled_time is None or out.first_token_time is None or out.finished_time is None:
+        return None
+    return {
+        "queue": max(0.0, out.scheduled_time - out.arrival_time),
+        "prefill": max(0.0, out.first_token_time - out.scheduled_time),
+        "decode": max(0.0, out.finished_time - out.first_token_time),
+    }
 
 
 def _tokenizer_files(tokenizer) -> dict[str, bytes]:

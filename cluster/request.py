@@ -36,6 +36,7 @@ class Request:
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache (first schedule)
     sent_to_workers: bool = False
+    scheduled_time: float | None = None  # first admitted by the scheduler (ends queue time)
     first_token_time: float | None = None
     logprobs: list[TokenLogprobs | None] = field(default_factory=list)
 

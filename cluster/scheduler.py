@@ -164,6 +164,7 @@ class Scheduler:
                 if req.num_preemptions == 0:
                     self.bm.record_lookup(req.prompt_len, computed)
                     req.num_cached_tokens = computed
+                    req.scheduled_time = self.clock()
                 req.num_computed_tokens = computed
                 req.status = Status.RUNNING
                 self.running.append(req)

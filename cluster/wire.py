@@ -27,7 +27,9 @@ Control calls travel on the same connection because a pool is one Serve deployme
 replicas: a Serve handle call reaches *some* replica, the socket reaches *this* group.
 
 Deltas stay plain dicts (the shape cluster.replica_group documents), so the Serve-handle data
-plane (`router.data_plane: serve`) carries the very same values.
+plane (`router.data_plane: serve`) carries the very same values. A new optional delta key
+(e.g. the last delta's "timing") needs no new PROTOCOL_VERSION: readers ignore keys they do
+not know and treat a missing one as absent.
 """
 
 from __future__ import annotations

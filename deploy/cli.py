@@ -18,8 +18,9 @@ flotilla delete --address HOST:PORT [--app NAME]
     auth needs RAY_AUTH_MODE=token here and its token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
     ~/.ray/auth_token): Ray sends a token to an explicit address only in token mode.
 flotilla generate "prompt" [--stream] [--max-tokens N] [--temperature T] [--chat]
-                  [--address 127.0.0.1:9000]
-    one request over gRPC (needs only grpcio and the generated stubs; no Ray import).
+                  [--address 127.0.0.1:9000 | --http http://127.0.0.1:8000 [--model M]]
+    one request to a running server: over gRPC (needs only grpcio and the generated stubs; no
+    Ray import), or with --http through its OpenAI-compatible API (deploy/generate_http.py).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ Flotilla is serving {model!r} on {_layout(cfg)}, routing {cfg.router.policy}.
   gRPC (flotilla.v1.Flotilla on {grpc_addr}):
     flotilla generate "Tell me a joke" --stream --max-tokens 64 --address {grpc_addr}
   HTTP (OpenAI-compatible on {http}):
+    flotilla generate "Tell me a joke" --stream --max-tokens 64 --http {http}
     curl {http}/v1/completions -H 'Content-Type: application/json' \\
       -d '{{"model": "{model}", "prompt": "Once upon a time", "max_tokens": 32}}'
     curl -N {http}/v1/chat/completions -H 'Content-Type: application/json' \\
@@ -235,6 +237,10 @@ class StopSignals:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.http:
+        from deploy.generate_http import generate
+
+        return generate(args)
     import grpc
 
     from router.proto import flotilla_pb2 as pb
@@ -386,13 +392,20 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--timeout", type=float, default=120.0, help="seconds to wait until gone")
     de.set_defaults(func=cmd_delete)
 
-    g = sub.add_parser("generate", help="one request over gRPC")
+    g = sub.add_parser("generate", help="one request to a running server (gRPC or --http)")
     g.add_argument("prompt")
     g.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     g.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--address", default="127.0.0.1:9000", help="host:port of the gRPC proxy")
+    g.add_argument(
+        "--http",
+        metavar="URL",
+        help="send it through the OpenAI HTTP API at URL (e.g. http://127.0.0.1:8000) instead",
+    )
+    g.add_argument("--model", help="--http: the model name (default: the first one served)")
+    g.add_argument("--api-key", help="--http: sent as 'Authorization: Bearer KEY'")
     g.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
     g.set_defaults(func=cmd_generate)
 

@@ -204,10 +204,16 @@ class Router(GroupTable):
         done = lambda _task: self.running.end(ticket)  # noqa: E731
         if driver is not None:
             driver.add_done_callback(done)
+        reason, group, n_out = "", "router", 0  # for metrics.record_request
         try:
             async for chunk in self._legs(request_id, token_ids, params, session_id, index, ticket):
+                reason, group, n_out = chunk.finish or reason, chunk.group, n_out + len(chunk.ids)
                 yield chunk
+        except (asyncio.CancelledError, GeneratorExit, RequestAborted):
+            reason = reason or "abort"  # the client went away (or called Abort) before the end
+            raise
         finally:
+            self.metrics.record_request(group, reason or "error", len(token_ids), n_out)
             self.running.end(ticket)
             if driver is not None:
                 driver.remove_done_callback(done)
@@ -367,6 +373,8 @@ class Router(GroupTable):
                     acc.n_leg += k
                     acc.last = now
                 finish = msg.get("finish")
+                if finish is not None:
+                    self.metrics.record_leg_end(group.name, msg)
                 if finish == "handoff":
                     outcome, ended = "handoff", True
                     if k:

@@ -5,6 +5,20 @@ the node's metrics export port (`flotilla serve` prints it). Every series carrie
 `group` tags. Latencies are measured in the router, so they include routing and the hops
 between router and group -- what a client sees minus the proxy.
 
+Where each value comes from:
+  * measured here, per request: TTFT, ITL, end-to-end latency, finish reasons
+    (`flotilla_request_success{finished_reason}`: stop | length | abort | error, one per
+    request -- per choice when n > 1), prompt / generation tokens per request;
+  * from a group's last delta of each leg (cluster.replica_group): queue / prefill / decode
+    time in that group, preemptions, prefix-cache queries and hits in tokens. As counters and
+    histograms (not the groups' cumulative totals) they window with rate() and add up across
+    router replicas without counting a group twice. A request that moved between groups (a
+    P/D hand-off, a migration) is timed once per group it ran on; a leg its client cancelled
+    sends no last delta and is not timed.
+  * from the groups' stats polls: running / waiting, KV usage, the prefix-cache hit rate
+    since the group started (kept for older dashboards; prefer the counters) and KV hand-off
+    totals.
+
 Every value is also kept in process (router.metrics_mirror) for the router's own
 `GET /metrics`: the same names, this replica's share only. Outside a Ray worker (unit tests)
 `RequestMetrics(enabled=False)` records to that mirror alone.
@@ -24,6 +38,11 @@ _ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05
                 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5]
 _E2E_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                 60.0, 120.0, 240.0, 480.0, 960.0]
+# Queue / prefill / decode time in a group: from a free slot (~ms) to a long queue.
+_PHASE_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                  20.0, 40.0, 80.0, 160.0, 320.0, 640.0]
+# Tokens per request, 1-2-5 steps (vLLM's) up to a 1M-token context.
+_TOKEN_BUCKETS = [m * 10**e for e in range(6) for m in (1, 2, 5)] + [1_000_000]
 # fmt: on
 _TAGS = ("model", "group")
 
@@ -47,7 +66,10 @@ class _Both:
         self.mirror.observe(value, tags=tags)
 
     def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
-        self.ray.inc(value, tags=tags)
+        # Ray refuses 0; the mirror takes it, so a series exists (rate() = 0, not "no data")
+        # from the first request on.
+        if value > 0:
+            self.ray.inc(value, tags=tags)
         self.mirror.inc(value, tags=tags)
 
     def set(self, value: float, tags: dict[str, str] | None = None) -> None:
@@ -100,6 +122,44 @@ class RequestMetrics:
         self.generation_tokens = counter("flotilla_generation_tokens", "Tokens generated.")
         self.requests = counter(
             "flotilla_requests", "Finished requests by outcome.", _TAGS + ("outcome",)
+        )
+        # vLLM's names (vllm:request_success, vllm:num_preemptions, ...) under our prefix.
+        self.finished = counter(
+            "flotilla_request_success",
+            "Requests ended, by finish reason (stop, length, abort, error).",
+            _TAGS + ("finished_reason",),
+        )
+        self.request_prompt_tokens = hist(
+            "flotilla_request_prompt_tokens", "Prompt tokens per request.", _TOKEN_BUCKETS
+        )
+        self.request_generation_tokens = hist(
+            "flotilla_request_generation_tokens",
+            "Tokens returned per request.",
+            _TOKEN_BUCKETS,
+        )
+        self.queue_time = hist(
+            "flotilla_request_queue_time_seconds",
+            "Time a request waited in a group's queue before it was first scheduled.",
+            _PHASE_BUCKETS,
+        )
+        self.prefill_time = hist(
+            "flotilla_request_prefill_time_seconds",
+            "Time from first scheduled to first token in a group.",
+            _PHASE_BUCKETS,
+        )
+        self.decode_time = hist(
+            "flotilla_request_decode_time_seconds",
+            "Time from first to last token in a group.",
+            _PHASE_BUCKETS,
+        )
+        self.preemptions = counter(
+            "flotilla_num_preemptions", "Times a request was preempted (its KV recomputed)."
+        )
+        self.prefix_queries = counter(
+            "flotilla_prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
+        )
+        self.prefix_hits = counter(
+            "flotilla_prefix_cache_hits", "Prompt tokens found in the prefix cache."
         )
         self.running = gauge("flotilla_requests_running", "Requests running in the group.")
         self.waiting = gauge("flotilla_requests_waiting", "Requests waiting in the group's queue.")
@@ -165,3 +225,31 @@ class RequestMetrics:
         if ttft is not None:
             self.ttft.observe(ttft, tags=t)
         self.e2e.observe(e2e, tags=t)
+
+    def record_leg_end(self, group: str, msg: dict[str, Any]) -> None:
+        """A group's last delta of one leg (finished or handed off): its timings, preemptions
+        and prefix-cache lookup. Keys a group does not send (an older one) record nothing."""
+        t = self.tags(group)
+        timing = msg.get("timing")
+        if timing:
+            self.queue_time.observe(timing["queue"], tags=t)
+            self.prefill_time.observe(timing["prefill"], tags=t)
+            self.decode_time.observe(timing["decode"], tags=t)
+        if "preemptions" in msg:
+            self.preemptions.inc(msg["preemptions"], tags=t)
+        usage = msg.get("usage")
+        if usage:
+            # A resumed leg's cache may also hold its earlier output tokens: never above 100%.
+            queries = usage["prompt_tokens"]
+            self.prefix_queries.inc(queries, tags=t)
+            self.prefix_hits.inc(min(usage.get("cached_tokens", 0), queries), tags=t)
+
+    def record_request(
+        self, group: str, reason: str, prompt_tokens: int, generation_tokens: int
+    ) -> None:
+        """A request ended (once, whatever its legs): `reason` stop | length | abort | error,
+        `group` the last one it ran on ("router" if none took it)."""
+        t = self.tags(group)
+        self.finished.inc(1, tags={**t, "finished_reason": reason})
+        self.request_prompt_tokens.observe(prompt_tokens, tags=t)
+        self.request_generation_tokens.observe(generation_tokens, tags=t)

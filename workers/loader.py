@@ -19,7 +19,6 @@ loader, the only environment variable Flotilla reads: it names a disk location, 
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -31,9 +30,14 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from workers.gguf_loader import iter_gguf_weights, read_gguf_config
-from workers.model_path import is_gguf, resolve_model_path  # noqa: F401 (re-exported)
 
-CACHE_DIR_ENV = "FLOTILLA_CACHE_DIR"
+# re-exported: the cache path lives with the other torch-free path logic (`flotilla bench`)
+from workers.model_path import (  # noqa: F401
+    CACHE_DIR_ENV,
+    is_gguf,
+    resolve_model_path,
+    tokenizer_cache_path,
+)
 
 ShardFilter = Callable[[str], bool]
 
@@ -63,18 +67,6 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     )
     _save_atomically(tokenizer, cached)
     return tokenizer
-
-
-def tokenizer_cache_path(gguf_path: str) -> str:
-    """Where the converted tokenizer of `gguf_path` lives (it may not exist yet).
-
-    The key changes whenever the file is replaced or touched, so a stale entry is never read.
-    """
-    stat = os.stat(gguf_path)
-    key = f"{gguf_path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
-    digest = hashlib.sha256(key).hexdigest()[:16]
-    stem = os.path.basename(gguf_path).removesuffix(".gguf")
-    return os.path.join(_cache_root(), "tokenizers", f"{stem}-{digest}")
 
 
 def iter_weights(
@@ -120,11 +112,6 @@ def _iter_torch_bins(
         for name, tensor in state.items():
             if shard_filter is None or shard_filter(name):
                 yield name, _cast(tensor, dtype)
-
-
-def _cache_root() -> str:
-    root = os.environ.get(CACHE_DIR_ENV) or os.path.join("~", ".cache", "flotilla")
-    return os.path.abspath(os.path.expanduser(root))
 
 
 def _save_atomically(tokenizer: PreTrainedTokenizerBase, target: str) -> None:

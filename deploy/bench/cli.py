@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.bench.clients import EndpointError, SendOptions, make_client, parse_endpoint
+from deploy.bench.tokenizer import NoTokenizer, find_tokenizer
 from deploy.bench.workloads import WORKLOADS, LengthDist, Vocab, WorkloadConfig
 
 
@@ -58,7 +59,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pint, pfloat = _positive(int, "the value"), _positive(float, "the value")
     p.add_argument("--endpoint", required=True, help="grpc://HOST:PORT or http(s)://HOST:PORT")
     p.add_argument("--model", help="model name sent with each request (default: the served one)")
-    p.add_argument("--tokenizer", help="HF model dir or tokenizer.json (default: --model's dir)")
+    p.add_argument(
+        "--tokenizer",
+        help="HF model dir, tokenizer.json or .gguf (default: the served model's own, when it "
+        "is a local path or the default model)",
+    )
     p.add_argument("--label", default="", help="name of the system under test, for the report")
     p.add_argument("--workload", choices=WORKLOADS, default="random")
     p.add_argument("--num-requests", type=pint, default=100, help="requests per run")
@@ -129,13 +134,6 @@ def check(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
         p.error("--api chat sends text: add --prompt-format text")
 
 
-def _tokenizer_path(args: argparse.Namespace, model: str) -> str | None:
-    for cand in (args.tokenizer, model):
-        if cand and os.path.exists(os.path.expanduser(cand)):
-            return cand
-    return None
-
-
 def _workload(args: argparse.Namespace, seed: int, n: int) -> WorkloadConfig:
     return WorkloadConfig(
         kind=args.workload,
@@ -172,13 +170,14 @@ async def _bench(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
                 file=sys.stderr,
             )
             return 2
-        tok = _tokenizer_path(args, model)
-        if tok is None:
-            p.error(f"no tokenizer: --tokenizer DIR is needed (model {model!r} is not a path)")
+        try:
+            tok = find_tokenizer(args.tokenizer, model)
+        except NoTokenizer as e:
+            p.error(str(e))
         try:
             vocab = Vocab.from_tokenizer(tok)
         except Exception as e:  # a directory without tokenizer.json, a corrupt file
-            p.error(f"--tokenizer {tok!r}: {e}")
+            p.error(f"tokenizer {tok!r}: {e}")
         opts = SendOptions(
             model=model,
             temperature=args.temperature,

@@ -349,3 +349,18 @@ def test_greedy_outputs_identical_under_every_policy(tiny_model_dir, knobs):
     if cap is not None:
         assert all(p <= cap for d, p in shapes if d)
         assert shapes != ref_shapes  # the cap did change the steps
+
+
+def test_last_output_carries_the_phase_times(idle):
+    """What the group's last delta times (cluster.replica_group.leg_timing): queued, then
+    prefill to the first token, then decode to the last, all on the engine's clock."""
+    from cluster.replica_group import leg_timing
+
+    out = idle.generate([prompt(5, 11)], greedy(4))[0]
+    assert out.arrival_time <= out.scheduled_time <= out.first_token_time <= out.finished_time
+    assert out.num_preemptions == 0
+    t = leg_timing(out)
+    assert t["decode"] == out.finished_time - out.first_token_time > 0  # 3 more steps
+    assert t["queue"] + t["prefill"] + t["decode"] == pytest.approx(
+        out.finished_time - out.arrival_time
+    )

@@ -534,3 +534,21 @@ def test_latency_knobs_from_yaml(tmp_path):
     path.write_text("engine:\n  scheduler:\n    target_step_ms: 0\n")
     with pytest.raises(ValidationError, match=r"engine\.scheduler\.target_step_ms"):
         FlotillaConfig.from_yaml(path)
+
+
+def test_scheduled_time_is_the_first_admission_only():
+    """Queue time ends at the first admission: a preempted request keeps it (vLLM's too)."""
+    clock = Clock()
+    s = make_latency(budget=100, num_blocks=6, clock=clock)
+    a, b, c = req("A", 8, max_tokens=8), req("B", 8, max_tokens=8), req("C", 4, max_tokens=2)
+    s.add(a)
+    s.add(b)
+    clock.now = 1.0
+    step(s)
+    s.add(c)  # no block left for it until A finishes
+    while s.has_work():
+        clock.now += 1.0
+        step(s)
+    assert b.num_preemptions == 1  # as in test_preemption_recompute
+    assert a.scheduled_time == b.scheduled_time == 1.0
+    assert c.scheduled_time is not None and c.scheduled_time > 2.0

@@ -60,6 +60,7 @@ class FakeGroup:
         self.aborted: list[str] = []
         self.running: dict[str, asyncio.Task] = {}
         self.hashes: list[int] = []
+        self.last_extra: dict = {}  # more keys for a leg's last delta (timing, preemptions)
         self.subscribe = _Method(lambda router_id: FakeSubscription(self, router_id))
         self.submit = _Method(self._submit)
         self.abort = _Method(self._abort)
@@ -106,9 +107,11 @@ class FakeGroup:
                 await asyncio.sleep(3600)
             delta = {"ids": [100 + i], "text": "a", "lp": None}
             if i == n - 1:
-                delta |= {"finish": "length", "usage": {"prompt_tokens": 1, "completion_tokens": n}}
+                usage = {"prompt_tokens": 1, "completion_tokens": n}
+                delta |= {"finish": "length", "usage": usage} | self.last_extra
             elif leg.get("handoff"):
                 delta |= {"finish": "handoff", "handoff": {"group": self.name, "kv_tokens": 0}}
+                delta |= self.last_extra
             sub.queue.put_nowait([(request_id, delta)])
             if "finish" in delta:
                 return
