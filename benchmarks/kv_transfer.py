@@ -5,10 +5,13 @@ step by step, through each transport, against a plain memcpy of the same bytes i
 
 The prefill engine runs in this process, the decode engine in a Ray actor on the node (two
 processes, as two groups are). Steps, as the disaggregated path runs them
-(cluster/replica_group.py, cluster/engine.py):
-  export   the prefill engine copies the prompt's full blocks out of its paged cache
-  shm      (groups on one node; the default) the copy goes into a slot of the prefill group's
-           arena (cluster/kv_arena.py); the decode process imports straight from the slot
+(cluster/replica_group.py, cluster/kv_handoff.py, cluster/engine.py):
+  export   the prefill engine copies the prompt's full blocks out of its paged cache into new
+           memory (a group without an arena, or whose arena is full)
+  slot     the same export straight into a reserved slot of the prefill group's shared-memory
+           arena (cluster/kv_arena.py): what a prefill group with an arena does
+  put      copying an export from new memory into an arena slot (the path before `slot`)
+  shm      (groups on one node) the decode process imports straight from the slot
   socket   (groups on two nodes) the decode process takes it over the data plane
            (cluster/wire.py call_once: one frame of raw bytes) and imports it
   import   the decode engine writes the blocks into free blocks of its cache (counted inside
@@ -24,6 +27,7 @@ import statistics
 import time
 
 import ray
+import torch
 
 from cluster import kv_transfer
 from cluster.config import CacheConfig, EngineConfig
@@ -122,26 +126,33 @@ def main() -> None:
     payload: dict = {}
     host, port, secret = serve_inline(payload)
 
-    rows: dict[str, list[float]] = {"export": [], "shm": [], "socket": [], "memcpy": []}
+    names = ("export", "slot", "put", "shm", "socket", "memcpy")
+    rows: dict[str, list[float]] = {k: [] for k in names}
     for i in range(args.rounds + 1):  # the first round warms both sides up: not counted
+        t: dict[str, float] = {}
         t0 = time.perf_counter()
         out = prefill.executor.export_blocks(blocks)
-        export_s = time.perf_counter() - t0
+        t["export"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        off = arena.put("r", out)
-        put_s = time.perf_counter() - t0
-        shm_s = put_s + ray.get(
-            dec.shm.remote(kv_transfer.pack(tokens, out, layout, (arena.path, off)))
-        )
+        arena.put("old", out)
+        t["put"] = time.perf_counter() - t0
+        arena.release("old")
+        t0 = time.perf_counter()
+        slot = arena.reserve("r", tuple(out.shape), out.dtype)
+        got = prefill.executor.export_blocks(blocks, slot)
+        t["slot"] = time.perf_counter() - t0
+        assert got.data_ptr() == slot.data_ptr() and torch.equal(got, out)
+        msg = kv_transfer.pack(tokens, slot, layout, (arena.path, *arena.where("r")))
+        t["shm"] = ray.get(dec.shm.remote(msg))
         arena.release("r")
         payload["msg"] = kv_transfer.pack(tokens, out, layout)
-        socket_s = ray.get(dec.socket.remote(host, port, secret))
+        t["socket"] = ray.get(dec.socket.remote(host, port, secret))
         t0 = time.perf_counter()
         data.clone()
-        memcpy_s = time.perf_counter() - t0
+        t["memcpy"] = time.perf_counter() - t0
         if i:
-            for k, v in zip(rows, (export_s, shm_s, socket_s, memcpy_s), strict=True):
-                rows[k].append(v)
+            for k in names:
+                rows[k].append(t[k])
     ray.shutdown()
 
     med = {k: statistics.median(v) for k, v in rows.items()}
@@ -149,12 +160,17 @@ def main() -> None:
         f"{len(tokens)} prompt tokens in {len(blocks)} blocks: {nbytes / 1e6:.1f} MB of KV "
         f"({data.dtype}), median of {args.rounds} rounds"
     )
-    for k in ("export", "shm", "socket", "memcpy"):
+    for k in names:
         print(f"  {k:7s} {med[k] * 1e3:8.2f} ms  {nbytes / med[k] / 1e9:6.2f} GB/s")
-    for transport in ("shm", "socket"):
-        total = med["export"] + med[transport]
+    paths = {
+        "slot + shm (one node, now)": ("slot", "shm"),
+        "export + put + shm (one node, before)": ("export", "put", "shm"),
+        "export + socket (two nodes)": ("export", "socket"),
+    }
+    for name, steps in paths.items():
+        total = sum(med[k] for k in steps)
         print(
-            f"  export + {transport:6s} {total * 1e3:8.2f} ms  {nbytes / total / 1e9:6.2f} GB/s = "
+            f"  {name:38s} {total * 1e3:8.2f} ms  {nbytes / total / 1e9:6.2f} GB/s = "
             f"{med['memcpy'] / total:.0%} of memcpy's rate"
         )
 

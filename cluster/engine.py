@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +103,9 @@ class LLMEngine:
         bs = config.cache.block_size
         # What this engine's exported KV is, and what KV it imports (cluster.kv_transfer).
         self.kv_layout = KVLayout(config.model.name, *self.executor.kv_layout(), block_size=bs)
+        # Where a hand-off's blocks are exported to: (request id, shape, dtype) -> a tensor to
+        # write them into (a prefill group's shared-memory arena slot), or None for new memory.
+        self.kv_export_target: Callable[[str, tuple, Any], Any] | None = None
         progress.report(
             f"KV cache: {self.executor.num_blocks} blocks x {bs} tokens = "
             f"{self.executor.num_blocks * bs} tokens; max model length {self.max_model_len}"
@@ -338,13 +341,25 @@ class LLMEngine:
         bs = self.block_manager.block_size
         n_full = req.num_computed_tokens // bs
         blocks = self.block_manager.block_table(req.req_id)[:n_full]
-        return req.token_ids[: n_full * bs], self.executor.export_blocks(blocks)
+        out = None
+        if self.kv_export_target is not None and n_full:
+            layout = self.kv_layout
+            out = self.kv_export_target(req.req_id, layout.shape(n_full), layout.torch_dtype)
+        return req.token_ids[: n_full * bs], self.executor.export_blocks(blocks, out)
 
-    def import_kv(self, token_ids: Sequence[int], data: Any, layout: KVLayout | None = None) -> int:
+    def import_kv(
+        self,
+        token_ids: Sequence[int],
+        data: Any,
+        layout: KVLayout | None = None,
+        still_valid: Callable[[], bool] | None = None,
+    ) -> int:
         """Write exported blocks (the whole model's, from an engine of any parallel layout)
         into this engine's prefix cache; a later request with these tokens as its prefix reuses
         them instead of recomputing. Returns tokens imported. Raises ValueError, changing
-        nothing, when the sender's `layout` or the data's shape / dtype do not fit this one."""
+        nothing, when the sender's `layout` or the data's shape / dtype do not fit this one,
+        or when `still_valid` (data read in place from shared memory) says after the copy
+        that the memory was reused meanwhile."""
         bm = self.block_manager
         n_full = len(token_ids) // bm.block_size
         self.kv_layout.check(list(token_ids[: n_full * bm.block_size]), data, layout)
@@ -355,6 +370,8 @@ class LLMEngine:
             raise EngineOverloaded(f"no free KV blocks to import {n_full} blocks")
         try:
             self.executor.import_blocks(bm.block_table(tmp), data)
+            if still_valid is not None and not still_valid():
+                raise ValueError("the KV's shared memory was reused while it was imported")
             bm.cache_blocks(tmp, token_ids, n_full * bm.block_size)
         finally:
             bm.free(tmp)

@@ -22,7 +22,9 @@ class Executor(Protocol):
 
     def kv_layout(self) -> tuple[int, int, int, str]: ...
 
-    def export_blocks(self, block_ids: list[int]) -> Any: ...
+    def export_blocks(self, block_ids: list[int], out: Any = None) -> Any:
+        """The blocks in the whole model's form, written into `out` when given (and fitting)."""
+        ...
 
     def import_blocks(self, block_ids: list[int], data: Any) -> None: ...
 
@@ -50,8 +52,8 @@ class LocalExecutor:
         """(layers, KV heads, head dim, dtype): one rank holds the whole model's KV."""
         return kv_shards.whole([self.runner.kv_shard()])
 
-    def export_blocks(self, block_ids: list[int]):
-        return self.runner.export_blocks(block_ids)
+    def export_blocks(self, block_ids: list[int], out=None):
+        return self.runner.export_blocks(block_ids, out)
 
     def import_blocks(self, block_ids: list[int], data) -> None:
         self.runner.import_blocks(block_ids, data)

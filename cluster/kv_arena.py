@@ -13,19 +13,31 @@ in-process move (benchmarks/kv_transfer.py).
     KVArena(name, size)      the owner (prefill group): put / release / sweep / close
     ArenaMaps()              a reader's (decode group's) mappings of the arenas it was sent
 
+A prefill group whose engine runs in its own process (tp = pp = 1) exports a finished prompt's
+blocks straight into a slot (`reserve`, from the engine thread), so the hand-off copies the
+bytes once out of the paged cache and once into the decode group's.
+
+Every slot starts with a 64-byte header holding its generation: a number given once per
+reservation and cleared on release. The message names it; the reader checks it before and
+after importing, so a slot freed and reused under a slow reader (its hold ran out) is
+recomputed, never imported as another request's KV.
+
 A slot not released within `hold_s` (the decode group died, or gave up) is freed by sweep().
 """
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import re
+import threading
 import time
 
 import torch
 
 _ALIGN = 64
+_HEADER = 64  # bytes before a slot's data: its generation (int64), then padding
 _PROC_FD = re.compile(r"/proc/\d+/fd/\d+")
 
 
@@ -40,37 +52,69 @@ class KVArena:
         self.buf = torch.frombuffer(self._mm, dtype=torch.uint8)
         self.buf.zero_()  # fault every page in now, not during a hand-off
         self._free: list[tuple[int, int]] = [(0, size)]  # (offset, length), sorted
-        self._lent: dict[str, tuple[int, int, float]] = {}  # key -> (offset, length, deadline)
+        # key -> (slot offset, length, deadline, generation)
+        self._lent: dict[str, tuple[int, int, float, int]] = {}
+        self._gens = itertools.count(1)
+        self._gen_view = torch.frombuffer(self._mm, dtype=torch.int64)
+        # reserve() runs on the engine thread, the rest on the group's event loop
+        self._lock = threading.Lock()
         self.expired = 0
+
+    def reserve(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """A slot held under `key` for a tensor of `shape` and `dtype`: a tensor over it to
+        write into, or None when the arena has no room (the caller uses other memory)."""
+        n = dtype.itemsize
+        for d in shape:
+            n *= d
+        need = _HEADER + -(-n // _ALIGN) * _ALIGN
+        with self._lock:
+            self._sweep_locked()
+            for i, (off, length) in enumerate(self._free):
+                if length >= need:
+                    rest = (off + need, length - need)
+                    self._free[i : i + 1] = [rest] if rest[1] else []
+                    gen = next(self._gens)
+                    self._gen_view[off // 8] = gen
+                    self._lent[key] = (off, need, time.monotonic() + self.hold_s, gen)
+                    data = off + _HEADER
+                    return self.buf[data : data + n].view(dtype).view(shape)
+        return None
 
     def put(self, key: str, data: torch.Tensor) -> int | None:
         """Copy `data` into a free slot held under `key`; its offset, or None when the arena
         has no room (the caller sends the bytes another way)."""
-        self.sweep()
-        n = data.numel() * data.element_size()
-        need = -(-n // _ALIGN) * _ALIGN
-        for i, (off, length) in enumerate(self._free):
-            if length >= need:
-                rest = (off + need, length - need)
-                self._free[i : i + 1] = [rest] if rest[1] else []
-                self._lent[key] = (off, need, time.monotonic() + self.hold_s)
-                dst = self.buf[off : off + n].view(data.dtype).view(data.shape)
-                dst.copy_(data)
-                return off
-        return None
+        dst = self.reserve(key, tuple(data.shape), data.dtype)
+        if dst is None:
+            return None
+        dst.copy_(data)
+        return self.where(key)[0]  # type: ignore[index]
+
+    def where(self, key: str) -> tuple[int, int] | None:
+        """(offset of the data, generation) of the slot held under `key`, or None."""
+        slot = self._lent.get(key)
+        return None if slot is None else (slot[0] + _HEADER, slot[3])
 
     def release(self, key: str) -> bool:
+        with self._lock:
+            return self._release_locked(key)
+
+    def _release_locked(self, key: str) -> bool:
         slot = self._lent.pop(key, None)
         if slot is None:
             return False
+        self._gen_view[slot[0] // 8] = 0  # a late reader of this slot now sees it is gone
         self._give_back(slot[0], slot[1])
         return True
 
     def sweep(self) -> None:
+        with self._lock:
+            self._sweep_locked()
+
+    def _sweep_locked(self) -> None:
         now = time.monotonic()
-        for key in [k for k, (_, _, deadline) in self._lent.items() if deadline < now]:
+        for key in [k for k, slot in self._lent.items() if slot[2] < now]:
             self.expired += 1
-            self.release(key)
+            self._release_locked(key)
 
     def _give_back(self, off: int, length: int) -> None:
         free = sorted([*self._free, (off, length)])
@@ -92,7 +136,7 @@ class KVArena:
 
     def close(self) -> None:
         os.close(self._fd)
-        del self.buf
+        del self.buf, self._gen_view
         try:
             self._mm.close()
         except BufferError:  # a tensor still views it: the mapping goes with the process
@@ -120,6 +164,12 @@ class ArenaMaps:
         for d in shape:
             n *= d
         return buf[offset : offset + n].view(dtype).view(shape)
+
+    def generation(self, path: str, offset: int) -> int:
+        """The generation now in the header of the slot whose data starts at `offset` (of an
+        arena view() has mapped): 0 once its owner released it."""
+        buf = self._maps[path][1]
+        return int(buf[offset - _HEADER : offset - _HEADER + 8].view(torch.int64)[0])
 
     def forget(self, path: str) -> None:
         self._maps.pop(path, None)

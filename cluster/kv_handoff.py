@@ -25,11 +25,13 @@ log = logging.getLogger("cluster.replica_group")  # the group's one log
 
 class _Leases:
     """Prompt KV exported by this (prefill) group, held until a decode group takes it or the
-    lease runs out. What is held is a copy: the group's own blocks went back to its prefix
-    cache when the request finished, so an abandoned hand-off can never pin KV memory."""
+    lease runs out. What is held is a copy (in the group's arena, or in new memory): the
+    group's own blocks went back to its prefix cache when the request finished, so an
+    abandoned hand-off can never pin KV memory. `on_expire(request_id)`: a lease ran out."""
 
-    def __init__(self, lease_s: float):
+    def __init__(self, lease_s: float, on_expire: Any = None):
         self.lease_s = lease_s
+        self.on_expire = on_expire
         self.items: OrderedDict[str, tuple[float, Any]] = OrderedDict()
         self.expired = 0
         self.taken = 0
@@ -49,8 +51,10 @@ class _Leases:
     def sweep(self) -> None:
         now = time.monotonic()
         while self.items and next(iter(self.items.values()))[0] < now:
-            self.items.popitem(last=False)
+            request_id, _ = self.items.popitem(last=False)
             self.expired += 1
+            if self.on_expire is not None:
+                self.on_expire(request_id)
 
 
 class KVHandoff:
@@ -60,20 +64,33 @@ class KVHandoff:
     def take_kv(self, request_id: str, via: str = "inline") -> Any:
         """A decode group takes (and so acknowledges) a request's prompt KV (token ids and block
         data, cluster.kv_transfer's form), or None when the lease expired or was never made.
-        via="shm" (a decode group on this node): the data goes into a slot of this group's
-        arena and the answer says where; the taker releases the slot (release_kv) once it
-        imported it, or the slot is freed after the lease and transfer times."""
+        via="shm" (a decode group on this node): the data is in a slot of this group's arena
+        (exported there by the engine, or copied there now) and the answer says where and
+        which generation; the taker releases the slot (release_kv) once it imported it, or the
+        slot is freed after the lease and transfer times."""
         from cluster import kv_transfer  # torch: only in a group's process, never the router's
 
         kv = self.leases.take(request_id)
         if kv is None:
             return None
+        tokens, data = kv
         layout = self.engine.engine.kv_layout
-        if via == "shm" and self.arena is not None:
-            offset = self.arena.put(request_id, kv[1])
-            if offset is not None:
-                return kv_transfer.pack(kv[0], kv[1], layout, arena=(self.arena.path, offset))
-        return kv_transfer.pack(*kv, layout)
+        arena = self.arena
+        at = arena.where(request_id) if arena is not None else None
+        if at is not None:  # the engine exported it straight into a slot of the arena
+            if via == "shm":
+                return kv_transfer.pack(tokens, data, layout, arena=(arena.path, *at))
+            data = data.clone()  # the slot goes back now; the socket sends from this copy
+            arena.release(request_id)
+        elif via == "shm" and arena is not None and arena.put(request_id, data) is not None:
+            # exported into new memory (the arena was full then): copied in now
+            at = arena.where(request_id)
+            return kv_transfer.pack(tokens, data, layout, arena=(arena.path, *at))
+        return kv_transfer.pack(tokens, data, layout)
+
+    def _lease_expired(self, request_id: str) -> None:
+        if self.arena is not None:
+            self.arena.release(request_id)
 
     def _give_back_arena(self, request_id: str) -> None:
         """Release the arena slot the request's KV was read from (fire and forget: a release
@@ -97,6 +114,8 @@ class KVHandoff:
     async def _fetch_kv(self, source: dict[str, Any], request_id: str) -> Any:
         """The prompt KV held by the group `source` names ({group, host, port, secret}: its
         data plane, which the router passes on), or None (then the prompt is recomputed here)."""
+        from cluster import kv_transfer  # torch: only in a group's process
+
         t0 = time.monotonic()
         group = source.get("group", "?")
         here = getattr(getattr(self, "member", None), "node_id", None)
@@ -120,12 +139,15 @@ class KVHandoff:
             log.warning("KV of %s from %s not received, recomputing: %r", request_id, group, e)
             kv = None
         if kv is not None:
-            in_arena = bool(kv.get("arena"))
-            kv = self._fitting_kv(kv, request_id, group)
-            if kv is not None and in_arena:
+            msg = kv
+            kv = self._fitting_kv(msg, request_id, group)
+            if kv is not None and msg.get("arena"):
                 # Read in place: the slot stays lent until the engine has imported it. A
                 # request cancelled before that leaves it to the lender's sweep (the engine
-                # thread may still be reading it).
+                # thread may still be reading it). The import checks the slot's generation
+                # once more after copying: a slot swept and reused meanwhile is recomputed.
+                maps = self.arena_maps
+                kv = (*kv, lambda: kv_transfer.arena_current(msg, maps))
                 self._arena_loans[request_id] = source
                 self.kv["shm_imports"] += 1
         if kv is None:

@@ -45,12 +45,17 @@ def holders(shards: list[Shard]) -> list[int]:
     return sorted(seen.values())
 
 
-def gather(shards: list[Shard], parts: dict[int, torch.Tensor]) -> torch.Tensor:
-    """The whole-model tensor from the holders' exports (`parts`: rank -> its shard)."""
+def gather(
+    shards: list[Shard], parts: dict[int, torch.Tensor], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The whole-model tensor from the holders' exports (`parts`: rank -> its shard), written
+    into `out` where it has the whole's shape and dtype."""
     layers, heads, _, _ = whole(shards)
     first = next(iter(parts.values()))
     n, block_size, _, head_dim = first.shape[2:]
-    out = torch.empty((layers, 2, n, block_size, heads, head_dim), dtype=first.dtype)
+    shape = (layers, 2, n, block_size, heads, head_dim)
+    if out is None or tuple(out.shape) != shape or out.dtype != first.dtype:
+        out = torch.empty(shape, dtype=first.dtype)
     for rank, part in parts.items():
         (l0, l1), (h0, h1) = shards[rank]["layers"], shards[rank]["heads"]
         out[l0:l1, ..., h0:h1, :] = part

@@ -39,6 +39,10 @@ class KVLayout:
         """[layers, 2 (K, V), blocks, block_size, kv_heads, head_dim]"""
         return (self.layers, 2, n_blocks, self.block_size, self.kv_heads, self.head_dim)
 
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
     def mismatch(self, sent: KVLayout) -> str | None:
         """Why KV of layout `sent` cannot go into a group of this layout, or None."""
         diff = [
@@ -67,10 +71,10 @@ def pack(
     token_ids: list[int],
     data: torch.Tensor,
     layout: KVLayout,
-    arena: tuple[str, int] | None = None,
+    arena: tuple[str, int, int] | None = None,
 ) -> dict[str, Any]:
-    """The message for `data`: its bytes inline, or (`arena`: (path, offset)) where in a
-    same-node arena (cluster/kv_arena.py) they were put."""
+    """The message for `data`: its bytes inline, or (`arena`: (path, offset, generation))
+    where in a same-node arena (cluster/kv_arena.py) they are."""
     dtype = data.dtype
     msg: dict[str, Any] = {
         "tokens": list(token_ids),
@@ -79,7 +83,7 @@ def pack(
         "shape": list(data.shape),
     }
     if arena is not None:
-        msg["arena"] = {"path": arena[0], "offset": arena[1]}
+        msg["arena"] = {"path": arena[0], "offset": arena[1], "gen": arena[2]}
         return msg
     data = data.contiguous()
     arr = data.view(_BITS[dtype]).numpy() if dtype in _BITS else data.numpy()
@@ -99,10 +103,20 @@ def unpack(
         if maps is None:
             raise ValueError("KV in a shared-memory arena, but no arena maps to read it")
         a = msg["arena"]
-        return msg["tokens"], maps.view(a["path"], a["offset"], msg["shape"], dtype), layout
+        view = maps.view(a["path"], a["offset"], msg["shape"], dtype)
+        if not arena_current(msg, maps):
+            raise ValueError("the arena slot was released before it was read")
+        return msg["tokens"], view, layout
     np_dtype = np.int16 if dtype in _BITS else torch.empty(0, dtype=dtype).numpy().dtype
     arr = np.frombuffer(msg["data"], dtype=np_dtype).reshape(msg["shape"])
     with warnings.catch_warnings():  # bytes are immutable; the importer only reads them
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         t = torch.from_numpy(arr)
     return msg["tokens"], (t.view(dtype) if dtype in _BITS else t), layout
+
+
+def arena_current(msg: dict[str, Any], maps: Any) -> bool:
+    """The arena slot `msg` names still holds what was put there for it (its generation is
+    unchanged): checked before and after an import reads it."""
+    a = msg["arena"]
+    return maps.generation(a["path"], a["offset"]) == a["gen"]

@@ -175,12 +175,13 @@ class RayExecutor:
         """(layers, KV heads, head dim, dtype) of the whole model, as exports carry it."""
         return self._kv_whole
 
-    def export_blocks(self, block_ids: list[int]):
+    def export_blocks(self, block_ids: list[int], out=None):
         """The blocks in the whole model's form (cluster.kv_shards), gathered from one rank
-        per shard, so that a group of another layout can import them."""
+        per shard, so that a group of another layout can import them (into `out`, if given:
+        the ranks' parts arrive in new memory anyway; the gather is the one copy into it)."""
         ranks = kv_shards.holders(self.kv_shards)
         parts = self._get([self.actors[r].export_blocks.remote(block_ids) for r in ranks], 120)
-        return kv_shards.gather(self.kv_shards, dict(zip(ranks, parts, strict=True)))
+        return kv_shards.gather(self.kv_shards, dict(zip(ranks, parts, strict=True)), out)
 
     def import_blocks(self, block_ids: list[int], data) -> None:
         """Whole-model blocks: every rank writes its own shard of them."""

@@ -113,7 +113,7 @@ class ReplicaGroup(KVHandoff):
             raise ValueError(f"role must be one of {ROLES}, not {role!r}")
         self.name = name
         self.role = role
-        self.leases = _Leases(kv_lease_s)
+        self.leases = _Leases(kv_lease_s, on_expire=self._lease_expired)
         self.kv_transfer_timeout_s = kv_transfer_timeout_s
         # fetched and imported / recomputed instead / abandoned (the request was cancelled)
         self.kv = {"imports": 0, "recomputes": 0, "cancelled": 0, "bytes": 0, "seconds": 0.0}
@@ -129,6 +129,8 @@ class ReplicaGroup(KVHandoff):
         self._arena_loans: dict[str, dict[str, Any]] = {}  # request -> the lender's address
         self.config = config
         self.engine = AsyncEngine(config)
+        if self.arena is not None:  # hand-offs are exported straight into an arena slot
+            self.engine.engine.kv_export_target = self.arena.reserve
         self.num_aborted = 0  # requests whose caller went away before they finished
         self.num_requests = 0  # requests received, including refused ones
         self._subscribers: dict[str, _Subscriber] = {}

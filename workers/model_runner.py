@@ -290,12 +290,15 @@ class ModelRunner:
         return StepResult(plan.step_id, req_ids, toks, lp)
 
     # ---- KV export / import (disaggregated prefill) ----------------------------------------
-    def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """[layers, 2, n, block_size, kv_heads, head_dim] copy of the given blocks, on the host:
-        it leaves the group through the Ray object store (a hand-off, not a step)."""
+    def export_blocks(self, block_ids: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
+        """[layers, 2, n, block_size, kv_heads, head_dim] copy of the given blocks, on the host
+        (a hand-off, not a step): into `out` when it has that shape and dtype (a prefill
+        group's shared-memory slot), else into new memory."""
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         c0 = self.kv_caches[0]
-        out = torch.empty((len(self.kv_caches), 2, len(block_ids), *c0.shape[2:]), dtype=c0.dtype)
+        shape = (len(self.kv_caches), 2, len(block_ids), *c0.shape[2:])
+        if out is None or tuple(out.shape) != shape or out.dtype != c0.dtype:
+            out = torch.empty(shape, dtype=c0.dtype)
         for layer, c in enumerate(self.kv_caches):
             if c.device.type == "cpu":  # a row gather; advanced indexing c[:, idx] was far slower
                 torch.index_select(c, 1, idx, out=out[layer])

@@ -1,5 +1,7 @@
 """The same-node KV arena (cluster/kv_arena.py): slots are lent, read in another process through
-/proc/<pid>/fd, released, coalesced, swept when not released, and a full arena says so."""
+/proc/<pid>/fd, released, coalesced, swept when not released, and a full arena says so; every
+slot carries a generation, so a slot released and reused is never read as the old one; an
+engine exports a hand-off straight into a reserved slot."""
 
 from __future__ import annotations
 
@@ -34,20 +36,80 @@ def test_another_process_reads_the_slot():
 
 
 def test_slots_are_lent_released_coalesced_and_swept(monkeypatch):
-    arena = KVArena("t", 4096, hold_s=10)
-    a = torch.ones(256)  # 1 KiB each
+    slot = 1024 + 64  # 1 KiB of data after each slot's 64-byte header
+    arena = KVArena("t", 4 * slot, hold_s=10)
+    a = torch.ones(256)
     offs = [arena.put(f"r{i}", a) for i in range(4)]
-    assert offs == [0, 1024, 2048, 3072] and arena.free_bytes == 0
+    assert offs == [64, slot + 64, 2 * slot + 64, 3 * slot + 64] and arena.free_bytes == 0
     assert arena.put("full", a) is None  # no room: the caller sends it inline
     arena.release("r1")
     arena.release("r2")
-    assert arena.put("big", torch.ones(512)) == 1024  # the two freed neighbours merged
+    assert arena.put("big", torch.ones(512)) == slot + 64  # the freed neighbours merged
     import cluster.kv_arena as mod
 
     now = mod.time.monotonic()
     monkeypatch.setattr(mod.time, "monotonic", lambda: now + 11)
     arena.sweep()  # nobody released them in time: freed
-    assert arena.lent == 0 and arena.expired == 3 and arena.free_bytes == 4096
+    assert arena.lent == 0 and arena.expired == 3 and arena.free_bytes == 4 * slot
+    arena.close()
+
+
+def test_a_reused_slot_is_never_read_as_the_old_one():
+    """The reader's check sees the release (generation cleared) and the reuse (a new
+    generation) of the slot it was sent, whether it looks before or after reading."""
+    layout = KVLayout("m", 2, 1, 4, "float32", 2)
+    arena = KVArena("t", 1 << 16)
+    maps = ArenaMaps()
+    first = arena.reserve("a", layout.shape(2), torch.float32)
+    first.fill_(1.0)
+    off, gen = arena.where("a")
+    msg = kv_transfer.pack(list(range(4)), first, layout, arena=(arena.path, off, gen))
+    _, got, _ = kv_transfer.unpack(msg, maps)
+    assert kv_transfer.arena_current(msg, maps) and torch.equal(got, first)
+    arena.release("a")  # e.g. its hold ran out under a slow reader
+    assert not kv_transfer.arena_current(msg, maps)
+    again = arena.reserve("b", layout.shape(2), torch.float32)  # the same slot, new contents
+    again.fill_(2.0)
+    assert arena.where("b")[0] == off and arena.where("b")[1] != gen
+    assert not kv_transfer.arena_current(msg, maps)
+    with pytest.raises(ValueError, match="released before it was read"):
+        kv_transfer.unpack(msg, maps)
+    arena.close()
+
+
+def test_engine_exports_into_the_slot_and_a_stale_import_changes_nothing(tiny_model_dir):
+    """A hand-off's blocks go straight into the arena slot the engine's export target gives
+    (no other copy); an import whose still_valid check fails after the copy raises and
+    leaves the importer's blocks as they were (free, nothing cached)."""
+    from cluster.config import CacheConfig, EngineConfig
+    from cluster.engine import LLMEngine
+    from workers.config import ModelConfig
+    from workers.sampling_params import SamplingParams
+
+    cfg = EngineConfig(
+        model=ModelConfig(model=tiny_model_dir("llama"), dtype="float32"),
+        cache=CacheConfig(block_size=4, num_blocks=64),
+    )
+    prefill, decode = LLMEngine(cfg), LLMEngine(cfg)
+    arena = KVArena("t", 1 << 20)
+    prefill.kv_export_target = arena.reserve
+    prompt = list(range(3, 14))  # 11 tokens: 2 full blocks
+    prefill.add_request(prompt, SamplingParams(max_tokens=4, temperature=0.0), "r", handoff=True)
+    out = None
+    for _ in range(10):
+        outs = [o for o in prefill.step() if o.finished]
+        if outs:
+            out = outs[0]
+            break
+    assert out is not None and out.finish_reason == "handoff"
+    tokens, data = out.kv
+    off, _ = arena.where("r")
+    assert data.data_ptr() == arena.buf[off:].data_ptr()  # written in place
+    free = decode.block_audit()
+    with pytest.raises(ValueError, match="reused"):
+        decode.import_kv(tokens, data, prefill.kv_layout, still_valid=lambda: False)
+    assert decode.block_audit() == free
+    assert decode.import_kv(tokens, data, prefill.kv_layout, still_valid=lambda: True) == 8
     arena.close()
 
 
@@ -56,8 +118,8 @@ def test_pack_points_at_the_slot_and_unpack_reads_it():
     data = torch.randn(layout.shape(3)).to(torch.bfloat16)
     tokens = list(range(6))
     arena = KVArena("t", 1 << 16)
-    off = arena.put("r", data)
-    msg = kv_transfer.pack(tokens, data, layout, arena=(arena.path, off))
+    arena.put("r", data)
+    msg = kv_transfer.pack(tokens, data, layout, arena=(arena.path, *arena.where("r")))
     assert "data" not in msg
     got_tokens, got, got_layout = kv_transfer.unpack(msg, ArenaMaps())
     assert got_tokens == tokens and got_layout == layout and torch.equal(got, data)
