@@ -19,6 +19,7 @@ import json
 import statistics
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +69,7 @@ class Llguidance:
         self.ll = llguidance
         self.fill = llguidance.torch.fill_next_token_bitmask
         self.tok = llguidance.hf.from_tokenizer(tok, n_vocab=vocab)
-        self.version = llguidance.__version__ if hasattr(llguidance, "__version__") else "?"
+        self.version = metadata.version("llguidance")
 
     def compile(self, kind, spec):
         M = self.ll.LLMatcher
@@ -101,7 +102,7 @@ class Xgrammar:
         self.x = xgr
         info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab)
         self.compiler = xgr.GrammarCompiler(info, max_threads=1)
-        self.version = xgr.__version__ if hasattr(xgr, "__version__") else "?"
+        self.version = metadata.version("xgrammar")
 
     def compile(self, kind, spec):
         if kind == "json_schema":
@@ -149,7 +150,7 @@ class OutlinesCore:
             if i not in special:
                 vmap.setdefault(b, []).append(i)
         self.vocab = oc.Vocabulary(eos, vmap)
-        self.version = getattr(oc, "__version__", "?")
+        self.version = metadata.version("outlines-core")
 
     def compile(self, kind, spec):
         if kind == "json_schema":
