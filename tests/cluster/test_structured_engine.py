@@ -147,3 +147,28 @@ def test_abort_drops_the_matcher(engine):
     assert rid not in engine.grammars
     while engine.has_unfinished():
         engine.step()
+
+
+def test_preempted_requests_keep_their_grammar(engine, tiny_model_dir):
+    """Preemption recomputes KV but keeps the tokens, so each matcher stays where it was: the
+    outputs of a starved engine are those of a roomy one, and still match."""
+    small = LLMEngine(
+        EngineConfig(
+            model=ModelConfig(model=tiny_model_dir("qwen3"), dtype="float32", max_model_len=256),
+            cache=CacheConfig(block_size=4, num_blocks=24),
+            scheduler=SchedulerConfig(max_num_batched_tokens=64),
+        )
+    )
+    try:
+        params = [constrained(json_schema(SCHEMA), max_tokens=80, temperature=0.0)] * 4
+        prompts = [prompt(30 + i) for i in range(4)]
+        starved = small.generate(prompts, params)
+        assert small.stats().num_preemptions > 0
+    finally:
+        small.shutdown()
+    roomy = engine.generate(prompts, params)
+    assert [o.token_ids for o in starved] == [o.token_ids for o in roomy]
+    for o in starved:
+        if o.finish_reason == "stop":
+            jsonschema.validate(json.loads(o.text), SCHEMA)
+    assert any(o.finish_reason == "stop" for o in starved)
