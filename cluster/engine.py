@@ -21,6 +21,7 @@ from cluster.block_manager import BlockManager
 from cluster.config import EngineConfig
 from cluster.detokenizer import IncrementalDetokenizer
 from cluster.executor import Executor, make_executor
+from cluster.grammar import Grammars
 from cluster.kv_transfer import KVLayout
 from cluster.request import Request
 from cluster.scheduler import Scheduler
@@ -110,6 +111,7 @@ class LLMEngine:
             f"KV cache: {self.executor.num_blocks} blocks x {bs} tokens = "
             f"{self.executor.num_blocks * bs} tokens; max model length {self.max_model_len}"
         )
+        self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self._tracks: dict[str, _Track] = {}
         self._handoffs: set[str] = set()  # prefill-pool requests (add_request(handoff=True))
         self._ids = itertools.count()
@@ -181,6 +183,8 @@ class LLMEngine:
         req_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if req_id in self.scheduler.requests:
             raise InvalidRequest("request_id", f"{req_id!r} is already in flight")
+        if params.structured is not None:  # replayed over `outputs`: a resume continues it
+            self.grammars.start(req_id, params.structured, outputs)
         req = Request(req_id, token_ids, params, token_ids=token_ids + outputs)
         if arrival_time is not None:
             req.arrival_time = arrival_time
@@ -209,6 +213,7 @@ class LLMEngine:
             return False
         self.scheduler.finish(req, "abort")
         self._tracks.pop(request_id, None)
+        self.grammars.drop(request_id)
         self._handoffs.discard(request_id)
         return True
 
@@ -221,6 +226,8 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan.seqs and not plan.finished_req_ids:
             return []
+        if len(self.grammars):  # masks for the constrained rows only, from this step's state
+            plan.token_masks = self.grammars.masks([s.req_id for s in plan.seqs if s.sample])
         result = self.executor.execute(plan)
         now = time.monotonic()
         outputs = [self._process(req, now) for req in self.scheduler.update(plan, result)]
@@ -236,7 +243,9 @@ class LLMEngine:
         p = req.params
         delta = ""
         reason: str | None = None
-        if tok in p.stop_token_ids:
+        if not self.grammars.accept(req.req_id, tok):  # the mask allowed it: a bug, not input
+            reason, req.stop_reason = "error", "the sampled token does not match the grammar"
+        elif tok in p.stop_token_ids:
             reason, req.stop_reason = "stop", tok
         elif tok in self.eos_token_ids and not p.ignore_eos:
             reason, req.stop_reason = "stop", tok
@@ -258,6 +267,7 @@ class LLMEngine:
                 delta += track.detok.flush()
             self.scheduler.finish(req, reason)
             del self._tracks[req.req_id]
+            self.grammars.drop(req.req_id)
         track.text += delta
         new_ids = req.token_ids[req.prompt_len + track.sent_tokens :]
         track.sent_tokens = req.num_output_tokens

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from router import request_ids
+from router import request_ids, structured
 from router.core import Chunk, Router
 from router.errors import ModelNotFound, api_error
 from router.proto import flotilla_pb2 as pb
@@ -53,6 +53,12 @@ def _params_dict(p: pb.SamplingParams) -> dict[str, Any]:
             out[name] = float(f"{out[name]:.6g}")
     out["stop"] = list(p.stop)
     out["stop_token_ids"] = list(p.stop_token_ids)
+    kind = p.WhichOneof("structured")
+    if kind is not None:  # the same checks as the HTTP API's vLLM-style fields
+        key = {"json_schema": "json", "json_object": "json_object"}.get(kind, kind)
+        spec = structured.one(key, getattr(p, kind), f"params.{kind}")
+        if spec is not None:
+            out["structured"] = spec.model_dump()
     return out
 
 

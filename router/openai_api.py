@@ -26,9 +26,10 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from router import request_ids, unknown_fields
+from router import request_ids, tools, unknown_fields
 from router.core import Chunk, Router, choice_id
 from router.errors import BodyTooLarge, ModelNotFound, api_error
+from router.tools import NO_TOOLS, ToolPlan
 from router.validation import (
     ChatCompletionRequest,
     ChatMessage,
@@ -201,8 +202,9 @@ async def chat_completions(router: Router, request: Request) -> Response:
         check_model(router, req.model)
         limits = router.prompt_limits()
         check_messages(len(req.messages), limits)
-        params, opts = chat_params(req, limits)
-        token_ids = chat_ids(router, req.messages, req.add_generation_prompt)
+        assert router.tokenizer is not None
+        params, opts = chat_params(req, limits, router.tokenizer.supports_tools)
+        token_ids = chat_ids(router, req.messages, req.add_generation_prompt, opts.tools.tools)
         sp = finalize(params, opts, len(token_ids), limits)
     except Exception as e:
         return call.error(e)
@@ -210,10 +212,15 @@ async def chat_completions(router: Router, request: Request) -> Response:
     return await _respond(router, request, call, token_ids, choice_params, opts, chat=True)
 
 
-def chat_ids(router: Router, messages: list[ChatMessage], add_generation_prompt: bool):
+def chat_ids(
+    router: Router,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool,
+    tool_list: list[dict[str, Any]] | None = None,
+):
     rendered = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in messages]
     assert router.tokenizer is not None
-    return router.tokenizer.apply_chat_template(rendered, add_generation_prompt)
+    return router.tokenizer.apply_chat_template(rendered, add_generation_prompt, tool_list)
 
 
 async def _respond(router, request, call: HttpCall, token_ids, choice_params, opts, chat: bool):
@@ -237,7 +244,7 @@ async def _respond(router, request, call: HttpCall, token_ids, choice_params, op
                 t.cancel()
             return call.error(e)
         headers = {"x-flotilla-group": chunks[0].group} | call.headers()
-        body = _merge(router, call.body_id, created, chunks, n, chat)
+        body = _merge(router, call.body_id, created, chunks, n, chat, opts.tools)
         return JSONResponse(body, headers=headers)
     stream = router.stream_n(token_ids, choice_params, session, call.run_id)
     try:
@@ -250,7 +257,9 @@ async def _respond(router, request, call: HttpCall, token_ids, choice_params, op
     return StreamingResponse(body, media_type="text/event-stream", headers=headers | _SSE_HEADERS)
 
 
-def _merge(router, request_id, created, chunks: list[Chunk], n: int, chat: bool) -> dict[str, Any]:
+def _merge(
+    router, request_id, created, chunks: list[Chunk], n: int, chat: bool, tp: ToolPlan = NO_TOOLS
+) -> dict[str, Any]:
     choices = []
     finals = []
     for i in range(n):
@@ -266,12 +275,19 @@ def _merge(router, request_id, created, chunks: list[Chunk], n: int, chat: bool)
         )
         finals.append(merged)
         if chat:
+            message: dict[str, Any] = {"role": "assistant", "content": merged.text}
+            finish = merged.finish
+            if tp.parse:
+                content, calls = tools.parse(merged.text, tp.forced is not None)
+                if calls:
+                    message = {"role": "assistant", "content": content, "tool_calls": calls}
+                    finish = "tool_calls" if finish == "stop" else finish
             choices.append(
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": merged.text},
+                    "message": message,
                     "logprobs": _chat_logprobs(router, merged),
-                    "finish_reason": merged.finish,
+                    "finish_reason": finish,
                 }
             )
         else:
@@ -312,11 +328,28 @@ async def _sse(
             "choices": choices,
         }
 
+    tp: ToolPlan = opts.tools
+    held: dict[int, tuple[str, bool]] = {}  # tool calls: per choice, (text held, holding)
+
     def render(c: Chunk) -> str:
         if c.finish is not None:
             finals.append(c)
         if chat:
             delta: dict[str, Any] = {"content": c.text}
+            finish = c.finish
+            if tp.parse:  # text that may be a tool call waits for the end of the answer
+                text, holding = held.get(c.index, ("", tp.forced is not None))
+                send, keep, holding = tools.split_stream(text + c.text, holding)
+                held[c.index] = (keep, holding)
+                delta["content"] = send
+                if c.finish is not None:
+                    content, calls = tools.parse(keep, tp.forced is not None)
+                    delta["content"] = send + (content or "")
+                    if calls:
+                        delta["tool_calls"] = [{"index": j} | x for j, x in enumerate(calls)]
+                        finish = "tool_calls" if finish == "stop" else finish
+                elif not send and c.index in offsets:
+                    return ""  # all held: nothing to send yet
             if c.index not in offsets:
                 delta["role"] = "assistant"
                 offsets[c.index] = 0
@@ -324,7 +357,7 @@ async def _sse(
                 "index": c.index,
                 "delta": delta,
                 "logprobs": _chat_logprobs(router, c),
-                "finish_reason": c.finish,
+                "finish_reason": finish,
             }
         else:
             off = offsets.get(c.index, 0)
@@ -340,7 +373,8 @@ async def _sse(
     try:
         yield render(first)
         async for c in rest:
-            yield render(c)
+            if out := render(c):
+                yield out
         if opts.include_usage:
             yield event(base([]) | {"usage": _usage(finals)})
     except Exception as e:  # after the 200: report in-band, then end the stream properly

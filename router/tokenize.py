@@ -38,14 +38,26 @@ class Tokenizer:
         """Token ids -> text, special tokens included (what /detokenize returns)."""
         return self.tok.decode(list(token_ids))
 
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the chat template renders `tools` (Hermes-style templates: Qwen2, Qwen3)."""
+        template = getattr(self.tok, "chat_template", None)
+        return isinstance(template, str) and "tools" in template
+
     def apply_chat_template(
-        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         if not getattr(self.tok, "chat_template", None):
             raise InvalidRequest("messages", "this model has no chat template; use /v1/completions")
         try:
             text = self.tok.apply_chat_template(
-                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+                list(messages),
+                tools=tools,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
             )
         except Exception as e:  # a template raising on bad roles / order: the caller's error
             raise InvalidRequest("messages", f"chat template failed: {e}") from None

@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from router import unknown_fields
+from router import structured, tools, unknown_fields
+from router.tools import NO_TOOLS, ToolPlan
 from workers.errors import InvalidRequest
 from workers.sampling_params import MAX_LOGPROBS, SamplingParams, invalid_from_pydantic
 
@@ -56,6 +57,7 @@ class Options:
     stream: bool = False
     include_usage: bool = False
     default_max_tokens: bool = False  # max_tokens was not given: fill the context
+    tools: ToolPlan = NO_TOOLS  # chat: what the request's tools mean (router.tools)
 
 
 class StreamOptions(BaseModel):
@@ -84,6 +86,12 @@ class _Common(BaseModel):
     repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
+    # Output constraints (router.structured): OpenAI's, then vLLM's names.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -140,33 +148,22 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
-    tools: list[Any] | None = None
+    tools: list[Any] | None = None  # router.tools
     tool_choice: str | dict[str, Any] | None = None
     functions: list[Any] | None = None  # the legacy names of tools / tool_choice
     function_call: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
 
-    @field_validator("tools", "functions")
-    @classmethod
-    def _no_tools(cls, v):
-        if v:
-            raise ValueError("tools are not supported")
-        return v
-
-    @field_validator("tool_choice", "function_call")
-    @classmethod
-    def _no_tool_choice(cls, v):
-        # "none" and "auto" without tools mean plain text: what we produce anyway.
-        if v is not None and v not in ("none", "auto"):
-            raise ValueError("tools are not supported (only 'none' or 'auto' without tools)")
-        return v
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v):
-        if v and v.get("type", "text") != "text":
-            raise ValueError("only response_format type 'text' is supported")
-        return v
+    def tools_and_choice(self) -> tuple[list[Any] | None, str | dict[str, Any] | None]:
+        """`tools` / `tool_choice`, or the legacy `functions` / `function_call` as those."""
+        if self.functions and self.tools:
+            raise InvalidRequest("functions", "give tools or functions, not both")
+        if not self.functions:
+            return self.tools, self.tool_choice
+        tools = [{"type": "function", "function": f} for f in self.functions]
+        choice = self.function_call
+        if isinstance(choice, dict):
+            choice = {"type": "function", "function": choice}
+        return tools, choice
 
 
 def parse_body(body: bytes, model: type[BaseModel], reject_unknown: bool = False) -> Any:
@@ -199,6 +196,15 @@ def _common_params(req: _Common, max_n: int) -> tuple[dict[str, Any], Options]:
         k: getattr(req, k) for k in _SAMPLING_FIELDS if getattr(req, k) is not None
     }
     params["stop"] = _stop_list(req.stop)
+    extra = {
+        "structured_outputs": req.structured_outputs,
+        "guided_json": req.guided_json,
+        "guided_regex": req.guided_regex,
+        "guided_grammar": req.guided_grammar,
+    }
+    spec = structured.from_request(req.response_format, extra)
+    if spec is not None:
+        params["structured"] = spec.model_dump()
     if req.stream_options is not None and not req.stream:
         raise InvalidRequest("stream_options", "only allowed when stream is true")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -218,8 +224,18 @@ def completion_params(req: CompletionRequest, limits: Limits) -> tuple[dict[str,
     return params, opts
 
 
-def chat_params(req: ChatCompletionRequest, limits: Limits) -> tuple[dict[str, Any], Options]:
+def chat_params(
+    req: ChatCompletionRequest, limits: Limits, template_has_tools: bool = False
+) -> tuple[dict[str, Any], Options]:
     params, opts = _common_params(req, limits.max_n)
+    field = "functions" if req.functions else "tools"
+    opts.tools = tools.plan(*req.tools_and_choice(), template_has_tools, field)
+    if opts.tools.forced is not None:
+        if "structured" in params:
+            raise InvalidRequest(
+                "tool_choice", "a forced tool call cannot also have an output format"
+            )
+        params["structured"] = opts.tools.forced.model_dump()
     max_tokens = (
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     )

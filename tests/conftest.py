@@ -53,7 +53,12 @@ def _tiny_config(arch: str):
         )
     if arch == "qwen3_moe":
         return transformers.Qwen3MoeConfig(
-            **common, head_dim=16, num_experts=4, moe_intermediate_size=32, norm_topk_prob=True, **moe
+            **common,
+            head_dim=16,
+            num_experts=4,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            **moe,
         )
     raise ValueError(arch)
 
@@ -97,3 +102,17 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
         return made[arch]
 
     return make
+
+
+HERMES_TEMPLATE = os.path.join(os.path.dirname(__file__), "fixtures", "hermes_tools.jinja")
+
+
+@pytest.fixture(scope="session")
+def tools_model_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """The tiny random Qwen3 with a Qwen-style (Hermes) chat template that renders `tools`."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("tiny-qwen3-tools")
+    shutil.copytree(tiny_model_dir("qwen3"), path, dirs_exist_ok=True)
+    shutil.copy(HERMES_TEMPLATE, path / "chat_template.jinja")
+    return str(path)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from workers.sampling_params import SamplingParams
 
 
@@ -36,11 +38,22 @@ class SeqPlan:
 
 
 @dataclass
+class TokenMasks:
+    """Allowed next tokens of the grammar-constrained requests sampling this step (the engine's
+    cluster.grammar builds them): row i of `words` (int32, one bit per token id, as
+    workers.token_mask reads it) belongs to `req_ids[i]`."""
+
+    req_ids: list[str]
+    words: np.ndarray  # [len(req_ids), ceil(vocab / 32)] int32
+
+
+@dataclass
 class StepPlan:
     step_id: int
     seqs: list[SeqPlan]
     new_requests: list[NewRequest] = field(default_factory=list)
     finished_req_ids: list[str] = field(default_factory=list)
+    token_masks: TokenMasks | None = None
 
 
 @dataclass

@@ -21,7 +21,7 @@ from workers.attention import build_metadata
 from workers.config import ModelConfig
 from workers.kernels.dispatch import KernelPlan, cpu_has_fast_bf16, decide
 from workers.loader import iter_weights, load_hf_config, resolve_model_path
-from workers.messages import SeqPlan, StepPlan, StepResult
+from workers.messages import SeqPlan, StepPlan, StepResult, TokenMasks
 from workers.models.llama import LlamaArch, LlamaForCausalLM
 from workers.sampler import SamplingState, sample
 from workers.sampling_params import SamplingParams
@@ -75,6 +75,20 @@ def _plain_greedy(p: SamplingParams) -> bool:
     """The token is the logits' argmax and nothing else is read from them (no penalties, no
     logprobs): the LM head may pick it without writing the logits out."""
     return p.greedy and p.logprobs is None and not p.needs_penalties
+
+
+def _rows_of(
+    masks: TokenMasks | None, seqs: list[SeqPlan]
+) -> tuple[list[int], torch.Tensor] | None:
+    """The plan's grammar masks for these sampling rows: (row indices, their mask words)."""
+    if masks is None:
+        return None
+    where = {r: i for i, r in enumerate(masks.req_ids)}
+    rows = [i for i, s in enumerate(seqs) if s.req_id in where]
+    if not rows:
+        return None
+    pick = [where[seqs[i].req_id] for i in rows]
+    return rows, torch.from_numpy(masks.words[pick])
 
 
 class ModelRunner:
@@ -265,8 +279,15 @@ class ModelRunner:
                 continue
             last = hidden[torch.tensor(rows, device=self.device)]
             states = [self.states[s.req_id] for s in sample_seqs]
+            masks = _rows_of(plan.token_masks, sample_seqs)
             greedy = None
-            if self.kernels.greedy_head and all(_plain_greedy(st.params) for st in states):
+            # The fused head's argmax never sees a grammar mask: a micro-batch with a
+            # constrained row takes the logits path (every TP rank knows, from the plan).
+            if (
+                self.kernels.greedy_head
+                and masks is None
+                and all(_plain_greedy(st.params) for st in states)
+            ):
                 greedy = self.model.greedy_tokens(last)  # None on every TP rank alike
             if greedy is None:
                 logits = self.model.compute_logits(last)  # on every TP rank: the head gathers
@@ -275,7 +296,7 @@ class ModelRunner:
             if greedy is not None:
                 tokens, lps = greedy.tolist(), None
             else:
-                tokens, lps = sample(logits, states, self.generator, self.native)
+                tokens, lps = sample(logits, states, self.generator, self.native, masks)
             for i, s in enumerate(sample_seqs):
                 sampled[s.req_id] = (tokens[i], lps[i] if lps is not None else None)
         with COMM.time():

@@ -1,6 +1,7 @@
 """Token sampling for a batch of requests with mixed parameters.
 
-Order of operations (as in vLLM): raw logprobs (reported to clients) -> penalties ->
+Order of operations (as in vLLM): raw logprobs (reported to clients) -> penalties -> the
+grammar masks of constrained rows (workers.token_mask; before any argmax, native or not) ->
 greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw. The draw is an
 exponential race (argmax of p / E, E ~ Exp(1)), which samples exactly from p. A request with
 a seed draws its noise from its own generator, one row of V values per token, so its tokens do
@@ -21,6 +22,7 @@ import torch
 
 from workers.messages import TokenLogprobs
 from workers.sampling_params import SamplingParams
+from workers.token_mask import apply_token_mask
 
 
 @dataclass
@@ -118,10 +120,12 @@ def sample(
     states: list[SamplingState],
     default_gen: torch.Generator,
     native: bool = False,
+    masks: tuple[list[int], torch.Tensor] | None = None,
 ) -> tuple[list[int], list[TokenLogprobs | None] | None]:
     """logits: [N, V] (any float dtype, on any device), one row per sampling request; the
-    generators must be on the logits' device. Returns token ids (+ logprobs). Everything but a
-    plain greedy argmax works on a float32 copy."""
+    generators must be on the logits' device. `masks`: (rows, [len(rows), W] int32 words),
+    the allowed tokens of grammar-constrained rows. Returns token ids (+ logprobs). Everything
+    but a plain greedy argmax works on a float32 copy."""
     want_lp = [st.params.logprobs is not None for st in states]
     if any(want_lp) or any(st.params.needs_penalties or not st.params.greedy for st in states):
         logits = logits.float()
@@ -129,6 +133,12 @@ def sample(
     if any(st.params.needs_penalties for st in states):
         logits = logits.clone()
         _apply_penalties(logits, states)
+    if masks is not None:
+        rows, words = masks
+        idx = torch.tensor(rows, device=logits.device)
+        masked = apply_token_mask(logits[idx], words)
+        # out of place: the caller's logits (the model's output) stay as they were
+        logits = logits.float().index_put((idx,), masked)
 
     tokens = _argmax(logits, native)
     rand = [i for i, st in enumerate(states) if not st.params.greedy]

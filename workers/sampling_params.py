@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from workers.errors import InvalidRequest
+from workers.structured_output import StructuredOutput
 
 MAX_LOGPROBS = 20
 
@@ -26,10 +27,17 @@ class SamplingParams(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    stop: list[str] = Field(default_factory=list, max_length=16, description="Stop strings (not emitted).")
+    stop: list[str] = Field(
+        default_factory=list, max_length=16, description="Stop strings (not emitted)."
+    )
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
     ignore_eos: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Top-n logprobs per token.")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="Top-n logprobs per token."
+    )
+    structured: StructuredOutput | None = Field(
+        None, description="A grammar the output must match (the engine masks the sampler)."
+    )
 
     @field_validator("stop")
     @classmethod

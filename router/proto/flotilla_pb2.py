@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brouter/proto/flotilla.proto\x12\x0b\x66lotilla.v1\"\xec\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x02H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\rH\n\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\r\n\x0b_ignore_eosB\x0b\n\t_logprobs\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xf2\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x31\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x15.flotilla.v1.TokenIdsH\x00\x12-\n\x08messages\x18\x04 \x01(\x0b\x32\x19.flotilla.v1.ChatMessagesH\x00\x12+\n\x06params\x18\x05 \x01(\x0b\x32\x1b.flotilla.v1.SamplingParams\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\x07\n\x05input\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.flotilla.v1.ChatMessage\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.flotilla.v1.TopLogprob\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"\xbd\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12+\n\x08logprobs\x18\x05 \x03(\x0b\x32\x19.flotilla.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12!\n\x05usage\x18\x07 \x01(\x0b\x32\x12.flotilla.v1.Usage\"\xb4\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.flotilla.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.flotilla.v1.Usage\"\x0f\n\rHealthRequest\"h\n\x0bGroupHealth\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x13\n\x0bnum_running\x18\x03 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x10\n\x08kv_usage\x18\x05 \x01(\x02\"J\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12(\n\x06groups\x18\x02 \x03(\x0b\x32\x18.flotilla.v1.GroupHealth\"\x13\n\x11ListModelsRequest\"@\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x10\n\x08owned_by\x18\x03 \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.flotilla.v1.ModelInfo\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\r2\xfc\x02\n\x08\x46lotilla\x12G\n\x08Generate\x12\x1c.flotilla.v1.GenerateRequest\x1a\x1d.flotilla.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.flotilla.v1.GenerateRequest\x1a#.flotilla.v1.GenerateStreamResponse0\x01\x12\x41\n\x06Health\x12\x1a.flotilla.v1.HealthRequest\x1a\x1b.flotilla.v1.HealthResponse\x12M\n\nListModels\x12\x1e.flotilla.v1.ListModelsRequest\x1a\x1f.flotilla.v1.ListModelsResponse\x12>\n\x05\x41\x62ort\x12\x19.flotilla.v1.AbortRequest\x1a\x1a.flotilla.v1.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brouter/proto/flotilla.proto\x12\x0b\x66lotilla.v1\"\xcc\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x02H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\rH\x0b\x88\x01\x01\x12\x15\n\x0bjson_schema\x18\x0e \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x0f \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x10 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x11 \x01(\tH\x00\x42\x0c\n\nstructuredB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\r\n\x0b_ignore_eosB\x0b\n\t_logprobs\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xf2\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x31\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x15.flotilla.v1.TokenIdsH\x00\x12-\n\x08messages\x18\x04 \x01(\x0b\x32\x19.flotilla.v1.ChatMessagesH\x00\x12+\n\x06params\x18\x05 \x01(\x0b\x32\x1b.flotilla.v1.SamplingParams\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\x07\n\x05input\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.flotilla.v1.ChatMessage\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.flotilla.v1.TopLogprob\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"\xbd\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12+\n\x08logprobs\x18\x05 \x03(\x0b\x32\x19.flotilla.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12!\n\x05usage\x18\x07 \x01(\x0b\x32\x12.flotilla.v1.Usage\"\xb4\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.flotilla.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.flotilla.v1.Usage\"\x0f\n\rHealthRequest\"h\n\x0bGroupHealth\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x13\n\x0bnum_running\x18\x03 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x10\n\x08kv_usage\x18\x05 \x01(\x02\"J\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12(\n\x06groups\x18\x02 \x03(\x0b\x32\x18.flotilla.v1.GroupHealth\"\x13\n\x11ListModelsRequest\"@\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x10\n\x08owned_by\x18\x03 \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.flotilla.v1.ModelInfo\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\r2\xfc\x02\n\x08\x46lotilla\x12G\n\x08Generate\x12\x1c.flotilla.v1.GenerateRequest\x1a\x1d.flotilla.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.flotilla.v1.GenerateRequest\x1a#.flotilla.v1.GenerateStreamResponse0\x01\x12\x41\n\x06Health\x12\x1a.flotilla.v1.HealthRequest\x1a\x1b.flotilla.v1.HealthResponse\x12M\n\nListModels\x12\x1e.flotilla.v1.ListModelsRequest\x1a\x1f.flotilla.v1.ListModelsResponse\x12>\n\x05\x41\x62ort\x12\x19.flotilla.v1.AbortRequest\x1a\x1a.flotilla.v1.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,41 +32,41 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'router.proto.flotilla_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS']._serialized_start=45
-  _globals['_SAMPLINGPARAMS']._serialized_end=537
-  _globals['_CHATMESSAGE']._serialized_start=539
-  _globals['_CHATMESSAGE']._serialized_end=583
-  _globals['_TOKENIDS']._serialized_start=585
-  _globals['_TOKENIDS']._serialized_end=608
-  _globals['_GENERATEREQUEST']._serialized_start=611
-  _globals['_GENERATEREQUEST']._serialized_end=853
-  _globals['_CHATMESSAGES']._serialized_start=855
-  _globals['_CHATMESSAGES']._serialized_end=913
-  _globals['_TOPLOGPROB']._serialized_start=915
-  _globals['_TOPLOGPROB']._serialized_end=977
-  _globals['_TOKENLOGPROB']._serialized_start=979
-  _globals['_TOKENLOGPROB']._serialized_end=1081
-  _globals['_USAGE']._serialized_start=1083
-  _globals['_USAGE']._serialized_end=1185
-  _globals['_GENERATERESPONSE']._serialized_start=1188
-  _globals['_GENERATERESPONSE']._serialized_end=1377
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1380
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1560
-  _globals['_HEALTHREQUEST']._serialized_start=1562
-  _globals['_HEALTHREQUEST']._serialized_end=1577
-  _globals['_GROUPHEALTH']._serialized_start=1579
-  _globals['_GROUPHEALTH']._serialized_end=1683
-  _globals['_HEALTHRESPONSE']._serialized_start=1685
-  _globals['_HEALTHRESPONSE']._serialized_end=1759
-  _globals['_LISTMODELSREQUEST']._serialized_start=1761
-  _globals['_LISTMODELSREQUEST']._serialized_end=1780
-  _globals['_MODELINFO']._serialized_start=1782
-  _globals['_MODELINFO']._serialized_end=1846
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1848
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1908
-  _globals['_ABORTREQUEST']._serialized_start=1910
-  _globals['_ABORTREQUEST']._serialized_end=1944
-  _globals['_ABORTRESPONSE']._serialized_start=1946
-  _globals['_ABORTRESPONSE']._serialized_end=1978
-  _globals['_FLOTILLA']._serialized_start=1981
-  _globals['_FLOTILLA']._serialized_end=2361
+  _globals['_SAMPLINGPARAMS']._serialized_end=633
+  _globals['_CHATMESSAGE']._serialized_start=635
+  _globals['_CHATMESSAGE']._serialized_end=679
+  _globals['_TOKENIDS']._serialized_start=681
+  _globals['_TOKENIDS']._serialized_end=704
+  _globals['_GENERATEREQUEST']._serialized_start=707
+  _globals['_GENERATEREQUEST']._serialized_end=949
+  _globals['_CHATMESSAGES']._serialized_start=951
+  _globals['_CHATMESSAGES']._serialized_end=1009
+  _globals['_TOPLOGPROB']._serialized_start=1011
+  _globals['_TOPLOGPROB']._serialized_end=1073
+  _globals['_TOKENLOGPROB']._serialized_start=1075
+  _globals['_TOKENLOGPROB']._serialized_end=1177
+  _globals['_USAGE']._serialized_start=1179
+  _globals['_USAGE']._serialized_end=1281
+  _globals['_GENERATERESPONSE']._serialized_start=1284
+  _globals['_GENERATERESPONSE']._serialized_end=1473
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1476
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1656
+  _globals['_HEALTHREQUEST']._serialized_start=1658
+  _globals['_HEALTHREQUEST']._serialized_end=1673
+  _globals['_GROUPHEALTH']._serialized_start=1675
+  _globals['_GROUPHEALTH']._serialized_end=1779
+  _globals['_HEALTHRESPONSE']._serialized_start=1781
+  _globals['_HEALTHRESPONSE']._serialized_end=1855
+  _globals['_LISTMODELSREQUEST']._serialized_start=1857
+  _globals['_LISTMODELSREQUEST']._serialized_end=1876
+  _globals['_MODELINFO']._serialized_start=1878
+  _globals['_MODELINFO']._serialized_end=1942
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1944
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2004
+  _globals['_ABORTREQUEST']._serialized_start=2006
+  _globals['_ABORTREQUEST']._serialized_end=2040
+  _globals['_ABORTRESPONSE']._serialized_start=2042
+  _globals['_ABORTRESPONSE']._serialized_end=2074
+  _globals['_FLOTILLA']._serialized_start=2077
+  _globals['_FLOTILLA']._serialized_end=2457
 # @@protoc_insertion_point(module_scope)

@@ -123,9 +123,14 @@ def test_unknown_openai_fields_are_served_logged_and_reported(tokenizer_files, c
             "chat_completions",
             {"messages": HI, "tool_choice": {"type": "function", "function": {"name": "f"}}},
             "tool_choice",
-            "tools are not supported",
+            "needs tools",
         ),
-        ("chat_completions", {"messages": HI, "functions": [{"name": "f"}]}, "functions", "tools"),
+        (
+            "chat_completions",
+            {"messages": HI, "functions": [{"name": "f"}]},
+            "functions",
+            "chat template does not support tools",
+        ),
     ],
 )
 def test_typos_and_fields_needing_tools_are_still_refused(

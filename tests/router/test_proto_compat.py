@@ -137,6 +137,15 @@ def _old_classes() -> dict[str, type]:
                 field.CopyFrom(f)
                 if f.type_name:
                     field.type_name = f.type_name.replace(".flotilla.v1.", ".flotilla.previous.")
+        # A oneof whose fields are all new (SamplingParams.structured) goes with them; the
+        # kept fields' oneof indexes follow the ones left.
+        used = sorted({f.oneof_index for f in copy.field if f.HasField("oneof_index")})
+        decls = [m.oneof_decl[i] for i in used]
+        del copy.oneof_decl[:]
+        copy.oneof_decl.extend(decls)
+        for f in copy.field:
+            if f.HasField("oneof_index"):
+                f.oneof_index = used.index(f.oneof_index)
         keep.append(copy)
     del fd.message_type[:]
     fd.message_type.extend(keep)
@@ -159,10 +168,15 @@ def test_old_and_new_clients_interoperate_on_the_wire():
     assert got.params.HasField("temperature") and list(got.params.stop) == ["x"]
     # A new client's request at an old server: the fields it knows are intact, the new one is
     # kept as an unknown field (and survives a re-send).
-    new = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[1, 2]), request_id="r-1")
+    new = pb.GenerateRequest(
+        prompt_token_ids=pb.TokenIds(ids=[1, 2]),
+        request_id="r-1",
+        params=pb.SamplingParams(max_tokens=3, regex="[a-z]+"),
+    )
     at_old = old["GenerateRequest"].FromString(new.SerializeToString())
-    assert list(at_old.prompt_token_ids.ids) == [1, 2]
-    assert pb.GenerateRequest.FromString(at_old.SerializeToString()).request_id == "r-1"
+    assert list(at_old.prompt_token_ids.ids) == [1, 2] and at_old.params.max_tokens == 3
+    back = pb.GenerateRequest.FromString(at_old.SerializeToString())
+    assert back.request_id == "r-1" and back.params.regex == "[a-z]+"
     # A new server's response at an old client.
     resp = pb.GenerateResponse(request_id="r-1", text="ok", usage=pb.Usage(total_tokens=3))
     at_old = old["GenerateResponse"].FromString(resp.SerializeToString())

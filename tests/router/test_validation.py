@@ -112,7 +112,9 @@ def test_chat_fields():
         "messages.0.role"
     )
     assert _field_of(lambda: _chat({"top_logprobs": 2}))[0] == "top_logprobs"
-    assert _field_of(lambda: _chat({"tools": [{"type": "function"}]}))[0] == "tools"
+    assert _field_of(lambda: _chat({"tools": [{"type": "function"}]}))[0] == (
+        "tools[0].function.name"
+    )
 
 
 def test_router_tokenizes_like_the_engine(offline_router, smollm2_tokenizer):

@@ -253,3 +253,47 @@ def test_logprobs():
         assert math.isclose(sum(math.exp(x) for x in raw[i].tolist()), 1.0, rel_tol=1e-5)
     assert lps[1].top_ids[0] == toks[1]  # greedy picks the top logprob
     assert lps[3].top_ids == [] and lps[3].top_logprobs == []
+
+
+def _mask_words(allowed_per_row: list[list[int]], vocab: int) -> torch.Tensor:
+    words = torch.zeros(len(allowed_per_row), (vocab + 31) // 32, dtype=torch.int64)
+    for i, allowed in enumerate(allowed_per_row):
+        for t in allowed:
+            words[i, t // 32] |= 1 << (t % 32)
+    return words.to(torch.int32)  # bit 31 wraps to the sign bit, as the grammar library writes it
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_grammar_masks_bind_constrained_rows_only(native):
+    """Masked rows pick only allowed tokens (greedy, sampled, with penalties, with the native
+    argmax); unmasked rows and reported logprobs are what they are without masks."""
+    if native:
+        pytest.importorskip("workers.kernels.dispatch")
+        from workers.kernels.dispatch import decide
+
+        if not decide("auto", torch.device("cpu")).native:
+            pytest.skip("native kernels not built here")
+    vocab = 100  # not a multiple of 32: the last word is partial
+    logits = rand_logits(5, 7, vocab)
+    kws = [
+        dict(temperature=0.0, logprobs=2),
+        dict(temperature=0.0),
+        dict(temperature=1.0, seed=1),
+        dict(temperature=0.7, top_k=5, repetition_penalty=1.3),
+        dict(temperature=0.0),
+    ]
+    states = [st(prompt=[1, 2, 3], **kw) for kw in kws]
+    allowed = {0: [31, 63, 99], 2: [5, 6, 95], 3: [40]}
+    rows = sorted(allowed)
+    words = _mask_words([allowed[r] for r in rows], vocab)
+    free, free_lp = sample(logits, [st(prompt=[1, 2, 3], **kw) for kw in kws], gen(0), native)
+    before = logits.clone()
+    toks, lps = sample(logits, states, gen(0), native, (rows, words))
+    assert torch.equal(logits, before)  # the caller's logits untouched
+    for r in rows:
+        assert toks[r] in allowed[r]
+    assert toks[0] == max(allowed[0], key=lambda t: logits[0, t])  # greedy among allowed
+    assert toks[3] == 40
+    assert [toks[i] for i in (1, 4)] == [free[i] for i in (1, 4)]
+    assert lps[0].top_ids == free_lp[0].top_ids  # raw logprobs, as the model gave them
+    assert toks[0] != free[0] or free[0] in allowed[0]
