@@ -425,6 +425,8 @@ class ReplicaGroup(KVHandoff):
             "num_preemptions": s.num_preemptions,
             "num_requests": self.num_requests,
             "num_aborted": self.num_aborted,
+            # Running requests per router replica (its id): what that router's death aborts.
+            "router_requests": {rid: len(sub.tasks) for rid, sub in self._subscribers.items()},
             "direct_links": self.direct_links,
             "rejected_links": self.rejected_links,
             "role": self.role,

@@ -8,7 +8,8 @@ starts for the job, the proxies included, and it passes the host in `FLOTILLA_GR
 (this module is the proxy's config loader: the environment is how Ray hands it settings).
 
 `install` patches `add_grpc_address` when that module is imported, not before: importing Ray
-Serve in every worker process (rank actors too) would cost each of them a second.
+Serve in every worker process (rank actors too) would cost each of them a second. The same
+hook guards the HTTP proxy against headers it cannot decode (deploy.proxy_headers).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import importlib.abc
 import importlib.util
 import os
 import sys
+
+from deploy import proxy_headers
 
 HOST_ENV = "FLOTILLA_GRPC_HOST"
 _TARGET = "ray.serve._private.default_impl"
@@ -42,8 +45,11 @@ def _patch(module) -> None:
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def __init__(self, target: str = _TARGET, patch=_patch):
+        self.target, self.patch = target, patch
+
     def find_spec(self, name, path, target=None):
-        if name != _TARGET:
+        if name != self.target:
             return None
         sys.meta_path.remove(self)  # one shot: find the real module, then wrap its loading
         spec = importlib.util.find_spec(name)
@@ -53,7 +59,7 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
         def exec_then_patch(module):
             exec_module(module)
-            _patch(module)
+            self.patch(module)
 
         spec.loader.exec_module = exec_then_patch  # type: ignore[method-assign]
         return spec
@@ -63,7 +69,8 @@ def install() -> None:
     """The worker_process_setup_hook (see the module docstring)."""
     if not os.environ.get(HOST_ENV):
         return
-    if _TARGET in sys.modules:
-        _patch(sys.modules[_TARGET])
-    elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PatchOnImport())
+    for target, patch in ((_TARGET, _patch), (proxy_headers.TARGET, proxy_headers.patch)):
+        if target in sys.modules:
+            patch(sys.modules[target])
+        elif not any(getattr(f, "target", None) == target for f in sys.meta_path):
+            sys.meta_path.insert(0, _PatchOnImport(target, patch))

@@ -425,7 +425,7 @@ class Router(GroupTable):
                 first = refused or await inbox.next()
                 running = False
                 accepted = "error" not in first
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, InvalidRequest):  # the request's fault, not the group's
                 raise
             except Exception as e:  # the group died or is restarting: try the next one
                 running = False

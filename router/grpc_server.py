@@ -17,6 +17,11 @@ grpc has finished -- and freed -- the call, so it gets a guarded context: live c
 real one; after the call ended, reads come from a snapshot and writes are dropped. (Touching the
 freed call crashes the proxy.)
 
+A request whose bytes do not parse as its message (garbage, truncated, another message's
+bytes) is answered INVALID_ARGUMENT "request: ..." here in the proxy: grpc's own handling of a
+failing deserializer answers UNKNOWN with the parser's exception class, and logs a traceback
+per call.
+
 If Serve's server internals differ from what this expects, the stock registration is used.
 """
 
@@ -26,6 +31,8 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+import grpc
 
 from router import grpc_health
 from router.proto import flotilla_pb2_grpc as pb_grpc
@@ -49,14 +56,88 @@ def add_servicer(servicer: Any, server: Any) -> None:
     def cancel_safe_factory(*, service_method: str, streaming_type: Any) -> Callable:
         handler = factory(service_method=service_method, streaming_type=streaming_type)
         if streaming_type == "unary_stream":
-            return cancel_safe_stream(handler)
+            return reject_malformed_stream(cancel_safe_stream(handler))
+        if streaming_type == "unary_unary":
+            return reject_malformed_unary(handler)
         return handler
 
     server.service_handler_factory = cancel_safe_factory
     try:
-        _add_all(servicer, server)
+        _add_all(servicer, _SafeParsing(server))
     finally:
         server.service_handler_factory = factory
+
+
+class Malformed:
+    """What a request's deserializer returns for bytes that are not its message."""
+
+    def __init__(self, message: str, error: Exception):
+        self.details = f"request: not a valid {message} ({error})"
+
+    def reject(self, context: Any) -> None:
+        context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+        context.set_details(self.details)
+
+
+def safe_parser(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    message = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
+    name = message.full_name if message is not None else "message"
+
+    def parse_or_malformed(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as e:  # DecodeError, or anything else a parser may raise
+            return Malformed(name, e)
+
+    return parse_or_malformed
+
+
+def _safe_handler(h: Any) -> Any:
+    parse = getattr(h, "request_deserializer", None)
+    return h._replace(request_deserializer=safe_parser(parse)) if parse else h
+
+
+class _SafeParsing:
+    """The server as the generated add_*_to_server functions see it: every method handler
+    they register gets a deserializer that returns Malformed instead of raising."""
+
+    def __init__(self, server: Any):
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        for h in handlers:
+            methods = getattr(h, "_method_handlers", None)  # what Serve rewrites too
+            if isinstance(methods, dict):
+                methods.update({k: _safe_handler(v) for k, v in methods.items()})
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, methods: dict[str, Any]) -> None:
+        safe = {k: _safe_handler(v) for k, v in methods.items()}
+        self._server.add_registered_method_handlers(service, safe)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
+def reject_malformed_unary(handler: Callable) -> Callable:
+    async def unary(request: Any, context: Any) -> Any:
+        if isinstance(request, Malformed):
+            request.reject(context)
+            return b""  # what Serve's handler returns with an error status
+        return await handler(request, context)
+
+    return unary
+
+
+def reject_malformed_stream(handler: Callable) -> Callable:
+    async def stream(request: Any, context: Any) -> AsyncIterator:
+        if isinstance(request, Malformed):
+            request.reject(context)
+            return
+        async for item in handler(request, context):
+            yield item
+
+    return stream
 
 
 class GuardedContext:

@@ -9,6 +9,7 @@ async: the replica reports ready only once a group has sent the model's limits a
 import logging
 from typing import Any
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from ray import serve
@@ -119,6 +120,14 @@ class Ingress:
         if refresh:
             await self.router.poll_once()
         return self.router.group_stats()
+
+    def identity(self) -> dict[str, Any]:
+        """Which router replica answered: its router id (as groups know it, e.g. in their
+        stats' router_requests) and its Ray actor name (for fault tests)."""
+        return {
+            "router_id": self.router.router_id,
+            "actor": ray.get_runtime_context().get_actor_name(),
+        }
 
     def router_counters(self) -> dict[str, int]:
         """This router replica's request migrations and prefill fallbacks so far."""

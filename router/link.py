@@ -25,6 +25,7 @@ from typing import Any
 
 from cluster import wire
 from cluster.registry import Member
+from workers.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +145,12 @@ class GroupLink:
             self._replies.clear()
 
     def _send(self, msg) -> None:
+        self._send_frame(wire.frame(msg))
+
+    def _send_frame(self, frame: bytes) -> None:
         if self._writer is None:
             raise ConnectionError("no connection to the replica group")
-        self._writer.write(wire.frame(msg))
+        self._writer.write(frame)
 
     async def _run(self) -> None:
         backoff = 0.05
@@ -202,10 +206,14 @@ class GroupLink:
             return await self.handle.submit.remote(
                 self.router_id, request_id, token_ids, params, leg
             )
+        try:  # before anything is sent: a request that cannot be encoded is not the group's fault
+            frame = wire.frame(wire.Submit(request_id, token_ids, params, leg))
+        except (TypeError, ValueError) as e:  # UnicodeEncodeError is a ValueError
+            raise InvalidRequest("request", f"cannot be encoded for a replica group: {e}") from None
         fut = asyncio.get_running_loop().create_future()
         self._acks[request_id] = fut
         try:
-            self._send(wire.Submit(request_id, token_ids, params, leg))
+            self._send_frame(frame)
             return await fut
         finally:
             self._acks.pop(request_id, None)

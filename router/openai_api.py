@@ -161,7 +161,7 @@ class HttpCall:
         # ours to send.
         h = {} if self.client_id else {request_ids.HEADER: self.run_id}
         if self.ignored:
-            h[unknown_fields.HEADER] = ",".join(self.ignored)
+            h[unknown_fields.HEADER] = unknown_fields.header_value(self.ignored)
         return h
 
     def error(self, exc: BaseException) -> JSONResponse:

@@ -66,3 +66,9 @@ def check(model: BaseModel, reject_all: bool = False) -> list[str]:
             hint = f"{parent}.{close[0]}" if parent else close[0]
             raise InvalidRequest(path, f"unknown field; did you mean {hint!r}?")
     return ignored
+
+
+def header_value(paths: list[str]) -> str:
+    """The header's value: names as sent, but escaped (`\\u0100`, `\\n`) where they hold what a
+    header cannot carry -- controls, non-ASCII, lone surrogates -- so any name can be echoed."""
+    return ",".join(p.encode("unicode_escape").decode("ascii") for p in paths)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from router import structured, tools, unknown_fields
+from router.text_check import check_text
 from router.tools import NO_TOOLS, ToolPlan
 from workers.errors import InvalidRequest
 from workers.sampling_params import MAX_LOGPROBS, SamplingParams, invalid_from_pydantic
@@ -175,6 +176,7 @@ def parse_body(body: bytes, model: type[BaseModel], reject_unknown: bool = False
         raise InvalidRequest("body", f"malformed JSON: {e}") from None
     if not isinstance(data, dict):
         raise InvalidRequest("body", "expected a JSON object")
+    check_text(data)
     try:
         req = model.model_validate(data)
     except ValidationError as e:

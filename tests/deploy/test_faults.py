@@ -10,15 +10,21 @@ whichever group steps first once the test deletes the claim file."""
 from __future__ import annotations
 
 import os
-import threading
-import time
 from pathlib import Path
 
 import pytest
-from app_fixtures import META, free_port, grpc_stub
+from app_fixtures import free_port, grpc_stub
+from fault_support import (
+    Load,
+    audit_when_idle,
+    group_stats,
+    replica_ids,
+    replicas,
+    two_healthy,
+    wait,
+)
 
 from deploy.config import FlotillaConfig
-from router.proto import flotilla_pb2 as pb
 
 pytestmark = pytest.mark.slow
 
@@ -109,122 +115,16 @@ def reference(config) -> list[list[int]]:
     return [o.token_ids for o in LLMEngine(config.engine).generate(PROMPTS, params)]
 
 
-def _groups(router) -> list[dict]:
-    return router.group_stats.remote().result(timeout_s=30)
-
-
-def _replicas() -> dict[str, str]:
-    """Live replica actors of the groups' deployment: name -> Ray namespace."""
-    import ray
-
-    return {
-        a["name"]: a["namespace"]
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        if "#groups#" in a["name"]
-    }
-
-
-def _replica_ids() -> set[str]:
-    return set(_replicas())
-
-
-def _wait(cond, what: str, timeout_s: float = 90):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = cond()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
-def _two_healthy(router) -> list[dict] | None:
-    gs = _groups(router)
-    ok = len(gs) == 2 and all(g["healthy"] and not g["draining"] for g in gs)
-    return gs if ok else None
-
-
-class Load:
-    """One greedy stream per prompt, each in its own thread; `started` once all have a token.
-    `gap` per stream: the longest wait between two messages (a failover shows up there)."""
-
-    def __init__(self, stub):
-        self.results: dict[int, object] = {}
-        self.gaps: dict[int, float] = {}
-        self.started = threading.Barrier(len(PROMPTS) + 1, timeout=120)
-        params = pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-        self.threads = [
-            threading.Thread(target=self._one, args=(stub, i, params)) for i in range(len(PROMPTS))
-        ]
-        for t in self.threads:
-            t.start()
-
-    def _one(self, stub, i: int, params) -> None:
-        req = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=PROMPTS[i]), params=params)
-        ids, finish, last, gap = [], "", None, 0.0
-        try:
-            for msg in stub.GenerateStream(req, metadata=META, timeout=240):
-                now = time.monotonic()
-                if last is None:
-                    self.started.wait()
-                else:
-                    gap = max(gap, now - last)
-                last = time.monotonic()
-                ids += msg.token_ids
-                finish = msg.finish_reason or finish
-            self.results[i] = (ids, finish)
-        except Exception as e:  # counted as failed below
-            self.results[i] = e
-        self.gaps[i] = gap
-
-    def outcome(self, reference: list[list[int]]) -> dict[str, int]:
-        """Once every stream ended: how many completed with the reference's tokens, failed,
-        or completed with other tokens."""
-        for t in self.threads:
-            t.join(timeout=240)
-        assert not any(t.is_alive() for t in self.threads), "a stream never ended"
-        out = {"completed": 0, "failed": 0, "mismatched": 0}
-        for i, r in self.results.items():
-            key = (
-                "failed"
-                if isinstance(r, Exception)
-                else "completed"
-                if r == (reference[i], "length")
-                else "mismatched"
-            )
-            out[key] += 1
-        return out
-
-
-def _audit_when_idle(router) -> list[dict]:
-    """Every group's block audit, once all are idle (twice in a row: the engine audits on
-    its own thread as it goes idle, a moment after its last request finished)."""
-    idle_polls = 0
-
-    def idle() -> list[dict] | None:
-        nonlocal idle_polls
-        gs = _groups(router)
-        quiet = all(g["num_running"] == 0 and g["num_waiting"] == 0 for g in gs)
-        idle_polls = idle_polls + 1 if quiet else 0
-        return gs if idle_polls >= 3 else None
-
-    gs = _wait(idle, "idle groups", 60)
-    for g in gs:
-        b = g["blocks"]
-        assert b["free"] + b["cached"] + b["in_use"] == b["total"], (g["name"], b)
-    return gs
-
-
 def test_a_hung_group_is_detected_its_streams_move_and_it_is_replaced(
     cluster, stub, reference, claim
 ):
-    before = {g["name"] for g in _wait(lambda: _two_healthy(cluster), "two groups")}
-    replicas = _replica_ids()
-    load = Load(stub)
+    before = {g["name"] for g in wait(lambda: two_healthy(cluster), "two groups")}
+    ids = replica_ids()
+    load = Load(stub, PROMPTS, MAX_TOKENS)
     load.started.wait()  # every stream has a token: both groups are mid-stream
     claim.unlink()  # arm: the next step of either group never returns
-    hung = _wait(
-        lambda: [g["name"] for g in _groups(cluster) if g.get("hung")],
+    hung = wait(
+        lambda: [g["name"] for g in group_stats(cluster) if g.get("hung")],
         "a group to report hung",
         HANG_TIMEOUT_S + 30,
     )
@@ -233,11 +133,11 @@ def test_a_hung_group_is_detected_its_streams_move_and_it_is_replaced(
     # The hung group's streams waited about hang_timeout_s (+ the watchdog's period), then
     # resumed on the other group.
     assert HANG_TIMEOUT_S < max(load.gaps.values()) < HANG_TIMEOUT_S + 15, load.gaps
-    after = _wait(lambda: _two_healthy(cluster), "the hung group's replacement", 120)
+    after = wait(lambda: two_healthy(cluster), "the hung group's replacement", 120)
     names = {g["name"] for g in after}
     assert hung[0] not in names and len(names - before) == 1
-    assert len(_replica_ids() - replicas) == 1 and len(replicas - _replica_ids()) == 1
-    for g in _audit_when_idle(cluster):
+    assert len(replica_ids() - ids) == 1 and len(ids - replica_ids()) == 1
+    for g in audit_when_idle(cluster):
         assert g["blocks"]["leaked"] == 0 and g["blocks"]["in_use"] == 0, g
         assert not g["hung"]
 
@@ -245,15 +145,15 @@ def test_a_hung_group_is_detected_its_streams_move_and_it_is_replaced(
 def test_a_killed_group_s_streams_move_and_it_is_replaced(cluster, stub, reference):
     import ray
 
-    before = {g["name"] for g in _wait(lambda: _two_healthy(cluster), "two groups")}
-    replicas = _replica_ids()
-    load = Load(stub)
+    before = {g["name"] for g in wait(lambda: two_healthy(cluster), "two groups")}
+    ids = replica_ids()
+    load = Load(stub, PROMPTS, MAX_TOKENS)
     load.started.wait()  # every stream has a token: both groups are mid-stream
-    victim, namespace = sorted(_replicas().items())[0]
+    victim, namespace = sorted(replicas().items())[0]
     ray.kill(ray.get_actor(victim, namespace=namespace), no_restart=True)
     assert load.outcome(reference) == {"completed": len(PROMPTS), "failed": 0, "mismatched": 0}
-    after = _wait(lambda: _two_healthy(cluster), "the killed group's replacement", 120)
+    after = wait(lambda: two_healthy(cluster), "the killed group's replacement", 120)
     assert len({g["name"] for g in after} - before) == 1
-    assert victim not in _replica_ids() and len(_replica_ids() - replicas) == 1
-    for g in _audit_when_idle(cluster):
+    assert victim not in replica_ids() and len(replica_ids() - ids) == 1
+    for g in audit_when_idle(cluster):
         assert g["blocks"]["leaked"] == 0 and g["blocks"]["in_use"] == 0, g

@@ -101,11 +101,12 @@ def test_add_servicer_wraps_only_server_streaming_methods():
     assert server.service_handler_factory == original  # restored
     stream = server.handlers["/flotilla.v1.Flotilla/GenerateStream"]
     unary = server.handlers["/flotilla.v1.Flotilla/Generate"]
-    assert stream.__name__ == "stream" and unary.__name__ == "h"
+    # Unary methods get only the malformed-request guard ("unary"), not the cancel-safe task.
+    assert stream.__name__ == "stream" and unary.__name__ == "unary"
     # The standard health service rides along, routed the same way.
-    assert server.handlers["/grpc.health.v1.Health/Check"].__name__ == "h"
+    assert server.handlers["/grpc.health.v1.Health/Check"].__name__ == "unary"
     assert server.handlers["/grpc.health.v1.Health/Watch"].__name__ == "stream"
-    assert server.handlers["/flotilla.v1.Flotilla/Abort"].__name__ == "h"
+    assert server.handlers["/flotilla.v1.Flotilla/Abort"].__name__ == "unary"
 
 
 def test_guarded_context_never_touches_an_ended_call():
