@@ -22,6 +22,11 @@ bytes) is answered INVALID_ARGUMENT "request: ..." here in the proxy: grpc's own
 failing deserializer answers UNKNOWN with the parser's exception class, and logs a traceback
 per call.
 
+A router replica that dies mid-call (its process killed, its node gone) is answered by Serve
+with INTERNAL and "The actor ... died / is unavailable". Nothing failed inside the service and
+a retry goes to a live replica, so the call is answered UNAVAILABLE -- the code gRPC clients
+and retry policies treat as retryable -- with Serve's message kept (ReplicaLossIsUnavailable).
+
 If Serve's server internals differ from what this expects, the stock registration is used.
 """
 
@@ -58,7 +63,7 @@ def add_servicer(servicer: Any, server: Any) -> None:
         if streaming_type == "unary_stream":
             return reject_malformed_stream(cancel_safe_stream(handler))
         if streaming_type == "unary_unary":
-            return reject_malformed_unary(handler)
+            return reject_malformed_unary(replica_loss_is_unavailable(handler))
         return handler
 
     server.service_handler_factory = cancel_safe_factory
@@ -119,6 +124,41 @@ class _SafeParsing:
         return getattr(self._server, name)
 
 
+def replica_lost(details: str | None) -> bool:
+    """Serve's message for a call whose replica actor died or became unreachable."""
+    d = (details or "").lower()
+    return "actor" in d and ("unavailable" in d or "died" in d)
+
+
+class ReplicaLossIsUnavailable:
+    """A ServicerContext whose INTERNAL status becomes UNAVAILABLE when its details say the
+    replica actor was lost (Serve sets the code, then the details)."""
+
+    def __init__(self, context: Any):
+        self._context = context
+        self._code: Any = None
+
+    def set_code(self, code: Any) -> None:
+        self._code = code
+        self._context.set_code(code)
+
+    def set_details(self, details: str) -> None:
+        if self._code == grpc.StatusCode.INTERNAL and replica_lost(details):
+            self._code = grpc.StatusCode.UNAVAILABLE
+            self._context.set_code(self._code)
+        self._context.set_details(details)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def replica_loss_is_unavailable(handler: Callable) -> Callable:
+    async def unary(request: Any, context: Any) -> Any:
+        return await handler(request, ReplicaLossIsUnavailable(context))
+
+    return unary
+
+
 def reject_malformed_unary(handler: Callable) -> Callable:
     async def unary(request: Any, context: Any) -> Any:
         if isinstance(request, Malformed):
@@ -147,7 +187,7 @@ class GuardedContext:
                  "peer_identity_key")  # fmt: skip
 
     def __init__(self, context: Any):
-        self._context = context
+        self._context = context  # (a ReplicaLossIsUnavailable: its set_* are attributes too)
         self._alive = True
         self._snapshot: dict[str, Any] = {}
         for name in self._SNAPSHOT:
@@ -176,7 +216,7 @@ def cancel_safe_stream(handler: Callable[[Any, Any], AsyncIterator]) -> Callable
 
     async def stream(request: Any, context: Any) -> AsyncIterator:
         queue: asyncio.Queue = asyncio.Queue()
-        guarded = GuardedContext(context)
+        guarded = GuardedContext(ReplicaLossIsUnavailable(context))
 
         def call_ended(_context: Any) -> None:
             guarded.end()  # first: the task below must not touch the call from now on

@@ -145,3 +145,56 @@ def test_guarded_context_never_touches_an_ended_call():
     assert ctx.peer() == "ipv4:127.0.0.1:5555"  # from the snapshot
     assert ctx.invocation_metadata() == [("application", "flotilla")]
     assert ctx.code() is None and ctx.cancelled() is True
+
+
+def test_a_lost_replica_is_unavailable_other_errors_stay_internal():
+    """Serve's INTERNAL + "The actor ... died / is unavailable" (a router replica lost under
+    the call) reaches the client as UNAVAILABLE, on unary and streaming calls; any other
+    INTERNAL, and every other code, passes unchanged."""
+    import grpc
+
+    from router.grpc_server import replica_loss_is_unavailable
+
+    class Ctx(FakeContext):
+        def __init__(self):
+            super().__init__()
+            self.code, self.details = None, None
+
+        def set_code(self, code):
+            self.code = code
+
+        def set_details(self, details):
+            self.details = details
+
+    def serve_like(code, details):  # what Serve's proxy does when the call failed
+        async def unary(request, context):
+            context.set_code(code)
+            context.set_details(details)
+            return b""
+
+        async def stream(request, context):
+            yield 1
+            context.set_code(code)
+            context.set_details(details)
+
+        return unary, stream
+
+    died = "The actor 7f3a is unavailable: The actor is temporarily unavailable: IOError"
+    cases = [
+        (grpc.StatusCode.INTERNAL, died, grpc.StatusCode.UNAVAILABLE),
+        (grpc.StatusCode.INTERNAL, "The actor died unexpectedly", grpc.StatusCode.UNAVAILABLE),
+        (grpc.StatusCode.INTERNAL, "ValueError: boom", grpc.StatusCode.INTERNAL),
+        (grpc.StatusCode.INVALID_ARGUMENT, "actor: unavailable", grpc.StatusCode.INVALID_ARGUMENT),
+    ]
+
+    async def main():
+        for code, details, want in cases:
+            unary, stream = serve_like(code, details)
+            ctx = Ctx()
+            await replica_loss_is_unavailable(unary)("r", ctx)
+            assert (ctx.code, ctx.details) == (want, details)
+            ctx = Ctx()
+            assert [x async for x in cancel_safe_stream(stream)("r", ctx)] == [1]
+            assert (ctx.code, ctx.details) == (want, details)
+
+    asyncio.run(main())
