@@ -150,8 +150,10 @@ _CHUNK = 1 << 20
 async def send_large(writer: asyncio.StreamWriter, msg: msgspec.Struct) -> None:
     """Write a frame that may be large (a prompt's KV) in 1 MiB pieces, draining between them:
     asyncio's transport (3.11) keeps unsent bytes in one bytearray and deletes each sent piece
-    from its front, so one 50 MB write costs ~1 s of memmove; pieces keep that buffer small."""
-    body = memoryview(frame(msg))
+    from its front, so one 50 MB write costs ~1 s of memmove; pieces keep that buffer small.
+    The header goes on its own (frame()'s header + body would copy the body once more)."""
+    body = memoryview(_encoder.encode(msg))
+    writer.write(len(body).to_bytes(4, "big"))
     for i in range(0, len(body), _CHUNK):
         writer.write(body[i : i + _CHUNK])
         await writer.drain()
