@@ -48,6 +48,10 @@ class _Leases:
         self.taken += 1
         return item[1]
 
+    def blocks(self, block_size: int) -> int:
+        """KV blocks held under leases now (each lease holds whole blocks' tokens)."""
+        return sum(len(kv[0]) // block_size for _, kv in self.items.values())
+
     def sweep(self) -> None:
         now = time.monotonic()
         while self.items and next(iter(self.items.values()))[0] < now:
@@ -113,7 +117,9 @@ class KVHandoff:
 
     async def _fetch_kv(self, source: dict[str, Any], request_id: str) -> Any:
         """The prompt KV held by the group `source` names ({group, host, port, secret}: its
-        data plane, which the router passes on), or None (then the prompt is recomputed here)."""
+        data plane, which the router passes on), or None (then the prompt is recomputed here).
+        What the fetch did is kept in self._transfers[request_id] ({via: shm | inline |
+        recompute, bytes, seconds}) for the leg's last delta (the router's histograms)."""
         from cluster import kv_transfer  # torch: only in a group's process
 
         t0 = time.monotonic()
@@ -150,12 +156,16 @@ class KVHandoff:
                 kv = (*kv, lambda: kv_transfer.arena_current(msg, maps))
                 self._arena_loans[request_id] = source
                 self.kv["shm_imports"] += 1
+        seconds = time.monotonic() - t0
         if kv is None:
             self.kv["recomputes"] += 1
+            self._transfers[request_id] = {"via": "recompute", "bytes": 0, "seconds": seconds}
             return None
         self.kv["imports"] += 1
         self.kv["bytes"] += kv[1].nbytes
-        self.kv["seconds"] += time.monotonic() - t0
+        self.kv["seconds"] += seconds
+        via = "shm" if request_id in self._arena_loans else "inline"
+        self._transfers[request_id] = {"via": via, "bytes": kv[1].nbytes, "seconds": seconds}
         return kv
 
     def _fitting_kv(self, msg: dict[str, Any], request_id: str, group: str) -> tuple | None:

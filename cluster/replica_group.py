@@ -127,6 +127,7 @@ class ReplicaGroup(KVHandoff):
         )
         self.arena_maps = ArenaMaps()
         self._arena_loans: dict[str, dict[str, Any]] = {}  # request -> the lender's address
+        self._transfers: dict[str, dict[str, Any]] = {}  # request -> its KV fetch (_fetch_kv)
         self.config = config
         self.engine = AsyncEngine(config)
         if self.arena is not None:  # hand-offs are exported straight into an arena slot
@@ -333,7 +334,10 @@ class ReplicaGroup(KVHandoff):
                 last_t = self.latency.observe(out, last_t)
                 if out.finish_reason == "handoff":
                     self.leases.put(request_id, out.kv)
-                yield self._delta(out, sampling)
+                delta = self._delta(out, sampling)
+                if out.finished and request_id in self._transfers:
+                    delta["kv_transfer"] = self._transfers.pop(request_id)
+                yield delta
         except (InvalidRequest, EngineOverloaded, EngineDraining, EngineDead) as e:
             finished = True
             yield {"error": encode_error(e)}
@@ -342,6 +346,7 @@ class ReplicaGroup(KVHandoff):
             log.exception("request %s failed", request_id)
             yield {"error": encode_error(e)}
         finally:
+            self._transfers.pop(request_id, None)  # (a leg that ended without a last delta)
             # Cancelled (CancelledError) or closed early (GeneratorExit): free the KV blocks now.
             # The engine stream sends the same abort from its own finally; abort is idempotent.
             if not finished:
@@ -431,6 +436,7 @@ class ReplicaGroup(KVHandoff):
             "rejected_links": self.rejected_links,
             "role": self.role,
             "kv_leases": len(self.leases.items),
+            "kv_lease_blocks": self.leases.blocks(self.config.cache.block_size),
             "kv_leases_taken": self.leases.taken,
             "kv_lease_expiries": self.leases.expired,
             "kv_imports": self.kv["imports"],

@@ -42,6 +42,7 @@ _E2E_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
 _PHASE_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                   20.0, 40.0, 80.0, 160.0, 320.0, 640.0]
 # Tokens per request, 1-2-5 steps (vLLM's) up to a 1M-token context.
+_BYTE_BUCKETS = [float(1 << e) for e in range(16, 34, 2)]  # 64 KiB .. 4 GiB
 _TOKEN_BUCKETS = [m * 10**e for e in range(6) for m in (1, 2, 5)] + [1_000_000]
 # fmt: on
 _TAGS = ("model", "group")
@@ -85,10 +86,10 @@ class RequestMetrics:
         if enabled:
             from ray.util import metrics as m
 
-            def hist(name, desc, buckets):
+            def hist(name, desc, buckets, tags=_TAGS):
                 return _Both(
-                    m.Histogram(name, desc, boundaries=buckets, tag_keys=_TAGS),
-                    mirror.histogram(name, desc, buckets, _TAGS),
+                    m.Histogram(name, desc, boundaries=buckets, tag_keys=tags),
+                    mirror.histogram(name, desc, buckets, tags),
                 )
 
             def gauge(name, desc):
@@ -98,8 +99,8 @@ class RequestMetrics:
                 return _Both(m.Counter(name, desc, tag_keys=tags), mirror.counter(name, desc, tags))
         else:
 
-            def hist(name, desc, buckets):
-                return _Both(_Noop(), mirror.histogram(name, desc, buckets, _TAGS))
+            def hist(name, desc, buckets, tags=_TAGS):
+                return _Both(_Noop(), mirror.histogram(name, desc, buckets, tags))
 
             def gauge(name, desc):
                 return _Both(_Noop(), mirror.gauge(name, desc, _TAGS))
@@ -174,11 +175,25 @@ class RequestMetrics:
         self.prefill_fallbacks = counter(
             "flotilla_prefill_fallbacks", "Prompts prefilled on a decode group (no prefill group)."
         )
+        # Each KV hand-off a decode group made, by how (shm, inline, recompute)...
+        self.kv_transfer_time = hist(
+            "flotilla_kv_transfer_time_seconds",
+            "A decode group's fetch of a prompt's KV, from asking to imported or given up.",
+            _PHASE_BUCKETS,
+            _TAGS + ("via",),
+        )
+        self.kv_transfer_size = hist(
+            "flotilla_kv_transfer_size_bytes",
+            "Bytes of prompt KV a decode group received per hand-off.",
+            _BYTE_BUCKETS,
+            _TAGS + ("via",),
+        )
         # ...and the groups' own KV hand-off totals, mirrored from their stats (cumulative).
         self.kv = {
             key: gauge(f"flotilla_{key}", desc)
             for key, desc in (
                 ("kv_leases", "Prompts' KV held under a lease for a decode group."),
+                ("kv_lease_blocks", "KV blocks held under leases for decode groups."),
                 ("kv_lease_expiries", "Leases that ran out before a decode group took them."),
                 ("kv_imports", "Prompts' KV imported from a prefill group."),
                 ("kv_recomputes", "Hand-offs whose KV did not arrive: the prompt was recomputed."),
@@ -237,6 +252,11 @@ class RequestMetrics:
             self.decode_time.observe(timing["decode"], tags=t)
         if "preemptions" in msg:
             self.preemptions.inc(msg["preemptions"], tags=t)
+        transfer = msg.get("kv_transfer")
+        if transfer:
+            tv = {**t, "via": transfer["via"]}
+            self.kv_transfer_time.observe(transfer["seconds"], tags=tv)
+            self.kv_transfer_size.observe(transfer["bytes"], tags=tv)
         usage = msg.get("usage")
         if usage:
             # A resumed leg's cache may also hold its earlier output tokens: never above 100%.

@@ -81,10 +81,30 @@ def _grpc_ids(stub, ids, params) -> tuple[list[int], str, str]:
     return got, "".join(text), finish
 
 
-def test_outputs_equal_the_colocated_engine(app, stub, offline):
+def _transfers(config, via: str) -> tuple[float, float]:
+    """(count, sum of bytes) of the router's KV transfer histogram for `via`, from the
+    Prometheus text on the HTTP port (every router replica's is the same here: one)."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"http://127.0.0.1:{config.serve.http_port}/metrics", timeout=30).text
+    count = total = 0.0
+    for fam in text_string_to_metric_families(text):
+        if not fam.name.endswith("flotilla_kv_transfer_size_bytes"):  # (ray_ prefix)
+            continue
+        for s in fam.samples:
+            if s.labels.get("via") == via and s.name.endswith("_count"):
+                count += s.value
+            elif s.labels.get("via") == via and s.name.endswith("_sum"):
+                total += s.value
+    return count, total
+
+
+def test_outputs_equal_the_colocated_engine(app, stub, offline, config):
     from workers.sampling_params import SamplingParams
 
     before = _stats(app)
+    shm_before = _transfers(config, "shm")
     for seeded in (False, True):
         kw = {"temperature": 0.8, "seed": 11, "top_k": 40} if seeded else {"temperature": 0.0}
         params = pb.SamplingParams(max_tokens=12, ignore_eos=True, **kw)
@@ -100,6 +120,12 @@ def test_outputs_equal_the_colocated_engine(app, stub, offline):
     assert after["decode"]["num_requests"] - before["decode"]["num_requests"] == 2 * 3
     # Both groups are on this node: the KV came through the prefill group's arena.
     assert after["decode"]["kv_shm_imports"] - before["decode"]["kv_shm_imports"] == handed_off
+    # ... and each hand-off is one observation of the router's transfer histograms, with the
+    # bytes the decode group counted.
+    count, size = _transfers(config, "shm")
+    assert count - shm_before[0] == handed_off
+    got = after["decode"]["kv_transfer_bytes"] - before["decode"]["kv_transfer_bytes"]
+    assert got > 0 and size - shm_before[1] == got
 
 
 def test_openai_http_through_the_pools(app, config, offline):
@@ -131,6 +157,7 @@ def test_nothing_is_held_afterwards(app):
             break
         assert time.monotonic() < deadline, stats
         time.sleep(0.1)
+    assert stats["prefill"]["kv_lease_blocks"] == 0
 
 
 def test_a_dead_prefill_group_falls_back_to_decode(app, stub, offline):
