@@ -21,7 +21,8 @@ Each server runs alone on the machine -- started, measured, stopped -- one after
     VLLM_CPU_NUM_OF_RESERVED_CPU=0 VLLM_CPU_KVCACHE_SPACE=2 (both cores: its best figure).
 Workload (defaults): random prompts sent as token ids, input uniform:64,512, output 128 tokens,
 EOS ignored, greedy; Poisson arrivals at each of --rates, --num-requests per point, each point
-with fresh prompts; goodput under --slo-ttft-ms / --slo-itl-ms (mean ITL per request).
+with fresh prompts; goodput under --slo-ttft-ms / --slo-itl-ms (mean ITL per request, or its p99
+with --slo-itl-stat p99).
 Writes benchmarks/out/serving_sweep/<system>/{results.json,*.png}, a comparison plot
 (comparison.png) and table (summary.md); server logs go to benchmarks/out/serving_sweep/*.log.
 """
@@ -125,6 +126,7 @@ def bench(system: str, endpoint: str, args) -> Path:
     cmd += ["--input-len", args.input_len, "--output-len", args.output_len]
     cmd += ["--warmup", str(args.warmup), "--out", str(out), "--probe-timeout-s", "30"]
     cmd += ["--slo-ttft-ms", str(args.slo_ttft_ms), "--slo-itl-ms", str(args.slo_itl_ms)]
+    cmd += ["--slo-itl-stat", args.slo_itl_stat]
     if args.duration_s:
         cmd += ["--duration-s", str(args.duration_s)]
     print(f"\n### {system}: {' '.join(cmd[2:])}", flush=True)
@@ -190,6 +192,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     p.add_argument("--slo-itl-ms", type=float, default=100.0)
+    p.add_argument(
+        "--slo-itl-stat", default="mean", choices=["mean", "p99"],
+        help="which of a request's ITLs the SLO bounds (issue 17's goodput: p99 <= 200 ms)",
+    )  # fmt: skip
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--grpc-port", type=int, default=19200)
