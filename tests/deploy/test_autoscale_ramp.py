@@ -10,7 +10,7 @@ import time
 
 import grpc
 import pytest
-from app_fixtures import META, free_port, running_app
+from app_fixtures import META, running_app, tiny_app_config
 
 from deploy.config import FlotillaConfig
 from router.proto import flotilla_pb2 as pb
@@ -24,18 +24,15 @@ PROMPTS = [[100 + (17 * i + 5 * j) % 700 for i in range(5 + j)] for j in range(8
 
 @pytest.fixture(scope="module")
 def config(tiny_model_dir) -> FlotillaConfig:
-    return FlotillaConfig.model_validate(
+    return tiny_app_config(
+        tiny_model_dir("llama"),
         {
             "engine": {
-                "model": {
-                    "model": tiny_model_dir("llama"),
-                    "dtype": "float32",
-                    "max_model_len": 512,
-                    "num_threads": 1,
-                },
-                "cache": {"block_size": 8, "num_blocks": 512},
-                "scheduler": {"max_num_seqs": 8, "max_waiting": 16},
+                "model": {"max_model_len": 512},
+                "cache": {"num_blocks": 512},
+                "scheduler": {"max_waiting": 16},
             },
+            "groups": None,
             "autoscaling": {
                 "min_groups": 1,
                 "max_groups": 2,
@@ -47,16 +44,9 @@ def config(tiny_model_dir) -> FlotillaConfig:
                 "metrics_interval_s": 0.5,
                 "look_back_period_s": 2,
             },
-            "router": {"policy": "round_robin", "stats_interval_s": 0.1},
-            "serve": {
-                "http_port": free_port(),
-                "grpc_port": free_port(),
-                "metrics_export_port": None,
-                "group_num_cpus": 0.5,
-                "health_check_period_s": 1.0,
-                "group_graceful_shutdown_s": 5.0,
-            },
-        }
+            "router": {"policy": "round_robin"},
+            "serve": {"health_check_period_s": 1.0, "group_graceful_shutdown_s": 5.0},
+        },
     )
 
 

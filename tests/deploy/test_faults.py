@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
-from app_fixtures import free_port, grpc_stub
+from app_fixtures import grpc_stub, tiny_app_config
 from fault_support import (
     Load,
     audit_when_idle,
@@ -35,30 +35,14 @@ PROMPTS = [[100 + (17 * i + 5 * j) % 700 for i in range(5 + 2 * j)] for j in ran
 
 @pytest.fixture(scope="module")
 def config(tiny_model_dir) -> FlotillaConfig:
-    return FlotillaConfig.model_validate(
+    return tiny_app_config(
+        tiny_model_dir("llama"),
         {
-            "engine": {
-                "model": {
-                    "model": tiny_model_dir("llama"),
-                    "dtype": "float32",
-                    "max_model_len": 1024,
-                    "num_threads": 1,
-                },
-                "cache": {"block_size": 8, "num_blocks": 1024},
-                "scheduler": {"max_num_seqs": 8, "max_waiting": 8, "hang_timeout_s": 3.0},
-            },
+            "engine": {"scheduler": {"hang_timeout_s": 3.0}},
             "groups": 2,
-            "router": {"policy": "round_robin", "stats_interval_s": 0.1, "group_timeout_s": 5},
-            "serve": {
-                "http_port": free_port(),
-                "grpc_port": free_port(),
-                "metrics_export_port": None,
-                "group_num_cpus": 0.5,
-                "health_check_period_s": 1.0,
-                "health_check_timeout_s": 5.0,
-                "group_graceful_shutdown_s": 1.0,
-            },
-        }
+            "router": {"policy": "round_robin", "group_timeout_s": 5},
+            "serve": {"health_check_period_s": 1.0, "health_check_timeout_s": 5.0},
+        },
     )
 
 

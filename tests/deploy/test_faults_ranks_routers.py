@@ -22,7 +22,7 @@ import signal
 
 import grpc
 import pytest
-from app_fixtures import META, free_port, grpc_stub, running_app
+from app_fixtures import META, grpc_stub, running_app, tiny_app_config
 from fault_support import (
     Load,
     audit_when_idle,
@@ -44,32 +44,18 @@ ROUTERS = "#router#"
 
 @pytest.fixture(scope="module")
 def config(tiny_model_dir) -> FlotillaConfig:
-    return FlotillaConfig.model_validate(
+    return tiny_app_config(
+        tiny_model_dir("llama"),
         {
-            "engine": {
-                "model": {
-                    "model": tiny_model_dir("llama"),
-                    "dtype": "float32",
-                    "max_model_len": 1024,
-                    "num_threads": 1,
-                },
-                "cache": {"block_size": 8, "num_blocks": 512},
-                "scheduler": {"max_num_seqs": 8, "max_waiting": 8},
-                "parallel": {"tp": 2, "cpus_per_rank": 0.25},
-            },
+            "engine": {"cache": {"num_blocks": 512}, "parallel": {"tp": 2, "cpus_per_rank": 0.25}},
             "groups": 2,
-            "router": {"policy": "round_robin", "stats_interval_s": 0.1, "group_timeout_s": 5},
+            "router": {"policy": "round_robin", "group_timeout_s": 5},
             "serve": {
-                "http_port": free_port(),
-                "grpc_port": free_port(),
-                "metrics_export_port": None,
-                "group_num_cpus": 0.5,
                 "ingress_replicas": 2,
                 "health_check_period_s": 1.0,
                 "health_check_timeout_s": 5.0,
-                "group_graceful_shutdown_s": 1.0,
             },
-        }
+        },
     )
 
 

@@ -23,7 +23,7 @@ from collections import Counter
 import grpc
 import pytest
 import requests
-from app_fixtures import META, free_port, grpc_stub, running_app
+from app_fixtures import META, grpc_stub, running_app, tiny_app_config
 from fuzz_inputs import (
     ABORT_REQUEST,
     CHAT_BODY,
@@ -68,29 +68,16 @@ GETS = ["/v1/models", "/health", "/version", "/metrics"]
 
 @pytest.fixture(scope="module")
 def config(tiny_model_dir) -> FlotillaConfig:
-    return FlotillaConfig.model_validate(
+    return tiny_app_config(
+        tiny_model_dir("llama"),
         {
             "engine": {
-                "model": {
-                    "model": tiny_model_dir("llama"),
-                    "served_name": MODEL,
-                    "dtype": "float32",
-                    "max_model_len": MAX_MODEL_LEN,
-                    "num_threads": 1,
-                },
-                "cache": {"block_size": 8, "num_blocks": 256},
-                "scheduler": {"max_num_seqs": 8, "max_waiting": 64},
+                "model": {"served_name": MODEL, "max_model_len": MAX_MODEL_LEN},
+                "cache": {"num_blocks": 256},
+                "scheduler": {"max_waiting": 64},
             },
-            "groups": 1,
-            "router": {"stats_interval_s": 0.1, "max_n": 4},
-            "serve": {
-                "http_port": free_port(),
-                "grpc_port": free_port(),
-                "metrics_export_port": None,
-                "group_num_cpus": 0.5,
-                "group_graceful_shutdown_s": 1.0,
-            },
-        }
+            "router": {"max_n": 4},
+        },
     )
 
 

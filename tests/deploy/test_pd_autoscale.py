@@ -10,7 +10,7 @@ import time
 
 import grpc
 import pytest
-from app_fixtures import META, free_port, running_app
+from app_fixtures import META, running_app, tiny_app_config
 
 from deploy.config import FlotillaConfig
 from router.proto import flotilla_pb2 as pb
@@ -35,32 +35,23 @@ def _scaled(**kw) -> dict:
 
 @pytest.fixture(scope="module")
 def config(tiny_model_dir) -> FlotillaConfig:
-    return FlotillaConfig.model_validate(
+    return tiny_app_config(
+        tiny_model_dir("llama"),
         {
-            "engine": {
-                "model": {
-                    "model": tiny_model_dir("llama"),
-                    "dtype": "float32",
-                    "max_model_len": 1024,
-                    "num_threads": 1,
-                },
-                "cache": {"block_size": 8, "num_blocks": 512},
-                "scheduler": {"max_num_seqs": 8, "max_waiting": 16},
-            },
+            "engine": {"cache": {"num_blocks": 512}, "scheduler": {"max_waiting": 16}},
+            "groups": None,
             "pools": {
                 "prefill": {"autoscaling": _scaled(target=100), "group_num_cpus": 0.3},
                 "decode": {"autoscaling": _scaled(target=2), "group_num_cpus": 0.3},
                 "autoscaling_ratio": {"prefill_per_decode": 1.0},
             },
-            "router": {"policy": "round_robin", "stats_interval_s": 0.1},
+            "router": {"policy": "round_robin"},
             "serve": {
-                "http_port": free_port(),
-                "grpc_port": free_port(),
-                "metrics_export_port": None,
+                "group_num_cpus": None,
                 "health_check_period_s": 1.0,
                 "group_graceful_shutdown_s": 2.0,
             },
-        }
+        },
     )
 
 

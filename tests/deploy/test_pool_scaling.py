@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from app_fixtures import META, free_port, grpc_stub, running_app
+from app_fixtures import META, grpc_stub, running_app, tiny_app_config
 
 from deploy.config import FlotillaConfig
 from router.proto import flotilla_pb2 as pb
@@ -21,30 +21,11 @@ MAX_TOKENS = 600
 
 @pytest.fixture(scope="module")
 def config(tiny_model_dir) -> FlotillaConfig:
-    return FlotillaConfig.model_validate(
-        {
-            "engine": {
-                "model": {
-                    "model": tiny_model_dir("llama"),
-                    "dtype": "float32",
-                    "max_model_len": 1024,
-                    "num_threads": 1,
-                },
-                "cache": {"block_size": 8, "num_blocks": 1024},
-                "scheduler": {"max_num_seqs": 8, "max_waiting": 8},
-            },
-            "groups": 1,
-            "router": {"policy": "round_robin", "stats_interval_s": 0.1},
-            "serve": {
-                "http_port": free_port(),
-                "grpc_port": free_port(),
-                "metrics_export_port": None,
-                "group_num_cpus": 0.5,
-                "health_check_period_s": 1.0,
-                # Short, so that some streams outlive it and must move on.
-                "group_graceful_shutdown_s": 1.0,
-            },
-        }
+    # group_graceful_shutdown_s 1 (the default here): short, so that some streams outlive it
+    # and must move on.
+    return tiny_app_config(
+        tiny_model_dir("llama"),
+        {"router": {"policy": "round_robin"}, "serve": {"health_check_period_s": 1.0}},
     )
 
 

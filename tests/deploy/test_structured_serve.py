@@ -14,7 +14,7 @@ import grpc
 import jsonschema
 import openai
 import pytest
-from app_fixtures import META, free_port, grpc_stub, running_app
+from app_fixtures import META, grpc_stub, running_app, tiny_app_config
 
 from deploy.config import FlotillaConfig
 from router.proto import flotilla_pb2 as pb
@@ -63,28 +63,15 @@ REGEX = r"[0-9]{3}-[a-z]{2,4}"
 
 @pytest.fixture(scope="module")
 def config(tools_model_dir) -> FlotillaConfig:
-    return FlotillaConfig.model_validate(
+    return tiny_app_config(
+        tools_model_dir,
         {
             "engine": {
-                "model": {
-                    "model": tools_model_dir,
-                    "dtype": "float32",
-                    "max_model_len": 512,
-                    "num_threads": 1,
-                },
-                "cache": {"block_size": 8, "num_blocks": 512},
-                "scheduler": {"max_num_seqs": 8, "max_waiting": 16},
-            },
-            "groups": 1,
-            "router": {"stats_interval_s": 0.1},
-            "serve": {
-                "http_port": free_port(),
-                "grpc_port": free_port(),
-                "metrics_export_port": None,
-                "group_num_cpus": 0.5,
-                "group_graceful_shutdown_s": 1.0,
-            },
-        }
+                "model": {"max_model_len": 512},
+                "cache": {"num_blocks": 512},
+                "scheduler": {"max_waiting": 16},
+            }
+        },
     )
 
 
