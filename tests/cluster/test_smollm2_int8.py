@@ -1,12 +1,20 @@
 """The real SmolLM2-135M-Instruct with model.quantization=int8 against the unquantized model
-(float32 on a CPU without fast bf16): greedy chat answers agree for their first 32 tokens on
-most prompts, and perplexity over 20k tokens of English text is within 2%. Both run on our own
-model and linear methods (Int8Linear: the native kernel for decode, torch on the dequantized
-weight for prefill), not on Hugging Face's."""
+(float32): greedy chat answers agree for their first 32 tokens on most prompts, and perplexity
+over 20k tokens of English text is within 2%. Both run on our own model and linear methods
+(Int8Linear: the native kernel for decode, torch on the dequantized weight for prefill), not
+on Hugging Face's.
+
+The float32 side of the perplexity is data: each window's summed NLL, computed by this file's
+own pass (`python tests/cluster/test_smollm2_int8.py` rewrites it) and kept in
+data/smollm2_f32_window_nll.json, because the float32 pass over 20k tokens is ~2 minutes of
+the suite. The test recomputes SPOT_CHECK windows of it in float32 every run, so a change to
+the model, the text, the tokenizer or the float32 path fails here instead of going stale."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +40,8 @@ QUESTIONS = [
 ]
 TOKENS = 32
 WINDOW, CHUNK, WINDOWS = 1024, 512, 20  # 20 x 1024 = 20,480 predicted tokens
+REFERENCE = Path(__file__).parent / "data" / "smollm2_f32_window_nll.json"
+SPOT_CHECK = (0, 13)  # float32 windows recomputed every run (first, and one mostly code)
 
 
 @pytest.fixture(scope="module")
@@ -75,29 +85,56 @@ def test_int8_greedy_chat_agrees_with_float32(engines, smollm2_tokenizer):
 
 
 @torch.inference_mode()
-def _perplexity(engine: LLMEngine, ids: list[int]) -> float:
-    """exp(mean NLL) of every token after the first of each window, each window one sequence
+def _window_nll(engine: LLMEngine, ids: list[int], w: int) -> float:
+    """Summed NLL of every token after the first of window w, the window one sequence
     prefilled in CHUNK-token steps through the paged KV cache (blocks 0.. of the engine's
     cache, idle here), logits of every position from the model's own head."""
     runner = engine.executor.runner
     table = list(range(-(-WINDOW // runner.block_size)))
-    total, count = 0.0, 0
-    for w in range(WINDOWS):
-        seq = ids[w * (WINDOW + 1) : (w + 1) * (WINDOW + 1)]
-        for c0 in range(0, WINDOW, CHUNK):
-            plan = SeqPlan("ppl", seq[c0 : c0 + CHUNK], c0, table, sample=False)
-            input_ids, meta, _, _ = runner._prepare([plan])
-            hidden = runner.model(input_ids, None, meta, runner.kv_caches)
-            logits = runner.model.compute_logits(hidden).float()
-            target = torch.tensor(seq[c0 + 1 : c0 + CHUNK + 1])
-            total += F.cross_entropy(logits, target, reduction="sum").item()
-            count += len(target)
-    assert count == WINDOWS * WINDOW
-    return math.exp(total / count)
+    seq = ids[w * (WINDOW + 1) : (w + 1) * (WINDOW + 1)]
+    total = 0.0
+    for c0 in range(0, WINDOW, CHUNK):
+        plan = SeqPlan("ppl", seq[c0 : c0 + CHUNK], c0, table, sample=False)
+        input_ids, meta, _, _ = runner._prepare([plan])
+        hidden = runner.model(input_ids, None, meta, runner.kv_caches)
+        logits = runner.model.compute_logits(hidden).float()
+        target = torch.tensor(seq[c0 + 1 : c0 + CHUNK + 1])
+        total += F.cross_entropy(logits, target, reduction="sum").item()
+    return total
+
+
+def _perplexity(window_nll: list[float]) -> float:
+    assert len(window_nll) == WINDOWS
+    return math.exp(sum(window_nll) / (WINDOWS * WINDOW))
 
 
 def test_int8_perplexity_within_2_percent(engines, text_ids):
-    ppl = {q: _perplexity(e, text_ids) for q, e in engines.items()}
+    ref = json.loads(REFERENCE.read_text())
+    assert ref["window"] == WINDOW and ref["chunk"] == CHUNK and len(ref["nll"]) == WINDOWS
+    for w in SPOT_CHECK:  # the stored float32 figures are still this code's
+        got = _window_nll(engines["none"], text_ids, w)
+        assert got == pytest.approx(ref["nll"][w], rel=1e-4), (w, got, ref["nll"][w])
+    ppl = {
+        "none": _perplexity(ref["nll"]),
+        "int8": _perplexity([_window_nll(engines["int8"], text_ids, w) for w in range(WINDOWS)]),
+    }
     print(f"perplexity over {WINDOWS * WINDOW} tokens: {ppl}")
     assert ppl["none"] < 100  # the text and the model are what they should be
     assert abs(ppl["int8"] / ppl["none"] - 1) <= 0.02, ppl
+
+
+if __name__ == "__main__":  # rewrite the float32 reference (after a deliberate change)
+    from pydoc_data.topics import topics
+
+    from workers.loader import load_tokenizer, resolve_model_path
+
+    tok = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))
+
+    ids = tok("\n\n".join(topics[k] for k in sorted(topics))).input_ids
+    ids = ids[: WINDOWS * (WINDOW + 1)]
+    cache = CacheConfig(enable_prefix_caching=False)
+    eng = LLMEngine(EngineConfig(model=ModelConfig(dtype="float32"), cache=cache))
+    nll = [_window_nll(eng, ids, w) for w in range(WINDOWS)]
+    REFERENCE.parent.mkdir(exist_ok=True)
+    REFERENCE.write_text(json.dumps({"window": WINDOW, "chunk": CHUNK, "nll": nll}, indent=1))
+    print(f"wrote {REFERENCE}: perplexity {_perplexity(nll):.4f}")
