@@ -26,7 +26,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from router import request_ids, tools, unknown_fields
+from router import request_ids, template_kwargs, tools, unknown_fields
 from router.core import Chunk, Router, choice_id
 from router.errors import BodyTooLarge, ModelNotFound, api_error
 from router.tools import NO_TOOLS, ToolPlan
@@ -204,7 +204,13 @@ async def chat_completions(router: Router, request: Request) -> Response:
         check_messages(len(req.messages), limits)
         assert router.tokenizer is not None
         params, opts = chat_params(req, limits, router.tokenizer.supports_tools)
-        token_ids = chat_ids(router, req.messages, req.add_generation_prompt, opts.tools.tools)
+        token_ids = chat_ids(
+            router,
+            req.messages,
+            req.add_generation_prompt,
+            opts.tools.tools,
+            req.chat_template_kwargs,
+        )
         sp = finalize(params, opts, len(token_ids), limits)
     except Exception as e:
         return call.error(e)
@@ -217,10 +223,12 @@ def chat_ids(
     messages: list[ChatMessage],
     add_generation_prompt: bool,
     tool_list: list[dict[str, Any]] | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ):
+    extra = template_kwargs.check(chat_template_kwargs)
     rendered = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in messages]
     assert router.tokenizer is not None
-    return router.tokenizer.apply_chat_template(rendered, add_generation_prompt, tool_list)
+    return router.tokenizer.apply_chat_template(rendered, add_generation_prompt, tool_list, extra)
 
 
 async def _respond(router, request, call: HttpCall, token_ids, choice_params, opts, chat: bool):

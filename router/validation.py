@@ -149,6 +149,7 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None  # router.template_kwargs
     tools: list[Any] | None = None  # router.tools
     tool_choice: str | dict[str, Any] | None = None
     functions: list[Any] | None = None  # the legacy names of tools / tool_choice
