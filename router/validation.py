@@ -34,6 +34,8 @@ _SAMPLING_FIELDS = (
     "frequency_penalty",
     "stop_token_ids",
     "ignore_eos",
+    "min_tokens",
+    "skip_special_tokens",
 )
 
 
@@ -80,8 +82,10 @@ class _Common(BaseModel):
     frequency_penalty: float | None = None
     seed: int | None = None
     user: str | None = None  # accepted, unused
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (a JSON key: a string) -> bias
     # Extensions (vLLM's names).
+    min_tokens: int | None = None
+    skip_special_tokens: bool | None = None
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
@@ -93,13 +97,6 @@ class _Common(BaseModel):
     guided_json: Any = None
     guided_regex: str | None = None
     guided_grammar: str | None = None
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, v):
-        if v:
-            raise ValueError("logit_bias is not supported")
-        return v
 
 
 class CompletionRequest(_Common):
@@ -199,6 +196,8 @@ def _common_params(req: _Common, max_n: int) -> tuple[dict[str, Any], Options]:
         k: getattr(req, k) for k in _SAMPLING_FIELDS if getattr(req, k) is not None
     }
     params["stop"] = _stop_list(req.stop)
+    if req.logit_bias:
+        params["logit_bias"] = _bias_by_id(req.logit_bias)
     extra = {
         "structured_outputs": req.structured_outputs,
         "guided_json": req.guided_json,
@@ -212,6 +211,16 @@ def _common_params(req: _Common, max_n: int) -> tuple[dict[str, Any], Options]:
         raise InvalidRequest("stream_options", "only allowed when stream is true")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return params, Options(n=req.n, stream=req.stream, include_usage=include_usage)
+
+
+def _bias_by_id(bias: dict[str, float]) -> dict[int, float]:
+    """OpenAI's logit_bias keys are token ids written as JSON strings ("50256")."""
+    out = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit()):
+            raise InvalidRequest("logit_bias", f"key {key!r} is not a token id")
+        out[int(key)] = value
+    return out
 
 
 def completion_params(req: CompletionRequest, limits: Limits) -> tuple[dict[str, Any], Options]:
@@ -276,6 +285,7 @@ def finalize(
 
 def check_limits(num_prompt_tokens: int, params: SamplingParams, limits: Limits) -> None:
     check_stop(params.stop, limits)
+    check_token_ids(list(params.logit_bias), limits, "logit_bias")
     n, cap = num_prompt_tokens, limits.max_model_len
     if n == 0:
         raise InvalidRequest("prompt", "must not be empty")
