@@ -27,7 +27,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cluster.block_manager import block_hashes
@@ -64,6 +64,7 @@ class Chunk:
     usage: dict[str, int] | None = None
     group: str = ""
     index: int = 0  # which of the request's n choices
+    stop_reason: int | str | None = None  # finish "stop": the stop token id, or stop string
 
 
 class Router(GroupTable):
@@ -384,9 +385,9 @@ class Router(GroupTable):
                     raise Handoff(group.name)
                 if finish is not None:
                     outcome, ended = "finished", True
-                yield Chunk(
-                    msg["ids"], msg["text"], msg["lp"], finish, msg.get("usage"), group.name, index
-                )
+                chunk = Chunk(msg["ids"], msg["text"], msg["lp"], finish, msg.get("usage"))
+                chunk.group, chunk.index, chunk.stop_reason = group.name, index, msg.get("stop")
+                yield chunk
                 if finish is not None:
                     return
                 msg = await inbox.next()
@@ -478,7 +479,7 @@ class Router(GroupTable):
                 lps += c.logprobs
             last = c
         assert last is not None  # stream() raises rather than end without a finished chunk
-        return Chunk(ids, "".join(text), lps, last.finish, last.usage, last.group, index)
+        return replace(last, ids=ids, text="".join(text), logprobs=lps, index=index)
 
     async def stream_n(
         self,

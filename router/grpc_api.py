@@ -32,7 +32,14 @@ _OPTIONAL = (
     "frequency_penalty",
     "ignore_eos",
     "logprobs",
+    "min_tokens",
+    "skip_special_tokens",
 )
+_FINISH_CODES = {
+    "length": pb.FINISH_REASON_LENGTH,
+    "abort": pb.FINISH_REASON_ABORT,
+    "error": pb.FINISH_REASON_ERROR,
+}
 
 
 class GrpcAbort(Exception):
@@ -53,6 +60,8 @@ def _params_dict(p: pb.SamplingParams) -> dict[str, Any]:
             out[name] = float(f"{out[name]:.6g}")
     out["stop"] = list(p.stop)
     out["stop_token_ids"] = list(p.stop_token_ids)
+    if p.logit_bias:  # float32 on the wire, as above
+        out["logit_bias"] = {k: float(f"{v:.6g}") for k, v in p.logit_bias.items()}
     kind = p.WhichOneof("structured")
     if kind is not None:  # the same checks as the HTTP API's vLLM-style fields
         key = {"json_schema": "json", "json_object": "json_object"}.get(kind, kind)
@@ -120,6 +129,14 @@ def _logprobs(router: Router, chunk: Chunk) -> list[pb.TokenLogprob]:
     return out
 
 
+def finish_code(c: Chunk) -> int:
+    """The FinishReason enum of a chunk (UNSPECIFIED while the request runs)."""
+    if c.finish == "stop":
+        stop_string = isinstance(c.stop_reason, str)
+        return pb.FINISH_REASON_STOP_STRING if stop_string else pb.FINISH_REASON_STOP_TOKEN
+    return _FINISH_CODES.get(c.finish or "", pb.FINISH_REASON_UNSPECIFIED)
+
+
 def _usage(u: dict[str, int] | None) -> pb.Usage | None:
     if u is None:
         return None
@@ -166,6 +183,7 @@ async def generate(router: Router, req: pb.GenerateRequest, context: Any) -> pb.
         logprobs=_logprobs(router, c),
         finish_reason=c.finish or "",
         usage=_usage(c.usage),
+        finish_reason_code=finish_code(c),
     )
 
 
@@ -186,6 +204,7 @@ async def generate_stream(
                 logprobs=_logprobs(router, c),
                 finish_reason=c.finish or "",
                 usage=_usage(c.usage),
+                finish_reason_code=finish_code(c),
             )
     except Exception as e:
         _fail(context, e, request_id)

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
-from test_api_ext import _json, _request
+from test_api_ext import _Context, _json, _request
+from test_core import run
 
-from router import openai_api, utility_api
+from router import grpc_api, openai_api, utility_api
+from router.proto import flotilla_pb2 as pb
 from router.tokenize import Tokenizer
 
 # Qwen3's switch, reduced to what a test can see: the assistant turn opens with an empty think
@@ -61,3 +64,64 @@ def test_bad_chat_template_kwargs_are_400_naming_the_key(thinking_router, kwargs
     body = {"messages": HI, "chat_template_kwargs": kwargs}
     status, out, _ = _call(thinking_router, openai_api.chat_completions, body)
     assert status == 400 and out["error"]["param"] == param, out
+
+
+# ---- min_tokens, logit_bias, skip_special_tokens ----------------------------------------------
+def test_http_logit_bias_and_min_tokens_errors_name_the_field(offline_router):
+    for body, param, words in [
+        ({"logit_bias": {"abc": 1}}, "logit_bias", "'abc' is not a token id"),
+        ({"logit_bias": {"3": -250}}, "logit_bias", "token 3: bias -250.0"),
+        ({"logit_bias": {"49152": 1}}, "logit_bias", "token id 49152 is outside"),
+        ({"min_tokens": 9, "max_tokens": 4}, "min_tokens", "more than max_tokens=4"),
+    ]:
+        status, out, _ = _call(offline_router, openai_api.completions, {"prompt": "hi"} | body)
+        assert status == 400 and out["error"]["param"] == param, out
+        assert words in out["error"]["message"], out
+
+
+def test_grpc_params_become_sampling_params(offline_router):
+    params = pb.SamplingParams(
+        max_tokens=8, min_tokens=2, logit_bias={5: 0.7, 9: -100}, skip_special_tokens=False
+    )
+    _, sp = grpc_api.prepare(offline_router, pb.GenerateRequest(prompt="hi", params=params))
+    assert sp.min_tokens == 2 and sp.logit_bias == {5: 0.7, 9: -100.0}
+    assert not sp.skip_special_tokens
+    _, sp = grpc_api.prepare(offline_router, pb.GenerateRequest(prompt="hi"))
+    assert sp.min_tokens == 0 and sp.logit_bias == {} and sp.skip_special_tokens
+
+
+@pytest.mark.parametrize(
+    ("params", "details"),
+    [
+        (pb.SamplingParams(logit_bias={5: 101}), "logit_bias: token 5: bias 101.0"),
+        (pb.SamplingParams(logit_bias={-3: 1}), "logit_bias: token id -3 is negative"),
+        (pb.SamplingParams(logit_bias={49152: 1}), "logit_bias: token id 49152 is outside"),
+        (pb.SamplingParams(max_tokens=4, min_tokens=5), "min_tokens: 5 is more than max_tokens"),
+    ],
+)
+def test_grpc_bad_params_are_invalid_argument(offline_router, params, details):
+    ctx = _Context()
+    asyncio.run(
+        grpc_api.generate(offline_router, pb.GenerateRequest(prompt="hi", params=params), ctx)
+    )
+    assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert ctx.details().startswith(details), ctx.details()
+
+
+def test_grpc_finish_reason_code_next_to_the_string(tokenizer_files):
+    async def body(r, groups):
+        def req():
+            return pb.GenerateRequest(prompt="hi", params=pb.SamplingParams(max_tokens=3))
+
+        out = [m async for m in grpc_api.generate_stream(r, req(), _Context())]
+        assert [m.finish_reason_code for m in out] == [0, 0, pb.FINISH_REASON_LENGTH]
+        assert out[-1].finish_reason == "length"
+        for extra, code in [
+            ({"finish": "stop", "stop": "a"}, pb.FINISH_REASON_STOP_STRING),
+            ({"finish": "stop", "stop": 2}, pb.FINISH_REASON_STOP_TOKEN),
+        ]:
+            groups["g0"].last_extra = extra
+            resp = await grpc_api.generate(r, req(), _Context())
+            assert resp.finish_reason == "stop" and resp.finish_reason_code == code
+
+    run(tokenizer_files, ["ok"], body)
