@@ -1,0 +1,65 @@
+"""The real Serve app end to end, issue 22's request fields: logit_bias, min_tokens and
+chat_template_kwargs through the official `openai` client; min_tokens, logit_bias and the
+finish-reason enum through the generated gRPC stub. The app and its clients are the package's
+fixtures (conftest.py)."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from router.proto import flotilla_pb2 as pb
+from workers.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "The capital of France is"
+
+
+def test_openai_logit_bias_and_min_tokens(client, offline, config):
+    model = config.engine.model.name
+    forced = offline.tokenizer.encode(" Paris", add_special_tokens=False)[0]
+    r = client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=4, temperature=0, logit_bias={str(forced): 100}
+    )
+    ref = offline.generate(
+        [PROMPT], SamplingParams(max_tokens=4, temperature=0, logit_bias={forced: 100})
+    )[0]
+    assert ref.token_ids == [forced] * 4 and r.choices[0].text == ref.text
+    # EOS made every step's argmax: it ends the output at once, unless min_tokens holds it back.
+    eos = {str(min(offline.eos_token_ids)): 100}
+    kw = {"model": model, "prompt": PROMPT, "max_tokens": 10, "temperature": 0, "logit_bias": eos}
+    r = client.completions.create(**kw)
+    assert r.usage.completion_tokens == 1 and r.choices[0].finish_reason == "stop"
+    r = client.completions.create(**kw, extra_body={"min_tokens": 4})
+    assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(model=model, prompt=PROMPT, logit_bias={"0": 101})
+
+
+def test_openai_chat_template_kwargs(client, config):
+    model = config.engine.model.name
+    msgs = [{"role": "user", "content": "hi"}]
+    r = client.chat.completions.create(
+        model=model,
+        messages=msgs,
+        max_tokens=2,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )
+    assert r.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError, match="chat_template_kwargs.tokenize"):
+        client.chat.completions.create(
+            model=model, messages=msgs, extra_body={"chat_template_kwargs": {"tokenize": True}}
+        )
+
+
+def test_grpc_min_tokens_logit_bias_and_finish_code(stub, offline):
+    eos = min(offline.eos_token_ids)
+    params = pb.SamplingParams(max_tokens=10, temperature=0, min_tokens=3, logit_bias={eos: 100})
+    resp = stub.Generate(pb.GenerateRequest(prompt=PROMPT, params=params), timeout=60)
+    assert len(resp.token_ids) == 4 and resp.token_ids[-1] == eos
+    assert resp.finish_reason == "stop" and resp.finish_reason_code == pb.FINISH_REASON_STOP_TOKEN
+    params = pb.SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    msgs = list(stub.GenerateStream(pb.GenerateRequest(prompt=PROMPT, params=params), timeout=60))
+    assert msgs[-1].finish_reason_code == pb.FINISH_REASON_LENGTH
+    assert all(m.finish_reason_code == pb.FINISH_REASON_UNSPECIFIED for m in msgs[:-1])
