@@ -483,16 +483,16 @@ class Router(GroupTable):
 
     async def stream_n(
         self,
-        token_ids: list[int],
+        prompts: list[list[int]],
         params: list[SamplingParams],
         session_id: str | None,
         request_id: str | None = None,
     ) -> AsyncIterator[Chunk]:
-        """n choices of one prompt, interleaved as they arrive (Chunk.index tells them apart).
+        """Choices (a prompt's token ids each), interleaved as they arrive (Chunk.index).
         Choice i of n > 1 runs as `{request_id}-{i}` (the group link needs distinct ids);
         `abort(request_id)` stops them all."""
         if len(params) == 1:
-            async for c in self.stream(token_ids, params[0], session_id, request_id):
+            async for c in self.stream(prompts[0], params[0], session_id, request_id):
                 yield c
             return
         base = request_id or uuid.uuid4().hex
@@ -502,7 +502,7 @@ class Router(GroupTable):
         async def pump(i: int, sp: SamplingParams) -> None:
             try:
                 ids = choice_id(base, i, len(params))
-                async for c in self.stream(token_ids, sp, session_id, ids, i, base):
+                async for c in self.stream(prompts[i], sp, session_id, ids, i, base):
                     await queue.put(c)
             except Exception as e:
                 await queue.put(e)

@@ -39,6 +39,9 @@ _SAMPLING_FIELDS = (
 )
 
 
+MAX_BATCH_PROMPTS = 32  # prompts in one /v1/completions request (each then has n choices)
+
+
 @dataclass(frozen=True)
 class Limits:
     """What the served model allows (from the replica group's info())."""
@@ -61,6 +64,7 @@ class Options:
     include_usage: bool = False
     default_max_tokens: bool = False  # max_tokens was not given: fill the context
     tools: ToolPlan = NO_TOOLS  # chat: what the request's tools mean (router.tools)
+    echo: list[str] | None = None  # completions with echo: each prompt's text, by prompt
 
 
 class StreamOptions(BaseModel):
@@ -106,13 +110,6 @@ class CompletionRequest(_Common):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v):
-        if v:
-            raise ValueError("echo is not supported")
-        return v
 
     @field_validator("suffix")
     @classmethod
@@ -231,6 +228,9 @@ def completion_params(req: CompletionRequest, limits: Limits) -> tuple[dict[str,
         opts.default_max_tokens = True
     else:
         params["max_tokens"] = req.max_tokens
+    if req.echo and req.logprobs is not None:
+        # Echoed text would need the prompt's logprobs, which the engine does not compute.
+        raise InvalidRequest("echo", "echo with logprobs is not supported (no prompt logprobs)")
     if req.logprobs is not None:
         params["logprobs"] = req.logprobs
     return params, opts
@@ -262,13 +262,15 @@ def chat_params(
     return params, opts
 
 
-def completion_prompt(req: CompletionRequest) -> str | list[int]:
+def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
+    """The request's prompts: one (text or token ids), or a batch (a list of either): each
+    gets its n choices, at indices prompt * n + choice."""
     p = req.prompt
-    if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-        if len(p) != 1:
-            raise InvalidRequest("prompt", "batches of prompts are not supported; send one each")
-        p = p[0]
-    return p
+    if not (isinstance(p, list) and p and isinstance(p[0], (str, list))):
+        return [p]
+    if len(p) > MAX_BATCH_PROMPTS:
+        raise InvalidRequest("prompt", f"{len(p)} prompts; the limit is {MAX_BATCH_PROMPTS}")
+    return list(p)
 
 
 def finalize(

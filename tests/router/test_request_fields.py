@@ -5,6 +5,7 @@ naming the field and the bad key or value."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import grpc
 import pytest
@@ -125,3 +126,44 @@ def test_grpc_finish_reason_code_next_to_the_string(tokenizer_files):
             assert resp.finish_reason == "stop" and resp.finish_reason_code == code
 
     run(tokenizer_files, ["ok"], body)
+
+
+# ---- /v1/completions: batched prompts and echo ----------------------------------------------
+def test_batched_prompts_give_n_choices_each_in_order_with_summed_usage(tokenizer_files):
+    async def body(r, groups):
+        req = {"prompt": ["Hello", "Hi there"], "n": 2, "max_tokens": 3, "echo": True}
+        status, out, _ = await _json(await openai_api.completions(r, _request(req)))
+        assert status == 200, out
+        assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
+        texts = [c["text"] for c in out["choices"]]
+        assert texts == ["Helloaaa", "Helloaaa", "Hi thereaaa", "Hi thereaaa"]
+        # The fake group counts 1 prompt token per request: once per prompt, not per choice.
+        assert out["usage"]["prompt_tokens"] == 2 and out["usage"]["completion_tokens"] == 12
+        tok = r.tokenizer
+        assert sorted(groups["g0"].calls) == sorted(
+            [tok.encode("Hello")] * 2 + [tok.encode("Hi there")] * 2
+        )
+        # Streamed: the same choices; each one's first event carries its echoed prompt.
+        stream = req | {"prompt": [[5, 6], [7]], "n": 1, "stream": True}
+        stream |= {"stream_options": {"include_usage": True}}
+        status, out, _ = await _json(await openai_api.completions(r, _request(stream)))
+        events = [json.loads(e[6:]) for e in out["events"] if e != "data: [DONE]\n\n"]
+        text = {0: "", 1: ""}
+        for e in events[:-1]:
+            text[e["choices"][0]["index"]] += e["choices"][0]["text"]
+        assert text == {0: tok.decode([5, 6]) + "aaa", 1: tok.decode([7]) + "aaa"}
+        assert events[-1]["usage"]["prompt_tokens"] == 2
+
+    run(tokenizer_files, ["ok"], body)
+
+
+def test_batch_and_echo_limits(offline_router):
+    for req, param, words in [
+        ({"prompt": ["a"] * 33}, "prompt", "33 prompts; the limit is 32"),
+        ({"prompt": ["a", ""]}, "prompt", "must not be empty"),
+        ({"prompt": [[1], []]}, "prompt", "must not be empty"),
+        ({"prompt": "a", "echo": True, "logprobs": 0}, "echo", "no prompt logprobs"),
+    ]:
+        status, out, _ = _call(offline_router, openai_api.completions, req)
+        assert status == 400 and out["error"]["param"] == param, out
+        assert words in out["error"]["message"], out

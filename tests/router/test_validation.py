@@ -57,7 +57,7 @@ def _field_of(fn) -> tuple[str, str]:
         ({"stop": ["x"] * 17}, "stop", "at most 16"),
         ({"stop_token_ids": ["a"]}, "stop_token_ids.0", "valid integer"),
         ({"stream_options": {"include_usage": True}}, "stream_options", "stream is true"),
-        ({"echo": True}, "echo", "not supported"),
+        ({"echo": True, "logprobs": 1}, "echo", "echo with logprobs is not supported"),
         ({"suffix": "x"}, "suffix", "not supported"),
         ({"logit_bias": {"x1": 2}}, "logit_bias", "key 'x1' is not a token id"),
         ({"logit_bias": {"-1": 2}}, "logit_bias", "key '-1' is not a token id"),

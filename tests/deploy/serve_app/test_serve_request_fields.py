@@ -63,3 +63,17 @@ def test_grpc_min_tokens_logit_bias_and_finish_code(stub, offline):
     msgs = list(stub.GenerateStream(pb.GenerateRequest(prompt=PROMPT, params=params), timeout=60))
     assert msgs[-1].finish_reason_code == pb.FINISH_REASON_LENGTH
     assert all(m.finish_reason_code == pb.FINISH_REASON_UNSPECIFIED for m in msgs[:-1])
+
+
+def test_openai_batched_prompts_with_echo(client, offline, config):
+    prompts = [PROMPT, "Hello"]
+    r = client.completions.create(
+        model=config.engine.model.name, prompt=prompts, n=2, max_tokens=3, temperature=0, echo=True
+    )
+    refs = offline.generate(prompts, SamplingParams(max_tokens=3, temperature=0))
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert [c.text for c in r.choices] == [
+        p + ref.text for p, ref in zip(prompts, refs, strict=True) for _ in range(2)
+    ]
+    assert r.usage.prompt_tokens == sum(len(ref.prompt_token_ids) for ref in refs)
+    assert r.usage.completion_tokens == sum(len(ref.token_ids) for ref in refs) * 2
