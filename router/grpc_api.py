@@ -8,14 +8,15 @@ keeps the code and details the context carries.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 from router import request_ids, structured
-from router.core import Chunk, Router
+from router.core import Chunk, Router, choice_id
 from router.errors import ModelNotFound, api_error
 from router.proto import flotilla_pb2 as pb
-from router.validation import check_limits, check_messages, check_token_ids
+from router.validation import check_limits, check_messages, check_token_ids, seeded
 from workers.errors import InvalidRequest
 from workers.sampling_params import SamplingParams
 
@@ -79,6 +80,15 @@ def authenticate(router: Router, context: Any) -> None:
     router.keys.check(meta.get("authorization"))
 
 
+def choices(router: Router, req: pb.GenerateRequest) -> int:
+    """SamplingParams.n: how many choices (not a sampling parameter of each)."""
+    n = req.params.n if req.params.HasField("n") else 1
+    limit = router.prompt_limits().max_n
+    if not 1 <= n <= limit:
+        raise InvalidRequest("n", f"{n}; must be in [1, {limit}]")
+    return n
+
+
 def prepare(router: Router, req: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
     """Validate a GenerateRequest -> (prompt token ids, SamplingParams)."""
     if req.model and req.model != router.model:
@@ -137,6 +147,16 @@ def finish_code(c: Chunk) -> int:
     return _FINISH_CODES.get(c.finish or "", pb.FINISH_REASON_UNSPECIFIED)
 
 
+def _total_usage(chunks: list[Chunk]) -> dict[str, int] | None:
+    """The choices' usage summed: their one prompt counted once."""
+    if any(c.usage is None for c in chunks):
+        return None
+    first = chunks[0].usage
+    assert first is not None
+    done = sum(c.usage["completion_tokens"] for c in chunks if c.usage)
+    return first | {"completion_tokens": done}
+
+
 def _usage(u: dict[str, int] | None) -> pb.Usage | None:
     if u is None:
         return None
@@ -171,19 +191,50 @@ async def generate(router: Router, req: pb.GenerateRequest, context: Any) -> pb.
         if req.request_id:
             request_id = request_ids.check(req.request_id, "request_id")
         token_ids, params = prepare(router, req)
-        c = await router.complete(token_ids, params, _session(router, req, context), request_id)
+        n, session = choices(router, req), _session(router, req, context)
+        tasks = [
+            asyncio.ensure_future(
+                router.complete(
+                    token_ids,
+                    seeded(params, i),
+                    session,
+                    choice_id(request_id, i, n),
+                    i,
+                    request_id,
+                )
+            )
+            for i in range(n)
+        ]
+        try:
+            chunks = list(await asyncio.gather(*tasks))
+        finally:
+            for t in tasks:  # one choice failed: stop the others (frees their KV blocks)
+                t.cancel()
     except Exception as e:
         _fail(context, e, request_id)
         return pb.GenerateResponse()
+    out = [
+        pb.Choice(
+            index=i,
+            text=c.text,
+            token_ids=c.ids,
+            logprobs=_logprobs(router, c),
+            finish_reason=c.finish or "",
+            finish_reason_code=finish_code(c),
+        )
+        for i, c in enumerate(chunks)
+    ]
+    first = out[0]
     return pb.GenerateResponse(
         request_id=request_id,
         model=router.model,
-        text=c.text,
-        token_ids=c.ids,
-        logprobs=_logprobs(router, c),
-        finish_reason=c.finish or "",
-        usage=_usage(c.usage),
-        finish_reason_code=finish_code(c),
+        text=first.text,
+        token_ids=first.token_ids,
+        logprobs=first.logprobs,
+        finish_reason=first.finish_reason,
+        usage=_usage(_total_usage(chunks)),
+        finish_reason_code=first.finish_reason_code,
+        choices=out,
     )
 
 
@@ -196,7 +247,9 @@ async def generate_stream(
         if req.request_id:
             request_id = request_ids.check(req.request_id, "request_id")
         token_ids, params = prepare(router, req)
-        async for c in router.stream(token_ids, params, _session(router, req, context), request_id):
+        n, session = choices(router, req), _session(router, req, context)
+        per_choice = [seeded(params, i) for i in range(n)]
+        async for c in router.stream_n([token_ids] * n, per_choice, session, request_id):
             yield pb.GenerateStreamResponse(
                 request_id=request_id,
                 text=c.text,
@@ -205,6 +258,7 @@ async def generate_stream(
                 finish_reason=c.finish or "",
                 usage=_usage(c.usage),
                 finish_reason_code=finish_code(c),
+                index=c.index,
             )
     except Exception as e:
         _fail(context, e, request_id)

@@ -167,3 +167,32 @@ def test_batch_and_echo_limits(offline_router):
         status, out, _ = _call(offline_router, openai_api.completions, req)
         assert status == 400 and out["error"]["param"] == param, out
         assert words in out["error"]["message"], out
+
+
+# ---- gRPC n ----------------------------------------------------------------------------------
+def test_grpc_n_choices_unary_and_stream(tokenizer_files):
+    async def body(r, groups):
+        params = pb.SamplingParams(max_tokens=3, n=2)
+        resp = await grpc_api.generate(
+            r, pb.GenerateRequest(prompt="hi", params=params), _Context()
+        )
+        assert [c.index for c in resp.choices] == [0, 1]
+        assert all(
+            c.text == "aaa" and c.finish_reason_code == pb.FINISH_REASON_LENGTH
+            for c in resp.choices
+        )
+        assert resp.text == "aaa" and resp.finish_reason == "length"
+        assert resp.usage.prompt_tokens == 1 and resp.usage.completion_tokens == 6
+        req = pb.GenerateRequest(prompt="hi", request_id="s-1", params=params)
+        msgs = [m async for m in grpc_api.generate_stream(r, req, _Context())]
+        by_index = {i: [m for m in msgs if m.index == i] for i in (0, 1)}
+        assert len(msgs) == 6 and all(len(v) == 3 for v in by_index.values())
+        for v in by_index.values():
+            assert v[-1].finish_reason == "length" and v[-1].usage.completion_tokens == 3
+        assert sorted(groups["g0"].calls + groups["g1"].calls) == [r.tokenize("hi")] * 4
+        ctx = _Context()
+        too_many = pb.SamplingParams(n=r.prompt_limits().max_n + 1)
+        await grpc_api.generate(r, pb.GenerateRequest(prompt="hi", params=too_many), ctx)
+        assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT and ctx.details().startswith("n: ")
+
+    run(tokenizer_files, ["ok", "ok"], body)

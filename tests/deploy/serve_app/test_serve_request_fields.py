@@ -77,3 +77,24 @@ def test_openai_batched_prompts_with_echo(client, offline, config):
     ]
     assert r.usage.prompt_tokens == sum(len(ref.prompt_token_ids) for ref in refs)
     assert r.usage.completion_tokens == sum(len(ref.token_ids) for ref in refs) * 2
+
+
+def test_grpc_n_matches_the_http_choices(stub, client, config):
+    """The same seeded choices (seed + i for choice i) on both APIs."""
+    params = pb.SamplingParams(max_tokens=6, temperature=1.0, seed=5, n=2, ignore_eos=True)
+    resp = stub.Generate(pb.GenerateRequest(prompt=PROMPT, params=params), timeout=60)
+    r = client.completions.create(
+        model=config.engine.model.name,
+        prompt=PROMPT,
+        max_tokens=6,
+        temperature=1.0,
+        seed=5,
+        n=2,
+        extra_body={"ignore_eos": True},
+    )
+    assert [c.text for c in resp.choices] == [c.text for c in r.choices]
+    assert resp.choices[0].text != resp.choices[1].text  # distinct seeds
+    assert resp.usage.completion_tokens == 12
+    stream = list(stub.GenerateStream(pb.GenerateRequest(prompt=PROMPT, params=params), timeout=60))
+    for i in (0, 1):
+        assert "".join(m.text for m in stream if m.index == i) == resp.choices[i].text
