@@ -98,3 +98,21 @@ def test_grpc_n_matches_the_http_choices(stub, client, config):
     stream = list(stub.GenerateStream(pb.GenerateRequest(prompt=PROMPT, params=params), timeout=60))
     for i in (0, 1):
         assert "".join(m.text for m in stream if m.index == i) == resp.choices[i].text
+
+
+def test_grpc_server_reflection_lists_and_describes_the_services(app):
+    """What grpcurl does: list the services, then fetch flotilla.v1's file descriptor."""
+    import grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    from .serve_support import GRPC_PORT
+
+    with grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as channel:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        services = set(db.get_services())
+        assert {"flotilla.v1.Flotilla", "grpc.health.v1.Health"} <= services, services
+        desc = db.FindFileContainingSymbol("flotilla.v1.Flotilla")
+        assert desc.package == "flotilla.v1"
+        assert {m.name for m in desc.message_type} >= {"SamplingParams", "Choice"}
