@@ -108,13 +108,17 @@ class IncrementalDetokenizer:
     def finished(self) -> bool:
         return self._finished
 
-    def add_tokens(self, new_token_ids: Sequence[int]) -> tuple[str, str | None]:
-        """Append generated ids; return the new text and the stop string matched, if any."""
+    def add_tokens(
+        self, new_token_ids: Sequence[int], match_stops: bool = True
+    ) -> tuple[str, str | None]:
+        """Append generated ids; return the new text and the stop string matched, if any.
+        `match_stops` False (a request short of its min_tokens): the text is emitted as if there
+        were no stop strings, and a later match can only start after it."""
         if self._finished:
             raise RuntimeError("detokenizer is finished (a stop string matched or flush() ran)")
         dropped = self._dropped
         self._ids.extend(i for i in new_token_ids if i not in dropped)
-        return self._emit(self._detokenize(), final=False)
+        return self._emit(self._detokenize(), final=False, match_stops=match_stops)
 
     def flush(self) -> str:
         """At finish: return everything held back (even a trailing partial character's U+FFFD)."""
@@ -166,11 +170,11 @@ class IncrementalDetokenizer:
         self._prefix_text = ""
         return delta
 
-    def _emit(self, new_text: str, final: bool) -> tuple[str, str | None]:
+    def _emit(self, new_text: str, final: bool, match_stops: bool = True) -> tuple[str, str | None]:
         """Apply stop strings to ``new_text``; record and return what is emitted now."""
         matched: str | None = None
-        if not self._stops:
-            out = new_text
+        if not self._stops or not match_stops:
+            out, self._pending = self._pending + new_text, ""
         elif not new_text and not final:
             return "", None
         else:

@@ -154,6 +154,9 @@ class LLMEngine:
             )
         if any(t < 0 or t >= self.vocab_size for t in params.stop_token_ids):
             raise InvalidRequest("stop_token_ids", f"ids must be in [0, {self.vocab_size})")
+        bad = next((t for t in params.logit_bias if t >= self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest("logit_bias", f"token id {bad} is outside [0, {self.vocab_size})")
 
     def add_request(
         self,
@@ -172,6 +175,11 @@ class LLMEngine:
         params = params or SamplingParams()
         token_ids = self.tokenize(prompt)
         self.validate(token_ids, params)
+        if params.min_tokens and not params.ignore_eos:
+            # The workers mask stop_token_ids until min_tokens (workers.logits_adjust) but have
+            # no tokenizer: the EOS ids join them here, which finishes a request the same way.
+            eos = sorted(self.eos_token_ids - set(params.stop_token_ids))
+            params = params.model_copy(update={"stop_token_ids": [*params.stop_token_ids, *eos]})
         outputs = list(resume_output_ids)
         if outputs:
             self._validate_resume(outputs, params)
@@ -188,9 +196,12 @@ class LLMEngine:
         req = Request(req_id, token_ids, params, token_ids=token_ids + outputs)
         if arrival_time is not None:
             req.arrival_time = arrival_time
-        track = _Track(IncrementalDetokenizer(self.tokenizer, token_ids, stop=list(params.stop)))
-        for tok in outputs:  # replay: the text the client already has, and what is held back
-            track.text += track.detok.add_tokens([tok])[0]
+        detok = IncrementalDetokenizer(
+            self.tokenizer, token_ids, list(params.stop), params.skip_special_tokens
+        )
+        track = _Track(detok)
+        for i, tok in enumerate(outputs, 1):  # replay: the text the client has, what is held back
+            track.text += track.detok.add_tokens([tok], i >= params.min_tokens)[0]
         track.sent_tokens = len(outputs)
         self._tracks[req_id] = track
         if handoff:
@@ -250,7 +261,8 @@ class LLMEngine:
         elif tok in self.eos_token_ids and not p.ignore_eos:
             reason, req.stop_reason = "stop", tok
         else:
-            delta, matched = track.detok.add_tokens([tok])
+            # min_tokens: a stop string may end the output from its min_tokens-th token on.
+            delta, matched = track.detok.add_tokens([tok], req.num_output_tokens >= p.min_tokens)
             if matched is not None:
                 reason, req.stop_reason = "stop", matched
         if reason is None and (

@@ -362,6 +362,8 @@ class ReplicaGroup(KVHandoff):
             ]
         if out.finished:
             msg["finish"] = out.finish_reason
+            if out.stop_reason is not None:  # token id or stop string (gRPC's finish_reason_code)
+                msg["stop"] = out.stop_reason
             msg["usage"] = {
                 "prompt_tokens": len(out.prompt_token_ids),
                 "completion_tokens": len(out.token_ids),

@@ -111,6 +111,7 @@ def grpc_options(config: FlotillaConfig) -> gRPCOptions:
         port=config.serve.grpc_port,
         grpc_servicer_functions=[GRPC_SERVICER],
         request_timeout_s=config.serve.request_timeout_s,
+        enable_reflection=True,  # Serve's default, said here: grpcurl lists flotilla.v1
     )
 
 

@@ -170,6 +170,7 @@ def build(cfg: FlotillaConfig) -> dict[str, Any]:
             "port": s.grpc_port,
             "grpc_servicer_functions": [GRPC_SERVICER],
             "request_timeout_s": s.request_timeout_s,
+            "enable_reflection": True,
         },
         "applications": [application(cfg)],
     }

@@ -27,7 +27,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cluster.block_manager import block_hashes
@@ -64,6 +64,7 @@ class Chunk:
     usage: dict[str, int] | None = None
     group: str = ""
     index: int = 0  # which of the request's n choices
+    stop_reason: int | str | None = None  # finish "stop": the stop token id, or stop string
 
 
 class Router(GroupTable):
@@ -384,9 +385,9 @@ class Router(GroupTable):
                     raise Handoff(group.name)
                 if finish is not None:
                     outcome, ended = "finished", True
-                yield Chunk(
-                    msg["ids"], msg["text"], msg["lp"], finish, msg.get("usage"), group.name, index
-                )
+                chunk = Chunk(msg["ids"], msg["text"], msg["lp"], finish, msg.get("usage"))
+                chunk.group, chunk.index, chunk.stop_reason = group.name, index, msg.get("stop")
+                yield chunk
                 if finish is not None:
                     return
                 msg = await inbox.next()
@@ -478,20 +479,20 @@ class Router(GroupTable):
                 lps += c.logprobs
             last = c
         assert last is not None  # stream() raises rather than end without a finished chunk
-        return Chunk(ids, "".join(text), lps, last.finish, last.usage, last.group, index)
+        return replace(last, ids=ids, text="".join(text), logprobs=lps, index=index)
 
     async def stream_n(
         self,
-        token_ids: list[int],
+        prompts: list[list[int]],
         params: list[SamplingParams],
         session_id: str | None,
         request_id: str | None = None,
     ) -> AsyncIterator[Chunk]:
-        """n choices of one prompt, interleaved as they arrive (Chunk.index tells them apart).
+        """Choices (a prompt's token ids each), interleaved as they arrive (Chunk.index).
         Choice i of n > 1 runs as `{request_id}-{i}` (the group link needs distinct ids);
         `abort(request_id)` stops them all."""
         if len(params) == 1:
-            async for c in self.stream(token_ids, params[0], session_id, request_id):
+            async for c in self.stream(prompts[0], params[0], session_id, request_id):
                 yield c
             return
         base = request_id or uuid.uuid4().hex
@@ -501,7 +502,7 @@ class Router(GroupTable):
         async def pump(i: int, sp: SamplingParams) -> None:
             try:
                 ids = choice_id(base, i, len(params))
-                async for c in self.stream(token_ids, sp, session_id, ids, i, base):
+                async for c in self.stream(prompts[i], sp, session_id, ids, i, base):
                     await queue.put(c)
             except Exception as e:
                 await queue.put(e)

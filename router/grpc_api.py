@@ -8,14 +8,15 @@ keeps the code and details the context carries.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 from router import request_ids, structured
-from router.core import Chunk, Router
+from router.core import Chunk, Router, choice_id
 from router.errors import ModelNotFound, api_error
 from router.proto import flotilla_pb2 as pb
-from router.validation import check_limits, check_messages, check_token_ids
+from router.validation import check_limits, check_messages, check_token_ids, seeded
 from workers.errors import InvalidRequest
 from workers.sampling_params import SamplingParams
 
@@ -32,7 +33,14 @@ _OPTIONAL = (
     "frequency_penalty",
     "ignore_eos",
     "logprobs",
+    "min_tokens",
+    "skip_special_tokens",
 )
+_FINISH_CODES = {
+    "length": pb.FINISH_REASON_LENGTH,
+    "abort": pb.FINISH_REASON_ABORT,
+    "error": pb.FINISH_REASON_ERROR,
+}
 
 
 class GrpcAbort(Exception):
@@ -53,6 +61,8 @@ def _params_dict(p: pb.SamplingParams) -> dict[str, Any]:
             out[name] = float(f"{out[name]:.6g}")
     out["stop"] = list(p.stop)
     out["stop_token_ids"] = list(p.stop_token_ids)
+    if p.logit_bias:  # float32 on the wire, as above
+        out["logit_bias"] = {k: float(f"{v:.6g}") for k, v in p.logit_bias.items()}
     kind = p.WhichOneof("structured")
     if kind is not None:  # the same checks as the HTTP API's vLLM-style fields
         key = {"json_schema": "json", "json_object": "json_object"}.get(kind, kind)
@@ -68,6 +78,15 @@ def authenticate(router: Router, context: Any) -> None:
         return
     meta = dict(context.invocation_metadata()) if context is not None else {}
     router.keys.check(meta.get("authorization"))
+
+
+def choices(router: Router, req: pb.GenerateRequest) -> int:
+    """SamplingParams.n: how many choices (not a sampling parameter of each)."""
+    n = req.params.n if req.params.HasField("n") else 1
+    limit = router.prompt_limits().max_n
+    if not 1 <= n <= limit:
+        raise InvalidRequest("n", f"{n}; must be in [1, {limit}]")
+    return n
 
 
 def prepare(router: Router, req: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
@@ -120,6 +139,24 @@ def _logprobs(router: Router, chunk: Chunk) -> list[pb.TokenLogprob]:
     return out
 
 
+def finish_code(c: Chunk) -> int:
+    """The FinishReason enum of a chunk (UNSPECIFIED while the request runs)."""
+    if c.finish == "stop":
+        stop_string = isinstance(c.stop_reason, str)
+        return pb.FINISH_REASON_STOP_STRING if stop_string else pb.FINISH_REASON_STOP_TOKEN
+    return _FINISH_CODES.get(c.finish or "", pb.FINISH_REASON_UNSPECIFIED)
+
+
+def _total_usage(chunks: list[Chunk]) -> dict[str, int] | None:
+    """The choices' usage summed: their one prompt counted once."""
+    if any(c.usage is None for c in chunks):
+        return None
+    first = chunks[0].usage
+    assert first is not None
+    done = sum(c.usage["completion_tokens"] for c in chunks if c.usage)
+    return first | {"completion_tokens": done}
+
+
 def _usage(u: dict[str, int] | None) -> pb.Usage | None:
     if u is None:
         return None
@@ -154,18 +191,50 @@ async def generate(router: Router, req: pb.GenerateRequest, context: Any) -> pb.
         if req.request_id:
             request_id = request_ids.check(req.request_id, "request_id")
         token_ids, params = prepare(router, req)
-        c = await router.complete(token_ids, params, _session(router, req, context), request_id)
+        n, session = choices(router, req), _session(router, req, context)
+        tasks = [
+            asyncio.ensure_future(
+                router.complete(
+                    token_ids,
+                    seeded(params, i),
+                    session,
+                    choice_id(request_id, i, n),
+                    i,
+                    request_id,
+                )
+            )
+            for i in range(n)
+        ]
+        try:
+            chunks = list(await asyncio.gather(*tasks))
+        finally:
+            for t in tasks:  # one choice failed: stop the others (frees their KV blocks)
+                t.cancel()
     except Exception as e:
         _fail(context, e, request_id)
         return pb.GenerateResponse()
+    out = [
+        pb.Choice(
+            index=i,
+            text=c.text,
+            token_ids=c.ids,
+            logprobs=_logprobs(router, c),
+            finish_reason=c.finish or "",
+            finish_reason_code=finish_code(c),
+        )
+        for i, c in enumerate(chunks)
+    ]
+    first = out[0]
     return pb.GenerateResponse(
         request_id=request_id,
         model=router.model,
-        text=c.text,
-        token_ids=c.ids,
-        logprobs=_logprobs(router, c),
-        finish_reason=c.finish or "",
-        usage=_usage(c.usage),
+        text=first.text,
+        token_ids=first.token_ids,
+        logprobs=first.logprobs,
+        finish_reason=first.finish_reason,
+        usage=_usage(_total_usage(chunks)),
+        finish_reason_code=first.finish_reason_code,
+        choices=out,
     )
 
 
@@ -178,7 +247,9 @@ async def generate_stream(
         if req.request_id:
             request_id = request_ids.check(req.request_id, "request_id")
         token_ids, params = prepare(router, req)
-        async for c in router.stream(token_ids, params, _session(router, req, context), request_id):
+        n, session = choices(router, req), _session(router, req, context)
+        per_choice = [seeded(params, i) for i in range(n)]
+        async for c in router.stream_n([token_ids] * n, per_choice, session, request_id):
             yield pb.GenerateStreamResponse(
                 request_id=request_id,
                 text=c.text,
@@ -186,6 +257,8 @@ async def generate_stream(
                 logprobs=_logprobs(router, c),
                 finish_reason=c.finish or "",
                 usage=_usage(c.usage),
+                finish_reason_code=finish_code(c),
+                index=c.index,
             )
     except Exception as e:
         _fail(context, e, request_id)

@@ -26,10 +26,10 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from router import request_ids, tools, unknown_fields
+from router import request_ids, template_kwargs, tools, unknown_fields
 from router.core import Chunk, Router, choice_id
 from router.errors import BodyTooLarge, ModelNotFound, api_error
-from router.tools import NO_TOOLS, ToolPlan
+from router.tools import ToolPlan
 from router.validation import (
     ChatCompletionRequest,
     ChatMessage,
@@ -37,7 +37,7 @@ from router.validation import (
     chat_params,
     check_messages,
     completion_params,
-    completion_prompt,
+    completion_prompts,
     finalize,
     parse_body,
     seeded,
@@ -58,10 +58,12 @@ def check_model(router: Router, model: str | None) -> None:
         raise ModelNotFound(model, router.model)
 
 
-def _usage(chunks: list[Chunk]) -> dict[str, int]:
-    prompt = chunks[0].usage["prompt_tokens"] if chunks and chunks[0].usage else 0
+def _usage(chunks: list[Chunk], n: int) -> dict[str, int]:
+    """Summed over the choices' final chunks; a prompt's tokens once for its n choices."""
+    firsts = [c.usage for c in chunks if c.usage and c.index % n == 0]
+    prompt = sum(u["prompt_tokens"] for u in firsts)
     completion = sum(c.usage["completion_tokens"] for c in chunks if c.usage)
-    cached = chunks[0].usage.get("cached_tokens", 0) if chunks and chunks[0].usage else 0
+    cached = sum(u.get("cached_tokens", 0) for u in firsts)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -184,12 +186,18 @@ async def completions(router: Router, request: Request) -> Response:
         check_model(router, req.model)
         limits = router.prompt_limits()
         params, opts = completion_params(req, limits)
-        token_ids = router.tokenize(completion_prompt(req))
-        sp = finalize(params, opts, len(token_ids), limits)
+        prompts = completion_prompts(req)
+        jobs = []  # (prompt ids, params) per choice: prompt p's choice j is index p * n + j
+        for prompt in prompts:
+            token_ids = router.tokenize(prompt)
+            sp = finalize(params, opts, len(token_ids), limits)
+            jobs += [(token_ids, seeded(sp, i)) for i in range(opts.n)]
+        if req.echo:
+            assert router.tokenizer is not None
+            opts.echo = [p if isinstance(p, str) else router.tokenizer.decode(p) for p in prompts]
     except Exception as e:
         return call.error(e)
-    choice_params = [seeded(sp, i) for i in range(opts.n)]
-    return await _respond(router, request, call, token_ids, choice_params, opts, chat=False)
+    return await _respond(router, request, call, jobs, opts, chat=False)
 
 
 async def chat_completions(router: Router, request: Request) -> Response:
@@ -204,12 +212,18 @@ async def chat_completions(router: Router, request: Request) -> Response:
         check_messages(len(req.messages), limits)
         assert router.tokenizer is not None
         params, opts = chat_params(req, limits, router.tokenizer.supports_tools)
-        token_ids = chat_ids(router, req.messages, req.add_generation_prompt, opts.tools.tools)
+        token_ids = chat_ids(
+            router,
+            req.messages,
+            req.add_generation_prompt,
+            opts.tools.tools,
+            req.chat_template_kwargs,
+        )
         sp = finalize(params, opts, len(token_ids), limits)
     except Exception as e:
         return call.error(e)
-    choice_params = [seeded(sp, i) for i in range(opts.n)]
-    return await _respond(router, request, call, token_ids, choice_params, opts, chat=True)
+    jobs = [(token_ids, seeded(sp, i)) for i in range(opts.n)]
+    return await _respond(router, request, call, jobs, opts, chat=True)
 
 
 def chat_ids(
@@ -217,25 +231,26 @@ def chat_ids(
     messages: list[ChatMessage],
     add_generation_prompt: bool,
     tool_list: list[dict[str, Any]] | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ):
+    extra = template_kwargs.check(chat_template_kwargs)
     rendered = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in messages]
     assert router.tokenizer is not None
-    return router.tokenizer.apply_chat_template(rendered, add_generation_prompt, tool_list)
+    return router.tokenizer.apply_chat_template(rendered, add_generation_prompt, tool_list, extra)
 
 
-async def _respond(router, request, call: HttpCall, token_ids, choice_params, opts, chat: bool):
+async def _respond(router, request, call: HttpCall, jobs, opts, chat: bool):
+    """`jobs`: (prompt token ids, params) of each choice, in index order."""
     session = _session(router, request)
     created = int(time.time())
-    n = len(choice_params)
+    n = len(jobs)
     if not opts.stream:
         # One message per choice from the group (Router.complete): no per-token hops.
         tasks = [
             asyncio.ensure_future(
-                router.complete(
-                    token_ids, sp, session, choice_id(call.run_id, i, n), i, call.run_id
-                )
+                router.complete(ids, sp, session, choice_id(call.run_id, i, n), i, call.run_id)
             )
-            for i, sp in enumerate(choice_params)
+            for i, (ids, sp) in enumerate(jobs)
         ]
         try:
             chunks = list(await asyncio.gather(*tasks))
@@ -244,9 +259,9 @@ async def _respond(router, request, call: HttpCall, token_ids, choice_params, op
                 t.cancel()
             return call.error(e)
         headers = {"x-flotilla-group": chunks[0].group} | call.headers()
-        body = _merge(router, call.body_id, created, chunks, n, chat, opts.tools)
+        body = _merge(router, call.body_id, created, chunks, chat, opts)
         return JSONResponse(body, headers=headers)
-    stream = router.stream_n(token_ids, choice_params, session, call.run_id)
+    stream = router.stream_n([j[0] for j in jobs], [j[1] for j in jobs], session, call.run_id)
     try:
         first = await stream.__anext__()  # accepted (200) or the error's own status code
     except Exception as e:
@@ -257,12 +272,11 @@ async def _respond(router, request, call: HttpCall, token_ids, choice_params, op
     return StreamingResponse(body, media_type="text/event-stream", headers=headers | _SSE_HEADERS)
 
 
-def _merge(
-    router, request_id, created, chunks: list[Chunk], n: int, chat: bool, tp: ToolPlan = NO_TOOLS
-) -> dict[str, Any]:
+def _merge(router, request_id, created, chunks: list[Chunk], chat: bool, opts) -> dict[str, Any]:
     choices = []
     finals = []
-    for i in range(n):
+    tp: ToolPlan = opts.tools
+    for i in range(len(chunks)):
         mine = [c for c in chunks if c.index == i]
         merged = Chunk(
             ids=[t for c in mine for t in c.ids],
@@ -272,6 +286,7 @@ def _merge(
             else [x for c in mine for x in (c.logprobs or [])],
             finish=mine[-1].finish,
             usage=mine[-1].usage,
+            index=i,
         )
         finals.append(merged)
         if chat:
@@ -294,7 +309,7 @@ def _merge(
             choices.append(
                 {
                     "index": i,
-                    "text": merged.text,
+                    "text": (opts.echo[i // opts.n] if opts.echo else "") + merged.text,
                     "logprobs": _completion_logprobs(router, merged, 0),
                     "finish_reason": merged.finish,
                 }
@@ -305,7 +320,7 @@ def _merge(
         "created": created,
         "model": router.model,
         "choices": choices,
-        "usage": _usage(finals),
+        "usage": _usage(finals, opts.n),
     }
 
 
@@ -361,13 +376,14 @@ async def _sse(
             }
         else:
             off = offsets.get(c.index, 0)
+            echo = opts.echo[c.index // opts.n] if opts.echo and c.index not in offsets else ""
             choice = {
                 "index": c.index,
-                "text": c.text,
+                "text": echo + c.text,
                 "logprobs": _completion_logprobs(router, c, off),
                 "finish_reason": c.finish,
             }
-            offsets[c.index] = off + len(c.text)
+            offsets[c.index] = off + len(echo + c.text)
         return event(base([choice]))
 
     try:
@@ -376,7 +392,7 @@ async def _sse(
             if out := render(c):
                 yield out
         if opts.include_usage:
-            yield event(base([]) | {"usage": _usage(finals)})
+            yield event(base([]) | {"usage": _usage(finals, opts.n)})
     except Exception as e:  # after the 200: report in-band, then end the stream properly
         yield event(api_error(e, request_id).openai_body())
     finally:

@@ -49,7 +49,9 @@ class Tokenizer:
         messages: Sequence[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
+        """`template_kwargs`: extra render variables, checked by router.template_kwargs."""
         if not getattr(self.tok, "chat_template", None):
             raise InvalidRequest("messages", "this model has no chat template; use /v1/completions")
         try:
@@ -58,6 +60,7 @@ class Tokenizer:
                 tools=tools,
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
+                **(template_kwargs or {}),
             )
         except Exception as e:  # a template raising on bad roles / order: the caller's error
             raise InvalidRequest("messages", f"chat template failed: {e}") from None

@@ -23,7 +23,7 @@ HEADER = "x-flotilla-ignored-fields"
 
 # Real OpenAI / vLLM names that happen to look like a typo of a field we know: ignore them
 # like any other unknown field instead of suggesting the look-alike.
-_NOT_TYPOS = frozenset({"min_tokens", "prompt_logprobs", "stop_reason", "top_n"})
+_NOT_TYPOS = frozenset({"prompt_logprobs", "stop_reason", "top_n"})
 _CUTOFF = 0.85  # difflib ratio: "max_token" ~ "max_tokens" (0.95), "metadata" ~ nothing
 
 

@@ -8,6 +8,8 @@ exactly the ones a completion would see; they need an API key like every endpoin
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,6 +30,7 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True  # prompt only: what /v1/completions adds
     add_generation_prompt: bool = True  # messages only: what /v1/chat/completions adds
+    chat_template_kwargs: dict[str, Any] | None = None  # messages only (router.template_kwargs)
 
 
 class DetokenizeRequest(BaseModel):
@@ -57,7 +60,9 @@ async def tokenize(router: Router, request: Request) -> Response:
             tokens = router.tokenizer.encode(req.prompt, req.add_special_tokens)
         else:
             check_messages(len(req.messages), limits)
-            tokens = chat_ids(router, req.messages, req.add_generation_prompt)
+            tokens = chat_ids(
+                router, req.messages, req.add_generation_prompt, None, req.chat_template_kwargs
+            )
     except Exception as e:
         return call.error(e)
     body = {"tokens": tokens, "count": len(tokens), "max_model_len": limits.max_model_len}

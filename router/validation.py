@@ -34,7 +34,12 @@ _SAMPLING_FIELDS = (
     "frequency_penalty",
     "stop_token_ids",
     "ignore_eos",
+    "min_tokens",
+    "skip_special_tokens",
 )
+
+
+MAX_BATCH_PROMPTS = 32  # prompts in one /v1/completions request (each then has n choices)
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,7 @@ class Options:
     include_usage: bool = False
     default_max_tokens: bool = False  # max_tokens was not given: fill the context
     tools: ToolPlan = NO_TOOLS  # chat: what the request's tools mean (router.tools)
+    echo: list[str] | None = None  # completions with echo: each prompt's text, by prompt
 
 
 class StreamOptions(BaseModel):
@@ -80,8 +86,10 @@ class _Common(BaseModel):
     frequency_penalty: float | None = None
     seed: int | None = None
     user: str | None = None  # accepted, unused
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (a JSON key: a string) -> bias
     # Extensions (vLLM's names).
+    min_tokens: int | None = None
+    skip_special_tokens: bool | None = None
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
@@ -94,13 +102,6 @@ class _Common(BaseModel):
     guided_regex: str | None = None
     guided_grammar: str | None = None
 
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, v):
-        if v:
-            raise ValueError("logit_bias is not supported")
-        return v
-
 
 class CompletionRequest(_Common):
     prompt: str | list[int] | list[str] | list[list[int]]
@@ -109,13 +110,6 @@ class CompletionRequest(_Common):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v):
-        if v:
-            raise ValueError("echo is not supported")
-        return v
 
     @field_validator("suffix")
     @classmethod
@@ -149,6 +143,7 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None  # router.template_kwargs
     tools: list[Any] | None = None  # router.tools
     tool_choice: str | dict[str, Any] | None = None
     functions: list[Any] | None = None  # the legacy names of tools / tool_choice
@@ -198,6 +193,8 @@ def _common_params(req: _Common, max_n: int) -> tuple[dict[str, Any], Options]:
         k: getattr(req, k) for k in _SAMPLING_FIELDS if getattr(req, k) is not None
     }
     params["stop"] = _stop_list(req.stop)
+    if req.logit_bias:
+        params["logit_bias"] = _bias_by_id(req.logit_bias)
     extra = {
         "structured_outputs": req.structured_outputs,
         "guided_json": req.guided_json,
@@ -213,6 +210,16 @@ def _common_params(req: _Common, max_n: int) -> tuple[dict[str, Any], Options]:
     return params, Options(n=req.n, stream=req.stream, include_usage=include_usage)
 
 
+def _bias_by_id(bias: dict[str, float]) -> dict[int, float]:
+    """OpenAI's logit_bias keys are token ids written as JSON strings ("50256")."""
+    out = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit()):
+            raise InvalidRequest("logit_bias", f"key {key!r} is not a token id")
+        out[int(key)] = value
+    return out
+
+
 def completion_params(req: CompletionRequest, limits: Limits) -> tuple[dict[str, Any], Options]:
     params, opts = _common_params(req, limits.max_n)
     if req.best_of is not None and req.best_of != req.n:
@@ -221,6 +228,9 @@ def completion_params(req: CompletionRequest, limits: Limits) -> tuple[dict[str,
         opts.default_max_tokens = True
     else:
         params["max_tokens"] = req.max_tokens
+    if req.echo and req.logprobs is not None:
+        # Echoed text would need the prompt's logprobs, which the engine does not compute.
+        raise InvalidRequest("echo", "echo with logprobs is not supported (no prompt logprobs)")
     if req.logprobs is not None:
         params["logprobs"] = req.logprobs
     return params, opts
@@ -252,13 +262,15 @@ def chat_params(
     return params, opts
 
 
-def completion_prompt(req: CompletionRequest) -> str | list[int]:
+def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
+    """The request's prompts: one (text or token ids), or a batch (a list of either): each
+    gets its n choices, at indices prompt * n + choice."""
     p = req.prompt
-    if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-        if len(p) != 1:
-            raise InvalidRequest("prompt", "batches of prompts are not supported; send one each")
-        p = p[0]
-    return p
+    if not (isinstance(p, list) and p and isinstance(p[0], (str, list))):
+        return [p]
+    if len(p) > MAX_BATCH_PROMPTS:
+        raise InvalidRequest("prompt", f"{len(p)} prompts; the limit is {MAX_BATCH_PROMPTS}")
+    return list(p)
 
 
 def finalize(
@@ -275,6 +287,7 @@ def finalize(
 
 def check_limits(num_prompt_tokens: int, params: SamplingParams, limits: Limits) -> None:
     check_stop(params.stop, limits)
+    check_token_ids(list(params.logit_bias), limits, "logit_bias")
     n, cap = num_prompt_tokens, limits.max_model_len
     if n == 0:
         raise InvalidRequest("prompt", "must not be empty")

@@ -72,9 +72,10 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def _plain_greedy(p: SamplingParams) -> bool:
-    """The token is the logits' argmax and nothing else is read from them (no penalties, no
-    logprobs): the LM head may pick it without writing the logits out."""
-    return p.greedy and p.logprobs is None and not p.needs_penalties
+    """The token is the logits' argmax and nothing else is read from them or changes them (no
+    penalties, logprobs, logit_bias or min_tokens): the LM head may pick it without writing the
+    logits out."""
+    return p.greedy and p.logprobs is None and not p.needs_penalties and not p.adjusts_logits
 
 
 def _rows_of(

@@ -1,8 +1,8 @@
 """Token sampling for a batch of requests with mixed parameters.
 
-Order of operations (as in vLLM): raw logprobs (reported to clients) -> penalties -> the
-grammar masks of constrained rows (workers.token_mask; before any argmax, native or not) ->
-greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw. The draw is an
+Order of operations (as in vLLM): raw logprobs (reported to clients) -> logit_bias and
+min_tokens (workers.logits_adjust) -> penalties -> the grammar masks of constrained rows (workers.token_mask; before any argmax, native or
+not) -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw. The draw is an
 exponential race (argmax of p / E, E ~ Exp(1)), which samples exactly from p. A request with
 a seed draws its noise from its own generator, one row of V values per token, so its tokens do
 not depend on what else is in the batch.
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from workers.logits_adjust import adjust
 from workers.messages import TokenLogprobs
 from workers.sampling_params import SamplingParams
 from workers.token_mask import apply_token_mask
@@ -130,6 +131,7 @@ def sample(
     if any(want_lp) or any(st.params.needs_penalties or not st.params.greedy for st in states):
         logits = logits.float()
     raw_lp = logits.log_softmax(dim=-1) if any(want_lp) else None
+    logits = adjust(logits, states)
     if any(st.params.needs_penalties for st in states):
         logits = logits.clone()
         _apply_penalties(logits, states)

@@ -155,6 +155,40 @@ def test_stop_string(idle):
     assert stop not in tok.decode(ref.token_ids[: n - 1], **kw)
 
 
+def test_logit_bias_forces_or_bans_a_token(idle):
+    eng, p = idle, prompt(6, 13)
+    ref = eng.generate([p], greedy(6))[0].token_ids
+    forced = next(t for t in range(300, 400) if t not in ref)
+    out = eng.generate([p], greedy(6, logit_bias={forced: 100.0}))[0]
+    assert out.token_ids == [forced] * 6
+    seeded = SamplingParams(max_tokens=6, seed=1, ignore_eos=True, logit_bias={forced: 100.0})
+    assert eng.generate([p], seeded)[0].token_ids == [forced] * 6  # sampled rows too
+    out = eng.generate([p], greedy(1, logit_bias={ref[0]: -100.0}))[0]
+    assert out.token_ids != ref[:1]
+    with pytest.raises(InvalidRequest, match="logit_bias"):
+        eng.add_request(p, greedy(1, logit_bias={eng.vocab_size: 1.0}))
+
+
+def test_min_tokens_holds_back_eos_stop_ids_and_stop_strings(idle):
+    eng, p = idle, prompt(6, 14)
+    eos = min(eng.eos_token_ids)
+    likely_eos = {"temperature": 0.0, "logit_bias": {eos: 100.0}}  # EOS is every step's argmax
+    out = eng.generate([p], SamplingParams(max_tokens=10, **likely_eos))[0]
+    assert out.token_ids == [eos] and out.finish_reason == "stop"
+    out = eng.generate([p], SamplingParams(max_tokens=10, min_tokens=4, **likely_eos))[0]
+    assert len(out.token_ids) == 5 and out.token_ids[-1] == eos and out.finish_reason == "stop"
+    assert eos not in out.token_ids[:4] and out.stop_reason == eos
+    # A stop token id: the same. A stop string: not matched before the min_tokens-th token.
+    out = eng.generate([p], greedy(10, min_tokens=3, stop_token_ids=[eos], logit_bias={eos: 100}))
+    assert len(out[0].token_ids) == 4 and out[0].stop_reason == eos
+    a = eng.tokenizer.encode("a", add_special_tokens=False)
+    assert len(a) == 1
+    always_a = {"logit_bias": {a[0]: 100.0}, "stop": ["a"]}
+    assert eng.generate([p], greedy(10, **always_a))[0].text == ""
+    out = eng.generate([p], greedy(10, min_tokens=3, **always_a))[0]
+    assert out.text == "aa" and len(out.token_ids) == 3 and out.stop_reason == "a"
+
+
 # ---- abort ---------------------------------------------------------------------------------------
 def test_abort_running_request_frees_blocks(idle):
     eng = idle
@@ -249,6 +283,11 @@ def test_invalid_requests_change_nothing(idle):
         ({"seed": -1}, "seed"),
         ({"logprobs": 21}, "logprobs"),
         ({"stop": [""]}, "stop"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 17}, "min_tokens"),  # more than max_tokens (16)
+        ({"logit_bias": {5: 100.5}}, "logit_bias"),
+        ({"logit_bias": {-5: 1}}, "logit_bias"),
+        ({"logit_bias": {i: 1 for i in range(301)}}, "logit_bias"),
         ({"foo": 1}, "foo"),
     ],
 )

@@ -91,6 +91,7 @@ def test_top_level_options():
     assert schema.http_options.request_timeout_s == 30
     assert schema.grpc_options.port == 9100
     assert schema.grpc_options.grpc_servicer_functions == ["router.grpc_server.add_servicer"]
+    assert schema.grpc_options.enable_reflection
     assert schema.proxy_location.value == "HeadOnly"
     env = schema.applications[0].runtime_env
     assert env["worker_process_setup_hook"] == "deploy.proxy_bind.install"

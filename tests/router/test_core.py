@@ -329,7 +329,7 @@ def test_prefix_aware_follows_published_and_pending_hashes(tokenizer_files):
 def test_stream_n_interleaves_choices(tokenizer_files):
     async def body(r, groups):
         sps = [SamplingParams(max_tokens=2), SamplingParams(max_tokens=3)]
-        chunks = [c async for c in r.stream_n([1], sps, None)]
+        chunks = [c async for c in r.stream_n([[1], [1]], sps, None)]
         assert sorted(c.index for c in chunks) == [0, 0, 1, 1, 1]
 
     run(tokenizer_files, ["ok", "ok"], body)

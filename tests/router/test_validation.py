@@ -57,9 +57,17 @@ def _field_of(fn) -> tuple[str, str]:
         ({"stop": ["x"] * 17}, "stop", "at most 16"),
         ({"stop_token_ids": ["a"]}, "stop_token_ids.0", "valid integer"),
         ({"stream_options": {"include_usage": True}}, "stream_options", "stream is true"),
-        ({"echo": True}, "echo", "not supported"),
+        ({"echo": True, "logprobs": 1}, "echo", "echo with logprobs is not supported"),
         ({"suffix": "x"}, "suffix", "not supported"),
-        ({"logit_bias": {"1": 2}}, "logit_bias", "not supported"),
+        ({"logit_bias": {"x1": 2}}, "logit_bias", "key 'x1' is not a token id"),
+        ({"logit_bias": {"-1": 2}}, "logit_bias", "key '-1' is not a token id"),
+        ({"logit_bias": {"7": 101}}, "logit_bias", "token 7: bias 101.0 is outside [-100, 100]"),
+        ({"logit_bias": {"7": "high"}}, "logit_bias.7", "valid number"),
+        ({"logit_bias": {"1000": 1}}, "logit_bias", "token id 1000 is outside the vocabulary"),
+        ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", "the limit is 300"),
+        ({"min_tokens": -1}, "min_tokens", "greater than or equal to 0"),
+        ({"min_tokens": 17}, "min_tokens", "more than max_tokens=16"),
+        ({"min_tokens": 1, "guided_regex": "a+"}, "min_tokens", "structured output"),
         ({"best_of": 3}, "best_of", "best_of == n"),
         ({"max_token": 5}, "max_token", "did you mean 'max_tokens'"),
     ],
@@ -68,6 +76,14 @@ def test_each_bad_completion_field_is_named(body, field, limit):
     got_field, message = _field_of(lambda: _completion(body))
     assert got_field == field
     assert limit in message
+
+
+def test_min_tokens_logit_bias_and_skip_special_tokens_pass_through():
+    sp, _ = _completion({"min_tokens": 3, "logit_bias": {"5": -100, "0": 2.5}})
+    assert sp.min_tokens == 3 and sp.logit_bias == {5: -100.0, 0: 2.5} and sp.adjusts_logits
+    assert sp.skip_special_tokens and not _completion({})[0].adjusts_logits
+    sp, _ = _chat({"min_tokens": 2, "skip_special_tokens": False})
+    assert sp.min_tokens == 2 and not sp.skip_special_tokens
 
 
 def test_completion_defaults_and_pass_through():

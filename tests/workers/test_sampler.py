@@ -297,3 +297,33 @@ def test_grammar_masks_bind_constrained_rows_only(native):
     assert [toks[i] for i in (1, 4)] == [free[i] for i in (1, 4)]
     assert lps[0].top_ids == free_lp[0].top_ids  # raw logprobs, as the model gave them
     assert toks[0] != free[0] or free[0] in allowed[0]
+
+
+# ---- logit_bias and min_tokens (workers.logits_adjust) ------------------------------------------
+def test_logit_bias_moves_greedy_and_sampled_rows():
+    logits = rand_logits(3, 7)
+    before = logits.clone()
+    low = int(logits[0].argmin())
+    states = [
+        st(temperature=0.0, logit_bias={low: 100.0}),
+        st(temperature=1.0, seed=3, logit_bias={low: 100.0}),
+        st(temperature=0.0, logit_bias={int(logits[2].argmax()): -100.0, V + 5: 100.0}),
+    ]
+    toks, _ = sample(logits, states, gen())
+    assert toks[:2] == [low, low]
+    assert toks[2] != int(logits[2].argmax())  # banned; the id past the vocabulary is ignored
+    assert torch.equal(logits, before)  # the model's logits are not written
+
+
+def test_min_tokens_masks_stop_ids_until_reached():
+    logits = torch.zeros(3, V)
+    logits[:, 2] = 10.0  # "EOS" is the argmax
+    rows = [
+        st(temperature=0.0, min_tokens=3, stop_token_ids=[2], outputs=out)
+        for out in ([5, 6], [5, 6, 7])
+    ]
+    toks, lps = sample(
+        logits, rows + [st(temperature=0.0, min_tokens=3, stop_token_ids=[2], logprobs=0)], gen()
+    )
+    assert toks[0] != 2 and toks[1] == 2  # 2 outputs so far: masked; 3: allowed
+    assert toks[2] != 2 and lps[2].token_logprob < -9  # logprobs describe the model, unmasked
