@@ -23,7 +23,7 @@ Aborting frees the request's KV blocks at the engine's next step boundary.
 
 Errors never travel as exceptions (custom exception classes do not survive pickling well and
 Serve would wrap them); they are deltas: {"error": {"kind", "field", "message"}}, kind in
-ERROR_KINDS.
+cluster.deltas.ERROR_KINDS.
 
 Groups publish load and the hashes of their cached KV blocks through stats(); the router's
 prefix-aware policy matches a prompt's own block hashes (cluster.block_manager.block_hashes)
@@ -42,25 +42,13 @@ from typing import Any
 
 from cluster import wire
 from cluster.config import EngineConfig
+from cluster.deltas import delta, encode_error
 from cluster.kv_handoff import KVHandoff, _Leases
 from cluster.latency_window import TokenLatencies
 from workers.errors import EngineDead, EngineDraining, EngineOverloaded, InvalidRequest
 from workers.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-
-ERROR_KINDS = ("invalid", "overloaded", "draining", "dead")
-
-
-def encode_error(exc: BaseException) -> dict[str, Any]:
-    """The wire form of an engine error (see the module docstring)."""
-    if isinstance(exc, InvalidRequest):
-        return {"kind": "invalid", "field": exc.field, "message": exc.message}
-    if isinstance(exc, EngineOverloaded):
-        return {"kind": "overloaded", "field": None, "message": str(exc)}
-    if isinstance(exc, EngineDraining):
-        return {"kind": "draining", "field": None, "message": str(exc)}
-    return {"kind": "dead", "field": None, "message": f"replica group failed: {exc}"}
 
 
 def _fingerprint(hashes: list[int]) -> int:
@@ -334,10 +322,10 @@ class ReplicaGroup(KVHandoff):
                 last_t = self.latency.observe(out, last_t)
                 if out.finish_reason == "handoff":
                     self.leases.put(request_id, out.kv)
-                delta = self._delta(out, sampling)
+                msg = delta(out, sampling, self.name)
                 if out.finished and request_id in self._transfers:
-                    delta["kv_transfer"] = self._transfers.pop(request_id)
-                yield delta
+                    msg["kv_transfer"] = self._transfers.pop(request_id)
+                yield msg
         except (InvalidRequest, EngineOverloaded, EngineDraining, EngineDead) as e:
             finished = True
             yield {"error": encode_error(e)}
@@ -352,32 +340,6 @@ class ReplicaGroup(KVHandoff):
             if not finished:
                 self.num_aborted += 1
                 await self.engine.abort(request_id)
-
-    def _delta(self, out, params: SamplingParams) -> dict[str, Any]:
-        msg: dict[str, Any] = {"ids": out.new_token_ids, "text": out.delta_text, "lp": None}
-        if params.logprobs is not None:
-            msg["lp"] = [
-                None if lp is None else (lp.token_logprob, lp.top_ids, lp.top_logprobs)
-                for lp in out.new_logprobs
-            ]
-        if out.finished:
-            msg["finish"] = out.finish_reason
-            if out.stop_reason is not None:  # token id or stop string (gRPC's finish_reason_code)
-                msg["stop"] = out.stop_reason
-            msg["usage"] = {
-                "prompt_tokens": len(out.prompt_token_ids),
-                "completion_tokens": len(out.token_ids),
-                "cached_tokens": out.num_cached_tokens,
-            }
-            msg["preemptions"] = out.num_preemptions
-            timing = leg_timing(out)
-            if timing is not None:
-                msg["timing"] = timing
-        if out.finish_reason == "handoff":
-            msg["handoff"] = {"group": self.name, "kv_tokens": len(out.kv[0]) if out.kv else 0}
-        if out.first_token_time is not None and len(out.token_ids) == len(out.new_token_ids):
-            msg["ttft"] = out.first_token_time - out.arrival_time  # queue + prefill in the group
-        return msg
 
     # ---- shutdown ------------------------------------------------------------------------------
     def drain(self) -> int:
@@ -485,19 +447,6 @@ class ReplicaGroup(KVHandoff):
                 engine.shutdown()
             except Exception:  # interpreter shutdown: nothing left to free
                 pass
-
-
-def leg_timing(out) -> dict[str, float] | None:
-    """Seconds this leg spent queued, prefilling (admitted -> first token) and decoding (first
-    -> last token) in this group: the router's per-phase histograms. Optional on the wire: a
-    router that does not know the key ignores it, one that gets no key records nothing."""
-    if out.scheduled_time is None or out.first_token_time is None or out.finished_time is None:
-        return None
-    return {
-        "queue": max(0.0, out.scheduled_time - out.arrival_time),
-        "prefill": max(0.0, out.first_token_time - out.scheduled_time),
-        "decode": max(0.0, out.finished_time - out.first_token_time),
-    }
 
 
 def _tokenizer_files(tokenizer) -> dict[str, bytes]:

@@ -145,7 +145,7 @@ def api_error(exc: BaseException, request_id: str = "") -> ApiError:
 
 
 def error_from_group(err: dict[str, Any]) -> Exception:
-    """Rebuild the exception a replica group reported (cluster.replica_group.encode_error)."""
+    """Rebuild the exception a replica group reported (cluster.deltas.encode_error)."""
     kind = err.get("kind")
     if kind == "invalid":
         return InvalidRequest(err.get("field") or "request", err.get("message", ""))

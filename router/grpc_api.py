@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from router import request_ids, structured
-from router.core import Chunk, Router, choice_id
+from router.choices import choice_id
+from router.core import Chunk, Router
 from router.errors import ModelNotFound, api_error
 from router.proto import flotilla_pb2 as pb
 from router.validation import check_limits, check_messages, check_token_ids, seeded

@@ -27,7 +27,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from router import request_ids, template_kwargs, tools, unknown_fields
-from router.core import Chunk, Router, choice_id
+from router.choices import choice_id
+from router.core import Chunk, Router
 from router.errors import BodyTooLarge, ModelNotFound, api_error
 from router.tools import ToolPlan
 from router.validation import (

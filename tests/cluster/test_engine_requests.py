@@ -391,9 +391,9 @@ def test_greedy_outputs_identical_under_every_policy(tiny_model_dir, knobs):
 
 
 def test_last_output_carries_the_phase_times(idle):
-    """What the group's last delta times (cluster.replica_group.leg_timing): queued, then
+    """What the group's last delta times (cluster.deltas.leg_timing): queued, then
     prefill to the first token, then decode to the last, all on the engine's clock."""
-    from cluster.replica_group import leg_timing
+    from cluster.deltas import leg_timing
 
     out = idle.generate([prompt(5, 11)], greedy(4))[0]
     assert out.arrival_time <= out.scheduled_time <= out.first_token_time <= out.finished_time

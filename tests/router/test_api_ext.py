@@ -1,5 +1,5 @@
 """What users of vLLM's OpenAI server expect, on the router's handlers (real Starlette requests,
-a gRPC context stand-in, fake replica groups from test_core; no Ray): unknown fields ignored
+a gRPC context stand-in, fake replica groups from fake_groups; no Ray): unknown fields ignored
 and reported, typos still refused; client request ids honoured, echoed and abortable (the
 group is told to abort, as on a disconnect); /tokenize, /detokenize, /version, /metrics;
 grpc.health.v1."""
@@ -13,10 +13,10 @@ from importlib import metadata
 
 import grpc
 import pytest
+from fake_groups import run
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
 from test_auth_limits import KEY, _keyed
-from test_core import run
 
 from router import grpc_api, grpc_health, openai_api, utility_api
 from router.grpc_api import GrpcAbort

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from cluster.replica_group import encode_error
+from cluster.deltas import encode_error
 from router.errors import ModelNotFound, NoHealthyGroup, api_error, error_from_group
 from workers.errors import EngineDead, EngineOverloaded, InvalidRequest
 

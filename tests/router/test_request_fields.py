@@ -9,8 +9,8 @@ import json
 
 import grpc
 import pytest
+from fake_groups import run
 from test_api_ext import _Context, _json, _request
-from test_core import run
 
 from router import grpc_api, openai_api, utility_api
 from router.proto import flotilla_pb2 as pb

@@ -1,12 +1,12 @@
 """What the router records per request and per leg (router.metrics), read back from its own
-/metrics body with prometheus_client's parser; fake groups from test_core (no Ray)."""
+/metrics body with prometheus_client's parser; fake groups from fake_groups (no Ray)."""
 
 from __future__ import annotations
 
 import asyncio
 
+from fake_groups import PD, collect, run
 from prometheus_client.parser import text_string_to_metric_families
-from test_core import PD, collect, run
 
 from workers.sampling_params import SamplingParams
 
