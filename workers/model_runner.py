@@ -23,8 +23,9 @@ from workers.kernels.dispatch import KernelPlan, cpu_has_fast_bf16, decide
 from workers.loader import iter_weights, load_hf_config, resolve_model_path
 from workers.messages import SeqPlan, StepPlan, StepResult
 from workers.models.llama import LlamaArch, LlamaForCausalLM
-from workers.sampler import SamplingState, sample
+from workers.sampler import SamplingState
 from workers.sampling_params import SamplingParams
+from workers.spec_decode import sample_rows, sample_with_drafts, split_greedy
 
 QUANTIZE_LM_HEAD = True
 """With model.quantization int8, the LM head too (a tied head gets its own int8 copy; the
@@ -184,9 +185,16 @@ class ModelRunner:
             self.states[nr.req_id] = st
         for seq in plan.seqs:
             hist = self.states[seq.req_id].token_ids
-            end = seq.start_pos + len(seq.token_ids)
+            known = seq.token_ids[
+                : len(seq.token_ids) - seq.num_draft
+            ]  # drafts are not its tokens yet
+            if seq.start_pos > len(hist):
+                # Drafts accepted last step are missing here (only the driver saw them); the
+                # history is read by penalties alone, and penalised requests never speculate.
+                continue
+            end = seq.start_pos + len(known)
             if end > len(hist):
-                hist.extend(seq.token_ids[len(hist) - seq.start_pos :])
+                hist.extend(known[len(hist) - seq.start_pos :])
 
     # ---- one step ---------------------------------------------------------------------------
     def _prepare(self, seqs: list[SeqPlan]):
@@ -196,7 +204,7 @@ class ModelRunner:
         ids, positions, slots = [], [], []
         bs = self.block_size
         prefill_meta = []
-        sample_rows: list[int] = []
+        rows: list[int] = []
         sample_seqs: list[SeqPlan] = []
         for seq in ordered:
             n = len(seq.token_ids)
@@ -209,8 +217,8 @@ class ModelRunner:
             if not seq.is_decode:
                 used = -(-(seq.start_pos + n) // bs)
                 prefill_meta.append((q0, n, seq.start_pos, table[:used]))
-            if seq.sample:
-                sample_rows.append(len(ids) - 1)
+            if seq.sample:  # the last row, or the last num_draft + 1 when verifying drafts
+                rows.extend(range(len(ids) - sample_rows(seq), len(ids)))
                 sample_seqs.append(seq)
         meta = build_metadata(
             positions,
@@ -222,7 +230,7 @@ class ModelRunner:
             self.device,
             native=self.native,
         )
-        return torch.tensor(ids, device=self.device), meta, sample_rows, sample_seqs
+        return torch.tensor(ids, device=self.device), meta, rows, sample_seqs
 
     def _microbatches(self, seqs: list[SeqPlan]) -> list[list[SeqPlan]]:
         m = min(self.num_microbatches, len(seqs))
@@ -243,7 +251,7 @@ class ModelRunner:
         """Run one step. Returns the StepResult on the driver rank, None elsewhere."""
         self._update_states(plan)
         g = self.groups
-        sampled: dict[str, tuple[int, object]] = {}
+        sampled: dict[str, tuple[list[int], object]] = {}
         sends = []
         for mb in self._microbatches(plan.seqs) if plan.seqs else []:
             input_ids, meta, rows, sample_seqs = self._prepare(mb)
@@ -273,9 +281,11 @@ class ModelRunner:
             if not g.is_driver:
                 continue
             if greedy is not None:
-                tokens, lps = greedy.tolist(), None
+                tokens, lps = split_greedy(sample_seqs, greedy.tolist()), None
             else:
-                tokens, lps = sample(logits, states, self.generator, self.native)
+                tokens, lps = sample_with_drafts(
+                    logits, sample_seqs, states, self.generator, self.native
+                )
             for i, s in enumerate(sample_seqs):
                 sampled[s.req_id] = (tokens[i], lps[i] if lps is not None else None)
         with COMM.time():
@@ -284,10 +294,13 @@ class ModelRunner:
         if not g.is_driver:
             return None
         req_ids = [s.req_id for s in plan.seqs if s.sample]
-        toks = [sampled[r][0] for r in req_ids]
+        toks = [sampled[r][0][0] for r in req_ids]
         want_lp = any(sampled[r][1] is not None for r in req_ids)
         lp = [sampled[r][1] for r in req_ids] if want_lp else None
-        return StepResult(plan.step_id, req_ids, toks, lp)
+        more = None
+        if any(s.num_draft for s in plan.seqs):
+            more = [sampled[r][0][1:] for r in req_ids]
+        return StepResult(plan.step_id, req_ids, toks, lp, more)
 
     # ---- KV export / import (disaggregated prefill) ----------------------------------------
     def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
