@@ -33,11 +33,12 @@ def accept_greedy(targets: list[int], drafts: list[int]) -> list[int]:
     return out
 
 
-def rejection_sample(probs: torch.Tensor, draft: int, gen: torch.Generator) -> int:
-    """One position: a token from `probs` [V] that is `draft` with probability probs[draft]
-    and otherwise follows probs without `draft`, renormalised (see the module docstring)."""
+def rejection_sample(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A token per row of `probs` [..., V] that is a row's draft d with probability p(d) and
+    otherwise follows p without d, renormalised: the caller accepts d when it is the token
+    (see the module docstring; the race needs no d)."""
     noise = torch.empty_like(probs).exponential_(generator=gen)
-    return int((probs / noise).argmax())
+    return (probs / noise).argmax(dim=-1)
 
 
 def accept_sampled(
@@ -50,8 +51,7 @@ def accept_sampled(
     gen = state.generator or default_gen
     out: list[int] = []
     for j in range(len(logits)):
-        # The last position has no draft: -1 is never the token, so this is a plain draw.
-        tok = rejection_sample(probs[j], drafts[j] if j < len(drafts) else -1, gen)
+        tok = int(rejection_sample(probs[j], gen))  # one row of noise, as the plain sampler
         out.append(tok)
         if j == len(drafts) or tok != drafts[j]:
             break
