@@ -30,17 +30,23 @@ def can_speculate(params: SamplingParams) -> bool:
 
 
 def ngram_lookup(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
-    """Up to `k` tokens that followed the latest earlier occurrence of the last n tokens of
-    `tokens`, for the longest n in [min_n, max_n] that has one with a continuation."""
+    """Up to `k` tokens that followed an earlier occurrence of the last n tokens of `tokens`,
+    for the longest n in [min_n, max_n] that has one: the latest occurrence with k tokens
+    after it, else the latest one (its continuation runs into the end)."""
     size = len(tokens)
     for n in range(min(max_n, size - 1), min_n - 1, -1):
         pattern = tokens[size - n :]
         first = pattern[0]
+        partial: list[int] = []
         # Latest start first: in an edit / repeat, the nearest copy is the likeliest source.
-        # Starts run to size - n - 1, so the match ends before the end and has a continuation.
+        # Starts run to size - n - 1, so every match has a continuation.
         for i in range(size - n - 1, -1, -1):
             if tokens[i] == first and tokens[i : i + n] == pattern:
-                return tokens[i + n : i + n + k]
+                if i + n + k <= size:
+                    return tokens[i + n : i + n + k]
+                partial = partial or tokens[i + n : size]
+        if partial:
+            return partial
     return []
 
 
