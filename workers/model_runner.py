@@ -1,8 +1,9 @@
 """The step runner of one rank: owns the model, the paged KV tensors and per-request sampling
 state; turns a StepPlan into flat input tensors, runs the forward pass, samples.
 
-Layout of a step's flat batch: decode tokens first (one per request), then prefill chunks, so
-attention can batch all decodes in one call.
+Layout of a step's flat batch: decode tokens first (one per request, or one per position of
+a request verifying draft tokens), then prefill chunks, so attention can batch all decodes in
+one call.
 """
 
 from __future__ import annotations
@@ -198,15 +199,34 @@ class ModelRunner:
 
     # ---- one step ---------------------------------------------------------------------------
     def _prepare(self, seqs: list[SeqPlan]):
-        """Flat inputs for `seqs`: decodes first, then prefill chunks."""
-        decodes = sorted((s for s in seqs if s.is_decode), key=lambda s: s.start_pos)
-        ordered = decodes + [s for s in seqs if not s.is_decode]
-        ids, positions, slots = [], [], []
+        """Flat inputs for `seqs`: decode rows first (by context length), then prefill chunks.
+        A sequence verifying drafts is decode rows too, one per position, each attending to
+        the cache up to its own position: attention writes every row's K/V before it reads,
+        so this is exact, and verification runs in the batched decode kernel instead of one
+        prefill-attention call per sequence (3x the step time at batch 8 here)."""
         bs = self.block_size
+        decode_rows = sorted(
+            (
+                (s.start_pos + j + 1, i, j)
+                for i, s in enumerate(seqs)
+                if s.is_decode or s.num_draft
+                for j in range(len(s.token_ids))
+            ),
+            key=lambda r: r[0],
+        )
+        ids, positions, slots = [], [], []
+        row_of: dict[tuple[int, int], int] = {}
+        for length, i, j in decode_rows:
+            seq = seqs[i]
+            p = length - 1
+            row_of[(i, j)] = len(ids)
+            ids.append(seq.token_ids[j])
+            positions.append(p)
+            slots.append(seq.block_table[p // bs] * bs + p % bs)
         prefill_meta = []
-        rows: list[int] = []
-        sample_seqs: list[SeqPlan] = []
-        for seq in ordered:
+        for i, seq in enumerate(seqs):
+            if seq.is_decode or seq.num_draft:
+                continue
             n = len(seq.token_ids)
             q0 = len(ids)
             ids.extend(seq.token_ids)
@@ -214,17 +234,21 @@ class ModelRunner:
             for p in range(seq.start_pos, seq.start_pos + n):
                 positions.append(p)
                 slots.append(table[p // bs] * bs + p % bs)
-            if not seq.is_decode:
-                used = -(-(seq.start_pos + n) // bs)
-                prefill_meta.append((q0, n, seq.start_pos, table[:used]))
+                row_of[(i, p - seq.start_pos)] = q0 + p - seq.start_pos
+            used = -(-(seq.start_pos + n) // bs)
+            prefill_meta.append((q0, n, seq.start_pos, table[:used]))
+        rows: list[int] = []
+        sample_seqs: list[SeqPlan] = []
+        for i, seq in enumerate(seqs):
             if seq.sample:  # the last row, or the last num_draft + 1 when verifying drafts
-                rows.extend(range(len(ids) - sample_rows(seq), len(ids)))
+                n = len(seq.token_ids)
+                rows.extend(row_of[(i, j)] for j in range(n - sample_rows(seq), n))
                 sample_seqs.append(seq)
         meta = build_metadata(
             positions,
             slots,
-            [s.block_table[: -(-(s.start_pos + 1) // bs)] for s in decodes],
-            [s.start_pos + 1 for s in decodes],
+            [seqs[i].block_table[: -(-length // bs)] for length, i, _ in decode_rows],
+            [length for length, _, _ in decode_rows],
             prefill_meta,
             bs,
             self.device,
