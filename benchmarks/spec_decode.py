@@ -84,8 +84,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--num-tokens", type=int, default=4, help="draft tokens per step")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--batch1-prompts", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch1-prompts", type=int, default=4)
     args = ap.parse_args()
     spec_cfg = SpeculativeConfig(num_tokens=args.num_tokens)
     engines = {"plain": make_engine(None), "spec": make_engine(spec_cfg)}

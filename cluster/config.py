@@ -128,6 +128,14 @@ class SpeculativeConfig(BaseModel):
     probe_tokens: int = Field(
         16, ge=1, le=4096, description="Draft tokens a request gets before min_acceptance counts."
     )
+    disable_by_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="No drafts in a step with more decodes than this (vLLM's knob of that "
+        "name): verifying k drafts per request multiplies a step's rows by k+1, which pays "
+        "while steps are memory-bound and not once they are compute-bound (on a 2-core CPU, "
+        "from about 4 requests). null: speculate at any batch size.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SpeculativeConfig:

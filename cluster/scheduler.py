@@ -213,6 +213,9 @@ class Scheduler:
         """Draft tokens for this step's decodes, within `budget` and the free blocks."""
         assert self.proposer is not None
         out: dict[str, list[int]] = {}
+        limit = self.proposer.config.disable_by_batch_size
+        if limit is not None and len(decodes) > limit:
+            return out
         for req in decodes:
             if budget <= 0:
                 break

@@ -125,6 +125,15 @@ def test_drafts_never_preempt():
     assert r.num_output_tokens == 2 and s.bm.block_table("a") == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize(("limit", "drafts"), [(None, [4, 4]), (2, [4, 4]), (1, [0, 0])])
+def test_no_drafts_past_disable_by_batch_size(limit, drafts):
+    s = make_sched(spec=SpeculativeConfig(num_tokens=4, disable_by_batch_size=limit))
+    for rid in "cd":
+        s.add(Request(rid, [1] * 10, SamplingParams(max_tokens=10)))
+    run_step(s, 0, own=1)  # both prefill
+    assert [q.num_draft for q in run_step(s, 0, own=1).seqs] == drafts
+
+
 def test_low_acceptance_switches_a_request_off():
     spec = SpeculativeConfig(num_tokens=4, probe_tokens=8, min_acceptance=0.5)
     s = make_sched(spec=spec)
