@@ -257,3 +257,21 @@ def test_seeded_sampling_unchanged_by_speculation(smollm2_pair, smollm2_tokenize
     drafted = s.spec_num_draft_tokens - before.spec_num_draft_tokens
     assert 0 < accepted < drafted  # some accepted, some rejected and resampled
     assert [o.token_ids for o in spec] == [o.token_ids for o in base]
+
+
+def test_yaml_section_reaches_the_engine_config():
+    import yaml
+
+    from deploy.config import FlotillaConfig
+
+    text = """
+engine:
+  speculative: {method: ngram, num_tokens: 3, prompt_lookup_min: 1, prompt_lookup_max: 2}
+"""
+    cfg = FlotillaConfig.model_validate(yaml.safe_load(text))
+    assert cfg.engine.speculative == SpeculativeConfig(
+        num_tokens=3, prompt_lookup_min=1, prompt_lookup_max=2
+    )
+    bad = "engine:\n  speculative: {num_tokens: 0}\n"
+    with pytest.raises(ValidationError, match="speculative.num_tokens"):
+        FlotillaConfig.model_validate(yaml.safe_load(bad))
