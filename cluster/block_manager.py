@@ -166,6 +166,25 @@ class BlockManager:
             self._cached[h] = block.block_id
         self._num_hashed[req_id] = max(done, full)
 
+    def trim(self, req_id: str, num_tokens: int) -> int:
+        """Give back `req_id`'s blocks past the first blocks_needed(num_tokens): those taken
+        for draft tokens that were rejected. Returns how many went back. Such a block holds no
+        computed full block (never hashed) and was taken fresh (never shared)."""
+        table = self._tables.get(req_id)
+        keep = self.blocks_needed(num_tokens)
+        if table is None or len(table) <= keep:
+            return 0
+        assert keep >= self._num_hashed[req_id], "trimming a hashed block"
+        extra = table[keep:]
+        del table[keep:]
+        for b in reversed(extra):
+            block = self.blocks[b]
+            assert block.ref_count == 1 and block.hash is None, f"trimming shared block {b}"
+            block.ref_count = 0
+            self._free[b] = None
+            self._free.move_to_end(b, last=False)  # worth nothing: reuse first
+        return len(extra)
+
     def free(self, req_id: str) -> None:
         """Drop `req_id`'s references. Blocks are queued tail-first so a sequence's last blocks
         (least likely to be shared) are evicted before its first ones."""

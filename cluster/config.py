@@ -101,6 +101,52 @@ class SchedulerConfig(BaseModel):
         return self
 
 
+class SpeculativeConfig(BaseModel):
+    """Speculative decoding by n-gram prompt lookup (cluster/spec_decode.py tells the rules)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["ngram"] = Field(
+        "ngram",
+        description="ngram: draft tokens are the continuation of the latest earlier occurrence "
+        "of the sequence's last n tokens (prompt lookup; no draft model).",
+    )
+    num_tokens: int = Field(
+        4, ge=1, le=16, description="Draft tokens proposed per step, verified in one step."
+    )
+    prompt_lookup_min: int = Field(2, ge=1, le=32, description="Shortest n-gram to match.")
+    prompt_lookup_max: int = Field(
+        4, ge=1, le=32, description="Longest n-gram to match (tried first)."
+    )
+    min_acceptance: float = Field(
+        0.3,
+        ge=0.0,
+        le=1.0,
+        description="A request stops speculating once it has had probe_tokens draft tokens "
+        "and accepted fewer than this fraction of them (drafts that miss cost verify work).",
+    )
+    probe_tokens: int = Field(
+        16, ge=1, le=4096, description="Draft tokens a request gets before min_acceptance counts."
+    )
+    disable_by_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="No drafts in a step with more decodes than this (vLLM's knob of that "
+        "name): verifying k drafts per request multiplies a step's rows by k+1, which pays "
+        "while steps are memory-bound and not once they are compute-bound (on a 2-core CPU, "
+        "from about 4 requests). null: speculate at any batch size.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SpeculativeConfig:
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(
+                f"speculative.prompt_lookup_min={self.prompt_lookup_min} exceeds "
+                f"prompt_lookup_max={self.prompt_lookup_max}"
+            )
+        return self
+
+
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -108,6 +154,9 @@ class EngineConfig(BaseModel):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    speculative: SpeculativeConfig | None = Field(
+        None, description="Speculative decoding (n-gram prompt lookup); null (default) is off."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:
@@ -120,4 +169,16 @@ class EngineConfig(BaseModel):
                 "parallel.backend=gloo with model.device=cuda: gloo's send/recv and all-to-all "
                 "take CPU tensors only; use backend=nccl (or auto)"
             )
+        spec = self.speculative
+        if spec is not None:
+            if self.parallel.pp != 1:
+                raise ValueError(
+                    f"speculative decoding needs parallel.pp=1 (got {self.parallel.pp}): the "
+                    "verify step's accepted tokens are known on the last stage only"
+                )
+            if spec.num_tokens + 1 > self.scheduler.max_num_batched_tokens:
+                raise ValueError(
+                    f"speculative.num_tokens={spec.num_tokens} + 1 exceeds "
+                    f"scheduler.max_num_batched_tokens={self.scheduler.max_num_batched_tokens}"
+                )
         return self

@@ -66,6 +66,9 @@ class EngineStats:
     num_blocks: int
     prefix_hit_rate: float
     num_preemptions: int
+    # Speculative decoding totals: draft tokens verified, and how many were accepted.
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
 
 
 class _Track:
@@ -100,7 +103,9 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.executor.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.scheduler = Scheduler(
+            config.scheduler, self.block_manager, speculative=config.speculative
+        )
         bs = config.cache.block_size
         # What this engine's exported KV is, and what KV it imports (cluster.kv_transfer).
         self.kv_layout = KVLayout(config.model.name, *self.executor.kv_layout(), block_size=bs)
@@ -250,25 +255,32 @@ class LLMEngine:
         track = self._tracks[req.req_id]
         if req.first_token_time is None:
             req.first_token_time = now
-        tok = req.token_ids[-1]
         p = req.params
         delta = ""
         reason: str | None = None
-        if not self.grammars.accept(req.req_id, tok):  # the mask allowed it: a bug, not input
-            reason, req.stop_reason = "error", "the sampled token does not match the grammar"
-        elif tok in p.stop_token_ids:
-            reason, req.stop_reason = "stop", tok
-        elif tok in self.eos_token_ids and not p.ignore_eos:
-            reason, req.stop_reason = "stop", tok
-        else:
-            # min_tokens: a stop string may end the output from its min_tokens-th token on.
-            delta, matched = track.detok.add_tokens([tok], req.num_output_tokens >= p.min_tokens)
-            if matched is not None:
-                reason, req.stop_reason = "stop", matched
-        if reason is None and (
-            req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len
-        ):
-            reason = "length"
+        # Usually one new token; several after accepted drafts. Stop conditions apply after
+        # each, in order, and the tokens after a stop are dropped.
+        first_new = req.prompt_len + track.sent_tokens
+        for end in range(first_new + 1, req.num_tokens + 1):
+            tok = req.token_ids[end - 1]
+            n_out = end - req.prompt_len
+            if not self.grammars.accept(req.req_id, tok):  # the mask allowed it: a bug
+                reason, req.stop_reason = "error", "the sampled token does not match the grammar"
+            elif tok in p.stop_token_ids:
+                reason, req.stop_reason = "stop", tok
+            elif tok in self.eos_token_ids and not p.ignore_eos:
+                reason, req.stop_reason = "stop", tok
+            else:
+                # min_tokens: a stop string may end the output from its min_tokens-th token on.
+                piece, matched = track.detok.add_tokens([tok], n_out >= p.min_tokens)
+                delta += piece
+                if matched is not None:
+                    reason, req.stop_reason = "stop", matched
+            if reason is None and (n_out >= p.max_tokens or end >= self.max_model_len):
+                reason = "length"
+            if reason is not None:
+                del req.token_ids[end:]
+                break
         kv = None
         if req.req_id in self._handoffs:
             self._handoffs.discard(req.req_id)
@@ -336,6 +348,7 @@ class LLMEngine:
     # ---- introspection ------------------------------------------------------------------------
     def stats(self) -> EngineStats:
         bm = self.block_manager
+        proposer = self.scheduler.proposer
         return EngineStats(
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
@@ -344,6 +357,8 @@ class LLMEngine:
             num_blocks=bm.num_blocks,
             prefix_hit_rate=bm.prefix_hit_rate,
             num_preemptions=self.scheduler.num_preemptions,
+            spec_num_draft_tokens=proposer.num_draft_tokens if proposer else 0,
+            spec_num_accepted_tokens=proposer.num_accepted_tokens if proposer else 0,
         )
 
     def block_audit(self) -> dict[str, int]:

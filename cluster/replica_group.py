@@ -392,6 +392,8 @@ class ReplicaGroup(KVHandoff):
             "prefix_queries": bm.prefix_queries,
             "prefix_hits": bm.prefix_hits,
             "num_preemptions": s.num_preemptions,
+            "spec_num_draft_tokens": s.spec_num_draft_tokens,
+            "spec_num_accepted_tokens": s.spec_num_accepted_tokens,
             "num_requests": self.num_requests,
             "num_aborted": self.num_aborted,
             # Running requests per router replica (its id): what that router's death aborts.

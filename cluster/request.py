@@ -39,6 +39,10 @@ class Request:
     scheduled_time: float | None = None  # first admitted by the scheduler (ends queue time)
     first_token_time: float | None = None
     logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    # Speculative decoding (cluster/spec_decode.py): drafts verified, accepted, switched off.
+    spec_drafted: int = 0
+    spec_accepted: int = 0
+    spec_off: bool = False
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -6,6 +6,9 @@
    of `max_num_batched_tokens` -- and, while step 1 scheduled any decode, of the prefill cap, so a
    new prompt cannot stall every running stream for a whole-budget step (stall-free batching).
    Steps without decodes give prefill the whole budget (time to first token).
+3. Draft tokens (speculative decoding, cluster/spec_decode.py): decodes that have a proposal
+   grow by it, from what steps 1-2 left of the budget and the free blocks -- drafts never
+   preempt or delay anyone's real tokens.
 
 Admission policies (fcfs, sjf_aging) and prefill caps (none, fixed, auto from the step-time
 model) are small objects in cluster/policies.py. `policy=fcfs` with
@@ -28,9 +31,10 @@ from collections import deque
 from collections.abc import Callable
 
 from cluster.block_manager import BlockManager
-from cluster.config import SchedulerConfig
+from cluster.config import SchedulerConfig, SpeculativeConfig
 from cluster.policies import make_admission, make_prefill_cap
 from cluster.request import Request, Status
+from cluster.spec_decode import NgramProposer
 from cluster.step_model import StepTimeModel
 from workers.messages import NewRequest, SeqPlan, StepPlan, StepResult
 
@@ -41,6 +45,7 @@ class Scheduler:
         config: SchedulerConfig,
         block_manager: BlockManager,
         clock: Callable[[], float] = time.monotonic,
+        speculative: SpeculativeConfig | None = None,
     ):
         self.config = config
         self.bm = block_manager
@@ -54,6 +59,7 @@ class Scheduler:
         self._finished_since_last_step: list[str] = []
         self._step_id = 0
         self.num_preemptions = 0
+        self.proposer = NgramProposer(speculative) if speculative is not None else None
 
     # ---- queue management ---------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -131,7 +137,8 @@ class Scheduler:
             if req.status is Status.RUNNING and self._allocate_running(req, 1):
                 scheduled.append((req, 1))
                 budget -= 1
-        prefill = self._prefill_budget(len(scheduled), budget)
+        num_decodes = len(scheduled)
+        prefill = self._prefill_budget(num_decodes, budget)
 
         # 2a. The rest of running requests' prompts (or of their recompute).
         for req in chunks:
@@ -179,23 +186,48 @@ class Scheduler:
                     )
                     req.sent_to_workers = True
 
+        drafts = {}
+        if self.proposer is not None:
+            drafts = self._draft([r for r, _ in scheduled[:num_decodes]], budget)
         for req, n in scheduled:
             if req.status is not Status.RUNNING:
                 continue  # granted, then preempted later in the same pass
             start = req.num_computed_tokens
             end = start + n
+            draft = drafts.get(req.req_id, [])
             seqs.append(
                 SeqPlan(
                     req_id=req.req_id,
-                    token_ids=req.token_ids[start:end],
+                    token_ids=req.token_ids[start:end] + draft,
                     start_pos=start,
                     block_table=list(self.bm.block_table(req.req_id)),
                     sample=end == req.num_tokens,
+                    num_draft=len(draft),
                 )
             )
         self._step_id += 1
         finished, self._finished_since_last_step = self._finished_since_last_step, []
         return StepPlan(self._step_id, seqs, new, finished)
+
+    def _draft(self, decodes: list[Request], budget: int) -> dict[str, list[int]]:
+        """Draft tokens for this step's decodes, within `budget` and the free blocks."""
+        assert self.proposer is not None
+        out: dict[str, list[int]] = {}
+        limit = self.proposer.config.disable_by_batch_size
+        if limit is not None and len(decodes) > limit:
+            return out
+        for req in decodes:
+            if budget <= 0:
+                break
+            if req.status is not Status.RUNNING:
+                continue  # preempted later in this pass
+            max_new = req.params.max_tokens - req.num_output_tokens - 1
+            draft = self.proposer.propose(req, max_new)[:budget]
+            # allocate() changes nothing when the blocks are not free: then no drafts.
+            if draft and self.bm.allocate(req.req_id, req.num_tokens + len(draft)):
+                out[req.req_id] = draft
+                budget -= len(draft)
+        return out
 
     def observe_step(self, plan: StepPlan, seconds: float) -> None:
         """The wall time of a step the engine ran from `plan` (feeds the auto prefill cap)."""
@@ -204,21 +236,31 @@ class Scheduler:
         self.step_model.observe(decodes, tokens - decodes, seconds)
 
     def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
-        """Advance computed counts, append sampled tokens; returns requests that got a token."""
+        """Advance computed counts, append sampled tokens (several when drafts were accepted);
+        returns requests that got a token, in plan order."""
+        lps = result.logprobs or [None] * len(result.req_ids)
+        got = {r: (result.new_tokens(i), lps[i]) for i, r in enumerate(result.req_ids)}
+        out: list[Request] = []
         for seq in plan.seqs:
             req = self.requests.get(seq.req_id)
             if req is None or req.status is not Status.RUNNING:
                 continue  # aborted while the step ran
-            req.num_computed_tokens = seq.start_pos + len(seq.token_ids)
-            self.bm.cache_blocks(req.req_id, req.token_ids, req.num_computed_tokens)
-        out: list[Request] = []
-        lps = result.logprobs or [None] * len(result.req_ids)
-        for req_id, tok, lp in zip(result.req_ids, result.token_ids, lps, strict=True):
-            req = self.requests.get(req_id)
-            if req is None or req.status is not Status.RUNNING:
-                continue
-            req.token_ids.append(tok)
-            if req.params.logprobs is not None:
-                req.logprobs.append(lp)
-            out.append(req)
+            computed = seq.start_pos + len(seq.token_ids) - seq.num_draft
+            if seq.req_id in got:
+                tokens, lp = got[seq.req_id]
+                if seq.num_draft:
+                    # The accepted drafts' KV is the right KV: they are the tokens now.
+                    accepted = len(tokens) - 1
+                    assert 0 <= accepted <= seq.num_draft, (accepted, seq.num_draft)
+                    assert self.proposer is not None
+                    self.proposer.record(req, seq.num_draft, accepted)
+                    computed += accepted
+                req.token_ids.extend(tokens)
+                if req.params.logprobs is not None:
+                    req.logprobs.append(lp)
+                out.append(req)
+            req.num_computed_tokens = computed
+            self.bm.cache_blocks(req.req_id, req.token_ids, computed)
+            if seq.num_draft:
+                self.bm.trim(req.req_id, req.num_tokens)  # the rejected drafts' blocks
         return out

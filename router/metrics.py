@@ -168,6 +168,16 @@ class RequestMetrics:
         self.prefix_hit_rate = gauge(
             "flotilla_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache (0-1)."
         )
+        # Speculative decoding (vLLM's spec_decode_num_*_tokens): groups report running totals;
+        # the counters take each group's increase (record_group).
+        self.spec = {
+            key: counter(f"flotilla_{key}", desc)
+            for key, desc in (
+                ("spec_decode_num_draft_tokens", "Draft tokens verified (speculative decoding)."),
+                ("spec_decode_num_accepted_tokens", "Draft tokens accepted by the target."),
+            )
+        }
+        self._spec_seen: dict[tuple[str, str], int] = {}
         # Moving requests between groups: counted where the router decides...
         self.migrations = counter(
             "flotilla_request_migrations", "Requests resumed on another group after theirs died."
@@ -214,6 +224,16 @@ class RequestMetrics:
         for key, g in self.kv.items():
             if key in stats:
                 g.set(stats[key], tags=t)
+        for key, c in self.spec.items():
+            total = stats.get(key.replace("spec_decode_", "spec_"))
+            if total is None:
+                continue  # an older group
+            # A restarted group starts again from 0: count its new total from there.
+            last = self._spec_seen.get((group, key), 0)
+            inc = total - last if total >= last else total
+            if inc > 0:
+                c.inc(inc, tags=t)
+            self._spec_seen[(group, key)] = total
 
     def forget_group(self, group: str) -> None:
         """A group left: Ray keeps a gauge's last value, so zero its load rather than let a
@@ -221,6 +241,8 @@ class RequestMetrics:
         t = self.tags(group)
         for g in (self.running, self.waiting, self.kv_usage):
             g.set(0, tags=t)
+        for key in self.spec:
+            self._spec_seen.pop((group, key), None)
 
     def record_finished(
         self,

@@ -31,6 +31,10 @@ class SeqPlan:
     start_pos: int  # tokens already in the KV cache for this request
     block_table: list[int]
     sample: bool  # this chunk reaches the end of the known tokens: sample the next one
+    # Speculative decoding: the last num_draft of token_ids are draft tokens, not yet known to
+    # be the request's; the worker samples at each of the last num_draft + 1 positions, keeps
+    # the drafts that match and returns them plus one token of its own (workers/spec_decode.py).
+    num_draft: int = 0
 
     @property
     def is_decode(self) -> bool:
@@ -67,5 +71,13 @@ class TokenLogprobs:
 class StepResult:
     step_id: int
     req_ids: list[str]  # the requests that sampled this step, in plan order
-    token_ids: list[int]
+    token_ids: list[int]  # each request's first new token
     logprobs: list[TokenLogprobs | None] | None = None
+    # Speculative decoding: the tokens each request got after token_ids[i] (accepted drafts,
+    # then the worker's own), aligned with req_ids; None when no request speculated.
+    more_token_ids: list[list[int]] | None = None
+
+    def new_tokens(self, i: int) -> list[int]:
+        """Every token the i-th request got this step, in order."""
+        more = self.more_token_ids[i] if self.more_token_ids is not None else []
+        return [self.token_ids[i], *more]

@@ -106,3 +106,32 @@ def test_a_handed_off_request_is_timed_in_each_group_and_counted_once(tokenizer_
     assert value(m, "ray_flotilla_request_success_total") == 1
     assert value(m, "ray_flotilla_request_success_total", group="g1", finished_reason="length") == 1
     assert value(m, "ray_flotilla_request_generation_tokens_sum", group="g1") == 6
+
+
+def test_spec_decode_counters_take_each_groups_increase():
+    """Groups report running totals of draft / accepted tokens; the counters add each
+    group's increase, and a restarted group (its total back near 0) counts from there."""
+    from types import SimpleNamespace
+
+    from router.metrics import RequestMetrics
+
+    m = RequestMetrics("m", enabled=False)
+    load = {"num_running": 0, "num_waiting": 0, "kv_usage": 0.0, "prefix_hit_rate": 0.0}
+    for group, drafted, accepted in [
+        ("g0", 10, 6),
+        ("g0", 25, 14),
+        ("g1", 4, 1),
+        ("g0", 3, 2),  # restarted
+        ("g1", 4, 1),  # no change
+    ]:
+        stats = load | {"spec_num_draft_tokens": drafted, "spec_num_accepted_tokens": accepted}
+        m.record_group(group, stats)
+    m.record_group("g2", load)  # an older group without the keys records nothing
+    s = scrape(SimpleNamespace(metrics=m))
+    draft, acc = (
+        "ray_flotilla_spec_decode_num_draft_tokens_total",
+        ("ray_flotilla_spec_decode_num_accepted_tokens_total"),
+    )
+    assert value(s, draft, group="g0") == 28 and value(s, acc, group="g0") == 16
+    assert value(s, draft, group="g1") == 4 and value(s, acc, group="g1") == 1
+    assert value(s, draft, group="g2") == 0

@@ -1,0 +1,85 @@
+"""Speculative decoding, scheduler side: n-gram prompt lookup and the per-request switch-off.
+
+Lifecycle of one speculating request (every step it decodes):
+
+    propose  -- the latest earlier occurrence of its last n tokens (n from prompt_lookup_max
+                down to prompt_lookup_min) gives up to num_tokens draft tokens d1..dk
+    schedule -- its SeqPlan feeds [last, d1..dk] (num_draft=k); the drafts take KV slots and
+                budget only if both are free (drafts never preempt or starve anyone)
+    verify   -- the worker samples the target at all k+1 positions (workers/spec_decode.py)
+                and returns d1..da (the accepted prefix) plus one token of its own
+    update   -- the tokens are appended, computed = start + 1 + a, and blocks past what the
+                request now needs are given back (the rejected drafts' slots)
+    record   -- once it has had probe_tokens drafts with acceptance under min_acceptance, it
+                stops proposing for good: text that does not repeat costs at most the probe
+
+Requests whose sampling reads more than the sampled token (logprobs, penalties over the
+history) do not speculate: the verify step would need those per accepted position.
+"""
+
+from __future__ import annotations
+
+from cluster.config import SpeculativeConfig
+from cluster.request import Request
+from workers.sampling_params import SamplingParams
+
+
+def can_speculate(params: SamplingParams) -> bool:
+    """The one place that says which requests may speculate: drafts are verified on the raw
+    logits (workers/spec_decode.py), so not requests whose sampling reads more than them --
+    logprobs, penalties (the token history), a grammar's mask, a logit bias or min_tokens."""
+    return (
+        params.logprobs is None
+        and not params.needs_penalties
+        and params.structured is None
+        and not params.adjusts_logits
+    )
+
+
+def ngram_lookup(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
+    """Up to `k` tokens that followed an earlier occurrence of the last n tokens of `tokens`,
+    for the longest n in [min_n, max_n] that has one: the latest occurrence with k tokens
+    after it, else the latest one (its continuation runs into the end)."""
+    size = len(tokens)
+    for n in range(min(max_n, size - 1), min_n - 1, -1):
+        pattern = tokens[size - n :]
+        first = pattern[0]
+        partial: list[int] = []
+        # Latest start first: in an edit / repeat, the nearest copy is the likeliest source.
+        # Starts run to size - n - 1, so every match has a continuation.
+        for i in range(size - n - 1, -1, -1):
+            if tokens[i] == first and tokens[i : i + n] == pattern:
+                if i + n + k <= size:
+                    return tokens[i + n : i + n + k]
+                partial = partial or tokens[i + n : size]
+        if partial:
+            return partial
+    return []
+
+
+class NgramProposer:
+    def __init__(self, config: SpeculativeConfig):
+        self.config = config
+        self.num_draft_tokens = 0  # engine totals, for the acceptance rate
+        self.num_accepted_tokens = 0
+
+    def propose(self, req: Request, max_new: int) -> list[int]:
+        """Draft tokens for `req`'s next step, at most `max_new` (what its max_tokens leaves
+        after the token the step samples anyway)."""
+        c = self.config
+        if req.spec_off or max_new <= 0 or not can_speculate(req.params):
+            return []
+        return ngram_lookup(
+            req.token_ids, c.prompt_lookup_min, c.prompt_lookup_max, min(c.num_tokens, max_new)
+        )
+
+    def record(self, req: Request, drafted: int, accepted: int) -> None:
+        c = self.config
+        self.num_draft_tokens += drafted
+        self.num_accepted_tokens += accepted
+        req.spec_drafted += drafted
+        req.spec_accepted += accepted
+        if req.spec_drafted >= c.probe_tokens and (
+            req.spec_accepted < c.min_acceptance * req.spec_drafted
+        ):
+            req.spec_off = True
