@@ -275,3 +275,22 @@ engine:
     bad = "engine:\n  speculative: {num_tokens: 0}\n"
     with pytest.raises(ValidationError, match="speculative.num_tokens"):
         FlotillaConfig.model_validate(yaml.safe_load(bad))
+
+
+def test_only_requests_sampled_from_the_raw_logits_speculate():
+    """Drafts are verified on the raw logits: a request whose sampling reads more than them
+    (logprobs, penalties, a grammar's mask, a logit bias, min_tokens) never speculates."""
+    from cluster.spec_decode import can_speculate
+    from workers.sampling_params import SamplingParams
+    from workers.structured_output import StructuredOutput
+
+    assert can_speculate(SamplingParams(max_tokens=8))
+    assert can_speculate(SamplingParams(max_tokens=8, temperature=0.7, seed=1))
+    for kw in (
+        {"logprobs": 1},
+        {"repetition_penalty": 1.2},
+        {"structured": StructuredOutput(kind="json_object")},
+        {"logit_bias": {5: 3.0}},
+        {"min_tokens": 2},
+    ):
+        assert not can_speculate(SamplingParams(max_tokens=8, **kw)), kw
