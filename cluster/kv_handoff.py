@@ -138,6 +138,12 @@ class KVHandoff:
                 ),
                 self.kv_transfer_timeout_s,
             )
+            # Python 3.11's wait_for returns the result when the answer and a cancel of this
+            # task land together, swallowing the cancel: the aborted request would then run
+            # to its end. The cancel is still pending on the task; honour it.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
         except asyncio.CancelledError:  # the client went away mid-transfer: nothing to import
             self.kv["cancelled"] += 1
             raise
