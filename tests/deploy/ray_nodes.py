@@ -25,11 +25,19 @@ from pathlib import Path
 
 from cli_support import kill_marked, marked_env, processes_with, wait_gone
 
+_GIVEN: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port not handed out before in this process: the kernel may give a
+    closed port again, and one node's flags then name the same port twice (ray start fails)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 class LoopbackCluster:
