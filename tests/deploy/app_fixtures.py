@@ -63,7 +63,6 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def running_app(config, num_cpus: int = 4, runtime_env: dict | None = None) -> Iterator[Any]:
     """A local Ray cluster running `config`'s app; yields the router's handle."""
     import ray
-    from ray import serve
 
     from deploy.app import runtime_env as app_env
     from deploy.app import start
@@ -73,8 +72,7 @@ def running_app(config, num_cpus: int = 4, runtime_env: dict | None = None) -> I
     try:
         yield start(config)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_local_cluster()
 
 
 @contextlib.contextmanager
@@ -84,3 +82,15 @@ def grpc_stub(config) -> Iterator[pb_grpc.FlotillaStub]:
         yield pb_grpc.FlotillaStub(channel)
     finally:
         channel.close()
+
+
+def stop_local_cluster() -> None:
+    """End a local Ray cluster started by ray.init with a Serve app on it: ray.shutdown() stops
+    every process of it (replicas, proxy, controller); a serve.shutdown() first would only add
+    ~6 s of graceful draining per module. The driver's cached Serve client is dropped so that
+    the next module's serve.start makes a new one."""
+    import ray
+    from ray.serve.context import _set_global_client
+
+    ray.shutdown()
+    _set_global_client(None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from app_fixtures import stop_local_cluster
 
 from deploy.autoscaling import AutoscalingSpec, serve_autoscaling_config
 
@@ -26,8 +27,7 @@ def serve_cluster():
         serve.start()
         yield serve
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_local_cluster()
 
 
 def _running(serve) -> tuple[int, int]:

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
-from app_fixtures import grpc_stub, tiny_app_config
+from app_fixtures import grpc_stub, stop_local_cluster, tiny_app_config
 from fault_support import (
     Load,
     audit_when_idle,
@@ -57,7 +57,6 @@ def claim(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cluster(config, claim):
     import ray
-    from ray import serve
 
     from cluster import faults
     from deploy.app import runtime_env, start
@@ -80,8 +79,7 @@ def cluster(config, claim):
     try:
         yield start(config)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_local_cluster()
 
 
 @pytest.fixture(scope="module")

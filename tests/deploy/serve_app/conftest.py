@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 import openai
 import pytest
+from app_fixtures import stop_local_cluster
 
 from deploy.config import FlotillaConfig
 from router.proto import flotilla_pb2_grpc as pb_grpc
@@ -44,7 +45,6 @@ def config(tiny_model_dir) -> FlotillaConfig:
 def app(config):
     """The router's DeploymentHandle (for group stats); the app listens on HTTP_PORT/GRPC_PORT."""
     import ray
-    from ray import serve
 
     from deploy.app import runtime_env, start
 
@@ -58,8 +58,7 @@ def app(config):
     try:
         yield start(config)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_local_cluster()
 
 
 @pytest.fixture(scope="package")
