@@ -6,8 +6,8 @@ Command (from the repo root):
 
 Shape: the offline benchmark's decode batch at its average context -- 64 sequences of 32..512
 prompt tokens + 64 generated (seeded), SmolLM2-135M's attention (9 query heads, 3 KV heads,
-head dim 64, bf16), blocks of 16 tokens, 30 layers' caches (each call reads a different
-layer's, as a decode step does: the caches do not fit in cache). --placement sets where a
+head dim 64, bf16 or --dtype float32), blocks of 16 tokens, 30 layers' caches (each call reads
+a different layer's, as a decode step does: the caches do not fit in cache). --placement sets where a
 sequence's blocks lie: "contiguous" (in order, back to back), "decode-scattered" (the last 4
 blocks -- the 64 generated tokens' -- at random places, as a fresh engine allocates them:
 prompts get runs of consecutive blocks, decode steps one block at a time), "scattered" (every
@@ -71,8 +71,16 @@ def build_reader() -> ctypes.CDLL:
     d = Path(tempfile.mkdtemp(prefix="flotilla-bw-"))
     (d / "read.cpp").write_text(READER)
     cxx = os.environ.get("CXX", "g++")
-    cmd = [cxx, "-O2", "-fopenmp", "-fPIC", "-shared", str(d / "read.cpp"),
-           "-o", str(d / "read.so")]
+    cmd = [
+        cxx,
+        "-O2",
+        "-fopenmp",
+        "-fPIC",
+        "-shared",
+        str(d / "read.cpp"),
+        "-o",
+        str(d / "read.so"),
+    ]
     subprocess.run(cmd, check=True)
     lib = ctypes.CDLL(str(d / "read.so"))
     shutil.rmtree(d)  # loaded: the files can go
@@ -81,25 +89,30 @@ def build_reader() -> ctypes.CDLL:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--seqs", type=int, default=64)
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--placement", default="contiguous",
-                   choices=["contiguous", "decode-scattered", "scattered"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument(
+        "--placement", default="contiguous", choices=["contiguous", "decode-scattered", "scattered"]
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)  # the reader's OpenMP loop shares torch's libgomp
     if not load_cpu_kernels():
         sys.exit("the native kernels did not build")
     rng = random.Random(0)
+    dtype = getattr(torch, args.dtype)
     n, H, KVH, D, bs, L = args.seqs, 9, 3, 64, 16, args.layers
     lens = [rng.randint(32, 512) + 64 for _ in range(n)]
     nblk = [-(-x // bs) for x in lens]
     per_layer = sum(nblk)
     g = torch.Generator().manual_seed(0)
-    k = torch.randn(per_layer * L, bs, KVH, D, generator=g).bfloat16()
-    v = torch.randn(per_layer * L, bs, KVH, D, generator=g).bfloat16()
+    k = torch.randn(per_layer * L, bs, KVH, D, generator=g).to(dtype)
+    v = torch.randn(per_layer * L, bs, KVH, D, generator=g).to(dtype)
     tables = []
     for layer in range(L):
         t = torch.zeros(n, max(nblk), dtype=torch.int32)
@@ -111,11 +124,17 @@ def main() -> None:
     if args.placement != "contiguous":  # the chosen blocks trade places among themselves
         tail = 4 if args.placement == "decode-scattered" else 0  # 0: every block
         picked = torch.cat([t[i, : nblk[i]][-tail:] for t in tables for i in range(n)])
-        place = dict(zip(picked.tolist(), picked[torch.randperm(len(picked), generator=g)].tolist(), strict=True))
+        place = dict(
+            zip(
+                picked.tolist(),
+                picked[torch.randperm(len(picked), generator=g)].tolist(),
+                strict=True,
+            )
+        )
         for t in tables:
             t.apply_(lambda b: place.get(b, b))
     cl = torch.tensor(lens, dtype=torch.int32)
-    q = torch.randn(n, H, D, generator=g).bfloat16()
+    q = torch.randn(n, H, D, generator=g).to(dtype)
     out = torch.empty_like(q)
     op = torch.ops.flotilla.paged_decode_attention
     reader = build_reader()
@@ -127,19 +146,32 @@ def main() -> None:
 
     def read(layers):
         for t in layers:
-            reader.read_kv(ctypes.c_void_p(k.data_ptr()), ctypes.c_void_p(v.data_ptr()),
-                           ctypes.c_void_p(t.data_ptr()), ctypes.c_void_p(cl.data_ptr()),
-                           n, t.shape[1], bs, KVH * D * 2)
+            reader.read_kv(
+                ctypes.c_void_p(k.data_ptr()),
+                ctypes.c_void_p(v.data_ptr()),
+                ctypes.c_void_p(t.data_ptr()),
+                ctypes.c_void_p(cl.data_ptr()),
+                n,
+                t.shape[1],
+                bs,
+                KVH * D * 2,
+            )
 
-    cases = {"kernel": (kernel, tables), "read": (read, tables), "one-layer": (kernel, tables[:1] * L)}
+    cases = {
+        "kernel": (kernel, tables),
+        "read": (read, tables),
+        "one-layer": (kernel, tables[:1] * L),
+    }
     times: dict[str, list[float]] = {c: [] for c in cases}
     for _ in range(args.rounds):  # interleaved, so that the VM's bandwidth drift hits all alike
         for name, (fn, layers) in cases.items():
             t0 = time.perf_counter()
             fn(layers)
             times[name].append((time.perf_counter() - t0) / len(layers))
-    print(f"{n} sequences, average context {sum(lens) / n:.0f}, {kv_bytes / 1e6:.1f} MB of K/V per layer, "
-          f"blocks {args.placement}, {args.threads} threads, median of {args.rounds} rounds")
+    print(
+        f"{n} sequences, average context {sum(lens) / n:.0f}, {kv_bytes / 1e6:.1f} MB of K/V per layer, "
+        f"blocks {args.placement}, {args.threads} threads, median of {args.rounds} rounds"
+    )
     print("| case | us per layer | GB/s |\n|---|---:|---:|")
     for name, ts in times.items():
         t = statistics.median(ts)

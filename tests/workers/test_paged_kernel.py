@@ -72,12 +72,15 @@ def _kernel(q, cache, tables, lens, scale, window):
     return out
 
 
-@pytest.mark.parametrize("D,H,KVH", [(16, 4, 4), (64, 9, 3), (32, 8, 2), (24, 4, 2)])
+@pytest.mark.parametrize("D,H,KVH", [(16, 4, 4), (64, 9, 3), (32, 8, 2), (24, 4, 2), (128, 4, 2)])
 @pytest.mark.parametrize("window", [0, 5])
 @pytest.mark.parametrize("lens", [[1, 3, 4, 5, 17, 33, 60], [45]], ids=["batch", "single"])
 def test_kernel_matches_float64_reference(D, H, KVH, window, lens):
     """Many sequences: one task per sequence (all heads); one sequence: one task per KV head.
-    D = 24 takes the portable (non-AVX-512) loops."""
+    Float32 takes attend_avx512 where D is a multiple of 16 on AVX-512, attend_avx2 on AVX2
+    (D = 24: 3 vectors; 128: four 32-column passes; G = 1..4 query heads a pass), the generic
+    loops otherwise (D = 24 on AVX-512; every case in the lower-target run of
+    tests/workers/test_kernel_targets.py on an AVX2 machine)."""
     q, cache, tables = _setup(lens, H, KVH, D, torch.float32)
     scale = D**-0.5
     got = _kernel(q, cache, tables, lens, scale, window)
@@ -126,7 +129,13 @@ def test_kernel_path_equals_sdpa_path(window):
     outs = []
     for use_kernel in (True, False):
         meta = build_metadata(
-            [n - 1 for n in lens], slots, tables, lens, [], BS, torch.device("cpu"),
+            [n - 1 for n in lens],
+            slots,
+            tables,
+            lens,
+            [],
+            BS,
+            torch.device("cpu"),
             native=use_kernel,
         )
         assert (meta.decode_tables is not None) == use_kernel
@@ -140,13 +149,25 @@ def test_kernel_rejects_bad_inputs():
     bt = torch.tensor([tables[0]], dtype=torch.int64)  # must be int32
     with pytest.raises(RuntimeError, match="int32"):
         torch.ops.flotilla.paged_decode_attention(
-            torch.empty_like(q), q, cache[0], cache[1], bt, torch.tensor([4], dtype=torch.int32),
-            0.25, 0,
+            torch.empty_like(q),
+            q,
+            cache[0],
+            cache[1],
+            bt,
+            torch.tensor([4], dtype=torch.int32),
+            0.25,
+            0,
         )
     with pytest.raises(RuntimeError, match="dtype"):
         torch.ops.flotilla.paged_decode_attention(
-            torch.empty_like(q), q.bfloat16(), cache[0], cache[1], bt.int(),
-            torch.tensor([4], dtype=torch.int32), 0.25, 0,
+            torch.empty_like(q),
+            q.bfloat16(),
+            cache[0],
+            cache[1],
+            bt.int(),
+            torch.tensor([4], dtype=torch.int32),
+            0.25,
+            0,
         )
 
 
@@ -193,9 +214,7 @@ def test_prefill_kernel_matches_float64_reference(D, H, KVH, window, needs):
             want = torch.softmax(s.masked_fill(~visible, float("-inf")), -1) @ v[:, kv]
             # bf16 inputs, float32 accumulation, probabilities rounded to bf16 (as torch's
             # CPU flash kernel does): within a few bf16 ulps of the exact result
-            torch.testing.assert_close(
-                out[q0 : q0 + n, h].double(), want, atol=2e-2, rtol=2e-2
-            )
+            torch.testing.assert_close(out[q0 : q0 + n, h].double(), want, atol=2e-2, rtol=2e-2)
 
 
 def test_prefill_kernel_declines_without_its_path(kernel_plan):
@@ -247,8 +266,14 @@ def test_prefill_kernel_path_equals_sdpa_path(window):
     outs = []
     for native in (True, False):
         meta = build_metadata(
-            positions, slots, tables[: len(dec_lens)], dec_lens, prefills, BS,
-            torch.device("cpu"), native=native,
+            positions,
+            slots,
+            tables[: len(dec_lens)],
+            dec_lens,
+            prefills,
+            BS,
+            torch.device("cpu"),
+            native=native,
         )
         assert (meta.prefill_kernel is not None) == native
         outs.append(paged_attention(q, k_new, v_new, cache.clone(), meta, D**-0.5, window))

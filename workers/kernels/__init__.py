@@ -34,7 +34,7 @@ CPU_KERNELS = native_build.NativeLib(
             "prefill_attention.cpp",
         )
     ),
-    headers=(_DIR / "common.h",),
+    headers=tuple(_DIR / n for n in ("common.h", "attend_avx2.h", "row_cursor.h")),
     include_dirs=(_DIR,),
 )
 

@@ -11,43 +11,17 @@
 // window w > 0 makes key t visible iff t >= len - w. Scores, softmax and the weighted sum are
 // computed in float32. AVX-512 (float32 / bfloat16, head dim a multiple of 16): one pass over
 // a sequence's keys and values, 16 positions at a time, with an online softmax
-// (flash-decoding, attend_avx512); other dtypes / head dims: scores, softmax and weighted sum
-// in three plain passes. Work is split over sequences (all their heads) or, with few
+// (flash-decoding, attend_avx512); AVX2 (float32; attend_avx2.h): the same, 8 at a time;
+// other dtypes / head dims: scores, softmax and weighted sum in three plain passes. Work is split over sequences (all their heads) or, with few
 // sequences, (sequence, KV head) pairs, balanced by length over at::parallel_for's threads.
 // Weighted sums run one KV head at a time with a compile-time number of query heads per pass,
 // so their accumulators stay in registers (a runtime count made the compiler keep them on the
 // stack: a store per FMA, the kernel's hot spot).
+#include "attend_avx2.h"
 #include "common.h"
+#include "row_cursor.h"
 
 namespace flotilla {
-
-// A sequence's cache rows in token order, one step at a time: the block-table lookup happens
-// once per block, not once per token (a division and a dependent load per token cost as much
-// as the token's arithmetic).
-template <typename raw_t>
-struct RowCursor {
-  const raw_t* base;
-  const int32_t* table;
-  int64_t bs, row_stride, col, len, pos, off;
-  const raw_t* row;  // token pos's row at column col (undefined once pos == len)
-  RowCursor(const raw_t* base_, const int32_t* table_, int64_t bs_, int64_t row_stride_,
-            int64_t col_, int64_t pos_, int64_t len_)
-      : base(base_), table(table_), bs(bs_), row_stride(row_stride_), col(col_), len(len_),
-        pos(pos_), off(pos_ % bs_), row(nullptr) {
-    if (pos < len) row = block_row(pos / bs) + off * row_stride;
-  }
-  const raw_t* block_row(int64_t blk) const {
-    return base + static_cast<int64_t>(table[blk]) * bs * row_stride + col;
-  }
-  void next() {
-    ++pos;
-    row += row_stride;
-    if (++off == bs) {
-      off = 0;
-      if (pos < len) row = block_row(pos / bs);
-    }
-  }
-};
 
 #if FLOTILLA_AVX512
 // ---- AVX-512 decode attention (float32 / bfloat16, head dim a multiple of 16) -----------------
@@ -256,7 +230,7 @@ void decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
 
   // A task: one sequence's KV heads [h0, h0 + nh). All heads of a sequence together when there
   // are enough sequences to keep every thread busy (rows read front to back); else one head.
-  const bool vec = kAvx512Path<T, DC>;
+  const bool vec = kAvx512Path<T, DC> || kAvx2Path<T, DC>;
   const int64_t nh = (vec && n >= 2 * at::get_num_threads()) ? KVH : 1;
   const int64_t NQ = nh * G;  // query heads per task
   // Tasks onto threads by cost, longest first onto the least-loaded thread: a plain split of
@@ -307,6 +281,23 @@ void decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
 #pragma omp simd
               for (int64_t d = 0; d < D; ++d) dst[r * D + d] = R::store(sc.acc[r * D + d] * inv);
             }
+          }
+        }
+#endif
+      return;
+    } else if constexpr (kAvx2Path<T, DC>) {
+#if FLOTILLA_AVX2
+      AttendScratch8 sc(NQ, D);
+      for (int64_t bin = bin_begin; bin < bin_end; ++bin)
+        for (const int64_t task : bins[bin]) {
+          const TaskView tv = begin_task(task);
+          attend_avx2<DC>(qf.data(), nh, G, kp, vp, tables + tv.i * max_blocks, bs, row_stride,
+                          tv.h0, tv.start, tv.len, sc);
+          float* dst = op + (tv.i * H + tv.h0 * G) * D;
+          for (int64_t r = 0; r < NQ; ++r) {
+            const float inv = 1.0f / sc.l[r];
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) dst[r * D + d] = sc.acc[r * D + d] * inv;
           }
         }
 #endif

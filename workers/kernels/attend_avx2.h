@@ -1,0 +1,173 @@
+// AVX2 + FMA flash-decoding for paged_decode_attention: float32 caches on CPUs without AVX-512
+// (there the generic three-pass loops read a sequence's keys, then its values, through scalar
+// row walks: ~13 GB/s of KV on a 2-core AVX2 EPYC). The same single pass as attend_avx512,
+// 8 tokens at a time: the chunk's scores for every query head of the task, an online-softmax
+// update (running max m and sum l; sums rescaled by exp(m_old - m_new)), then the chunk's
+// values. Value sums run over column groups of at most 32 floats and at most two query heads,
+// so accumulators + value vectors fit the 16 ymm registers.
+#pragma once
+
+#include "common.h"
+#include "row_cursor.h"
+
+namespace flotilla {
+
+#if FLOTILLA_AVX2
+// exp_nonpos for 8 lanes (the same split and polynomial).
+inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f));
+  const __m256 r = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, r);
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExpPoly[i]));
+  const __m256i e =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(r), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// lane i = the sum of the 8 lanes of row i, for rows [8][8] (32-byte aligned)
+inline __m256 reduce8(const float* rows) {
+  __m256 h[4];
+  for (int k = 0; k < 4; ++k)
+    h[k] = _mm256_hadd_ps(_mm256_load_ps(rows + 16 * k), _mm256_load_ps(rows + 16 * k + 8));
+  const __m256 a = _mm256_hadd_ps(h[0], h[1]), b = _mm256_hadd_ps(h[2], h[3]);
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+// acc[g][0 .. DW) = corr[g] * acc[g] + sum_t p[g][t] v_t over nt <= 8 tokens, for GN query
+// heads (p: [GN][8]; acc rows D floats apart; vrows[t] + col: token t's DW value columns).
+template <int DW, int GN>
+inline void values_chunk8(const float* p, const float* corr, int nt, const float* const* vrows,
+                          int64_t col, float* acc, int64_t D) {
+  constexpr int NJ = DW / 8;
+  __m256 a[GN][NJ];
+  for (int g = 0; g < GN; ++g) {
+    const __m256 c = _mm256_set1_ps(corr[g]);
+    for (int j = 0; j < NJ; ++j)
+      a[g][j] = _mm256_mul_ps(_mm256_loadu_ps(acc + g * D + 8 * j), c);
+  }
+  for (int t = 0; t < nt; ++t) {
+    const float* vr = vrows[t] + col;
+    __m256 v[NJ];
+    for (int j = 0; j < NJ; ++j) v[j] = _mm256_loadu_ps(vr + 8 * j);
+    for (int g = 0; g < GN; ++g) {
+      const __m256 w = _mm256_set1_ps(p[g * 8 + t]);
+      for (int j = 0; j < NJ; ++j) a[g][j] = _mm256_fmadd_ps(w, v[j], a[g][j]);
+    }
+  }
+  for (int g = 0; g < GN; ++g)
+    for (int j = 0; j < NJ; ++j) _mm256_storeu_ps(acc + g * D + 8 * j, a[g][j]);
+}
+
+// Scratch of one thread for attend_avx2, for up to nq query heads of head dim d.
+struct AttendScratch8 {
+  std::vector<float> buf;
+  float *tile, *p, *corr, *m, *l, *acc;
+  AttendScratch8(int64_t nq, int64_t d) : buf(nq * (64 + 8 + 3 + d) + 8) {
+    tile = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 31) & ~uintptr_t(31));
+    p = tile + nq * 64;  // [nq][8]
+    corr = p + nq * 8;
+    m = corr + nq;
+    l = m + nq;
+    acc = l + nq;  // [nq][d]
+  }
+};
+
+// One task: KV heads h0 .. h0+nh-1 of one sequence and their nh * G query heads (qf:
+// [nh*G][DC], pre-scaled). On return s.acc holds sum_t exp(s_t - m) v_t and s.l the sum of the
+// weights (as attend_avx512).
+template <int DC>
+void attend_avx2(const float* qf, int64_t nh, int64_t G, const float* kp, const float* vp,
+                 const int32_t* table, int64_t bs, int64_t row_stride, int64_t h0, int64_t start,
+                 int64_t len, AttendScratch8& s) {
+  constexpr int NJ = DC / 8;
+  constexpr int DW = DC < 32 ? DC : 32;  // value columns per pass
+  constexpr int HP = DW == 32 ? 2 : 4;   // query heads per value pass
+  const int64_t L = len - start, NQ = nh * G, col = h0 * DC;
+  for (int64_t r = 0; r < NQ; ++r) {
+    s.m[r] = -INFINITY;
+    s.l[r] = 0.0f;
+  }
+  std::fill(s.acc, s.acc + NQ * DC, 0.0f);
+  RowCursor<float> kc(kp, table, bs, row_stride, col, start, len);
+  RowCursor<float> vc(vp, table, bs, row_stride, col, start, len);
+  RowCursor<float> pf(kp, table, bs, row_stride, col, std::min<int64_t>(start + 8, len), len);
+  const float* vrows[8];
+  const __m256 iota = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t t0 = 0; t0 < L; t0 += 8) {
+    const int nt = static_cast<int>(std::min<int64_t>(8, L - t0));
+    for (int t = 0; t < nt; ++t, kc.next(), vc.next()) {
+      const float* row = kc.row;
+      vrows[t] = vc.row - col;
+      if (pf.pos < pf.len) {  // the key and value lines of the token 8 ahead
+        const int64_t off = pf.row - kp;
+        for (int64_t b = 0; b < nh * DC; b += 16) {
+          _mm_prefetch(reinterpret_cast<const char*>(pf.row + b), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(vp + off + b), _MM_HINT_T0);
+        }
+        pf.next();
+      }
+      for (int64_t hh = 0; hh < nh; ++hh) {
+        __m256 k[NJ];
+        for (int j = 0; j < NJ; ++j) k[j] = _mm256_loadu_ps(row + hh * DC + 8 * j);
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = qf + (hh * G + g) * DC;
+          __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qg), k[0]);
+          for (int j = 1; j < NJ; ++j) a = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * j), k[j], a);
+          _mm256_store_ps(s.tile + ((hh * G + g) * 8 + t) * 8, a);
+        }
+      }
+    }
+    const __m256 live = _mm256_cmp_ps(iota, _mm256_set1_ps(static_cast<float>(nt)), _CMP_LT_OQ);
+    for (int64_t r = 0; r < NQ; ++r) {
+      const __m256 sc = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), reduce8(s.tile + r * 64), live);
+      const float m_new = std::max(s.m[r], hmax8(sc));
+      const __m256 e = _mm256_and_ps(exp256(_mm256_sub_ps(sc, _mm256_set1_ps(m_new))), live);
+      _mm256_storeu_ps(s.p + r * 8, e);
+      s.corr[r] = exp_nonpos(s.m[r] - m_new);  // ~0 on the first chunk (m = -inf)
+      s.l[r] = s.l[r] * s.corr[r] + hsum8(e);
+      s.m[r] = m_new;
+    }
+    for (int64_t hh = 0; hh < nh; ++hh) {  // one KV head at a time
+      const int64_t c = (h0 + hh) * DC;
+      for (int64_t g0 = 0; g0 < G; g0 += HP) {
+        const int64_t r0 = hh * G + g0, gn = std::min<int64_t>(HP, G - g0);
+        const float *pr = s.p + r0 * 8, *cr = s.corr + r0;
+        float* ar = s.acc + r0 * DC;
+        for (int64_t c0 = 0; c0 < DC; c0 += DW) {
+          // a compile-time head count keeps the accumulators in registers
+          if (gn == 1) values_chunk8<DW, 1>(pr, cr, nt, vrows, c + c0, ar + c0, DC);
+          if constexpr (HP >= 2)
+            if (gn == 2) values_chunk8<DW, 2>(pr, cr, nt, vrows, c + c0, ar + c0, DC);
+          if constexpr (HP >= 4) {
+            if (gn == 3) values_chunk8<DW, 3>(pr, cr, nt, vrows, c + c0, ar + c0, DC);
+            if (gn == 4) values_chunk8<DW, 4>(pr, cr, nt, vrows, c + c0, ar + c0, DC);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int DC>
+constexpr bool kAvx2Path = std::is_same<T, float>::value && DC > 0 && DC % 8 == 0 &&
+                           (DC <= 32 || DC % 32 == 0);
+#else
+template <typename T, int DC>
+constexpr bool kAvx2Path = false;
+#endif
+
+}  // namespace flotilla
