@@ -8,7 +8,8 @@ torch and Python versions and the CPU's feature flags; caches it under the cache
 file lock (Ray starts several ranks at once) and published by an atomic rename, so a
 half-written library is never loaded.
 
-No ninja, no pybind11: one g++ call against torch's headers and libraries. The library links
+No ninja, no pybind11: g++ against torch's headers and libraries, one compile per source
+(side by side, as many as there are cores) and one link. The library links
 torch's bundled OpenMP runtime, so `at::parallel_for` shares torch's thread pool.
 
 Knobs (environment variables, read only here):
@@ -96,12 +97,28 @@ def compile_flags(lib: NativeLib, target_name: str) -> list[str]:
     return flags
 
 
-def _command(lib: NativeLib, out: Path) -> list[str]:
+def _compile_commands(lib: NativeLib, objs: list[Path]) -> list[list[str]]:
+    """One g++ -c per source: they run side by side (each parses torch's headers, ~10 s)."""
+    base = [os.environ.get("CXX", "g++"), _FLAGS[0], "-c", *compile_flags(lib, target())]
+    return [[*base, str(src), "-o", str(o)] for src, o in zip(lib.sources, objs, strict=True)]
+
+
+def _link_command(lib: NativeLib, objs: list[Path], out: Path) -> list[str]:
     torch_lib = Path(torch.__file__).parent / "lib"
-    cmd = [os.environ.get("CXX", "g++"), _FLAGS[0], "-shared", *compile_flags(lib, target())]
-    cmd += [*map(str, lib.sources), "-o", str(out)]
+    cmd = [os.environ.get("CXX", "g++"), "-shared", "-fopenmp", *map(str, objs), "-o", str(out)]
     cmd += [f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch"]
     return cmd
+
+
+def _run_all(cmds: list[list[str]]) -> list[subprocess.CompletedProcess]:
+    """Run the commands, as many at once as this machine has cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(cmd: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(cmds), os.cpu_count() or 1))) as pool:
+        return list(pool.map(run, cmds))
 
 
 def _cpu_flags() -> str:
@@ -139,21 +156,26 @@ def build(lib: NativeLib) -> Path:
         try:
             if out.exists():  # another process built it while we waited
                 return out
-            fd, tmp = tempfile.mkstemp(dir=d, suffix=".so.tmp")
-            os.close(fd)
-            cmd = _command(lib, Path(tmp))
-            log.info("building %s: %s", lib.name, " ".join(cmd))
-            try:
-                res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                os.unlink(tmp)
-                raise KernelBuildError(f"compiler failed to run: {e}") from e
-            if res.returncode != 0:
-                os.unlink(tmp)
-                raise KernelBuildError(f"g++ exited {res.returncode}:\n{res.stderr[-4000:]}")
-            if res.stderr.strip():
-                log.warning("%s built with warnings:\n%s", lib.name, res.stderr[-4000:])
-            os.replace(tmp, out)
+            with tempfile.TemporaryDirectory(dir=d) as work:
+                objs = [Path(work) / f"{i}_{src.stem}.o" for i, src in enumerate(lib.sources)]
+                tmp = Path(work) / "lib.so"
+                compiles = _compile_commands(lib, objs)
+                log.info("building %s: %s", lib.name, " ".join(compiles[0]))
+                try:
+                    results = _run_all(compiles)
+                    failed = [r for r in results if r.returncode != 0]
+                    if not failed:
+                        results.append(_run_all([_link_command(lib, objs, tmp)])[0])
+                        failed = [r for r in results if r.returncode != 0]
+                except (OSError, subprocess.TimeoutExpired) as e:
+                    raise KernelBuildError(f"compiler failed to run: {e}") from e
+                if failed:
+                    r = failed[0]
+                    raise KernelBuildError(f"g++ exited {r.returncode}:\n{r.stderr[-4000:]}")
+                warnings = "".join(r.stderr for r in results).strip()
+                if warnings:
+                    log.warning("%s built with warnings:\n%s", lib.name, warnings[-4000:])
+                os.replace(tmp, out)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return out
