@@ -352,17 +352,20 @@ class ModelRunner:
     def export_blocks(self, block_ids: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
         """[layers, 2, n, block_size, kv_heads, head_dim] copy of the given blocks, on the host
         (a hand-off, not a step): into `out` when it has that shape and dtype (a prefill
-        group's shared-memory slot), else into new memory."""
+        group's shared-memory slot, or a range of its blocks), else into new memory."""
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         c0 = self.kv_caches[0]
         shape = (len(self.kv_caches), 2, len(block_ids), *c0.shape[2:])
         if out is None or tuple(out.shape) != shape or out.dtype != c0.dtype:
             out = torch.empty(shape, dtype=c0.dtype)
         for layer, c in enumerate(self.kv_caches):
-            if c.device.type == "cpu":  # a row gather; advanced indexing c[:, idx] was far slower
-                torch.index_select(c, 1, idx, out=out[layer])
-            else:
-                out[layer].copy_(c.index_select(1, idx))
+            for kv in range(2):  # a block range of a slot is contiguous per layer and K / V
+                dst = out[layer, kv]
+                if c.device.type == "cpu" and dst.is_contiguous():
+                    # a row gather; advanced indexing c[:, idx] was far slower
+                    torch.index_select(c[kv], 0, idx, out=dst)
+                else:
+                    dst.copy_(c[kv].index_select(0, idx))
         return out
 
     def import_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
