@@ -227,9 +227,13 @@ def _prefill(engine: LLMEngine, prompt: list[int]) -> tuple[float, float, Any]:
 def pipelined(args) -> None:
     from cluster.config import SchedulerConfig
     from cluster.kv_arena import KVArena
+    from workers.config import ModelConfig
 
     sched = SchedulerConfig(max_num_batched_tokens=args.chunk)
-    cfg = EngineConfig(cache=CacheConfig(block_size=16, num_blocks=512), scheduler=sched)
+    # Every engine gets this process's threads: a Ray actor otherwise gets one (OMP_NUM_THREADS)
+    model = ModelConfig(num_threads=torch.get_num_threads())
+    cache = CacheConfig(block_size=16, num_blocks=512)
+    cfg = EngineConfig(model=model, cache=cache, scheduler=sched)
     prompt = [100 + (31 * i) % 40000 for i in range(args.prompt_tokens)]
     prefill = LLMEngine(cfg)
     arena = KVArena("bench-pipe", 256 << 20)

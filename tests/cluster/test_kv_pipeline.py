@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 
+import pair_support
 import pytest
 import torch
 
@@ -123,19 +124,6 @@ def test_a_request_that_is_not_handed_off_holds_nothing(pd, how):
     assert audit["leaked"] == 0 and audit["in_use"] == 0
 
 
-def _receive(port: int, msg: dict, want: torch.Tensor, q) -> None:
-    """Rank 1 of a gloo pair, in its own process: receive the hand-off `msg` announces."""
-    from parallel.pair import PairGroup
-
-    try:
-        pair = PairGroup(PairGroup.dial("127.0.0.1", port, 30), 1, "gloo", "127.0.0.1", 30)
-        got = asyncio.run(kv_transports.arrive(msg, pair))
-        tokens, data, layout = kv_transfer.unpack(got)
-        q.put((tokens, layout, "data" in got, torch.equal(data, want)))
-    except BaseException as e:  # reported to the test, never a hang
-        q.put(repr(e))
-
-
 def test_dist_transport_round_trip_over_gloo():
     from parallel.pair import PairGroup
 
@@ -148,7 +136,7 @@ def test_dist_transport_round_trip_over_gloo():
     sender = kv_transports.sender("dist", pair=None)
     assert sender.via == "inline"  # no pair group with the taker: the bytes go inline
     msg = kv_transfer.header(tokens, data, layout) | {"dist": {"tag": 1, "bytes": data.numel() * 2}}
-    child = ctx.Process(target=_receive, args=(store.port, msg, data, q))
+    child = ctx.Process(target=pair_support.receive, args=(store.port, msg, data, q))
     child.start()
     try:
         pair = PairGroup(store, 0, "gloo", "127.0.0.1", 30)
