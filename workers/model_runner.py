@@ -358,10 +358,10 @@ class ModelRunner:
         shape = (len(self.kv_caches), 2, len(block_ids), *c0.shape[2:])
         if out is None or tuple(out.shape) != shape or out.dtype != c0.dtype:
             out = torch.empty(shape, dtype=c0.dtype)
-        n = len(block_ids)
+        n, per_block = len(block_ids), c0[0, 0].numel()
         for layer, c in enumerate(self.kv_caches):
             # [K / V, block, its values]: a block range of a slot views this way too
-            src, dst = c.view(2, c.shape[1], -1), out[layer].view(2, n, -1)
+            src, dst = c.view(2, c.shape[1], per_block), out[layer].view(2, n, per_block)
             if c.device.type == "cpu":
                 # a gather of whole blocks: as fast as on the 5-D view into a whole slot, 2.6x
                 # faster into a block range of one, 6x faster than K and V apart (EPYC-AVX2);
