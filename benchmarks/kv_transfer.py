@@ -25,9 +25,10 @@ path (cluster/kv_export.py: what the step that samples the first token spends ex
   pipelined    each chunk's full blocks copied as its step returns, inline
   background   the same on the copier thread, overlapping the next step
 and what a transfer adds to the second token: the colocated engine's first decode step (first
-token -> second) against the P/D path's export at the hand-off + the decode process's import
-from the slot + its first step (which recomputes the prompt's last partial block). The router
-hop between the legs is not in it (benchmarks/serving_overhead.py measures that).
+token -> second) against the P/D path's export at the hand-off + the decode engine's import
+from the slot + its first step (which recomputes the prompt's last partial block). Both
+engines run in this process here; the router hop between the legs is not in it
+(benchmarks/serving_overhead.py measures that).
 """
 
 from __future__ import annotations
@@ -65,18 +66,6 @@ class Decoder:
         t0 = time.perf_counter()
         self._import(msg)
         return time.perf_counter() - t0
-
-    def resume(self, msg, prompt: list[int], first: list[int]) -> tuple[float, float, list[int]]:
-        """A decode leg: import from the slot, then run until the second token; (import s,
-        first step s, the tokens)."""
-        t0 = time.perf_counter()
-        self._import(msg)
-        t1 = time.perf_counter()
-        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-        rid = self.engine.add_request(prompt, params, resume_output_ids=first)
-        while self.engine.has_unfinished():
-            outs = [o for o in self.engine.step() if o.request_id == rid]
-        return t1 - t0, time.perf_counter() - t1, outs[-1].token_ids
 
     def socket(self, host: str, port: int, secret: bytes) -> float:
         import asyncio
@@ -224,23 +213,36 @@ def _prefill(engine: LLMEngine, prompt: list[int]) -> tuple[float, float, Any]:
     return time.perf_counter() - t0, engine.kv_export.last_finish_s, out
 
 
+def _decode_leg(engine: LLMEngine, maps: Any, msg: dict, prompt: list[int], first: list[int]):
+    """A decode leg: import from the slot `msg` names, then run until the second token;
+    (import s, first step s, the tokens)."""
+    engine.block_manager.reset_prefix_cache()  # so each round imports every block
+    t0 = time.perf_counter()
+    tokens, data, _ = kv_transfer.unpack(msg, maps)
+    assert engine.import_kv(tokens, data) == len(tokens)
+    t1 = time.perf_counter()
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    rid = engine.add_request(prompt, params, resume_output_ids=first)
+    while engine.has_unfinished():
+        outs = [o for o in engine.step() if o.request_id == rid]
+    return t1 - t0, time.perf_counter() - t1, outs[-1].token_ids
+
+
 def pipelined(args) -> None:
     from cluster.config import SchedulerConfig
-    from cluster.kv_arena import KVArena
-    from workers.config import ModelConfig
+    from cluster.kv_arena import ArenaMaps, KVArena
 
     sched = SchedulerConfig(max_num_batched_tokens=args.chunk)
-    # Every engine gets this process's threads: a Ray actor otherwise gets one (OMP_NUM_THREADS)
-    model = ModelConfig(num_threads=torch.get_num_threads())
-    cache = CacheConfig(block_size=16, num_blocks=512)
-    cfg = EngineConfig(model=model, cache=cache, scheduler=sched)
+    cfg = EngineConfig(cache=CacheConfig(block_size=16, num_blocks=512), scheduler=sched)
     prompt = [100 + (31 * i) % 40000 for i in range(args.prompt_tokens)]
     prefill = LLMEngine(cfg)
     arena = KVArena("bench-pipe", 256 << 20)
     prefill.kv_export.target = arena
     colocated = LLMEngine(cfg)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    dec = Decoder.remote(cfg)
+    # The decode engine runs in this process too (it reads the slot through its own mapping,
+    # as a decode group does): in a Ray actor on a loaded 2-core machine its first step took
+    # 0.12-0.94 s against the colocated engine's 66-73 ms, which says nothing of the transfer.
+    decode, maps = LLMEngine(cfg), ArenaMaps()
     modes = {"one-shot": (False, False), "pipelined": (True, False), "background": (True, True)}
     rows: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
     second: dict[str, list[float]] = {"colocated": [], "import": [], "decode step": []}
@@ -256,7 +258,7 @@ def pipelined(args) -> None:
             if mode == "background":  # the P/D decode leg, from this slot
                 msg = kv_transfer.pack(tokens, data, prefill.kv_layout,
                                        (arena.path, *arena.where(out.request_id)))  # fmt: skip
-                imp, step, ids = ray.get(dec.resume.remote(msg, prompt, out.token_ids))
+                imp, step, ids = _decode_leg(decode, maps, msg, prompt, out.token_ids)
                 if i:
                     second["import"].append(imp)
                     second["decode step"].append(step)
@@ -275,7 +277,6 @@ def pipelined(args) -> None:
         assert last.token_ids == ids, "P/D and colocated disagree on the first two tokens"
         if i:
             second["colocated"].append(stamps[1] - stamps[0])
-    ray.shutdown()
 
     med = statistics.median
     n = len(prompt) // 16
