@@ -18,6 +18,17 @@ processes, as two groups are). Steps, as the disaggregated path runs them
            each transport's figure, as the decode group does it)
 Baseline: `torch.Tensor.clone()` of a tensor of the same size (one read + one write into fresh
 memory, like export). Model: the default SmolLM2-135M (30 layers, 3 KV heads x 64, dtype auto).
+
+Then, with chunked prefill (`--chunk` tokens a step), the export on the hand-off's critical
+path (cluster/kv_export.py: what the step that samples the first token spends exporting):
+  one-shot     every block copied into the slot at the first token
+  pipelined    each chunk's full blocks copied as its step returns, inline
+  background   the same on the copier thread, overlapping the next step
+and what a transfer adds to the second token: the colocated engine's first decode step (first
+token -> second) against the P/D path's export at the hand-off + the decode engine's import
+from the slot + its first step (which recomputes the prompt's last partial block). Both
+engines run in this process here; the router hop between the legs is not in it
+(benchmarks/serving_overhead.py measures that).
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import ray
 import torch
@@ -107,8 +119,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompt-tokens", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--chunk", type=int, default=256, help="prefill tokens a step (pipelined)")
+    ap.add_argument("--skip-transports", action="store_true", help="only the pipelined part")
     args = ap.parse_args()
+    if not args.skip_transports:
+        transports(args)
+    pipelined(args)
 
+
+def transports(args) -> None:
     cfg = EngineConfig(cache=CacheConfig(block_size=16, num_blocks=512))
     prefill = LLMEngine(cfg)
     prompt = [100 + (31 * i) % 40000 for i in range(args.prompt_tokens)]
@@ -179,6 +198,104 @@ def main() -> None:
             f"  {name:38s} {total * 1e3:8.2f} ms  {nbytes / total / 1e9:6.2f} GB/s = "
             f"{med['memcpy'] / total:.0%} of memcpy's rate"
         )
+
+
+def _prefill(engine: LLMEngine, prompt: list[int]) -> tuple[float, float, Any]:
+    """One hand-off request from an empty prefix cache: (seconds to the hand-off, seconds its
+    export spent on the hand-off's critical path, the hand-off output)."""
+    engine.block_manager.reset_prefix_cache()
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    rid = engine.add_request(prompt, params, handoff=True)
+    out = None
+    while out is None:
+        out = next((o for o in engine.step() if o.request_id == rid and o.finished), None)
+    return time.perf_counter() - t0, engine.kv_export.last_finish_s, out
+
+
+def _decode_leg(engine: LLMEngine, maps: Any, msg: dict, prompt: list[int], first: list[int]):
+    """A decode leg: import from the slot `msg` names, then run until the second token;
+    (import s, first step s, the tokens)."""
+    engine.block_manager.reset_prefix_cache()  # so each round imports every block
+    t0 = time.perf_counter()
+    tokens, data, _ = kv_transfer.unpack(msg, maps)
+    assert engine.import_kv(tokens, data) == len(tokens)
+    t1 = time.perf_counter()
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    rid = engine.add_request(prompt, params, resume_output_ids=first)
+    while engine.has_unfinished():
+        outs = [o for o in engine.step() if o.request_id == rid]
+    return t1 - t0, time.perf_counter() - t1, outs[-1].token_ids
+
+
+def pipelined(args) -> None:
+    from cluster.config import SchedulerConfig
+    from cluster.kv_arena import ArenaMaps, KVArena
+
+    sched = SchedulerConfig(max_num_batched_tokens=args.chunk)
+    cfg = EngineConfig(cache=CacheConfig(block_size=16, num_blocks=512), scheduler=sched)
+    prompt = [100 + (31 * i) % 40000 for i in range(args.prompt_tokens)]
+    prefill = LLMEngine(cfg)
+    arena = KVArena("bench-pipe", 256 << 20)
+    prefill.kv_export.target = arena
+    colocated = LLMEngine(cfg)
+    # The decode engine runs in this process too (it reads the slot through its own mapping,
+    # as a decode group does): in a Ray actor on a loaded 2-core machine its first step took
+    # 0.12-0.94 s against the colocated engine's 66-73 ms, which says nothing of the transfer.
+    decode, maps = LLMEngine(cfg), ArenaMaps()
+    modes = {"one-shot": (False, False), "pipelined": (True, False), "background": (True, True)}
+    rows: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+    second: dict[str, list[float]] = {"colocated": [], "import": [], "decode step": []}
+    ref = None
+    for i in range(args.rounds + 1):  # the first round warms up: not counted
+        for mode, (pipe, background) in modes.items():
+            prefill.kv_export.pipelined, prefill.kv_export.background = pipe, background
+            wall, export_s, out = _prefill(prefill, prompt)
+            tokens, data = out.kv
+            if ref is None:
+                ref = data.clone()
+            assert torch.equal(data, ref), mode  # every mode exports the same bytes
+            if mode == "background":  # the P/D decode leg, from this slot
+                msg = kv_transfer.pack(tokens, data, prefill.kv_layout,
+                                       (arena.path, *arena.where(out.request_id)))  # fmt: skip
+                imp, step, ids = _decode_leg(decode, maps, msg, prompt, out.token_ids)
+                if i:
+                    second["import"].append(imp)
+                    second["decode step"].append(step)
+            arena.release(out.request_id)
+            if i:
+                rows[mode].append((wall, export_s))
+        colocated.block_manager.reset_prefix_cache()
+        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        rid = colocated.add_request(prompt, params)
+        stamps, last = [], None
+        while colocated.has_unfinished():
+            for o in colocated.step():
+                if o.request_id == rid:
+                    stamps.append(time.perf_counter())
+                    last = o
+        assert last.token_ids == ids, "P/D and colocated disagree on the first two tokens"
+        if i:
+            second["colocated"].append(stamps[1] - stamps[0])
+
+    med = statistics.median
+    n = len(prompt) // 16
+    print(
+        f"\n{len(prompt)} prompt tokens ({n} full blocks), chunked prefill of {args.chunk} "
+        f"tokens a step, median of {args.rounds} rounds"
+    )
+    print(f"  {'export mode':12s} {'at hand-off ms':>15s} {'prefill wall ms':>16s}")
+    for mode, r in rows.items():
+        print(f"  {mode:12s} {med(x[1] for x in r) * 1e3:15.2f} {med(x[0] for x in r) * 1e3:16.1f}")
+    colo = med(second["colocated"])
+    hand = med(x[1] for x in rows["background"])
+    imp, step = med(second["import"]), med(second["decode step"])
+    pd = hand + imp + step
+    print("  first token -> second token:")
+    print(f"    colocated (one decode step)                  {colo * 1e3:8.1f} ms")
+    print(f"    P/D: export at hand-off {hand * 1e3:.1f} + import {imp * 1e3:.1f} + "
+          f"first decode step {step * 1e3:.1f} = {pd * 1e3:8.1f} ms "
+          f"(the transfer: {(hand + imp) / pd:.0%} of it)")  # fmt: skip
 
 
 if __name__ == "__main__":

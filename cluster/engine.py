@@ -22,6 +22,7 @@ from cluster.config import EngineConfig
 from cluster.detokenizer import IncrementalDetokenizer
 from cluster.executor import Executor, make_executor
 from cluster.grammar import Grammars
+from cluster.kv_export import KVExporter
 from cluster.kv_transfer import KVLayout
 from cluster.request import Request
 from cluster.scheduler import Scheduler
@@ -109,9 +110,11 @@ class LLMEngine:
         bs = config.cache.block_size
         # What this engine's exported KV is, and what KV it imports (cluster.kv_transfer).
         self.kv_layout = KVLayout(config.model.name, *self.executor.kv_layout(), block_size=bs)
-        # Where a hand-off's blocks are exported to: (request id, shape, dtype) -> a tensor to
-        # write them into (a prefill group's shared-memory arena slot), or None for new memory.
-        self.kv_export_target: Callable[[str, tuple, Any], Any] | None = None
+        # A hand-off's blocks leave through this (cluster/kv_export.py); a prefill group with
+        # an arena sets kv_export.target, and they are copied into a slot chunk by chunk.
+        self.kv_export = KVExporter(
+            self.executor, self.block_manager, self.kv_layout, self.scheduler.requests
+        )
         progress.report(
             f"KV cache: {self.executor.num_blocks} blocks x {bs} tokens = "
             f"{self.executor.num_blocks * bs} tokens; max model length {self.max_model_len}"
@@ -231,6 +234,7 @@ class LLMEngine:
         self._tracks.pop(request_id, None)
         self.grammars.drop(request_id)
         self._handoffs.discard(request_id)
+        self.kv_export.drop(request_id)
         return True
 
     def has_unfinished(self) -> bool:
@@ -244,9 +248,14 @@ class LLMEngine:
             return []
         if len(self.grammars):  # masks for the constrained rows only, from this step's state
             plan.token_masks = self.grammars.masks([s.req_id for s in plan.seqs if s.sample])
+        export = self.kv_export
+        if self._handoffs:  # a slot for each hand-off scheduled for the first time
+            export.begin([s.req_id for s in plan.seqs if s.req_id in self._handoffs])
+        export.before_execute()
         result = self.executor.execute(plan)
         now = time.monotonic()
         outputs = [self._process(req, now) for req in self.scheduler.update(plan, result)]
+        export.after_step()  # the full blocks this step completed, toward their slots
         # The whole step, as a stream sees it between two tokens (sizes the auto prefill cap).
         self.scheduler.observe_step(plan, time.perf_counter() - start)
         return outputs
@@ -285,7 +294,9 @@ class LLMEngine:
         if req.req_id in self._handoffs:
             self._handoffs.discard(req.req_id)
             if reason is None:  # the decode group takes over; text held back stays held back
-                reason, kv = "handoff", self._export_computed(req)
+                reason, kv = "handoff", self.kv_export.finish(req)
+            else:  # it ended at its first token: nothing to hand off
+                self.kv_export.drop(req.req_id)
         if reason is not None:
             if reason != "handoff" and not isinstance(req.stop_reason, str):
                 delta += track.detok.flush()
@@ -372,17 +383,7 @@ class LLMEngine:
         req = self.scheduler.requests.get(request_id)
         if req is None:
             raise KeyError(f"request {request_id!r} is not in flight")
-        return self._export_computed(req)
-
-    def _export_computed(self, req: Request) -> tuple[list[int], Any]:
-        bs = self.block_manager.block_size
-        n_full = req.num_computed_tokens // bs
-        blocks = self.block_manager.block_table(req.req_id)[:n_full]
-        out = None
-        if self.kv_export_target is not None and n_full:
-            layout = self.kv_layout
-            out = self.kv_export_target(req.req_id, layout.shape(n_full), layout.torch_dtype)
-        return req.token_ids[: n_full * bs], self.executor.export_blocks(blocks, out)
+        return self.kv_export.export_now(req)
 
     def import_kv(
         self,
@@ -418,4 +419,5 @@ class LLMEngine:
         return self.block_manager.cached_block_hashes()
 
     def shutdown(self) -> None:
+        self.kv_export.close()
         self.executor.shutdown()

@@ -13,9 +13,12 @@ in-process move (benchmarks/kv_transfer.py).
     KVArena(name, size)      the owner (prefill group): put / release / sweep / close
     ArenaMaps()              a reader's (decode group's) mappings of the arenas it was sent
 
-A prefill group whose engine runs in its own process (tp = pp = 1) exports a finished prompt's
-blocks straight into a slot (`reserve`, from the engine thread), so the hand-off copies the
-bytes once out of the paged cache and once into the decode group's.
+A prefill group's engine exports a hand-off's blocks straight into a slot (`reserve`, from
+the engine thread), so the hand-off copies the bytes once out of the paged cache and once into
+the decode group's. It reserves the slot when the prompt is admitted, fills it chunk by chunk
+as prefill completes full blocks (cluster/kv_export.py), and only then starts its hold
+(`hold`): a slot being filled has no deadline -- the engine releases it itself if the request
+ends without a hand-off.
 
 Every slot starts with a 64-byte header holding its generation: a number given once per
 reservation and cleared on release. The message names it; the reader checks it before and
@@ -60,22 +63,28 @@ class KVArena:
         self._lock = threading.Lock()
         self.expired = 0
 
-    def reserve(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    def reserve(
+        self, key: str, shape: tuple[int, ...], dtype: torch.dtype, hold_s: float | None = None
+    ) -> torch.Tensor | None:
         """A slot held under `key` for a tensor of `shape` and `dtype`: a tensor over it to
-        write into, or None when the arena has no room (the caller uses other memory)."""
+        write into, or None when the arena has no room (the caller uses other memory).
+        `hold_s`: how long before sweep() frees it unreleased (None: the arena's hold_s;
+        math.inf: until release(), or hold() starts the clock)."""
         n = dtype.itemsize
         for d in shape:
             n *= d
         need = _HEADER + -(-n // _ALIGN) * _ALIGN
         with self._lock:
             self._sweep_locked()
+            self._release_locked(key)  # a key names one slot: an older one under it goes
             for i, (off, length) in enumerate(self._free):
                 if length >= need:
                     rest = (off + need, length - need)
                     self._free[i : i + 1] = [rest] if rest[1] else []
                     gen = next(self._gens)
                     self._gen_view[off // 8] = gen
-                    self._lent[key] = (off, need, time.monotonic() + self.hold_s, gen)
+                    hold = self.hold_s if hold_s is None else hold_s
+                    self._lent[key] = (off, need, time.monotonic() + hold, gen)
                     data = off + _HEADER
                     return self.buf[data : data + n].view(dtype).view(shape)
         return None
@@ -93,6 +102,13 @@ class KVArena:
         """(offset of the data, generation) of the slot held under `key`, or None."""
         slot = self._lent.get(key)
         return None if slot is None else (slot[0] + _HEADER, slot[3])
+
+    def hold(self, key: str) -> None:
+        """Start the hold of `key`'s slot now (it was reserved to be filled, without one)."""
+        with self._lock:
+            slot = self._lent.get(key)
+            if slot is not None:
+                self._lent[key] = (slot[0], slot[1], time.monotonic() + self.hold_s, slot[3])
 
     def release(self, key: str) -> bool:
         with self._lock:

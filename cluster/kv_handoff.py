@@ -2,17 +2,22 @@
 in; the router's side is router/legs.py).
 
     prefill group   holds a finished prompt's KV under a lease (_Leases) until a decode group
-                    takes it (take_kv: inline bytes, or a slot of its same-node shared-memory
-                    arena, cluster/kv_arena.py) or the lease runs out
+                    takes it (take_kv, through the transport the taker asked for: inline bytes,
+                    a slot of its same-node shared-memory arena, or send / recv over a pair
+                    group -- cluster/kv_transports.py) or the lease runs out
     decode group    fetches it from the address the router passed on (_fetch_kv), checks it
-                    fits its KV layout (_fitting_kv), imports it, gives an arena slot back once
-                    the engine has read it (_give_back_arena); anything missing, late or not
+                    fits its KV layout (_fitting_kv), imports it, gives an arena slot back once the
+                    engine has read it (_give_back_arena); anything missing, late or not
                     fitting is recomputed -- the same tokens, only later
+    pair groups     open_kv_link (decode side) asks a prefill group to join a torch.distributed
+                    group of two (kv_link; parallel/pair.py): its hand-offs to this group then
+                    travel by send / recv on that group's backend (gloo on CPU, NCCL on GPU)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -21,6 +26,7 @@ from typing import Any
 from cluster import wire
 
 log = logging.getLogger("cluster.replica_group")  # the group's one log
+_NO_LOCK = contextlib.nullcontext()
 
 
 class _Leases:
@@ -63,34 +69,64 @@ class _Leases:
 
 class KVHandoff:
     """Mixed into ReplicaGroup, whose __init__ sets leases, arena, arena_maps, _arena_loans,
-    kv (counters), kv_transfer_timeout_s, engine and name."""
+    kv_links, _link_locks, kv (counters), kv_transfer_timeout_s, engine and name."""
 
-    def take_kv(self, request_id: str, via: str = "inline") -> Any:
+    def take_kv(self, request_id: str, via: str = "inline", taker: str | None = None) -> Any:
         """A decode group takes (and so acknowledges) a request's prompt KV (token ids and block
-        data, cluster.kv_transfer's form), or None when the lease expired or was never made.
-        via="shm" (a decode group on this node): the data is in a slot of this group's arena
-        (exported there by the engine, or copied there now) and the answer says where and
-        which generation; the taker releases the slot (release_kv) once it imported it, or the
-        slot is freed after the lease and transfer times."""
-        from cluster import kv_transfer  # torch: only in a group's process, never the router's
+        data), or None when the lease expired or was never made. `via`: the transport the taker
+        asked for (cluster/kv_transports.py): "shm" (a decode group on this node: the answer
+        names a slot of this group's arena, which the taker releases with release_kv once it
+        imported it, or the slot is freed after the lease and transfer times), "dist" (the
+        taker, `taker`, joined a pair group with this one: the bytes follow the answer) or
+        "inline" (the bytes in the answer)."""
+        from cluster import kv_transports  # torch: only in a group's process, never the router's
 
         kv = self.leases.take(request_id)
         if kv is None:
             return None
         tokens, data = kv
-        layout = self.engine.engine.kv_layout
-        arena = self.arena
-        at = arena.where(request_id) if arena is not None else None
-        if at is not None:  # the engine exported it straight into a slot of the arena
-            if via == "shm":
-                return kv_transfer.pack(tokens, data, layout, arena=(arena.path, *at))
-            data = data.clone()  # the slot goes back now; the socket sends from this copy
-            arena.release(request_id)
-        elif via == "shm" and arena is not None and arena.put(request_id, data) is not None:
-            # exported into new memory (the arena was full then): copied in now
-            at = arena.where(request_id)
-            return kv_transfer.pack(tokens, data, layout, arena=(arena.path, *at))
-        return kv_transfer.pack(tokens, data, layout)
+        pair = self.kv_links.get(taker) if via == "dist" and taker else None
+        transport = kv_transports.sender(via, self.arena, pair)
+        return transport.send(request_id, tokens, data, self.engine.engine.kv_layout)
+
+    def kv_link(self, taker: str, backend: str) -> int:
+        """Prefill side of open_kv_link: listen for `taker` to join a pair group (rank 0 here);
+        the port of the rendezvous. The group is used once both joined."""
+        from parallel.pair import PairGroup  # torch: only in a group's process
+
+        host = self._kv_link_host()
+        store = PairGroup.listen(host)
+
+        def joined(f: asyncio.Future) -> None:
+            if f.exception() is None:
+                self.kv_links[taker] = f.result()
+            else:
+                log.warning("pair group with %s not made: %r", taker, f.exception())
+
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(None, PairGroup, store, 0, backend, host).add_done_callback(joined)
+        return store.port
+
+    async def open_kv_link(self, source: dict[str, Any], backend: str = "gloo") -> None:
+        """Join a torch.distributed pair group with the prefill group `source` names (as
+        _fetch_kv's): hand-offs from it then travel by send / recv ("dist"). For groups that
+        can reach each other's addresses; `backend`: gloo (CPU tensors) or nccl (CUDA)."""
+        from parallel.pair import PairGroup  # torch: only in a group's process
+
+        port = await wire.call_once(
+            source["host"], source["port"], source["secret"], self.name,
+            "kv_link", [self.name, backend],
+        )  # fmt: skip
+        here = self._kv_link_host()
+
+        def join() -> Any:
+            return PairGroup(PairGroup.dial(source["host"], port), 1, backend, here)
+
+        self.kv_links[source["group"]] = await asyncio.to_thread(join)
+
+    def _kv_link_host(self) -> str:
+        server = getattr(self, "_server", None)
+        return server.sockets[0].getsockname()[0] if server is not None else "127.0.0.1"
 
     def _lease_expired(self, request_id: str) -> None:
         if self.arena is not None:
@@ -118,25 +154,17 @@ class KVHandoff:
     async def _fetch_kv(self, source: dict[str, Any], request_id: str) -> Any:
         """The prompt KV held by the group `source` names ({group, host, port, secret}: its
         data plane, which the router passes on), or None (then the prompt is recomputed here).
-        What the fetch did is kept in self._transfers[request_id] ({via: shm | inline |
+        What the fetch did is kept in self._transfers[request_id] ({via: shm | dist | inline |
         recompute, bytes, seconds}) for the leg's last delta (the router's histograms)."""
-        from cluster import kv_transfer  # torch: only in a group's process
+        from cluster import kv_transfer, kv_transports  # torch: only in a group's process
 
         t0 = time.monotonic()
         group = source.get("group", "?")
         here = getattr(getattr(self, "member", None), "node_id", None)
-        via = "shm" if here and source.get("node_id") == here else "inline"
+        via = kv_transports.choose(source, here, self.kv_links)
         try:
-            kv = await asyncio.wait_for(
-                wire.call_once(
-                    source["host"],
-                    source["port"],
-                    source["secret"],
-                    self.name,
-                    "take_kv",
-                    [request_id, via],
-                ),
-                self.kv_transfer_timeout_s,
+            msg = await asyncio.wait_for(
+                self._take(source, request_id, via), self.kv_transfer_timeout_s
             )
             # Python 3.11's wait_for returns the result when the answer and a cancel of this
             # task land together, swallowing the cancel: the aborted request would then run
@@ -149,9 +177,10 @@ class KVHandoff:
             raise
         except Exception as e:  # the prefill group died, or the transfer is late
             log.warning("KV of %s from %s not received, recomputing: %r", request_id, group, e)
-            kv = None
-        if kv is not None:
-            msg = kv
+            msg = None
+        kv = None
+        if msg is not None:
+            via = "dist" if msg.get("dist") else "shm" if msg.get("arena") else "inline"
             kv = self._fitting_kv(msg, request_id, group)
             if kv is not None and msg.get("arena"):
                 # Read in place: the slot stays lent until the engine has imported it. A
@@ -170,9 +199,24 @@ class KVHandoff:
         self.kv["imports"] += 1
         self.kv["bytes"] += kv[1].nbytes
         self.kv["seconds"] += seconds
-        via = "shm" if request_id in self._arena_loans else "inline"
         self._transfers[request_id] = {"via": via, "bytes": kv[1].nbytes, "seconds": seconds}
         return kv
+
+    async def _take(self, source: dict[str, Any], request_id: str, via: str) -> Any:
+        """take_kv's answer from the group `source` names, its bytes received when they came
+        over a pair group (cluster/kv_transports.py), or None."""
+        from cluster import kv_transports  # torch: only in a group's process
+
+        pair = self.kv_links.get(source.get("group"))
+        # One transfer at a time per pair group: NCCL matches sends and receives in order.
+        lock = self._link_locks.setdefault(source["group"], asyncio.Lock()) if pair else _NO_LOCK
+        async with lock:
+            # the taker's name only for "dist" (which only a group that has kv_link asks for)
+            args = [request_id, via, self.name] if pair else [request_id, via]
+            msg = await wire.call_once(
+                source["host"], source["port"], source["secret"], self.name, "take_kv", args
+            )
+            return None if msg is None else await kv_transports.arrive(msg, pair)
 
     def _fitting_kv(self, msg: dict[str, Any], request_id: str, group: str) -> tuple | None:
         """take_kv's answer as (token ids, data, layout) when it fits this group's KV layout

@@ -2,7 +2,8 @@
 fp16 as their 16-bit patterns) with dtype and shape beside them, and the layout they were cut
 to (`KVLayout`), sent as one frame on the decode group's own connection to the prefill group's
 data plane (cluster/wire.py `take_kv`) -- or, between groups on one node, left in a slot of the
-prefill group's shared-memory arena (cluster/kv_arena.py), the frame saying where. The sender hands the socket a view of the tensor's
+prefill group's shared-memory arena (cluster/kv_arena.py), the frame saying where, or sent over
+a torch.distributed pair group after the frame (cluster/kv_transports.py chooses). The sender hands the socket a view of the tensor's
 memory (no serialization of the values); the receiver maps a tensor over the received bytes
 and copies it into its blocks once.
 
@@ -76,12 +77,7 @@ def pack(
     """The message for `data`: its bytes inline, or (`arena`: (path, offset, generation))
     where in a same-node arena (cluster/kv_arena.py) they are."""
     dtype = data.dtype
-    msg: dict[str, Any] = {
-        "tokens": list(token_ids),
-        "layout": asdict(layout),
-        "dtype": str(dtype).removeprefix("torch."),
-        "shape": list(data.shape),
-    }
+    msg = header(token_ids, data, layout)
     if arena is not None:
         msg["arena"] = {"path": arena[0], "offset": arena[1], "gen": arena[2]}
         return msg
@@ -89,6 +85,16 @@ def pack(
     arr = data.view(_BITS[dtype]).numpy() if dtype in _BITS else data.numpy()
     msg["data"] = memoryview(arr.reshape(-1)).cast("B")
     return msg
+
+
+def header(token_ids: list[int], data: torch.Tensor, layout: KVLayout) -> dict[str, Any]:
+    """What every message says about the data besides where its bytes are."""
+    return {
+        "tokens": list(token_ids),
+        "layout": asdict(layout),
+        "dtype": str(data.dtype).removeprefix("torch."),
+        "shape": list(data.shape),
+    }
 
 
 def unpack(

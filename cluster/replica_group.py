@@ -114,12 +114,15 @@ class ReplicaGroup(KVHandoff):
             else None
         )
         self.arena_maps = ArenaMaps()
+        # peer group -> a parallel.pair.PairGroup joined with it (kv_link / open_kv_link)
+        self.kv_links: dict[str, Any] = {}
+        self._link_locks: dict[str, asyncio.Lock] = {}
         self._arena_loans: dict[str, dict[str, Any]] = {}  # request -> the lender's address
         self._transfers: dict[str, dict[str, Any]] = {}  # request -> its KV fetch (_fetch_kv)
         self.config = config
         self.engine = AsyncEngine(config)
-        if self.arena is not None:  # hand-offs are exported straight into an arena slot
-            self.engine.engine.kv_export_target = self.arena.reserve
+        if self.arena is not None:  # hand-offs are exported into an arena slot, chunk by chunk
+            self.engine.engine.kv_export.target = self.arena
         self.num_aborted = 0  # requests whose caller went away before they finished
         self.num_requests = 0  # requests received, including refused ones
         self._subscribers: dict[str, _Subscriber] = {}
@@ -272,6 +275,8 @@ class ReplicaGroup(KVHandoff):
                 value = self.drain()
             elif call.method == "take_kv":
                 value = self.take_kv(*call.args)
+            elif call.method == "kv_link":
+                value = self.kv_link(*call.args)
             elif call.method == "release_kv":
                 value = self.arena.release(*call.args) if self.arena is not None else False
             else:
@@ -413,6 +418,10 @@ class ReplicaGroup(KVHandoff):
             "kv_shm_imports": self.kv["shm_imports"],
             "kv_arena_lent": self.arena.lent if self.arena is not None else 0,
             "kv_arena_expired": self.arena.expired if self.arena is not None else 0,
+            # hand-off blocks copied while the prompt's prefill ran / when its first token came
+            "kv_export_early_blocks": self.engine.engine.kv_export.early_blocks,
+            "kv_export_late_blocks": self.engine.engine.kv_export.late_blocks,
+            "kv_links": sorted(self.kv_links),  # groups this one joined a pair group with
             "hash_fingerprint": fp,
             "hashes": None if fp == known_fingerprint else hashes,
             "blocks": dict(self.engine.blocks),  # as of the engine's last idle moment

@@ -17,7 +17,7 @@ Refused and closes, so a mixed-version deploy fails loudly instead of misreading
                                                 group fetching KV says subscribe=False)
                       Submit(id, ids, params, leg)  start (or resume) a request
                       Abort(ids)                stop requests, free their KV blocks
-                      Call(id, method, args)    control: stats / drain / take_kv (CALLS)
+                      Call(id, method, args)    control: stats / drain / take_kv ... (CALLS)
     group -> router   Batch(items)              [(request_id, delta), ...]; the first is empty
                       Ack(id, err)              a Submit's answer: None or an error delta
                       Reply(id, value, err)     a Call's answer
@@ -46,7 +46,7 @@ PROTOCOL_VERSION = 3  # 1: newline-delimited JSON; 2: no control calls
 # A batch of deltas is KBs; a prompt's KV (take_kv) up to a few hundred MB. Frames are read only
 # after the peer proved it holds the group's secret, so the limit guards against bugs, not abuse.
 MAX_FRAME = 1 << 30
-CALLS = ("stats", "drain", "take_kv", "release_kv")
+CALLS = ("stats", "drain", "take_kv", "release_kv", "kv_link")
 
 
 class Hello(msgspec.Struct, tag=True):

@@ -352,17 +352,23 @@ class ModelRunner:
     def export_blocks(self, block_ids: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
         """[layers, 2, n, block_size, kv_heads, head_dim] copy of the given blocks, on the host
         (a hand-off, not a step): into `out` when it has that shape and dtype (a prefill
-        group's shared-memory slot), else into new memory."""
+        group's shared-memory slot, or a range of its blocks), else into new memory."""
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         c0 = self.kv_caches[0]
         shape = (len(self.kv_caches), 2, len(block_ids), *c0.shape[2:])
         if out is None or tuple(out.shape) != shape or out.dtype != c0.dtype:
             out = torch.empty(shape, dtype=c0.dtype)
+        n, per_block = len(block_ids), c0[0, 0].numel()
         for layer, c in enumerate(self.kv_caches):
-            if c.device.type == "cpu":  # a row gather; advanced indexing c[:, idx] was far slower
-                torch.index_select(c, 1, idx, out=out[layer])
+            # [K / V, block, its values]: a block range of a slot views this way too
+            src, dst = c.view(2, c.shape[1], per_block), out[layer].view(2, n, per_block)
+            if c.device.type == "cpu":
+                # a gather of whole blocks: as fast as on the 5-D view into a whole slot, 2.6x
+                # faster into a block range of one, 6x faster than K and V apart (EPYC-AVX2);
+                # advanced indexing c[:, idx] was far slower
+                torch.index_select(src, 1, idx, out=dst)
             else:
-                out[layer].copy_(c.index_select(1, idx))
+                dst.copy_(src.index_select(1, idx))
         return out
 
     def import_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:

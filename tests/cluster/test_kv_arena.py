@@ -54,6 +54,30 @@ def test_slots_are_lent_released_coalesced_and_swept(monkeypatch):
     arena.close()
 
 
+def test_a_slot_being_filled_has_no_hold_until_hold_starts_it(monkeypatch):
+    """A hand-off's slot is reserved when its prompt is admitted and filled chunk by chunk:
+    sweep() leaves it alone until hold() starts the clock; reserving a key again replaces
+    (frees) the slot it held."""
+    import math
+
+    import cluster.kv_arena as mod
+
+    arena = KVArena("t", 1 << 16, hold_s=10)
+    arena.reserve("filling", (256,), torch.float32, hold_s=math.inf)
+    arena.reserve("old", (256,), torch.float32)
+    arena.reserve("old", (256,), torch.float32)  # the first "old" slot goes back
+    assert arena.lent == 2
+    now = mod.time.monotonic()
+    monkeypatch.setattr(mod.time, "monotonic", lambda: now + 11)
+    arena.sweep()
+    assert arena.lent == 1 and arena.where("filling") is not None
+    arena.hold("filling")
+    monkeypatch.setattr(mod.time, "monotonic", lambda: now + 22)
+    arena.sweep()
+    assert arena.lent == 0 and arena.free_bytes == 1 << 16
+    arena.close()
+
+
 def test_a_reused_slot_is_never_read_as_the_old_one():
     """The reader's check sees the release (generation cleared) and the reuse (a new
     generation) of the slot it was sent, whether it looks before or after reading."""
@@ -92,7 +116,7 @@ def test_engine_exports_into_the_slot_and_a_stale_import_changes_nothing(tiny_mo
     )
     prefill, decode = LLMEngine(cfg), LLMEngine(cfg)
     arena = KVArena("t", 1 << 20)
-    prefill.kv_export_target = arena.reserve
+    prefill.kv_export.target = arena
     prompt = list(range(3, 14))  # 11 tokens: 2 full blocks
     prefill.add_request(prompt, SamplingParams(max_tokens=4, temperature=0.0), "r", handoff=True)
     out = None
