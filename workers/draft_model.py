@@ -111,12 +111,12 @@ class Drafter:
             live = sorted((s for s in spec if s.num_draft > j), key=lambda s: s.start_pos)
             ids, positions, slots, tables, lens = [], [], [], [], []
             for s in live:
-                p = s.start_pos + j
+                pos = s.start_pos + j  # slots there were allocated for the drafts
                 ids.append(s.token_ids[0] if j == 0 else drafts[s.req_id][-1])
-                positions.append(p)
-                slots.append(s.block_table[p // bs] * bs + p % bs)
-                tables.append(s.block_table[: p // bs + 1])
-                lens.append(p + 1)
+                positions.append(pos)
+                slots.append(s.block_table[pos // bs] * bs + pos % bs)
+                tables.append(s.block_table[: pos // bs + 1])
+                lens.append(pos + 1)
             meta = build_metadata(
                 positions, slots, tables, lens, [], bs, self.device, native=self.native
             )

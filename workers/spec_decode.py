@@ -78,20 +78,22 @@ def accept_speculative(
         return accept_greedy(logits.argmax(dim=-1).tolist(), drafts)
     p = _filter(logits.float(), [state.params] * len(logits))
     gen = state.generator or default_gen
-    out: list[int] = []
-    for j, d in enumerate(drafts):
-        u = float(torch.rand((), generator=gen, device=p.device))
-        # accept with probability min(1, p/q); q(d) > 0, since d was drawn from q
-        if u * float(q[j, d]) < float(p[j, d]):
-            out.append(d)
-            continue
-        residual = (p[j] - q[j].to(p.dtype)).clamp_min_(0.0)
-        if float(residual.sum()) <= 0.0:  # p == q up to rounding: a rejection cannot happen
-            residual = p[j]
-        out.append(int(rejection_sample(residual, gen)))  # the race needs no normalising
-        return out
-    out.append(int(rejection_sample(p[len(drafts)], gen)))
-    return out
+    k = len(drafts)
+    a = 0  # drafts accepted
+    if k:
+        rows = torch.arange(k, device=p.device)
+        d = torch.tensor(drafts, device=p.device)
+        u = torch.rand(k, generator=gen, device=p.device)
+        # accept d_j with probability min(1, p/q) (q(d_j) > 0: d_j was drawn from q), up to
+        # the first rejection; one vector op, one host read
+        ok = (u * q[rows, d].to(p.dtype) < p[rows, d]).tolist()
+        a = ok.index(False) if False in ok else k
+    if a == k:
+        return drafts + [int(rejection_sample(p[k], gen))]  # the bonus token, from p
+    residual = (p[a] - q[a].to(p.dtype)).clamp_min_(0.0)
+    if float(residual.sum()) <= 0.0:  # p == q up to rounding: a rejection cannot happen
+        residual = p[a]
+    return drafts[:a] + [int(rejection_sample(residual, gen))]  # the race needs no normalising
 
 
 def sample_rows(seq: SeqPlan) -> int:

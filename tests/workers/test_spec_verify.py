@@ -167,15 +167,15 @@ def test_speculative_sampling_keeps_the_target_distribution():
     follows p, and drafts are accepted with probability sum(min(p, q)) (0.5 here)."""
     c1, c2, rate = speculate(Q)
     assert tv(c1, P.double()) < 0.03
-    assert tv(c2, P2.double()) < 0.04  # the bonus token after an accepted draft
+    assert tv(c2, P2.double()) < 0.05  # the bonus token after an accepted draft (half as many)
     assert abs(rate - float(torch.minimum(P, Q).sum())) < 0.03
 
 
 def test_speculative_sampling_bound_can_fail():
-    """The same bound rejects verification against the wrong q (uniform, while the drafts
-    came from Q): the tokens then lean towards Q."""
-    c1, _, _ = speculate(torch.full((6,), 1 / 6))
-    assert tv(c1, P.double()) > 0.06
+    """The bound catches a sampler that verifies against the wrong q (uniform, while the
+    drafts came from Q): its tokens lean towards Q, about four times past the 0.03 bound."""
+    c1, _, _ = speculate(torch.full((6,), 1 / 6), n=N // 10)
+    assert tv(c1, P.double()) > 0.09  # 0.126 in expectation
 
 
 def test_speculative_sampling_greedy_is_the_argmax_rule():
