@@ -143,7 +143,7 @@ Q = torch.tensor([0.10, 0.10, 0.10, 0.10, 0.30, 0.30])
 P2 = torch.tensor([0.05, 0.05, 0.5, 0.2, 0.1, 0.1])
 
 
-def speculate(q_claimed: torch.Tensor, n: int = N // 4):
+def speculate(q_claimed: torch.Tensor, n: int = N // 8):
     """n rounds of: a draft d ~ Q, verified by accept_speculative against p1 (then p2 for the
     bonus) with `q_claimed` as its draft distribution. Returns (first tokens, tokens after an
     accepted draft, acceptance rate)."""
@@ -166,14 +166,14 @@ def test_speculative_sampling_keeps_the_target_distribution():
     """Accept d ~ q with probability min(1, p/q), else draw from max(0, p - q): every token
     follows p, and drafts are accepted with probability sum(min(p, q)) (0.5 here)."""
     c1, c2, rate = speculate(Q)
-    assert tv(c1, P.double()) < 0.03
-    assert tv(c2, P2.double()) < 0.05  # the bonus token after an accepted draft (half as many)
+    assert tv(c1, P.double()) < 0.045
+    assert tv(c2, P2.double()) < 0.06  # the bonus token after an accepted draft (half as many)
     assert abs(rate - float(torch.minimum(P, Q).sum())) < 0.03
 
 
 def test_speculative_sampling_bound_can_fail():
     """The bound catches a sampler that verifies against the wrong q (uniform, while the
-    drafts came from Q): its tokens lean towards Q, about four times past the 0.03 bound."""
+    drafts came from Q): its tokens lean towards Q, about three times past the 0.045 bound."""
     c1, _, _ = speculate(torch.full((6,), 1 / 6), n=N // 10)
     assert tv(c1, P.double()) > 0.09  # 0.126 in expectation
 
