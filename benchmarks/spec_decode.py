@@ -1,9 +1,13 @@
-"""Speculative decoding (n-gram prompt lookup) vs plain decoding, SmolLM2-135M-Instruct, float32.
+"""Speculative decoding (n-gram prompt lookup, or a layer-truncated draft model) vs plain
+decoding, SmolLM2-135M-Instruct, float32.
 
-Command (from the repo root):
+Commands (from the repo root):
     .venv/bin/python benchmarks/spec_decode.py
+    .venv/bin/python benchmarks/spec_decode.py --method draft_model --draft-layers 8
 
-One engine with `speculative: {method: ngram, num_tokens: 4}` runs each workload with its
+One engine with `speculative: {method: ngram, num_tokens: 4}` (or `{method: draft_model,
+draft: {num_layers: N}}`: SmolLM2's own first N layers draft, in the target's KV cache; with
+the proposer detached the draft never runs) runs each workload with its
 proposer attached (spec) and detached (plain: exactly the non-speculative scheduler),
 alternately, --repeats times each, best run kept (the machine may be shared). One engine, not
 two: with two SmolLM2 engines in one process the first one's decode steps ran 2-3x slower
@@ -13,7 +17,9 @@ two: with two SmolLM2 engines in one process the first one's decode steps ran 2-
           text that does not repeat, so lookup rarely hits (measures the overhead). Greedy
           decoding is not used here: on random prompts it falls into loops that lookup hits.
 at batch 1 (prompts one after another) and batch 8 (8 prompts in one generate()). Greedy and
-seeded requests get the same tokens with and without speculation (checked); tokens/s =
+seeded requests get the same tokens with and without speculation (checked; with a draft model
+greedy ones only: its own draws from q change a seeded request's tokens, not their
+distribution, so "same tokens" reads False on the random workload there); tokens/s =
 output tokens / wall time (prefill included), and decode tokens/s = tokens after the first /
 the time from each request's first token to its last (what speculation speeds up: the lookup
 answers are short, so prefill weighs heavily in the first figure).
@@ -28,7 +34,7 @@ import time
 
 from cluster.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from cluster.engine import LLMEngine
-from workers.config import ModelConfig
+from workers.config import DraftConfig, ModelConfig
 from workers.sampling_params import SamplingParams
 
 TEXTS = [
@@ -93,12 +99,23 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--num-tokens", type=int, default=4, help="draft tokens per step")
+    ap.add_argument("--method", choices=["ngram", "draft_model"], default="ngram")
+    ap.add_argument(
+        "--draft-layers", type=int, default=8, help="draft_model: the target's first N layers"
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch1-prompts", type=int, default=4)
     ap.add_argument("--workloads", default="lookup,random")
     ap.add_argument("--batches", default="1,8")
     args = ap.parse_args()
-    spec_cfg = SpeculativeConfig(num_tokens=args.num_tokens)
+    if args.method == "draft_model":
+        spec_cfg = SpeculativeConfig(
+            method="draft_model",
+            num_tokens=args.num_tokens,
+            draft=DraftConfig(num_layers=args.draft_layers),
+        )
+    else:
+        spec_cfg = SpeculativeConfig(num_tokens=args.num_tokens)
     eng = make_engine(spec_cfg)
     proposer = eng.scheduler.proposer
     greedy = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)

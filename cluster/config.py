@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from parallel.config import ParallelConfig
-from workers.config import ModelConfig
+from workers.config import DraftConfig, ModelConfig
 
 
 class CacheConfig(BaseModel):
@@ -102,14 +102,19 @@ class SchedulerConfig(BaseModel):
 
 
 class SpeculativeConfig(BaseModel):
-    """Speculative decoding by n-gram prompt lookup (cluster/spec_decode.py tells the rules)."""
+    """Speculative decoding by n-gram prompt lookup or a draft model (cluster/spec_decode.py
+    tells the rules, workers/draft_model.py the draft model)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["ngram"] = Field(
+    method: Literal["ngram", "draft_model"] = Field(
         "ngram",
         description="ngram: draft tokens are the continuation of the latest earlier occurrence "
-        "of the sequence's last n tokens (prompt lookup; no draft model).",
+        "of the sequence's last n tokens (prompt lookup; no draft model). draft_model: a "
+        "smaller model (`draft`) proposes them, num_tokens decode passes per step.",
+    )
+    draft: DraftConfig | None = Field(
+        None, description="method draft_model: the draft (another model, or num_layers)."
     )
     num_tokens: int = Field(
         4, ge=1, le=16, description="Draft tokens proposed per step, verified in one step."
@@ -144,6 +149,15 @@ class SpeculativeConfig(BaseModel):
                 f"speculative.prompt_lookup_min={self.prompt_lookup_min} exceeds "
                 f"prompt_lookup_max={self.prompt_lookup_max}"
             )
+        if self.method == "draft_model" and self.draft is None:
+            raise ValueError(
+                "speculative.method=draft_model needs speculative.draft "
+                "({model: <path>} or {num_layers: N})"
+            )
+        if self.method != "draft_model" and self.draft is not None:
+            raise ValueError(
+                f"speculative.draft is for method=draft_model (method is {self.method!r})"
+            )
         return self
 
 
@@ -155,7 +169,9 @@ class EngineConfig(BaseModel):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     speculative: SpeculativeConfig | None = Field(
-        None, description="Speculative decoding (n-gram prompt lookup); null (default) is off."
+        None,
+        description="Speculative decoding (n-gram prompt lookup or a draft model); null "
+        "(default) is off.",
     )
 
     @model_validator(mode="after")
@@ -180,5 +196,12 @@ class EngineConfig(BaseModel):
                 raise ValueError(
                     f"speculative.num_tokens={spec.num_tokens} + 1 exceeds "
                     f"scheduler.max_num_batched_tokens={self.scheduler.max_num_batched_tokens}"
+                )
+            if spec.method == "draft_model" and not self.parallel.is_single:
+                # Every rank would have to draw the same draft tokens; one rank draws them.
+                raise ValueError(
+                    "speculative.method=draft_model needs a single-rank group "
+                    f"(parallel tp=pp=ep=1; got tp={self.parallel.tp}, pp={self.parallel.pp}, "
+                    f"ep={self.parallel.ep})"
                 )
         return self

@@ -37,7 +37,12 @@ class LocalExecutor:
     def __init__(self, config: EngineConfig):
         from workers.model_runner import ModelRunner
 
-        self.runner = ModelRunner(config.model, block_size=config.cache.block_size)
+        spec = config.speculative
+        self.runner = ModelRunner(
+            config.model,
+            block_size=config.cache.block_size,
+            draft=spec.draft if spec is not None else None,
+        )
         c = config.cache
         self.runner.allocate_kv(
             c.num_blocks or self.runner.blocks_for_memory(c.kv_cache_memory_gib)

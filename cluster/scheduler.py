@@ -34,7 +34,7 @@ from cluster.block_manager import BlockManager
 from cluster.config import SchedulerConfig, SpeculativeConfig
 from cluster.policies import make_admission, make_prefill_cap
 from cluster.request import Request, Status
-from cluster.spec_decode import NgramProposer
+from cluster.spec_decode import Proposer
 from cluster.step_model import StepTimeModel
 from workers.messages import NewRequest, SeqPlan, StepPlan, StepResult
 
@@ -59,7 +59,7 @@ class Scheduler:
         self._finished_since_last_step: list[str] = []
         self._step_id = 0
         self.num_preemptions = 0
-        self.proposer = NgramProposer(speculative) if speculative is not None else None
+        self.proposer = Proposer(speculative) if speculative is not None else None
 
     # ---- queue management ---------------------------------------------------------------
     def add(self, req: Request) -> None:

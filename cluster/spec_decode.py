@@ -1,9 +1,13 @@
-"""Speculative decoding, scheduler side: n-gram prompt lookup and the per-request switch-off.
+"""Speculative decoding, scheduler side: n-gram prompt lookup, the draft model's slots, and
+the per-request switch-off.
 
 Lifecycle of one speculating request (every step it decodes):
 
-    propose  -- the latest earlier occurrence of its last n tokens (n from prompt_lookup_max
-                down to prompt_lookup_min) gives up to num_tokens draft tokens d1..dk
+    propose  -- ngram: the latest earlier occurrence of its last n tokens (n from
+                prompt_lookup_max down to prompt_lookup_min) gives up to num_tokens draft
+                tokens d1..dk. draft_model: k = num_tokens slots of DRAFT_SLOT, which the
+                worker fills with its draft model's tokens before verifying
+                (workers/draft_model.py): the scheduler only sizes and places the drafts
     schedule -- its SeqPlan feeds [last, d1..dk] (num_draft=k); the drafts take KV slots and
                 budget only if both are free (drafts never preempt or starve anyone)
     verify   -- the worker samples the target at all k+1 positions (workers/spec_decode.py)
@@ -57,7 +61,15 @@ def ngram_lookup(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]
     return []
 
 
-class NgramProposer:
+DRAFT_SLOT = -1
+"""A draft token the worker's draft model chooses (never a token id: an unfilled one fails
+loudly in the embedding)."""
+
+
+class Proposer:
+    """Drafts per step (n-gram tokens, or the draft model's slots) and the acceptance
+    bookkeeping, for either method."""
+
     def __init__(self, config: SpeculativeConfig):
         self.config = config
         self.num_draft_tokens = 0  # engine totals, for the acceptance rate
@@ -69,6 +81,8 @@ class NgramProposer:
         c = self.config
         if req.spec_off or max_new <= 0 or not can_speculate(req.params):
             return []
+        if c.method == "draft_model":
+            return [DRAFT_SLOT] * min(c.num_tokens, max_new)
         return ngram_lookup(
             req.token_ids, c.prompt_lookup_min, c.prompt_lookup_max, min(c.num_tokens, max_new)
         )

@@ -1,10 +1,11 @@
-"""Model sub-config: which weights, which dtype, which device."""
+"""Model sub-configs: which weights, which dtype, which device; the draft model of
+speculative decoding."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -52,3 +53,34 @@ class ModelConfig(BaseModel):
     @property
     def name(self) -> str:
         return self.served_name or self.model
+
+
+class DraftConfig(BaseModel):
+    """The draft model of speculative decoding (`speculative.method: draft_model`): another
+    model of the target's tokenizer, or the target's own first layers (workers/draft_model.py
+    tells how each keeps its KV cache). Exactly one of the two fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = Field(
+        None,
+        description="A smaller model of the same tokenizer and vocabulary (a Hugging Face "
+        "directory or .gguf file), loaded with the target's dtype, device and kernels; it "
+        "gets its own KV cache, indexed by the target's block tables.",
+    )
+    num_layers: int | None = Field(
+        None,
+        ge=1,
+        description="Self-speculative: the target's own first num_layers layers + its final "
+        "norm and LM head (no weights or KV memory of its own; below the target's layer "
+        "count, checked at start-up).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DraftConfig:
+        if (self.model is None) == (self.num_layers is None):
+            raise ValueError(
+                "speculative.draft needs exactly one of model (a draft model's path) or "
+                "num_layers (the target's first layers)"
+            )
+        return self

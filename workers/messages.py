@@ -34,6 +34,8 @@ class SeqPlan:
     # Speculative decoding: the last num_draft of token_ids are draft tokens, not yet known to
     # be the request's; the worker samples at each of the last num_draft + 1 positions, keeps
     # the drafts that match and returns them plus one token of its own (workers/spec_decode.py).
+    # With a draft model the drafts arrive as DRAFT_SLOT (-1) and the worker's draft model
+    # chooses them first (workers/draft_model.py).
     num_draft: int = 0
 
     @property

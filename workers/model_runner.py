@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import time
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -19,7 +20,8 @@ from parallel.comm_timer import COMM
 from parallel.groups import SINGLE_RANK, ParallelGroups
 from workers import progress, quantization
 from workers.attention import build_metadata
-from workers.config import ModelConfig
+from workers.config import DraftConfig, ModelConfig
+from workers.draft_model import Drafter, make_drafter
 from workers.kernels.dispatch import KernelPlan, cpu_has_fast_bf16, decide
 from workers.loader import iter_weights, load_hf_config, resolve_model_path
 from workers.messages import SeqPlan, StepPlan, StepResult, TokenMasks
@@ -106,6 +108,7 @@ class ModelRunner:
         groups: ParallelGroups = SINGLE_RANK,
         layer_range: tuple[int, int] | None = None,
         num_microbatches: int | None = None,
+        draft: DraftConfig | None = None,
     ):
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
@@ -156,6 +159,10 @@ class ModelRunner:
         self.states: dict[str, SamplingState] = {}
         self.generator = torch.Generator(device=self.device)  # where the logits are sampled
         self.generator.manual_seed(config.seed)
+        self.drafter: Drafter | None = None  # speculative decoding's draft model (single rank)
+        if draft is not None:
+            self.drafter, extra = make_drafter(draft, self, path)
+            self._param_bytes += extra
 
     def _wants(self, first: int, last: int):
         tied = self.model.arch.tie_word_embeddings and self.model.is_last
@@ -173,7 +180,8 @@ class ModelRunner:
     # ---- KV cache -------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
         layers, kvh, hd = self.model.kv_layout()
-        return 2 * layers * self.block_size * kvh * hd * self.dtype.itemsize
+        own = 2 * layers * self.block_size * kvh * hd * self.dtype.itemsize
+        return own + (self.drafter.bytes_per_block(self.dtype) if self.drafter else 0)
 
     def blocks_for_memory(self, gib: float) -> int:
         return max(2, int(gib * 2**30) // self.bytes_per_block())
@@ -188,6 +196,8 @@ class ModelRunner:
             )
             for _ in range(layers)
         ]
+        if self.drafter is not None:
+            self.drafter.allocate(num_blocks, self.dtype, self.kv_caches)
         progress.phase("kv_cache", time.monotonic() - t0)
 
     # ---- per-request state ------------------------------------------------------------------
@@ -292,6 +302,10 @@ class ModelRunner:
         g = self.groups
         sampled: dict[str, tuple[list[int], object]] = {}
         sends = []
+        draft_probs: dict[str, torch.Tensor] = {}
+        if self.drafter is not None:  # fill the scheduler's draft slots (single rank)
+            seqs, draft_probs = self.drafter.propose(plan.seqs, self.states, self.generator)
+            plan = replace(plan, seqs=seqs)
         for mb in self._microbatches(plan.seqs) if plan.seqs else []:
             input_ids, meta, rows, sample_seqs = self._prepare(mb)
             hidden = None
@@ -304,6 +318,8 @@ class ModelRunner:
                 with COMM.time():
                     dist.recv(hidden, src=g.prev_rank)
             hidden = self.model(input_ids, hidden, meta, self.kv_caches)
+            if self.drafter is not None:
+                self.drafter.mirror(input_ids, meta)  # its own cache follows the target's
             if not g.is_last_stage:
                 out = hidden.contiguous()  # kept alive (in `sends`) until the send completes
                 sends.append((dist.isend(out, dst=g.next_rank), out))
@@ -330,7 +346,7 @@ class ModelRunner:
                 tokens, lps = split_greedy(sample_seqs, greedy.tolist()), None
             else:
                 tokens, lps = sample_with_drafts(
-                    logits, sample_seqs, states, self.generator, self.native, masks
+                    logits, sample_seqs, states, self.generator, self.native, masks, draft_probs
                 )
             for i, s in enumerate(sample_seqs):
                 sampled[s.req_id] = (tokens[i], lps[i] if lps is not None else None)

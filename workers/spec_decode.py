@@ -13,6 +13,12 @@ per position, in order, stopping at the first rejection -- one row of noise per 
 the very draws the plain sampler makes (workers/sampler.py). So a seeded request gets the same
 tokens with and without speculation, whatever the batch, and its generator stays in step with
 skip_draws() for a resumed request.
+
+A draft model's drafts come with their distribution q (workers/draft_model.py) and take the
+general rule (accept_speculative; Leviathan et al. 2023): accept d with probability
+min(1, p(d) / q(d)); on rejection draw from max(0, p - q) normalised; after k accepted
+drafts, the bonus token from p. Each output token then follows the target's p exactly,
+whatever q is. Greedy requests keep the argmax rule above.
 """
 
 from __future__ import annotations
@@ -58,6 +64,38 @@ def accept_sampled(
     return out
 
 
+def accept_speculative(
+    logits: torch.Tensor,
+    drafts: list[int],
+    q: torch.Tensor,
+    state: SamplingState,
+    default_gen: torch.Generator,
+) -> list[int]:
+    """`logits`: [len(drafts) + 1, V], the target's at each position; `q`: [len(drafts), V],
+    the draft distribution each draft was drawn from (the request's temperature / top-k /
+    top-p applied to the draft model's logits, as p gets them here)."""
+    if state.params.greedy:
+        return accept_greedy(logits.argmax(dim=-1).tolist(), drafts)
+    p = _filter(logits.float(), [state.params] * len(logits))
+    gen = state.generator or default_gen
+    k = len(drafts)
+    a = 0  # drafts accepted
+    if k:
+        rows = torch.arange(k, device=p.device)
+        d = torch.tensor(drafts, device=p.device)
+        u = torch.rand(k, generator=gen, device=p.device)
+        # accept d_j with probability min(1, p/q) (q(d_j) > 0: d_j was drawn from q), up to
+        # the first rejection; one vector op, one host read
+        ok = (u * q[rows, d].to(p.dtype) < p[rows, d]).tolist()
+        a = ok.index(False) if False in ok else k
+    if a == k:
+        return drafts + [int(rejection_sample(p[k], gen))]  # the bonus token, from p
+    residual = (p[a] - q[a].to(p.dtype)).clamp_min_(0.0)
+    if float(residual.sum()) <= 0.0:  # p == q up to rounding: a rejection cannot happen
+        residual = p[a]
+    return drafts[:a] + [int(rejection_sample(residual, gen))]  # the race needs no normalising
+
+
 def sample_rows(seq: SeqPlan) -> int:
     """Rows of the step's hidden states this sequence samples from (its last ones)."""
     return seq.num_draft + 1 if seq.sample else 0
@@ -80,10 +118,13 @@ def sample_with_drafts(
     default_gen: torch.Generator,
     native: bool = False,
     masks: tuple[list[int], torch.Tensor] | None = None,
+    draft_probs: dict[str, torch.Tensor] | None = None,
 ) -> tuple[list[list[int]], list[TokenLogprobs | None] | None]:
     """`logits`: every sampled row of `seqs`, in order (sample_rows() each). Plain sequences
     go to the sampler together; speculating ones are verified one by one. `masks`: grammar
     masks by index into `seqs` (workers/sampler.py's form); only plain sequences have them.
+    `draft_probs`: by request id, the q of a draft model's sampled drafts (accept_speculative);
+    drafts without one are point masses (n-gram drafts, or a greedy request's).
     Speculating requests never ask for logprobs, a grammar, a logit bias or min_tokens
     (cluster.spec_decode.can_speculate): their drafts are checked on the raw logits."""
     if all(s.num_draft == 0 for s in seqs):
@@ -115,5 +156,10 @@ def sample_with_drafts(
     for i, seq in enumerate(seqs):
         if seq.num_draft:
             rows = logits[starts[i] : starts[i] + seq.num_draft + 1]
-            out[i] = accept_sampled(rows, seq.token_ids[-seq.num_draft :], states[i], default_gen)
+            drafts = seq.token_ids[-seq.num_draft :]
+            q = draft_probs.get(seq.req_id) if draft_probs else None
+            if q is not None:
+                out[i] = accept_speculative(rows, drafts, q, states[i], default_gen)
+            else:
+                out[i] = accept_sampled(rows, drafts, states[i], default_gen)
     return out, lps

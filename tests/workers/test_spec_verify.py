@@ -13,6 +13,7 @@ from workers.sampling_params import SamplingParams
 from workers.spec_decode import (
     accept_greedy,
     accept_sampled,
+    accept_speculative,
     rejection_sample,
     sample_with_drafts,
     split_greedy,
@@ -135,3 +136,51 @@ def test_mixed_batch_plain_and_speculating():
         torch.cat([logits[0:1], logits[1:5], logits[4:5]]), seqs, states, torch.Generator()
     )
     assert tokens == [[am[0]], b_want, [am[4]]] and lps is None
+
+
+# ---- a draft model's drafts: q is a distribution, not a point mass ------------------------------
+Q = torch.tensor([0.10, 0.10, 0.10, 0.10, 0.30, 0.30])
+P2 = torch.tensor([0.05, 0.05, 0.5, 0.2, 0.1, 0.1])
+
+
+def speculate(q_claimed: torch.Tensor, n: int = N // 8):
+    """n rounds of: a draft d ~ Q, verified by accept_speculative against p1 (then p2 for the
+    bonus) with `q_claimed` as its draft distribution. Returns (first tokens, tokens after an
+    accepted draft, acceptance rate)."""
+    logits = torch.stack([P, P2]).log()
+    st = SamplingState.create(SamplingParams(temperature=1.0), 1)
+    gen = torch.Generator().manual_seed(7)
+    drafts = torch.multinomial(Q, n, replacement=True, generator=gen).tolist()
+    firsts, seconds = [], []
+    for d in drafts:
+        out = accept_speculative(logits, [d], q_claimed[None], st, gen)
+        firsts.append(out[0])
+        if len(out) == 2:
+            seconds.append(out[1])
+    c1 = torch.bincount(torch.tensor(firsts), minlength=6).double()
+    c2 = torch.bincount(torch.tensor(seconds), minlength=6).double()
+    return c1, c2, len(seconds) / n
+
+
+def test_speculative_sampling_keeps_the_target_distribution():
+    """Accept d ~ q with probability min(1, p/q), else draw from max(0, p - q): every token
+    follows p, and drafts are accepted with probability sum(min(p, q)) (0.5 here)."""
+    c1, c2, rate = speculate(Q)
+    assert tv(c1, P.double()) < 0.045
+    assert tv(c2, P2.double()) < 0.06  # the bonus token after an accepted draft (half as many)
+    assert abs(rate - float(torch.minimum(P, Q).sum())) < 0.03
+
+
+def test_speculative_sampling_bound_can_fail():
+    """The bound catches a sampler that verifies against the wrong q (uniform, while the
+    drafts came from Q): its tokens lean towards Q, about three times past the 0.045 bound."""
+    c1, _, _ = speculate(torch.full((6,), 1 / 6), n=N // 10)
+    assert tv(c1, P.double()) > 0.09  # 0.126 in expectation
+
+
+def test_speculative_sampling_greedy_is_the_argmax_rule():
+    logits = torch.stack([P, P2, P]).log()
+    st = SamplingState.create(SamplingParams(temperature=0.0), 1)
+    q = torch.full((2, 6), 1 / 6)
+    assert accept_speculative(logits, [0, 2], q, st, torch.Generator()) == [0, 2, 0]
+    assert accept_speculative(logits, [0, 3], q, st, torch.Generator()) == [0, 2]

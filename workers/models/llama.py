@@ -398,11 +398,19 @@ class LlamaForCausalLM(nn.Module):
         hidden: torch.Tensor | None,
         meta: AttentionMetadata,
         kv_caches: list[torch.Tensor],
+        num_layers: int | None = None,
     ) -> torch.Tensor:
+        """Hidden states after the layers (before the final norm). `num_layers`: only the
+        first that many (a self-speculative draft, workers/draft_model.py; with that many
+        caches)."""
         x = self.embed_tokens(input_ids) if self.is_first else hidden
         dtype = x.dtype
+        layers = list(self.layers.values())
+        if num_layers is not None:
+            layers = layers[:num_layers]
         if (
-            self._dense is not None
+            num_layers is None
+            and self._dense is not None
             and x.shape[0] <= AMX_MAX_ROWS
             and dtype == torch.bfloat16
             and meta.native
@@ -413,7 +421,7 @@ class LlamaForCausalLM(nn.Module):
         cos = self.cos[meta.positions].to(dtype)[:, None, :]
         sin = self.sin[meta.positions].to(dtype)[:, None, :]
         residual = None
-        for layer, cache in zip(self.layers.values(), kv_caches, strict=True):
+        for layer, cache in zip(layers, kv_caches, strict=True):
             x, residual = layer(x, residual, cos, sin, cache, meta)
         return x if residual is None else x + residual
 
