@@ -37,8 +37,8 @@ class LocalExecutor:
     def __init__(self, config: EngineConfig):
         from workers.model_runner import ModelRunner
 
-        self.runner = ModelRunner(config.model, block_size=config.cache.block_size)
         c = config.cache
+        self.runner = ModelRunner(config.model, block_size=c.block_size, kv_dtype=c.kv_dtype)
         self.runner.allocate_kv(
             c.num_blocks or self.runner.blocks_for_memory(c.kv_cache_memory_gib)
         )
