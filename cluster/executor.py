@@ -37,13 +37,13 @@ class LocalExecutor:
     def __init__(self, config: EngineConfig):
         from workers.model_runner import ModelRunner
 
-        spec = config.speculative
+        c, spec = config.cache, config.speculative
         self.runner = ModelRunner(
             config.model,
-            block_size=config.cache.block_size,
+            block_size=c.block_size,
+            kv_dtype=c.kv_dtype,
             draft=spec.draft if spec is not None else None,
         )
-        c = config.cache
         self.runner.allocate_kv(
             c.num_blocks or self.runner.blocks_for_memory(c.kv_cache_memory_gib)
         )

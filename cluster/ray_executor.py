@@ -77,7 +77,14 @@ class RayExecutor:
                     pg, placement_group_bundle_index=i + offset
                 ),
                 name=None,
-            ).remote(i, config.model, p, config.cache.block_size, config.cache.kv_cache_memory_gib)
+            ).remote(
+                i,
+                config.model,
+                p,
+                config.cache.block_size,
+                config.cache.kv_cache_memory_gib,
+                config.cache.kv_dtype,
+            )
             for i in range(self.world)
         ]
         self.healthy = True

@@ -242,6 +242,13 @@ class FlotillaConfig(BaseModel):
                     f"{d.cache.block_size}: KV blocks move between them as they are (re-blocking "
                     "is not supported)"
                 )
+            pk, dk = p.cache.kv_dtype, d.cache.kv_dtype
+            if pk != dk:
+                raise ValueError(
+                    f"pools.prefill cache.kv_dtype {pk!r} != pools.decode cache.kv_dtype {dk!r}: "
+                    "KV blocks move between them as they are (an int8 cache's rows carry their "
+                    "scales; no conversion on import)"
+                )
             # The pools' TP / PP / EP layouts may differ: KV travels as the whole model's blocks
             # (cluster.kv_shards). The model and its dtype are the top-level engine's, shared;
             # a dtype that `auto` resolves differently on two nodes is caught per transfer.

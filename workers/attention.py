@@ -17,6 +17,10 @@ Per step, `build_metadata` turns block tables into index tensors once; every lay
   to its own K/V (causal); a later chunk (chunked prefill or a prefix-cache hit) gathers the
   earlier context from the cache with an offset causal mask.
 - Sliding windows are masks: key k is visible to query q iff q - window < k <= q.
+- The int8 KV cache (`cache.kv_dtype: int8`, workers/kv_int8.py: an int8 tensor whose rows
+  carry their float32 scale): the write quantizes (native `write_kv_cache_int8`, or torch),
+  decodes run `paged_decode_attention_int8`, and the SDPA paths dequantize the blocks they
+  gather -- for every prefill chunk, its own keys included (the bf16 prefill kernel declines).
 
 `scaled_dot_product_attention` picks FlashAttention / memory-efficient kernels on CUDA and a
 fused flash kernel on CPU; the same code runs on both. Every index tensor and mask is made on
@@ -30,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from workers import kv_int8
 
 
 @dataclass
@@ -192,7 +198,7 @@ def paged_attention(
     q: torch.Tensor,  # [T, H, D]
     k: torch.Tensor | None,  # [T, KVH, D]; None: the step's k and v are in the cache already
     v: torch.Tensor | None,
-    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, KVH, D]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, KVH, D] (int8: D + 4, kv_int8)
     meta: AttentionMetadata,
     scale: float,
     window: int | None,
@@ -201,9 +207,14 @@ def paged_attention(
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     kvh = k_cache.shape[2]
     native = meta.native
+    int8 = kv_int8.is_int8(kv_cache)
     if k is not None:
         if native and k.stride(1) == D and v.stride(1) == D and k.stride(2) == v.stride(2) == 1:
-            torch.ops.flotilla.write_kv_cache(k_cache, v_cache, k, v, meta.slot_mapping)
+            ops = torch.ops.flotilla
+            write = ops.write_kv_cache_int8 if int8 else ops.write_kv_cache
+            write(k_cache, v_cache, k, v, meta.slot_mapping)
+        elif int8:
+            kv_int8.write(k_cache, v_cache, k, v, meta.slot_mapping)
         else:
             k_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, k)
             v_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, v)
@@ -213,16 +224,27 @@ def paged_attention(
 
     if meta.decode_tables is not None:
         nd = meta.num_decodes
-        torch.ops.flotilla.paged_decode_attention(
+        decode = (
+            torch.ops.flotilla.paged_decode_attention_int8
+            if int8
+            else torch.ops.flotilla.paged_decode_attention
+        )
+        decode(
             out[:nd], q[:nd], k_cache, v_cache, meta.decode_tables,
             meta.decode_lens, scale, window or 0,
         )
+
+    def blocks(cache: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        # index_select on a flat block list is a plain row copy (faster than advanced indexing)
+        if int8:
+            return kv_int8.gather(cache, ids, q.dtype)
+        return cache.index_select(0, ids)
+
     for grp in meta.decodes:
         n, L = grp.count, grp.max_blocks * meta.block_size
-        # index_select on the flat block list is a plain row copy (faster than advanced
-        # indexing); [n*MB, bs, KVH, D] -> [n, KVH, MB*bs, D] as a view.
-        kd = k_cache.index_select(0, grp.flat_blocks).view(n, L, kvh, D).transpose(1, 2)
-        vd = v_cache.index_select(0, grp.flat_blocks).view(n, L, kvh, D).transpose(1, 2)
+        # [n*MB, bs, KVH, D] -> [n, KVH, MB*bs, D] as a view.
+        kd = blocks(k_cache, grp.flat_blocks).view(n, L, kvh, D).transpose(1, 2)
+        vd = blocks(v_cache, grp.flat_blocks).view(n, L, kvh, D).transpose(1, 2)
         s, e = grp.start, grp.start + n
         qd = q[s:e].view(n, kvh, H // kvh, D)
         od = F.scaled_dot_product_attention(
@@ -230,19 +252,23 @@ def paged_attention(
         )
         out[s:e] = od.reshape(n, H, D)
 
-    if meta.prefill_kernel is not None and torch.ops.flotilla.paged_prefill_attention(
-        out, q, k_cache, v_cache, *meta.prefill_kernel, scale, window or 0
+    if (
+        meta.prefill_kernel is not None
+        and not int8
+        and torch.ops.flotilla.paged_prefill_attention(
+            out, q, k_cache, v_cache, *meta.prefill_kernel, scale, window or 0
+        )
     ):
         return out
     for i, c in enumerate(meta.prefills):
         s, e = c.q_start, c.q_start + c.q_len
         qp = q[s:e].transpose(0, 1)  # [H, n, D]
-        if c.start_pos == 0 and k is not None:
+        if c.start_pos == 0 and k is not None and not int8:
             kp, vp = k[s:e], v[s:e]
-        else:
+        else:  # (int8: a first chunk too reads its keys back quantized, see kv_int8)
             n_ctx = c.start_pos + c.q_len
-            kp = k_cache.index_select(0, c.block_table).flatten(0, 1)[:n_ctx]
-            vp = v_cache.index_select(0, c.block_table).flatten(0, 1)[:n_ctx]
+            kp = blocks(k_cache, c.block_table).flatten(0, 1)[:n_ctx]
+            vp = blocks(v_cache, c.block_table).flatten(0, 1)[:n_ctx]
         mask = meta.prefill_mask(i, window)
         # 4-D inputs: torch's CPU flash-attention kernel takes only those (3-D falls back to
         # the unfused math path, 3-4x slower here).

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from parallel.comm_timer import COMM
 from parallel.groups import SINGLE_RANK, ParallelGroups
-from workers import progress, quantization
+from workers import kv_int8, progress, quantization
 from workers.attention import build_metadata
 from workers.config import DraftConfig, ModelConfig
 from workers.draft_model import Drafter, make_drafter
@@ -109,7 +109,9 @@ class ModelRunner:
         layer_range: tuple[int, int] | None = None,
         num_microbatches: int | None = None,
         draft: DraftConfig | None = None,
+        kv_dtype: str = "auto",
     ):
+        """`kv_dtype`: cache.kv_dtype -- auto (the model's dtype) or int8 (workers/kv_int8.py)."""
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         if config.device == "cpu":
@@ -118,6 +120,9 @@ class ModelRunner:
         self.groups = groups
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype, config.device)
+        if kv_dtype not in ("auto", "int8"):
+            raise ValueError(f"cache.kv_dtype must be auto or int8, not {kv_dtype!r}")
+        self.kv_dtype = torch.int8 if kv_dtype == "int8" else self.dtype
         self.block_size = block_size
         # every kernel choice of this rank, from model.kernels and the library's build report
         t0 = time.monotonic()
@@ -178,9 +183,15 @@ class ModelRunner:
         return wants
 
     # ---- KV cache -------------------------------------------------------------------------
+    def _kv_row(self) -> int:
+        """The cache's last dim: the head dim, or with int8 the head dim + the scale's bytes."""
+        hd = self.model.kv_layout()[2]
+        return kv_int8.row_width(hd) if self.kv_dtype == torch.int8 else hd
+
     def bytes_per_block(self) -> int:
-        layers, kvh, hd = self.model.kv_layout()
-        own = 2 * layers * self.block_size * kvh * hd * self.dtype.itemsize
+        """Every byte of a block: the int8 cache's scales and a separate draft's cache included."""
+        layers, kvh, _ = self.model.kv_layout()
+        own = 2 * layers * self.block_size * kvh * self._kv_row() * self.kv_dtype.itemsize
         return own + (self.drafter.bytes_per_block(self.dtype) if self.drafter else 0)
 
     def blocks_for_memory(self, gib: float) -> int:
@@ -188,13 +199,11 @@ class ModelRunner:
 
     def allocate_kv(self, num_blocks: int) -> None:
         t0 = time.monotonic()
-        layers, kvh, hd = self.model.kv_layout()
+        layers, kvh, _ = self.model.kv_layout()
         self.num_blocks = num_blocks
+        shape = (2, num_blocks, self.block_size, kvh, self._kv_row())
         self.kv_caches = [
-            torch.zeros(
-                2, num_blocks, self.block_size, kvh, hd, dtype=self.dtype, device=self.device
-            )
-            for _ in range(layers)
+            torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(layers)
         ]
         if self.drafter is not None:
             self.drafter.allocate(num_blocks, self.dtype, self.kv_caches)
@@ -390,8 +399,8 @@ class ModelRunner:
     def import_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
         """Write export_blocks' form of this rank's shard into the given blocks. The dtype
         must be this cache's: converting would continue from values the sender never had."""
-        if data.dtype != self.dtype:
-            raise ValueError(f"KV of dtype {data.dtype} cannot go into a {self.dtype} cache")
+        if data.dtype != self.kv_dtype:
+            raise ValueError(f"KV of dtype {data.dtype} cannot go into a {self.kv_dtype} cache")
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         for c, d in zip(self.kv_caches, data, strict=True):
             c.index_copy_(1, idx, d.to(device=self.device))
@@ -400,15 +409,16 @@ class ModelRunner:
         """Where this rank's KV cache sits in the whole model's: layers [first, last) and KV
         heads [first, last) (ranks that replicate a head -- tp > KV heads, or EP ranks without
         TP -- report the same range), head dim and dtype. cluster.kv_shards gathers and
-        scatters a group's blocks with it."""
-        _, heads, head_dim = self.model.kv_layout()
+        scatters a group's blocks with it. The int8 cache reports int8 and its row of head dim
+        + 4 (the scale's bytes, kv_int8): what its exports hold, and never a float cache's."""
+        _, heads, _ = self.model.kv_layout()
         qkv = next(iter(self.model.layers.values())).self_attn.qkv_proj
         first = self.groups.tp.rank // qkv.kv_replicas * heads
         return {
             "layers": list(self.layer_range),
             "heads": [first, first + heads],
-            "head_dim": head_dim,
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "head_dim": self._kv_row(),
+            "dtype": str(self.kv_dtype).removeprefix("torch."),
         }
 
     def param_bytes(self) -> int:

@@ -51,8 +51,10 @@ class Worker:
         parallel: ParallelConfig,
         block_size: int,
         kv_cache_memory_gib: float,
+        kv_dtype: str = "auto",
     ):
         self.rank = rank
+        self.kv_dtype = kv_dtype
         self.model_config = model
         self.parallel = parallel
         self.block_size = block_size
@@ -94,7 +96,9 @@ class Worker:
             stage_on_one_node=stage_on_one_node,
         )
         layer_range = partition_layers(num_layers, self.parallel.pp)[groups.pp_rank]
-        self.runner = ModelRunner(self.model_config, self.block_size, groups, layer_range)
+        self.runner = ModelRunner(
+            self.model_config, self.block_size, groups, layer_range, kv_dtype=self.kv_dtype
+        )
         return self.runner.blocks_for_memory(self.kv_gib)
 
     def allocate_kv(self, num_blocks: int) -> None:

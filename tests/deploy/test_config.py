@@ -112,3 +112,17 @@ def test_pools_must_share_the_block_size():
         FlotillaConfig.model_validate(
             _pools({"cache": {"block_size": 8}}, {"cache": {"block_size": 16}})
         )
+
+
+def test_pools_must_share_the_kv_dtype():
+    """An int8 cache's exported rows (values + scale) fit no float cache: refused at start-up,
+    naming the field and both values; the same int8 cache on both sides is fine, and a typo
+    in the field is refused with the allowed values."""
+    with pytest.raises(ValueError, match="'int8' != pools.decode cache.kv_dtype 'auto'"):
+        FlotillaConfig.model_validate(_pools({"cache": {"kv_dtype": "int8"}}, {}))
+    both = _pools({"cache": {"kv_dtype": "int8"}}, {"cache": {"kv_dtype": "int8"}})
+    assert {s.engine.cache.kv_dtype for s in FlotillaConfig.model_validate(both).pool_specs()} == {
+        "int8"
+    }
+    with pytest.raises(ValidationError, match="kv_dtype\n  Input should be 'auto' or 'int8'"):
+        FlotillaConfig.model_validate({"engine": {"cache": {"kv_dtype": "fp8"}}})

@@ -2,9 +2,9 @@
 
 `load_cpu_kernels()` builds the `.cpp` files here into one shared library with the tree's one
 builder (parallel/native_build.py: cache, lock, target knob) and registers the ops
-(``torch.ops.flotilla.*``: paged decode and prefill attention, the KV-cache write, norms,
-rotary, SiLU-and-mul, the AMX linear, bf16 GEMV, the weight-only int8 linear, a dense model's
-decoder layers in one call, row argmax, and `build_info`, which says what the library was
+(``torch.ops.flotilla.*``: paged decode and prefill attention, the KV-cache write, decode
+attention over and writes into the int8 KV cache, norms, rotary, SiLU-and-mul, the AMX
+linear, bf16 GEMV, the weight-only int8 linear, a dense model's decoder layers in one call, row argmax, and `build_info`, which says what the library was
 compiled for). Which of them a model uses is decided in one place, workers/kernels/dispatch.py;
 README.md here has the op x ISA table.
 """
@@ -31,6 +31,7 @@ CPU_KERNELS = native_build.NativeLib(
             "gemm_amx.cpp",
             "gemm_w8.cpp",
             "paged_attention.cpp",
+            "paged_attention_int8.cpp",
             "prefill_attention.cpp",
         )
     ),

@@ -342,6 +342,8 @@ bool paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tens
                              const at::Tensor& v_cache, const at::Tensor& block_tables,
                              const at::Tensor& q_starts, const at::Tensor& q_lens,
                              const at::Tensor& start_pos, double scale, int64_t window) {
+  // the int8 KV cache (rows of D + 4 bytes): attention.py's SDPA path dequantizes it
+  if (k_cache.scalar_type() == at::kChar || v_cache.scalar_type() == at::kChar) return false;
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() &&
                   out.sizes() == q.sizes(),
               "paged_prefill_attention: out/q [T, H, D], caches [blocks, block_size, KVH, D]");

@@ -243,7 +243,12 @@ class LlamaAttention(nn.Module):
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x)
-        if self.native and meta.native and not self.qk_norm and qkv.dtype == cos.dtype:
+        if (
+            self.native
+            and meta.native
+            and not self.qk_norm
+            and qkv.dtype == cos.dtype == kv_cache.dtype  # (not the int8 cache: it quantizes)
+        ):
             # rotary on q (into the contiguous copy the kernels read) and k, and the KV-cache
             # write, in one pass: the same bits as the three ops below (tested)
             q = qkv.new_empty(T, self.num_heads, self.head_dim)
@@ -414,6 +419,7 @@ class LlamaForCausalLM(nn.Module):
             and x.shape[0] <= AMX_MAX_ROWS
             and dtype == torch.bfloat16
             and meta.native
+            and kv_caches[0].dtype == dtype  # not the int8 KV cache (workers/kv_int8.py)
         ):
             out = self._dense_layers(x.contiguous(), meta, kv_caches)
             if out is not None:

@@ -1,0 +1,208 @@
+"""The int8 KV cache (workers/kv_int8.py): its quantization, the native write and decode ops
+against torch references (on this machine's path, and via test_kernel_targets' OP_TESTS on
+the portable one), and the whole attention path with and without native kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from workers import kv_int8
+from workers.attention import build_metadata, paged_attention
+from workers.kernels import load_cpu_kernels
+
+BS = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernels():
+    assert load_cpu_kernels()
+
+
+def _tables(need: list[int], spare: int, g: torch.Generator) -> tuple[list[list[int]], int]:
+    """Block tables of need[i] blocks each from a shuffled pool (with `spare` unused)."""
+    perm = torch.randperm(sum(need) + spare, generator=g).tolist()
+    out, i = [], 0
+    for k in need:
+        out.append(perm[i : i + k])
+        i += k
+    return out, len(perm)
+
+
+def _int8_cache(num_blocks: int, KVH: int, D: int, g: torch.Generator) -> torch.Tensor:
+    """A random int8 cache: float rows with a spread of magnitudes, quantized."""
+    x = torch.randn(2, num_blocks, BS, KVH, D, generator=g)
+    x *= torch.rand(2, num_blocks, BS, KVH, 1, generator=g) * 3
+    return kv_int8.quantize(x)
+
+
+def test_quantize_round_trips_within_half_a_step():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 3, 64, generator=g) * torch.rand(50, 3, 1, generator=g) * 10
+    x[7, 1] = 0  # an all-zero row: scale 0, values 0
+    rows = kv_int8.quantize(x)
+    assert rows.dtype == torch.int8 and rows.shape == (50, 3, 68)
+    back = kv_int8.dequantize(rows, torch.float32)
+    scale = x.abs().amax(-1, keepdim=True) / 127
+    assert (back - x).abs().le(scale * 0.501).all()
+    assert not back[7, 1].any()
+    assert rows[..., :64].abs().amax(-1).eq(127).sum() == 50 * 3 - 1  # each row uses the range
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_op_quantizes_like_torch(dtype):
+    """The native write gives the same bits as kv_int8.write, from k / v that are views of a
+    fused QKV output (token stride > KVH * D), into shuffled slots."""
+    g = torch.Generator().manual_seed(1)
+    T, KVH, D = 13, 3, 64
+    qkv = (torch.randn(T, 9 * D, generator=g) * 4).to(dtype)
+    k = qkv[:, 3 * D : 6 * D].view(T, KVH, D)  # row stride 9 * D
+    v = qkv[:, 6 * D : 9 * D].view(T, KVH, D)
+    k[2] = 0
+    slots = torch.randperm(6 * BS, generator=g)[:T]
+    native = torch.zeros(2, 6, BS, KVH, D + 4, dtype=torch.int8)
+    ref = native.clone()
+    torch.ops.flotilla.write_kv_cache_int8(native[0], native[1], k, v, slots)
+    kv_int8.write(ref[0], ref[1], k, v, slots)
+    assert torch.equal(native, ref)
+    assert native[1].view(-1, KVH, D + 4)[slots].any(-1).all()  # written
+    assert not native[0].view(-1, KVH, D + 4)[slots[2]].any()  # a zero row: values, scale 0
+
+
+def _reference(q, cache, tables, lens, scale, window):
+    """float64 attention over the dequantized cache."""
+    n, H, D = q.shape
+    KVH = cache.shape[3]
+    out = torch.empty(n, H, D, dtype=torch.float64)
+    for i, (t, L) in enumerate(zip(tables, lens, strict=True)):
+        k = kv_int8.dequantize(cache[0, t], torch.float64).flatten(0, 1)[:L]
+        v = kv_int8.dequantize(cache[1, t], torch.float64).flatten(0, 1)[:L]
+        lo = max(0, L - window) if window else 0
+        k, v = k[lo:], v[lo:]
+        for h in range(H):
+            kv = h // (H // KVH)
+            s = (k[:, kv] @ q[i, h].double()) * scale
+            out[i, h] = torch.softmax(s, 0) @ v[:, kv]
+    return out
+
+
+def _decode(q, cache, tables, lens, scale, window):
+    width = max(len(t) for t in tables)
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    out = torch.empty_like(q)
+    torch.ops.flotilla.paged_decode_attention_int8(
+        out, q, cache[0], cache[1], bt, torch.tensor(lens, dtype=torch.int32), scale, window
+    )
+    return out
+
+
+@pytest.mark.parametrize("D,H,KVH", [(64, 9, 3), (128, 4, 2), (16, 4, 4), (24, 6, 2)])
+@pytest.mark.parametrize("window", [0, 5])
+def test_decode_op_matches_float64_reference(D, H, KVH, window):
+    """D 64 / 128 / 16: the vector path of the build (AVX2 or AVX-512; 16 is one AVX-512
+    vector); D 24: the portable loops on any build. GQA, shuffled blocks, partial blocks."""
+    g = torch.Generator().manual_seed(D + H + window)
+    lens = [1, 3, 4, 17, 33, 60]
+    tables, nb = _tables([-(-n // BS) for n in lens], 3, g)
+    cache = _int8_cache(nb, KVH, D, g)
+    q = torch.randn(len(lens), H, D, generator=g)
+    got = _decode(q, cache, tables, lens, D**-0.5, window)
+    want = _reference(q, cache, tables, lens, D**-0.5, window)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_decode_op_bf16_queries():
+    g = torch.Generator().manual_seed(7)
+    lens = [2, 9, 40]
+    tables, nb = _tables([-(-n // BS) for n in lens], 1, g)
+    cache = _int8_cache(nb, 2, 64, g)
+    q = torch.randn(len(lens), 6, 64, generator=g).bfloat16()
+    got = _decode(q, cache, tables, lens, 0.125, 0)
+    assert got.dtype == torch.bfloat16
+    want = _reference(q, cache, tables, lens, 0.125, 0)
+    torch.testing.assert_close(got, want.to(torch.bfloat16), atol=1e-3, rtol=2**-7)
+
+
+def test_ops_refuse_a_float_cache_or_a_wrong_row():
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, 16, generator=g)
+    args = (torch.tensor([[0]], dtype=torch.int32), torch.tensor([3], dtype=torch.int32), 0.25, 0)
+    for cache, why in (
+        (torch.zeros(2, 1, BS, 2, 20), "int8"),
+        (torch.zeros(2, 1, BS, 2, 16, dtype=torch.int8), "expected head_dim 16 \\+ 4"),
+    ):
+        with pytest.raises(RuntimeError, match=why):
+            torch.ops.flotilla.paged_decode_attention_int8(
+                torch.empty_like(q), q, cache[0], cache[1], *args
+            )
+
+
+def test_prefill_kernel_declines_the_int8_cache():
+    """(On AVX512-BF16 machines the bf16 prefill kernel would take these queries.)"""
+    cache = torch.zeros(2, 3, BS, 2, 68, dtype=torch.int8)
+    q = torch.randn(8, 4, 64).bfloat16()
+    out = torch.zeros_like(q)
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
+    assert not torch.ops.flotilla.paged_prefill_attention(
+        out, q, cache[0], cache[1], i32([[0, 1]]), i32([0]), i32([8]), i32([0]), 0.125, 0
+    )
+    assert not out.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 6])
+def test_attention_path_native_equals_torch(dtype, window):
+    """A mixed batch (decodes, a first prefill chunk, a continuing one) through paged_attention
+    on an int8 cache, native (write op + int8 decode kernel) and torch (quantize + SDPA over
+    dequantized blocks): the same cache bits, close outputs; and a first chunk attends to its
+    own keys *as quantized*, not to the float k / v it was handed."""
+    H, KVH, D = 6, 2, 64
+    g = torch.Generator().manual_seed(3)
+    dec_lens, chunks = [5, 9], [(12, 0), (7, 10)]
+    need = [-(-n // BS) for n in dec_lens] + [-(-(n + s) // BS) for n, s in chunks]
+    tables, nb = _tables(need, 2, g)
+    cache = _int8_cache(nb, KVH, D, g)
+    positions, slots, prefills = [], [], []
+    for t, n in zip(tables, dec_lens, strict=False):
+        positions.append(n - 1)
+        slots.append(t[(n - 1) // BS] * BS + (n - 1) % BS)
+    for t, (n, sp) in zip(tables[len(dec_lens) :], chunks, strict=True):
+        prefills.append((len(positions), n, sp, t))
+        positions += range(sp, sp + n)
+        slots += [t[p // BS] * BS + p % BS for p in range(sp, sp + n)]
+    T = len(positions)
+    q, k, v = (torch.randn(T, h, D, generator=g).to(dtype) for h in (H, KVH, KVH))
+    outs, caches = [], []
+    for native in (True, False):
+        meta = build_metadata(
+            positions,
+            slots,
+            tables[: len(dec_lens)],
+            dec_lens,
+            prefills,
+            BS,
+            torch.device("cpu"),
+            native=native,
+        )
+        c = cache.clone()
+        outs.append(paged_attention(q, k, v, c, meta, D**-0.5, window))
+        caches.append(c)
+    assert torch.equal(caches[0], caches[1])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(outs[0], outs[1], atol=tol, rtol=tol)
+    # the first chunk (12 tokens from position 0), against causal SDPA on its quantized keys
+    q0 = len(dec_lens)
+    kq = kv_int8.dequantize(kv_int8.quantize(k[q0 : q0 + 12]), dtype)
+    vq = kv_int8.dequantize(kv_int8.quantize(v[q0 : q0 + 12]), dtype)
+    mask = None if window is None else torch.ones(12, 12).tril().triu(-(window - 1)).bool()
+    want = F.scaled_dot_product_attention(
+        q[q0 : q0 + 12].transpose(0, 1)[None],
+        kq.transpose(0, 1)[None],
+        vq.transpose(0, 1)[None],
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=D**-0.5,
+        enable_gqa=True,
+    )[0].transpose(0, 1)
+    torch.testing.assert_close(outs[1][q0 : q0 + 12], want, atol=tol, rtol=tol)
