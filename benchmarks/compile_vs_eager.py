@@ -72,25 +72,25 @@ def main() -> None:
         tokens[v] = gen(engines[v], prompts[:8], 8)[1]
         print(f"{v}: first steps {first_steps[v]:.1f} s", flush=True)
 
+    rows = [f"decode b={b}" for b in batches] + [f"prefill {args.prefill_len}"]
     times: dict[tuple[str, str], list[float]] = {}
     for r in range(args.repeats):
         for b in batches:
             for v in variants:
                 t1 = gen(engines[v], prompts[:b], 1)[0]
                 tn = gen(engines[v], prompts[:b], args.tokens)[0]
-                times.setdefault((v, f"decode b={b}"), []).append((tn - t1) / (args.tokens - 1))
+                times.setdefault((v, rows[batches.index(b)]), []).append(
+                    (tn - t1) / (args.tokens - 1)
+                )
         for v in variants:
-            t = gen(engines[v], [long_prompt], 1)[0]
-            times.setdefault((v, f"prefill {args.prefill_len}"), []).append(t)
-        print(f"round {r + 1}/{args.repeats} done", flush=True)
-
-    rows = [f"decode b={b}" for b in batches] + [f"prefill {args.prefill_len}"]
-    print(f"\n{args.dtype}, {args.threads} threads, median of {args.repeats} (ms)")
-    print("| step | " + " | ".join(variants) + " |")
-    print("|---|" + "---|" * len(variants))
-    for row in rows:
-        cells = [f"{statistics.median(times[(v, row)]) * 1e3:.1f}" for v in variants]
-        print(f"| {row} | " + " | ".join(cells) + " |")
+            times.setdefault((v, rows[-1]), []).append(gen(engines[v], [long_prompt], 1)[0])
+        # the table so far after every round (a long run on a loaded machine can be cut short)
+        print(f"\n{args.dtype}, {args.threads} threads, median of {r + 1} round(s) (ms)")
+        print("| step | " + " | ".join(variants) + " |")
+        print("|---|" + "---:|" * len(variants))
+        for row in rows:
+            cells = [f"{statistics.median(times[(v, row)]) * 1e3:.1f}" for v in variants]
+            print(f"| {row} | " + " | ".join(cells) + " |", flush=True)
     print("first steps (s): " + ", ".join(f"{v} {first_steps[v]:.1f}" for v in variants))
     ref = tokens[variants[0]]
     for v in variants[1:]:

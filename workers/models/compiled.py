@@ -8,8 +8,10 @@ input instead of bucketing and padding: the graphs are symbolic in T, so a step 
 count reuses them and no padded rows are computed. torch still specializes a size of 1, and
 the first layer's `before` has no residual yet, so each function compiles at most twice per
 variant: `before` 4 graphs (residual or not, T = 1 or T >= 2), `after` 2 (MAX_GRAPHS; tested
-over many batch sizes). Every layer shares those graphs: the layer is an argument, and its
-parameters are graph inputs (torch's inlining of nn.Modules), not constants.
+over many batch sizes), under torch's recompile_limit (8). Every layer shares those graphs:
+the layer is an argument, and its parameters are graph inputs (torch's inlining of
+nn.Modules), not constants. Bucketing would have bounded them too, at the cost of computing
+padded rows and of one graph per bucket.
 
 It wraps the torch path only: the native CPU kernels are custom ops with in-place writes and
 already fuse what inductor would (model_runner refuses or skips it there).
@@ -18,6 +20,7 @@ already fuse what inductor would (model_runner refuses or skips it there).
 from __future__ import annotations
 
 import logging
+import types
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,6 +53,10 @@ def _after(layer: LlamaLayer, o, residual):
     return layer.mlp(x), residual
 
 
+def _own(f):
+    return types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__)
+
+
 def why_not(model: LlamaForCausalLM) -> str | None:
     """Why this model cannot take the compiled path, or None when it can."""
     if model.arch.moe_layers:
@@ -76,10 +83,19 @@ class CompiledLayers:
         if backend not in BACKENDS:
             raise ValueError(f"compile backend {backend!r}: one of {', '.join(BACKENDS)}")
         self.backend = backend
+        # Own copies of the functions: torch keys its graph cache (and recompile_limit) on the
+        # code object, so another model in the process must not share (or use up) ours.
+        self.functions = {"before": _own(_before), "after": _own(_after)}
         # fullgraph: a graph break would silently split the graph (and multiply recompiles)
         opts = dict(backend=backend, fullgraph=True)
-        self.before = torch.compile(_before, **opts)
-        self.after = torch.compile(_after, **opts)
+        self.before = torch.compile(self.functions["before"], **opts)
+        self.after = torch.compile(self.functions["after"], **opts)
+
+    def graphs(self) -> dict[str, int]:
+        """Graphs compiled so far per function (at most MAX_GRAPHS)."""
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        return {k: len(_debug_get_cache_entry_list(f.__code__)) for k, f in self.functions.items()}
 
     def __call__(
         self, model: LlamaForCausalLM, x, cos, sin, meta: AttentionMetadata, kv_caches
