@@ -191,6 +191,13 @@ class EngineConfig(BaseModel):
                 "parallel.backend=gloo with model.device=cuda: gloo's send/recv and all-to-all "
                 "take CPU tensors only; use backend=nccl (or auto)"
             )
+        if self.model.compile != "none":
+            for field in ("tp", "pp", "ep"):
+                if getattr(self.parallel, field) != 1:
+                    raise ValueError(
+                        f"model.compile={self.model.compile} needs parallel.{field}=1 (got "
+                        f"{getattr(self.parallel, field)}): only one-rank groups are compiled"
+                    )
         spec = self.speculative
         if spec is not None:
             if self.parallel.pp != 1:

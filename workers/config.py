@@ -50,6 +50,31 @@ class ModelConfig(BaseModel):
         "blocks); auto = native on CPU when they build, else torch.",
     )
 
+    compile: Literal["none", "torch_compile"] = Field(
+        "none",
+        description="torch_compile = torch.compile the torch path's dense code around attention "
+        "(per layer: add + RMSNorm, QKV, rotary; o_proj, add + RMSNorm, MLP; attention stays "
+        "eager), the token dimension dynamic so batch sizes do not recompile "
+        "(workers/models/compiled.py). Needs kernels=torch, or auto where the native kernels "
+        "decline (CUDA, other CPUs); one rank (parallel.tp = pp = ep = 1); dense models. "
+        "Compiles on the first steps (seconds to a minute).",
+    )
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        "inductor",
+        description="torch.compile backend for compile=torch_compile: inductor (generated "
+        "kernels); aot_eager / eager only trace (for debugging and tests).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.compile != "none" and self.kernels == "native":
+            raise ValueError(
+                f"model.compile={self.compile} with model.kernels=native: compilation wraps "
+                "the torch path (the native kernels are custom ops that already fuse); use "
+                "kernels=torch (or auto: compiled where the native kernels decline)"
+            )
+        return self
+
     @property
     def name(self) -> str:
         return self.served_name or self.model

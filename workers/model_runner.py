@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import time
 from dataclasses import replace
 
@@ -25,6 +26,7 @@ from workers.draft_model import Drafter, make_drafter
 from workers.kernels.dispatch import KernelPlan, cpu_has_fast_bf16, decide
 from workers.loader import iter_weights, load_hf_config, resolve_model_path
 from workers.messages import SeqPlan, StepPlan, StepResult, TokenMasks
+from workers.models import compiled
 from workers.models.llama import LlamaArch, LlamaForCausalLM
 from workers.sampler import SamplingState
 from workers.sampling_params import SamplingParams
@@ -35,6 +37,8 @@ QUANTIZE_LM_HEAD = True
 embedding keeps the float one): SmolLM2's 49152 x 576 head is a fifth of its weights, and a
 float32 head made int8 decode steps 1.6x slower (21.8 vs 13.4 ms at batch 1, 2-thread AVX2
 EPYC, benchmarks/quant_linear.py) for +29 MB of int8 copy."""
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -158,6 +162,8 @@ class ModelRunner:
         t0 = time.monotonic()
         self.model.use_kernels(self.kernels, prepack=config.prepack)
         progress.phase("prepack", time.monotonic() - t0)
+        if config.compile == "torch_compile":
+            self._compile(config.compile_backend)
         self.hidden_size = arch.hidden_size
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
@@ -168,6 +174,19 @@ class ModelRunner:
         if draft is not None:
             self.drafter, extra = make_drafter(draft, self, path)
             self._param_bytes += extra
+
+    def _compile(self, backend: str) -> None:
+        """model.compile=torch_compile: the layers' dense code through torch.compile (graphs
+        are built on the first steps), or eager with the reason logged where it cannot apply."""
+        reason = compiled.why_not(self.model)
+        if reason is None and self.groups.pp_size > 1:
+            reason = f"pipeline parallelism (pp={self.groups.pp_size})"
+        if reason is not None:
+            log.warning("model.compile=torch_compile not applied: %s; running eager", reason)
+            progress.report(f"compile: not applied ({reason})")
+            return
+        self.model.compiled = compiled.CompiledLayers(backend)
+        progress.report(f"compile: torch.compile ({backend}) of the layers' dense code")
 
     def _wants(self, first: int, last: int):
         tied = self.model.arch.tie_word_embeddings and self.model.is_last

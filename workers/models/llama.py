@@ -258,6 +258,14 @@ class LlamaAttention(nn.Module):
             )
             o = paged_attention(q, None, None, kv_cache, meta, self.scale, self.window)
             return self.o_proj(o.view(T, -1))
+        q, k, v = self.qkv_rope(qkv, cos, sin)
+        o = paged_attention(q, k, v, kv_cache, meta, self.scale, self.window)
+        return self.o_proj(o.view(T, -1))
+
+    def qkv_rope(self, qkv: torch.Tensor, cos, sin) -> tuple[torch.Tensor, ...]:
+        """q, k, v [T, heads, D] of the QKV projection's output, q/k normed and rotated: the
+        dense part before attention (workers/models/compiled.py compiles it)."""
+        T = qkv.shape[0]
         q, k, v = qkv.split(self.qkv_proj.sizes, dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
@@ -270,8 +278,7 @@ class LlamaAttention(nn.Module):
             torch.ops.flotilla.rotary_embedding(k, cos2, sin2)
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = paged_attention(q, k, v, kv_cache, meta, self.scale, self.window)
-        return self.o_proj(o.view(T, -1))
+        return q, k, v
 
 
 class LlamaMLP(nn.Module):
@@ -426,6 +433,8 @@ class LlamaForCausalLM(nn.Module):
                 return out
         cos = self.cos[meta.positions].to(dtype)[:, None, :]
         sin = self.sin[meta.positions].to(dtype)[:, None, :]
+        if self.compiled is not None:
+            return self.compiled(self, x, cos, sin, meta, kv_caches)
         residual = None
         for layer, cache in zip(layers, kv_caches, strict=True):
             x, residual = layer(x, residual, cos, sin, cache, meta)
@@ -446,6 +455,7 @@ class LlamaForCausalLM(nn.Module):
         self._dense = native_forward.dense_weights(self) if plan.dense_layers else None
 
     _dense: list[torch.Tensor] | None = None
+    compiled = None  # workers.models.compiled.CompiledLayers, set by the model runner
 
     def _dense_layers(
         self, x: torch.Tensor, meta: AttentionMetadata, kv_caches
