@@ -63,9 +63,9 @@ weight dequantized once per call wins (AVX2 EPYC, float32, [M, 576] x [1536, 576
 
 
 F32_MAX_ROWS = 16
-"""Up to this many rows a float32 linear runs on linear_f32; past it torch's GEMM catches up
-(AVX2 EPYC, SmolLM2-135M's linears and LM head, 2 threads: 22 vs 38 ms at 1 row, 32 vs 67 at
-8, 72 vs 91 at 16, 136 vs 122 at 32; benchmarks/RESULTS.md)."""
+"""Up to this many rows an unpacked float32 linear (model.prepack off) runs on linear_f32;
+past it torch's GEMM catches up (AVX2 EPYC, SmolLM2-135M's linears and LM head, 2 threads: 22
+vs 38 ms at 1 row, 32 vs 67 at 8, 72 vs 91 at 16, 136 vs 122 at 32; benchmarks/RESULTS.md)."""
 
 
 F32_DOT_ROWS = 0

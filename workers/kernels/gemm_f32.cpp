@@ -12,13 +12,14 @@
 // cut into blocks of ~kKc so that a block of x (rows x block) stays in L2 while the panels'
 // blocks stream past it from memory and each panel block (L1) is reused by every row tile; the
 // outputs then accumulate in place, a group of panels at a time, so that they stay in L2 too.
+// While a panel block is computed, the next panel's block is requested a cache line per k
+// (its first row tile; a prefetch never faults), so the weight stream runs ahead of the FMAs.
 // Rows past kMc are done kMc at a time (prefill), each pass over the weights from L3 or memory.
 // The sums run in k order, one chain per output (bias first), so every row gets the same bits
 // whatever the batch. float32 only (x, out, bias); other dtypes, and builds without a vector
 // path, decline and the caller takes torch's linear.
 
 #include "common.h"
-#include <cstdlib>
 
 namespace flotilla {
 namespace f32gemm {
@@ -47,15 +48,9 @@ struct Isa {
 constexpr int kNV = 2;                       // weight vectors per k in a panel
 constexpr int64_t kNR = kNV * Isa::kWidth;   // output channels per panel
 constexpr int kMR = Isa::kMR;                // rows of x per micro-tile
-// TUNING (temporary): FLOTILLA_F32_KC / _MC / _GROUP
-inline int64_t tune(const char* name, int64_t d) {
-  const char* v = std::getenv(name);
-  return v ? std::atoll(v) : d;
-}
-#define kKc tune("FLOTILLA_F32_KC", 384)
-#define kMc (tune("FLOTILLA_F32_MC", 32) * kMR)
-#define kOutGroup (tune("FLOTILLA_F32_GROUP", 256) * 1024)
-#define kPrefetch (tune("FLOTILLA_F32_PF", 1) != 0)
+constexpr int64_t kKc = 384;               // k block target: K = 576 in 2 blocks, 1536 in 4
+constexpr int64_t kMc = 32 * kMR;          // rows per pass over the weights
+constexpr int64_t kOutGroup = 256 * 1024;  // bytes of outputs a thread accumulates at a time
 
 // c[m, 0:kNR] (ldc apart) = init (+ sum over kc of x[m, k] * wp[k, 0:kNR]) for MR rows;
 // init: kNR values per row (bias or zeros) on the first k block, or nullptr to add to c.
@@ -135,13 +130,11 @@ void gemm(float* out, const float* x, const float* wp, const float* bias, int64_
   const int64_t kc = (K + kblocks - 1) / kblocks;
   // ~32 KB of weights per task at least: enough to amortise the thread hand-off
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * kNR * 4));
-  const int64_t mc = kMc, outgroup = kOutGroup;
-  const bool prefetch = kPrefetch;
   at::parallel_for(0, panels, grain, [&](int64_t pb, int64_t pe) {
-    for (int64_t m0 = 0; m0 < M; m0 += mc) {
-      const int64_t m1 = std::min(M, m0 + mc);
+    for (int64_t m0 = 0; m0 < M; m0 += kMc) {
+      const int64_t m1 = std::min(M, m0 + kMc);
       const int64_t group =
-          kblocks == 1 ? pe - pb : std::max<int64_t>(1, outgroup / ((m1 - m0) * kNR * 4));
+          kblocks == 1 ? pe - pb : std::max<int64_t>(1, kOutGroup / ((m1 - m0) * kNR * 4));
       for (int64_t g0 = pb; g0 < pe; g0 += group) {
         const int64_t g1 = std::min(pe, g0 + group);
         for (int64_t k0 = 0; k0 < K; k0 += kc) {
@@ -149,7 +142,7 @@ void gemm(float* out, const float* x, const float* wp, const float* bias, int64_
           for (int64_t p = g0; p < g1; ++p) {
             const float* next = p + 1 < g1 ? wp + ((p + 1) * K + k0) * kNR : nullptr;
             panel_rows(x + k0, K, wp + (p * K + k0) * kNR, kn, out, N, p * kNR, m0, m1, bias,
-                       k0 == 0, prefetch ? next : nullptr);
+                       k0 == 0, next);
           }
         }
       }
