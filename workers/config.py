@@ -28,12 +28,16 @@ class ModelConfig(BaseModel):
         None, ge=16, description="Context limit (prompt + output); defaults to the model's own."
     )
     seed: int = Field(0, ge=0, description="Seed for random-weight models and default sampling.")
-    num_threads: int | None = Field(None, ge=1, le=512, description="torch intra-op threads per rank.")
+    num_threads: int | None = Field(
+        None, ge=1, le=512, description="torch intra-op threads per rank."
+    )
     prepack: bool = Field(
         True,
         description="Keep a packed copy of bf16 linear weights on CPUs that support it: AMX tile "
         "panels for the native AMX linear (with native kernels on an AMX CPU), else oneDNN's "
-        "blocked layout.",
+        "blocked layout. float32 weights (native kernels, AVX2/AVX-512) are packed into the "
+        "panels of the native float32 GEMM instead of their plain copy (both for a head tied "
+        "to the embedding).",
     )
     quantization: Literal["none", "int8"] = Field(
         "none",

@@ -10,9 +10,11 @@ by `attach_linear_methods` as the kernel plan (workers/kernels/dispatch.py) allo
   faster per matmul on bf16-capable CPUs without AMX).
 - GemvLinear: a few bf16 rows by torch.ops.flotilla.gemv_bf16 (AVX512-BF16), streaming the
   weight at memory bandwidth; more rows by the method it wraps.
-- F32Linear: a few float32 rows by torch.ops.flotilla.linear_f32 (AVX2/AVX-512), which streams
-  the weight at memory bandwidth where torch's GEMM (MKL on an AVX2 EPYC) reaches a third to
-  half of it; more rows by torch.
+- F32Linear: float32 weights (AVX2/AVX-512). Packed at load (model.prepack) into the k-major
+  panels of torch.ops.flotilla.linear_f32_packed, an outer-product GEMM that beats torch's
+  (MKL on an AVX2 EPYC) at every row count measured, and the plain weight dropped unless a
+  tied embedding shares it; unpacked: a few rows by linear_f32, which streams the weight at
+  memory bandwidth where MKL reaches a third to half of it, more rows by torch.
 - Int8Linear: an int8 weight with per-output-channel scales (workers/quantization.py): a few
   rows by torch.ops.flotilla.linear_w8 (AVX2/AVX-512), more rows by torch on the dequantized
   weight (float32) or torch's int8 matmul (bf16).
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.layers import TORCH_LINEAR, LinearLayer, LinearMethod
+from parallel.layers import TORCH_LINEAR, LinearLayer, LinearMethod, VocabParallelEmbedding
 from workers.kernels.dispatch import KernelPlan
 from workers.quantization import dequantize, is_int8
 
@@ -131,21 +133,45 @@ class GemvLinear(LinearMethod):
 
 
 class F32Linear(LinearMethod):
-    def __init__(self, max_rows: int):
+    """float32 weights on an AVX2/AVX-512 CPU. With the weight packed at load (`packed`, from
+    pack_f32): every float32 step of more than `dot_rows` rows by linear_f32_packed (outer
+    products, compute-bound past a few rows: 1.3-2x torch's MKL on an AVX2 EPYC from 16 rows
+    up, benchmarks/RESULTS.md); and the plain weight is dropped (meta) unless an embedding
+    shares it, so odd calls (bf16 x) rebuild it from the panels. Without: up to `max_rows`
+    rows by linear_f32 (dot products, bandwidth-bound), torch's linear past it."""
+
+    def __init__(
+        self,
+        max_rows: int,
+        packed: torch.Tensor | None = None,
+        out_features: int = 0,
+        dot_rows: int = 0,
+    ):
         self.max_rows = max_rows
+        self.packed = packed
+        self.out_features = out_features
+        self.dot_rows = dot_rows  # with packed: linear_f32 up to this many rows (plain kept)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         w = layer.weight
-        if (
-            x.dim() == 2
-            and x.shape[0] <= self.max_rows
-            and x.dtype == w.dtype == torch.float32
-            and x.device.type == "cpu"
-        ):
-            out = x.new_empty(x.shape[0], w.shape[0])
-            if torch.ops.flotilla.linear_f32(out, x.contiguous(), w, bias):
-                return out
-        return F.linear(x, w, bias)
+        if x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu":
+            rows = x.shape[0]
+            if self.packed is not None and rows > self.dot_rows:
+                out = x.new_empty(rows, self.out_features)
+                if torch.ops.flotilla.linear_f32_packed(out, x.contiguous(), self.packed, bias):
+                    return out
+            elif rows <= (self.dot_rows if self.packed is not None else self.max_rows):
+                out = x.new_empty(rows, w.shape[0])
+                if torch.ops.flotilla.linear_f32(out, x.contiguous(), w, bias):
+                    return out
+        return F.linear(x, self.plain(layer), bias)
+
+    def plain(self, layer: nn.Module) -> torch.Tensor:
+        """The [N, K] weight: the layer's, or rebuilt from the panels where it was dropped."""
+        w = layer.weight
+        if w.device.type != "meta" or self.packed is None:
+            return w
+        return self.packed.permute(0, 2, 1).reshape(-1, w.shape[1])[: w.shape[0]]
 
 
 class Int8Linear(LinearMethod):
@@ -187,16 +213,33 @@ def _packable(w: torch.Tensor) -> bool:
     )
 
 
+def _f32(layer: LinearLayer, plan: KernelPlan, prepack: bool, shared: bool) -> F32Linear:
+    w = layer.weight.detach()  # type: ignore[attr-defined]
+    packed = torch.ops.flotilla.pack_f32(w) if prepack and plan.f32_packed else None
+    if packed is None or packed.numel() == 0:
+        return F32Linear(plan.f32_max_rows)
+    dot_rows = plan.f32_dot_rows
+    if not shared and dot_rows == 0:  # one float32 copy: the panels
+        layer.weight = nn.Parameter(torch.empty(w.shape, device="meta"), requires_grad=False)
+    return F32Linear(plan.f32_max_rows, packed, w.shape[0], dot_rows)
+
+
 def choose(
-    layer: LinearLayer, plan: KernelPlan, prepack: bool = True, swiglu: bool = False
+    layer: LinearLayer,
+    plan: KernelPlan,
+    prepack: bool = True,
+    swiglu: bool = False,
+    shared: bool = False,
 ) -> LinearMethod:
-    """The method for one loaded layer. `prepack`: keep a packed copy of bf16 weights
-    (model.prepack); `swiglu`: the layer is a SwiGLU MLP's gate|up (pack it for amx_swiglu)."""
+    """The method for one loaded layer. `prepack`: keep packed copies of bf16 weights, and pack
+    float32 ones in place of the plain weight (model.prepack); `swiglu`: the layer is a SwiGLU
+    MLP's gate|up (pack it for amx_swiglu); `shared`: another module reads the weight too (a
+    tied embedding), so a packed copy cannot replace it."""
     if is_int8(layer):
         return Int8Linear(plan.w8_max_rows if plan.w8 else 0)
     w = layer.weight.detach()  # type: ignore[attr-defined]
     if plan.f32 and w.dtype == torch.float32 and w.device.type == "cpu":
-        return F32Linear(plan.f32_max_rows)
+        return _f32(layer, plan, prepack, shared)
     packed = prepack and plan.onednn_bf16 and _packable(w)
     small = GemvLinear(plan.gemv_max_rows, TORCH_LINEAR) if plan.gemv_bf16 else TORCH_LINEAR
     if packed and plan.amx:
@@ -215,9 +258,15 @@ def attach_linear_methods(
 ) -> int:
     """Give every linear layer of `model` its method; `swiglu`: the gate|up layers that may
     be packed for amx_swiglu. Returns how many layers got something other than torch's."""
+    embedded = {
+        id(m.weight)
+        for m in model.modules()
+        if isinstance(m, VocabParallelEmbedding) and not isinstance(m, LinearLayer)
+    }
     n = 0
     for m in model.modules():
         if isinstance(m, LinearLayer):
-            m.linear_method = choose(m, plan, prepack, m in swiglu)
+            shared = id(getattr(m, "weight", None)) in embedded
+            m.linear_method = choose(m, plan, prepack, m in swiglu, shared)
             n += m.linear_method is not TORCH_LINEAR
     return n

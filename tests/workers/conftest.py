@@ -16,6 +16,8 @@ _HARDWARE = {
     "and torch's fallback are tested everywhere)",
     "f32": "an AVX2+FMA or AVX-512 CPU (the float32 small-batch linear kernel has no other "
     "path; its decline and torch's fallback are tested everywhere)",
+    "f32_packed": "an AVX2+FMA or AVX-512 CPU (the packed float32 GEMM has no other path; its "
+    "decline and torch's fallback are tested everywhere)",
     "prefill_attention": "an AVX512-BF16 CPU (the prefill kernel has no other path; SDPA is "
     "tested everywhere)",
 }

@@ -8,7 +8,14 @@ import os
 import pytest
 import torch
 
-from workers.kernels.dispatch import F32_MAX_ROWS, W8_MAX_ROWS, BuildInfo, KernelPlan, decide
+from workers.kernels.dispatch import (
+    F32_DOT_ROWS,
+    F32_MAX_ROWS,
+    W8_MAX_ROWS,
+    BuildInfo,
+    KernelPlan,
+    decide,
+)
 
 AVX2 = {"sse2", "avx", "avx2", "fma", "f16c"}
 AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl"}
@@ -22,6 +29,7 @@ PATHS = {  # what parallel/kernels/isa.h compiles in for a -march=native build o
     "amx": {"x86", "avx2", "avx512", "avx512_bf16", "amx"},
 }
 W8 = dict(w8=True, w8_max_rows=W8_MAX_ROWS, f32=True, f32_max_rows=F32_MAX_ROWS)
+W8.update(f32_packed=True, f32_dot_rows=F32_DOT_ROWS)
 
 
 def _info(features: set[str], paths: str, cpu: set[str] | None = None, permitted=True):

@@ -29,6 +29,7 @@ CPU_KERNELS = native_build.NativeLib(
             "cpu_ops.cpp",
             "dense_layers.cpp",
             "gemm_amx.cpp",
+            "gemm_f32.cpp",
             "gemm_w8.cpp",
             "paged_attention.cpp",
             "paged_attention_int8.cpp",

@@ -63,9 +63,14 @@ weight dequantized once per call wins (AVX2 EPYC, float32, [M, 576] x [1536, 576
 
 
 F32_MAX_ROWS = 16
-"""Up to this many rows a float32 linear runs on linear_f32; past it torch's GEMM catches up
-(AVX2 EPYC, SmolLM2-135M's linears and LM head, 2 threads: 22 vs 38 ms at 1 row, 32 vs 67 at
-8, 72 vs 91 at 16, 136 vs 122 at 32; benchmarks/RESULTS.md)."""
+"""Up to this many rows an unpacked float32 linear (model.prepack off) runs on linear_f32;
+past it torch's GEMM catches up (AVX2 EPYC, SmolLM2-135M's linears and LM head, 2 threads: 22
+vs 38 ms at 1 row, 32 vs 67 at 8, 72 vs 91 at 16, 136 vs 122 at 32; benchmarks/RESULTS.md)."""
+
+
+F32_DOT_ROWS = 0
+"""With float32 weights packed at load (model.prepack): up to this many rows linear_f32 on the
+plain weight still beats linear_f32_packed (0: never, and the plain weight is dropped)."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,8 @@ class KernelPlan:
     w8_max_rows: int = 0  # ... up to this many rows (torch on the dequantized weight past it)
     f32: bool = False  # float32 linears by linear_f32 (the same loop with float32 weights)
     f32_max_rows: int = 0  # ... up to this many rows (torch's GEMM past it)
+    f32_packed: bool = False  # float32 weights packed at load for linear_f32_packed (any rows)
+    f32_dot_rows: int = 0  # ... but linear_f32 up to this many rows
 
     @property
     def dense_layers(self) -> bool:
@@ -121,6 +128,8 @@ class KernelPlan:
             w8_max_rows=W8_MAX_ROWS if w8 else 0,
             f32=w8,
             f32_max_rows=F32_MAX_ROWS if w8 else 0,
+            f32_packed=w8,
+            f32_dot_rows=F32_DOT_ROWS if w8 else 0,
         )
 
 

@@ -5,14 +5,18 @@
 // x and out float32 or bf16. A decode step streams every weight from DRAM once, so the weight
 // bytes set the time: int8 reads 1 byte per weight instead of 4; float32 is here because
 // torch's GEMM (MKL) streams a [<=32, K] x [N, K]^T product at only 4-13 GB/s on an AVX2 EPYC
-// where this loop reaches ~20 (benchmarks/RESULTS.md). The arithmetic is float32: int8
-// weights are widened to int32 then float in registers, and every weight vector is multiplied
-// into float32 accumulators by FMA. A micro-kernel takes kRows weight rows x up to kCols input
-// rows, so that each weight vector is loaded (and converted) once per kCols rows and the
-// accumulators stay in registers (AVX2: 4 x 3 = 12 of the 16 ymm). Threads split the output
-// channels (at::parallel_for), each walking its weight rows front to back. bf16 activations
-// are widened to float32 once per call (M x K values, in L1/L2). No vector path in the build
-// (portable, pre-AVX2): the ops decline and the caller takes torch's path.
+// where this loop reaches ~20 (benchmarks/RESULTS.md); with the weight packed at load (the
+// default, model.prepack) float32 layers take gemm_f32.cpp's outer-product kernel instead,
+// which streams as fast at 1-4 rows and stays ahead of MKL where this loop falls behind it
+// (past ~16 rows: each weight vector here is reused by only 3 rows, and every output is a
+// horizontal sum), so linear_f32 serves unpacked float32 weights only. The arithmetic is
+// float32: int8 weights are widened to int32 then float in registers, and every weight vector
+// is multiplied into float32 accumulators by FMA. A micro-kernel takes kRows weight rows x up
+// to kCols input rows, so that each weight vector is loaded (and converted) once per kCols
+// rows and the accumulators stay in registers (AVX2: 4 x 3 = 12 of the 16 ymm). Threads split
+// the output channels (at::parallel_for), each walking its weight rows front to back. bf16
+// activations are widened to float32 once per call (M x K values, in L1/L2). No vector path
+// in the build (portable, pre-AVX2): the ops decline and the caller takes torch's path.
 
 #include "common.h"
 
