@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from attention_reference import decode_reference
 
 from workers import kv_int8
 from workers.attention import build_metadata, paged_attention
@@ -72,19 +73,9 @@ def test_write_op_quantizes_like_torch(dtype):
 
 def _reference(q, cache, tables, lens, scale, window):
     """float64 attention over the dequantized cache."""
-    n, H, D = q.shape
-    KVH = cache.shape[3]
-    out = torch.empty(n, H, D, dtype=torch.float64)
-    for i, (t, L) in enumerate(zip(tables, lens, strict=True)):
-        k = kv_int8.dequantize(cache[0, t], torch.float64).flatten(0, 1)[:L]
-        v = kv_int8.dequantize(cache[1, t], torch.float64).flatten(0, 1)[:L]
-        lo = max(0, L - window) if window else 0
-        k, v = k[lo:], v[lo:]
-        for h in range(H):
-            kv = h // (H // KVH)
-            s = (k[:, kv] @ q[i, h].double()) * scale
-            out[i, h] = torch.softmax(s, 0) @ v[:, kv]
-    return out
+    return decode_reference(
+        q, cache, tables, lens, scale, window, lambda x: kv_int8.dequantize(x, torch.float64)
+    )
 
 
 def _decode(q, cache, tables, lens, scale, window):

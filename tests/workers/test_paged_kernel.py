@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attention_reference import decode_reference
 
 from workers.attention import build_metadata, paged_attention
 from workers.kernels import build, load_cpu_kernels
@@ -47,19 +48,7 @@ def _setup(lens, H, KVH, D, dtype, seed=0):
 
 
 def _reference(q, cache, tables, lens, scale, window):
-    n, H, D = q.shape
-    KVH = cache.shape[3]
-    out = torch.empty(n, H, D, dtype=torch.float64)
-    for i, (t, L) in enumerate(zip(tables, lens, strict=True)):
-        k = cache[0, t].flatten(0, 1)[:L].double()  # [L, KVH, D]
-        v = cache[1, t].flatten(0, 1)[:L].double()
-        lo = max(0, L - window) if window else 0
-        k, v = k[lo:], v[lo:]
-        for h in range(H):
-            kv = h // (H // KVH)
-            s = (k[:, kv] @ q[i, h].double()) * scale
-            out[i, h] = torch.softmax(s, 0) @ v[:, kv]
-    return out
+    return decode_reference(q, cache, tables, lens, scale, window)
 
 
 def _kernel(q, cache, tables, lens, scale, window):
