@@ -202,7 +202,7 @@ def test_rope_tables_follow_the_model_device():
     They used to mix a host tensor with one on the default device and fail."""
     import transformers
 
-    from workers.models.llama import rope_tables
+    from workers.models.rope import rope_tables
 
     cfg = transformers.LlamaConfig(
         hidden_size=64,

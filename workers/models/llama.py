@@ -30,6 +30,7 @@ from workers.attention import AttentionMetadata, paged_attention
 from workers.kernels.dispatch import KernelPlan
 from workers.linear_methods import AMX_MAX_ROWS, AmxSwiGLU, attach_linear_methods
 from workers.models import native_forward
+from workers.models.rope import apply_rope, rope_tables
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe")
 _QKV_BIAS = ("qwen2", "qwen2_moe")
@@ -188,38 +189,6 @@ class RMSNorm(nn.Module):
             return x, residual
         residual = residual + x
         return self(residual), residual
-
-
-def rope_tables(
-    hf_config, head_dim: int, max_pos: int, device: torch.device | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [max_pos, head_dim] in float32, from transformers' own rope-init functions.
-    Computed on the CPU (the same bits on every device; transformers' functions are asked for
-    CPU tensors), then moved to `device` (default: torch's default device, which the model
-    runner sets to the model's while it builds the model)."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    device = device or torch.get_default_device()
-    params = getattr(hf_config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default")
-    with torch.device("cpu"):  # also for the tensors transformers' functions make
-        if rope_type == "default":
-            theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-            scaling = 1.0
-        else:
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
-        freqs = torch.arange(max_pos, dtype=torch.float)[:, None] * inv_freq.float()[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos() * scaling, emb.sin() * scaling
-    return cos.to(device), sin.to(device)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, heads, D]; cos/sin: [T, 1, D] already in x's dtype
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 class LlamaAttention(nn.Module):
