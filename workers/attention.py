@@ -9,10 +9,11 @@ Per step, `build_metadata` turns block tables into index tensors once; every lay
   per group of similar context length. Keys/values are gathered block-wise from the cache into a
   padded [B, kv_heads, L, D] view with a length mask. Queries are grouped per KV head
   ([B, kv_heads, q_per_kv, D]) so grouped-query attention needs no K/V repetition.
-- Prefill chunks, CPU in bfloat16 with AVX512-BF16: one call of the native kernel
-  `torch.ops.flotilla.paged_prefill_attention` for all chunks, reading K/V in place through the
-  block tables (the chunk's own K/V are written to the cache first), causal from each chunk's
-  offset; ~3.5x torch's CPU flash kernel here (it declines other dtypes/CPUs).
+- Prefill chunks, CPU in bfloat16 with AVX512-BF16, or float32 with AVX2: one call of the
+  native kernel `torch.ops.flotilla.paged_prefill_attention` for all chunks, reading K/V in
+  place through the block tables (the chunk's own K/V are written to the cache first), causal
+  from each chunk's offset; bf16 ~3.5x torch's CPU flash kernel, float32 no gathers and no
+  output copy (it declines other dtypes/CPUs).
 - Prefill chunks, elsewhere: one SDPA call each. A chunk with nothing cached before it attends
   to its own K/V (causal); a later chunk (chunked prefill or a prefix-cache hit) gathers the
   earlier context from the cache with an offset causal mask.
@@ -230,8 +231,14 @@ def paged_attention(
             else torch.ops.flotilla.paged_decode_attention
         )
         decode(
-            out[:nd], q[:nd], k_cache, v_cache, meta.decode_tables,
-            meta.decode_lens, scale, window or 0,
+            out[:nd],
+            q[:nd],
+            k_cache,
+            v_cache,
+            meta.decode_tables,
+            meta.decode_lens,
+            scale,
+            window or 0,
         )
 
     def blocks(cache: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

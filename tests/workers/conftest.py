@@ -20,6 +20,8 @@ _HARDWARE = {
     "decline and torch's fallback are tested everywhere)",
     "prefill_attention": "an AVX512-BF16 CPU (the prefill kernel has no other path; SDPA is "
     "tested everywhere)",
+    "prefill_attention_f32": "an AVX2+FMA or AVX-512 CPU (the float32 prefill kernel has no "
+    "other path; SDPA is tested everywhere)",
 }
 
 

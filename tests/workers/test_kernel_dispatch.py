@@ -29,7 +29,7 @@ PATHS = {  # what parallel/kernels/isa.h compiles in for a -march=native build o
     "amx": {"x86", "avx2", "avx512", "avx512_bf16", "amx"},
 }
 W8 = dict(w8=True, w8_max_rows=W8_MAX_ROWS, f32=True, f32_max_rows=F32_MAX_ROWS)
-W8.update(f32_packed=True, f32_dot_rows=F32_DOT_ROWS)
+W8.update(f32_packed=True, f32_dot_rows=F32_DOT_ROWS, prefill_attention_f32=True)
 
 
 def _info(features: set[str], paths: str, cpu: set[str] | None = None, permitted=True):

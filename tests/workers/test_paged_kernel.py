@@ -160,13 +160,13 @@ def test_kernel_rejects_bad_inputs():
         )
 
 
-def _prefill_setup(chunks, H, KVH, D, seed):
+def _prefill_setup(chunks, H, KVH, D, seed, dtype=torch.bfloat16):
     """chunks: (q_len, start_pos) each; returns q [T, H, D], cache, tables, kernel args."""
     g = torch.Generator().manual_seed(seed)
     need = [-(-(n + s) // BS) for n, s in chunks]
     tables, num_blocks = _shuffled_tables(need, 3, g)
-    cache = torch.randn(2, num_blocks, BS, KVH, D, generator=g).bfloat16()
-    q = torch.randn(sum(n for n, _ in chunks), H, D, generator=g).bfloat16()
+    cache = torch.randn(2, num_blocks, BS, KVH, D, generator=g).to(dtype)
+    q = torch.randn(sum(n for n, _ in chunks), H, D, generator=g).to(dtype)
     starts = [sum(n for n, _ in chunks[:j]) for j in range(len(chunks))]
     width = max(need)
     args = (
@@ -180,13 +180,14 @@ def _prefill_setup(chunks, H, KVH, D, seed):
 
 @pytest.mark.parametrize("D,H,KVH", [(64, 9, 3), (128, 4, 4), (64, 8, 1), (16, 4, 2), (96, 2, 1)])
 @pytest.mark.parametrize("window", [0, 7])
-def test_prefill_kernel_matches_float64_reference(D, H, KVH, window, needs):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+def test_prefill_kernel_matches_float64_reference(D, H, KVH, window, dtype, needs):
     """Chunks of every kind in one call: from position 0, continuing after cached context (a
     later chunk of chunked prefill, or a prefix-cache hit), single tokens, and spans longer
-    than one task (128 positions) and than one register block (16)."""
+    than one task (bf16 128 positions, float32 64) and than one register block (16 / 4 rows)."""
     chunks = [(37, 0), (1, 0), (20, 13), (150, 0), (5, 200), (16, 16)]
-    q, cache, tables, starts, args = _prefill_setup(chunks, H, KVH, D, seed=D + H + window)
-    needs("prefill_attention")
+    q, cache, tables, starts, args = _prefill_setup(chunks, H, KVH, D, D + H + window, dtype)
+    needs("prefill_attention" if dtype == torch.bfloat16 else "prefill_attention_f32")
     out = torch.zeros_like(q)
     assert torch.ops.flotilla.paged_prefill_attention(
         out, q, cache[0], cache[1], *args, D**-0.5, window
@@ -202,8 +203,10 @@ def test_prefill_kernel_matches_float64_reference(D, H, KVH, window, needs):
             s = (q[q0 : q0 + n, h].double() @ k[:, kv].T) * D**-0.5
             want = torch.softmax(s.masked_fill(~visible, float("-inf")), -1) @ v[:, kv]
             # bf16 inputs, float32 accumulation, probabilities rounded to bf16 (as torch's
-            # CPU flash kernel does): within a few bf16 ulps of the exact result
-            torch.testing.assert_close(out[q0 : q0 + n, h].double(), want, atol=2e-2, rtol=2e-2)
+            # CPU flash kernel does): within a few bf16 ulps of the exact result; float32
+            # throughout: within float32 summation error
+            tol = 2e-2 if dtype == torch.bfloat16 else 2e-5
+            torch.testing.assert_close(out[q0 : q0 + n, h].double(), want, atol=tol, rtol=tol)
 
 
 def test_prefill_kernel_declines_without_its_path(kernel_plan):
@@ -219,26 +222,28 @@ def test_prefill_kernel_declines_without_its_path(kernel_plan):
     assert not out.any()
 
 
-def test_prefill_kernel_declines_float32():
-    q, cache, tables, starts, args = _prefill_setup([(8, 0)], 4, 2, 64, seed=0)
+def test_prefill_kernel_float32_declines_without_its_path(kernel_plan):
+    """float32 runs where the plan says (AVX2 / AVX-512), and elsewhere declines, writing
+    nothing (a portable build: tests/workers/test_kernel_targets.py runs this file there)."""
+    q, cache, tables, starts, args = _prefill_setup([(8, 0)], 4, 2, 64, 0, torch.float32)
     out = torch.zeros(q.shape)
-    assert not torch.ops.flotilla.paged_prefill_attention(
-        out, q.float(), cache[0].float(), cache[1].float(), *args, 0.125, 0
-    )
-    assert not out.any()  # declined: nothing written
+    ok = torch.ops.flotilla.paged_prefill_attention(out, q, cache[0], cache[1], *args, 0.125, 0)
+    assert ok == kernel_plan.prefill_attention_f32
+    assert out.any() == ok  # declined: nothing written
 
 
 @pytest.mark.parametrize("window", [None, 6])
-def test_prefill_kernel_path_equals_sdpa_path(window):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+def test_prefill_kernel_path_equals_sdpa_path(window, dtype):
     """The whole mixed-batch path (metadata + paged_attention) with and without native
-    kernels in bf16: decodes and prefill chunks (fresh and continuing) in one batch."""
+    kernels: decodes and prefill chunks (fresh and continuing) in one batch."""
     H, KVH, D = 6, 2, 64
     g = torch.Generator().manual_seed(3)
     dec_lens = [5, 9]  # decodes first (ascending), then prefill chunks
     chunks = [(12, 0), (7, 10)]
     need = [-(-n // BS) for n in dec_lens] + [-(-(n + s) // BS) for n, s in chunks]
     tables, num_blocks = _shuffled_tables(need, 2, g)
-    cache = torch.randn(2, num_blocks, BS, KVH, D, generator=g).bfloat16()
+    cache = torch.randn(2, num_blocks, BS, KVH, D, generator=g).to(dtype)
     positions, slots, prefills = [], [], []
     for t, n in zip(tables, dec_lens, strict=False):
         positions.append(n - 1)
@@ -249,9 +254,9 @@ def test_prefill_kernel_path_equals_sdpa_path(window):
             positions.append(p)
             slots.append(t[p // BS] * BS + p % BS)
     T = len(positions)
-    q = torch.randn(T, H, D, generator=g).bfloat16()
-    k_new = torch.randn(T, KVH, D, generator=g).bfloat16()
-    v_new = torch.randn(T, KVH, D, generator=g).bfloat16()
+    q = torch.randn(T, H, D, generator=g).to(dtype)
+    k_new = torch.randn(T, KVH, D, generator=g).to(dtype)
+    v_new = torch.randn(T, KVH, D, generator=g).to(dtype)
     outs = []
     for native in (True, False):
         meta = build_metadata(
@@ -266,7 +271,8 @@ def test_prefill_kernel_path_equals_sdpa_path(window):
         )
         assert (meta.prefill_kernel is not None) == native
         outs.append(paged_attention(q, k_new, v_new, cache.clone(), meta, D**-0.5, window))
-    torch.testing.assert_close(outs[0].float(), outs[1].float(), atol=2e-2, rtol=2e-2)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("M", [1, 3, 8])

@@ -34,6 +34,7 @@ CPU_KERNELS = native_build.NativeLib(
             "paged_attention.cpp",
             "paged_attention_int8.cpp",
             "prefill_attention.cpp",
+            "prefill_attention_f32.cpp",
         )
     ),
     headers=tuple(_DIR / n for n in ("common.h", "attend_avx2.h", "row_cursor.h")),

@@ -79,6 +79,7 @@ class KernelPlan:
 
     native: bool = False  # norms, rotary, SiLU-and-mul, KV write, decode attention, row argmax
     prefill_attention: bool = False  # paged_prefill_attention takes bf16 (AVX512-BF16, AMX)
+    prefill_attention_f32: bool = False  # ... and float32 (AVX2+FMA or AVX-512)
     amx: bool = False  # AMX tiles: packed linears, fused SwiGLU, greedy head, dense_layers
     gemv_bf16: bool = False  # small-batch bf16 linears by gemv_bf16 (AVX512-BF16)
     gemv_max_rows: int = 0  # ... up to this many rows (oneDNN wins past it)
@@ -120,6 +121,7 @@ class KernelPlan:
         return cls(
             native=True,
             prefill_attention=bf16,
+            prefill_attention_f32=w8,
             amx=amx,
             gemv_bf16=bf16,
             gemv_max_rows=rows if bf16 else 0,
