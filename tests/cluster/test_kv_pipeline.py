@@ -185,11 +185,12 @@ def test_groups_hand_off_over_their_pair_group(pd, tiny_model_dir, monkeypatch):
         host, port, secret = await p.data_address()
         source = {"group": "P", "host": host, "port": port, "secret": secret}
         gone = {"name": "X", "role": "prefill", "host": host, "port": 1, "secret": b""}
-        d.sync_kv_links([{"name": "P", "role": "prefill", **source}, gone])
+        members = [{"name": "P", "role": "prefill", **source}, gone]
+        d.sync_kv_links(members)
         await until(lambda: "P" in d.kv_links and "D" in p.kv_links and not d._link_opening)
         assert d.kv_links["P"].id == p.kv_links["D"].id and "X" not in d.kv_links
         assert d.kv["link_failures"] == 1
-        d.sync_kv_links([gone])  # not retried yet
+        d.sync_kv_links(members)  # X is not retried yet
         assert not d._link_opening and d.kv["link_failures"] == 1
         want, _ = await ids(d.generate_stream("c", PROMPT, params))
         d.engine.engine.block_manager.reset_prefix_cache()  # the tail must import, not hit
