@@ -159,7 +159,8 @@ def test_groups_hand_off_over_their_pair_group(pd, tiny_model_dir, monkeypatch):
     gloo pair group with it in the background; a hand-off then goes through it ("dist") and
     continues with the tokens of an uninterrupted run, the prefill group's slot going back
     once it is sent. A prefill group that cannot be joined costs one counted failure, not
-    retried at once; a group that left the registry loses its link, on both sides."""
+    retried at once; a group that left the registry loses its link, on both sides, and one
+    that (re)appears gets a new one."""
     import ray
 
     from cluster.replica_group import ReplicaGroup
@@ -201,9 +202,13 @@ def test_groups_hand_off_over_their_pair_group(pd, tiny_model_dir, monkeypatch):
         await until(lambda: p.arena.lent == 0)  # the send completes in a thread, then it goes
         s = p.stats()
         links = (s["kv_links"], d.stats()["kv_links"], d.stats()["kv_dist_imports"])
+        old = d.kv_links["P"].id
         d.sync_kv_links([])
         p.sync_kv_links([])
         assert d.kv_links == {} == p.kv_links
+        d.sync_kv_links(members[:1])  # P is back (or a new group): a new pair group
+        await until(lambda: "P" in d.kv_links and "D" in p.kv_links and not d._link_opening)
+        assert d.kv_links["P"].id == p.kv_links["D"].id != old
         p._server.close()
         return want, first + rest, last, s, links
 
