@@ -14,6 +14,9 @@ processes, as two groups are). Steps, as the disaggregated path runs them
   shm      (groups on one node) the decode process imports straight from the slot
   socket   (groups on two nodes) the decode process takes it over the data plane
            (cluster/wire.py call_once: one frame of raw bytes) and imports it
+  dist     (pools.kv_transport dist) the decode process receives it over a gloo pair group
+           with the prefill process (cluster/kv_transports.py Dist / arrive, parallel/pair.py)
+           and imports it; the prefill side's send starts from the export, as take_kv's does
   import   the decode engine writes the blocks into free blocks of its cache (counted inside
            each transport's figure, as the decode group does it)
 Baseline: `torch.Tensor.clone()` of a tensor of the same size (one read + one write into fresh
@@ -65,6 +68,22 @@ class Decoder:
     def shm(self, msg) -> float:
         t0 = time.perf_counter()
         self._import(msg)
+        return time.perf_counter() - t0
+
+    def join(self, port: int) -> None:
+        from parallel.pair import PairGroup
+
+        self.pair = PairGroup(PairGroup.dial("127.0.0.1", port), 1, "gloo", "127.0.0.1")
+
+    def dist(self, msg) -> float:
+        import asyncio
+
+        from cluster import kv_transports
+
+        if not hasattr(self, "loop"):
+            self.loop = asyncio.new_event_loop()
+        t0 = time.perf_counter()
+        self._import(self.loop.run_until_complete(kv_transports.arrive(msg, self.pair)))
         return time.perf_counter() - t0
 
     def socket(self, host: str, port: int, secret: bytes) -> float:
@@ -142,16 +161,29 @@ def transports(args) -> None:
     data = data[:, :, : len(blocks)]
     nbytes = data.numel() * data.element_size()
 
+    import asyncio
+
+    from cluster import kv_transports
     from cluster.kv_arena import KVArena
+    from parallel.pair import PairGroup
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     dec = Decoder.remote(cfg)
+    store = PairGroup.listen("127.0.0.1")
+    joined = dec.join.remote(store.port)
+    pair = PairGroup(store, 0, "gloo", "127.0.0.1")
+    ray.get(joined)
+    loop = asyncio.new_event_loop()
+
+    async def send_dist(out: torch.Tensor) -> dict:
+        return kv_transports.Dist(pair).send("r", tokens, out, layout)
+
     arena = KVArena("bench", 2 * nbytes + (1 << 20))
     layout = prefill.kv_layout
     payload: dict = {}
     host, port, secret = serve_inline(payload)
 
-    names = ("export", "slot", "put", "shm", "socket", "memcpy")
+    names = ("export", "slot", "put", "shm", "socket", "dist", "memcpy")
     rows: dict[str, list[float]] = {k: [] for k in names}
     for i in range(args.rounds + 1):  # the first round warms both sides up: not counted
         t: dict[str, float] = {}
@@ -172,6 +204,7 @@ def transports(args) -> None:
         arena.release("r")
         payload["msg"] = kv_transfer.pack(tokens, out, layout)
         t["socket"] = ray.get(dec.socket.remote(host, port, secret))
+        t["dist"] = ray.get(dec.dist.remote(loop.run_until_complete(send_dist(out))))
         t0 = time.perf_counter()
         data.clone()
         t["memcpy"] = time.perf_counter() - t0
@@ -191,6 +224,7 @@ def transports(args) -> None:
         "slot + shm (one node, now)": ("slot", "shm"),
         "export + put + shm (one node, before)": ("export", "put", "shm"),
         "export + socket (two nodes)": ("export", "socket"),
+        "export + dist (gloo pair group)": ("export", "dist"),
     }
     for name, steps in paths.items():
         total = sum(med[k] for k in steps)

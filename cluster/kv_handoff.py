@@ -9,9 +9,9 @@ in; the router's side is router/legs.py).
                     fits its KV layout (_fitting_kv), imports it, gives an arena slot back once the
                     engine has read it (_give_back_arena); anything missing, late or not
                     fitting is recomputed -- the same tokens, only later
-    pair groups     open_kv_link (decode side) asks a prefill group to join a torch.distributed
-                    group of two (kv_link; parallel/pair.py): its hand-offs to this group then
-                    travel by send / recv on that group's backend (gloo on CPU, NCCL on GPU)
+    pair groups     a decode group that joined a torch.distributed group of two with a
+                    prefill group (cluster/kv_links.py: which, when, and when it is dropped)
+                    takes that group's hand-offs by send / recv on it (gloo on CPU, NCCL on GPU)
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from collections import OrderedDict
 from typing import Any
 
 from cluster import wire
+from cluster.kv_links import KVLinks
 
 log = logging.getLogger("cluster.replica_group")  # the group's one log
 _NO_LOCK = contextlib.nullcontext()
@@ -67,18 +68,21 @@ class _Leases:
                 self.on_expire(request_id)
 
 
-class KVHandoff:
+class KVHandoff(KVLinks):
     """Mixed into ReplicaGroup, whose __init__ sets leases, arena, arena_maps, _arena_loans,
-    kv_links, _link_locks, kv (counters), kv_transfer_timeout_s, engine and name."""
+    kv (counters), kv_transfer_timeout_s, engine, role and name, and calls _init_links."""
 
-    def take_kv(self, request_id: str, via: str = "inline", taker: str | None = None) -> Any:
+    def take_kv(
+        self, request_id: str, via: str = "inline", taker: str | None = None, link: int = 0
+    ) -> Any:
         """A decode group takes (and so acknowledges) a request's prompt KV (token ids and block
         data), or None when the lease expired or was never made. `via`: the transport the taker
         asked for (cluster/kv_transports.py): "shm" (a decode group on this node: the answer
         names a slot of this group's arena, which the taker releases with release_kv once it
         imported it, or the slot is freed after the lease and transfer times), "dist" (the
-        taker, `taker`, joined a pair group with this one: the bytes follow the answer) or
-        "inline" (the bytes in the answer)."""
+        taker, `taker`, joined a pair group with this one -- the one whose id is `link`, when
+        given: the bytes follow the answer) or "inline" (the bytes in the answer). A transport
+        not there (no arena, a full one, no such pair group yet) falls back to inline."""
         from cluster import kv_transports  # torch: only in a group's process, never the router's
 
         kv = self.leases.take(request_id)
@@ -86,47 +90,10 @@ class KVHandoff:
             return None
         tokens, data = kv
         pair = self.kv_links.get(taker) if via == "dist" and taker else None
+        if pair is not None and link and pair.id != link:  # a pair the taker dropped since
+            pair = None
         transport = kv_transports.sender(via, self.arena, pair)
         return transport.send(request_id, tokens, data, self.engine.engine.kv_layout)
-
-    def kv_link(self, taker: str, backend: str) -> int:
-        """Prefill side of open_kv_link: listen for `taker` to join a pair group (rank 0 here);
-        the port of the rendezvous. The group is used once both joined."""
-        from parallel.pair import PairGroup  # torch: only in a group's process
-
-        host = self._kv_link_host()
-        store = PairGroup.listen(host)
-
-        def joined(f: asyncio.Future) -> None:
-            if f.exception() is None:
-                self.kv_links[taker] = f.result()
-            else:
-                log.warning("pair group with %s not made: %r", taker, f.exception())
-
-        loop = asyncio.get_running_loop()
-        loop.run_in_executor(None, PairGroup, store, 0, backend, host).add_done_callback(joined)
-        return store.port
-
-    async def open_kv_link(self, source: dict[str, Any], backend: str = "gloo") -> None:
-        """Join a torch.distributed pair group with the prefill group `source` names (as
-        _fetch_kv's): hand-offs from it then travel by send / recv ("dist"). For groups that
-        can reach each other's addresses; `backend`: gloo (CPU tensors) or nccl (CUDA)."""
-        from parallel.pair import PairGroup  # torch: only in a group's process
-
-        port = await wire.call_once(
-            source["host"], source["port"], source["secret"], self.name,
-            "kv_link", [self.name, backend],
-        )  # fmt: skip
-        here = self._kv_link_host()
-
-        def join() -> Any:
-            return PairGroup(PairGroup.dial(source["host"], port), 1, backend, here)
-
-        self.kv_links[source["group"]] = await asyncio.to_thread(join)
-
-    def _kv_link_host(self) -> str:
-        server = getattr(self, "_server", None)
-        return server.sockets[0].getsockname()[0] if server is not None else "127.0.0.1"
 
     def _lease_expired(self, request_id: str) -> None:
         if self.arena is not None:
@@ -161,7 +128,10 @@ class KVHandoff:
         t0 = time.monotonic()
         group = source.get("group", "?")
         here = getattr(getattr(self, "member", None), "node_id", None)
-        via = kv_transports.choose(source, here, self.kv_links)
+        self.ensure_link(source)  # (one the registry did not list yet: for the next hand-offs)
+        via = kv_transports.choose(
+            source, here, self.kv_links, self.kv_transport, self._kv_arena_on
+        )
         try:
             msg = await asyncio.wait_for(
                 self._take(source, request_id, via), self.kv_transfer_timeout_s
@@ -177,6 +147,9 @@ class KVHandoff:
             raise
         except Exception as e:  # the prefill group died, or the transfer is late
             log.warning("KV of %s from %s not received, recomputing: %r", request_id, group, e)
+            if via == "dist":  # sends and receives on that pair may be out of step now
+                self.kv["link_failures"] += 1
+                self.drop_link(group, f"a transfer failed: {e!r}")
             msg = None
         kv = None
         if msg is not None:
@@ -191,6 +164,8 @@ class KVHandoff:
                 kv = (*kv, lambda: kv_transfer.arena_current(msg, maps))
                 self._arena_loans[request_id] = source
                 self.kv["shm_imports"] += 1
+            elif kv is not None and via == "dist":
+                self.kv["dist_imports"] += 1
         seconds = time.monotonic() - t0
         if kv is None:
             self.kv["recomputes"] += 1
@@ -207,12 +182,13 @@ class KVHandoff:
         over a pair group (cluster/kv_transports.py), or None."""
         from cluster import kv_transports  # torch: only in a group's process
 
-        pair = self.kv_links.get(source.get("group"))
+        pair = self.kv_links.get(source.get("group")) if via == "dist" else None
         # One transfer at a time per pair group: NCCL matches sends and receives in order.
         lock = self._link_locks.setdefault(source["group"], asyncio.Lock()) if pair else _NO_LOCK
         async with lock:
-            # the taker's name only for "dist" (which only a group that has kv_link asks for)
-            args = [request_id, via, self.name] if pair else [request_id, via]
+            # the taker's name and the pair's id only for "dist" (which only a group that has
+            # a link asks for)
+            args = [request_id, via, self.name, pair.id] if pair else [request_id, via]
             msg = await wire.call_once(
                 source["host"], source["port"], source["secret"], self.name, "take_kv", args
             )

@@ -11,6 +11,9 @@ back (a full arena, no pair group) is still read right.
             send / recv on the pair's device
     inline  anything else: the raw bytes in the answer (one frame on the data-plane socket)
 
+Which one a deployment asks for is pools.kv_transport (`MODES`; `wants_link` says which pair
+groups a decode group opens, cluster/kv_links.py; `choose` what it asks for per hand-off).
+
 The sender's data may sit in an arena slot already (the engine exports hand-offs there,
 cluster/kv_export.py): shm lends it as it is, dist sends from it and releases it once sent,
 inline copies it out and releases it at once.
@@ -37,11 +40,35 @@ class Transport(Protocol):
         ...
 
 
-def choose(source: dict[str, Any], here_node: str | None, links: dict[str, Any]) -> str:
-    """The transport a decode group asks for, from where the prefill group `source` is."""
-    if source.get("group") in links:
+# pools.kv_transport (deploy/config.py): which of them a deployment asks for
+MODES = ("auto", "shm", "inline", "dist")
+
+
+def wants_link(mode: str, backend: str, same_node: bool, arena: bool) -> bool:
+    """Whether a decode group joins a pair group with a prefill group: always for "dist";
+    for "auto" only where NCCL can carry the bytes (both groups on CUDA: `backend` is
+    "nccl") and shared memory cannot (another node, or no arena)."""
+    if mode == "dist":
+        return True
+    return mode == "auto" and backend == "nccl" and not (same_node and arena)
+
+
+def choose(
+    source: dict[str, Any],
+    here_node: str | None,
+    links: dict[str, Any],
+    mode: str = "auto",
+    arena: bool = True,
+) -> str:
+    """The transport a decode group asks for, from where the prefill group `source` is and
+    the deployment's mode: a pair group where one is open (only wanted ones are: wants_link),
+    else the same node's arena, else inline. A mode whose transport is not there right now
+    (a pair group not open yet or failed, another node for shm) falls back the same way."""
+    if mode == "inline":
+        return "inline"
+    if mode in ("auto", "dist") and source.get("group") in links:
         return "dist"
-    if here_node and source.get("node_id") == here_node:
+    if arena and here_node and source.get("node_id") == here_node:
         return "shm"
     return "inline"
 

@@ -49,8 +49,11 @@ class GroupRegistry:
         self.ttl_s = ttl_s
         self._members: dict[str, tuple[float, dict[str, Any]]] = {}
 
-    def announce(self, member: dict[str, Any]) -> None:
+    def announce(self, member: dict[str, Any]) -> list[dict[str, Any]]:
+        """Record `member`; the current list (members()) in return, so that a group learns of
+        its peers with its heartbeat (decode groups open pair groups: cluster/kv_links.py)."""
         self._members[member["name"]] = (time.monotonic(), member)
+        return self.members()
 
     def leave(self, name: str) -> None:
         self._members.pop(name, None)

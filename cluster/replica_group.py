@@ -90,6 +90,8 @@ class ReplicaGroup(KVHandoff):
         kv_lease_s: float = 30.0,
         kv_transfer_timeout_s: float = 30.0,
         kv_arena_mib: int = 0,
+        kv_transport: str = "auto",
+        kv_link_backend: str = "gloo",
     ):
         # Imported here so that deploy/ (which only names this class) never imports torch.
         from cluster.async_engine import AsyncEngine
@@ -106,6 +108,7 @@ class ReplicaGroup(KVHandoff):
         # fetched and imported / recomputed instead / abandoned (the request was cancelled)
         self.kv = {"imports": 0, "recomputes": 0, "cancelled": 0, "bytes": 0, "seconds": 0.0}
         self.kv["shm_imports"] = 0  # ... of which read from a same-node prefill group's arena
+        self.kv["dist_imports"] = 0  # ... of which received over a pair group
         # Same-node hand-offs go through shared memory (cluster/kv_arena.py): a prefill group
         # lends slots of its arena, a decode group maps the arenas it is sent.
         self.arena = (
@@ -114,9 +117,8 @@ class ReplicaGroup(KVHandoff):
             else None
         )
         self.arena_maps = ArenaMaps()
-        # peer group -> a parallel.pair.PairGroup joined with it (kv_link / open_kv_link)
-        self.kv_links: dict[str, Any] = {}
-        self._link_locks: dict[str, asyncio.Lock] = {}
+        # pair groups with peer groups (cluster/kv_links.py), as pools.kv_transport asks
+        self._init_links(kv_transport, kv_link_backend, kv_arena_mib > 0)
         self._arena_loans: dict[str, dict[str, Any]] = {}  # request -> the lender's address
         self._transfers: dict[str, dict[str, Any]] = {}  # request -> its KV fetch (_fetch_kv)
         self.config = config
@@ -416,6 +418,8 @@ class ReplicaGroup(KVHandoff):
             "kv_transfer_bytes": self.kv["bytes"],
             "kv_transfer_seconds": self.kv["seconds"],
             "kv_shm_imports": self.kv["shm_imports"],
+            "kv_dist_imports": self.kv["dist_imports"],
+            "kv_link_failures": self.kv["link_failures"],
             "kv_arena_lent": self.arena.lent if self.arena is not None else 0,
             "kv_arena_expired": self.arena.expired if self.arena is not None else 0,
             # hand-off blocks copied while the prompt's prefill ran / when its first token came

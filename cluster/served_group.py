@@ -3,7 +3,8 @@ replica, sizes its threads from its own node (its ranks from theirs), announces 
 to the registry, and when Serve removes it (scale-down, delete, a rolling update) it drains
 before it goes.
 
-    ServedGroup(engine_config, role, kv_lease_s, kv_transfer_timeout_s, drain_s, kv_arena_mib)
+    ServedGroup(engine_config, role, kv_lease_s, kv_transfer_timeout_s, drain_s, kv_arena_mib,
+                kv_transport, kv_link_backend)
     reconfigure({"cpu_share": f})   Serve's user_config: the share of the node's cores
 
 Removal, step by step (Serve calls `__del__` once its own requests -- none: ours travel on the
@@ -67,6 +68,8 @@ class ServedGroup(ReplicaGroup):
         kv_transfer_timeout_s: float = 30.0,
         drain_s: float = 30.0,
         kv_arena_mib: int = 0,
+        kv_transport: str = "auto",
+        kv_link_backend: str = "gloo",
     ):
         # The engine starts in the first reconfigure(), which Serve calls right after this,
         # before the replica counts as ready: the thread share arrives there, in user_config,
@@ -74,6 +77,7 @@ class ServedGroup(ReplicaGroup):
         if isinstance(config, dict):
             config = EngineConfig.model_validate(config)
         self._args = (config, role, kv_lease_s, kv_transfer_timeout_s, kv_arena_mib)
+        self._links = (kv_transport, kv_link_backend)
         self.drain_s = drain_s
         self.started = False
 
@@ -95,7 +99,9 @@ class ServedGroup(ReplicaGroup):
         ctx = serve.get_replica_context()
         name = f"{pool_prefix(role)}-{ctx.replica_id.unique_id}"
         config = threads_for(config, self.cpu_share)
-        super().__init__(config, name, role, kv_lease_s, kv_transfer_timeout_s, kv_arena_mib)
+        super().__init__(
+            config, name, role, kv_lease_s, kv_transfer_timeout_s, kv_arena_mib, *self._links
+        )
         self.started = True
         # Where this group's cold start went (one-rank groups: the phases ran in this process).
         self.startup = {
@@ -113,7 +119,9 @@ class ServedGroup(ReplicaGroup):
         self.startup["ready_s"] = time.time() - psutil.Process().create_time()
 
     async def _announce(self) -> None:
-        await self._registry.announce.remote(self.member.to_dict())
+        members = await self._registry.announce.remote(self.member.to_dict())
+        if isinstance(members, list):  # the peers: open / drop pair groups (cluster/kv_links.py)
+            self.sync_kv_links(members)
 
     async def _announce_forever(self) -> None:
         while True:
@@ -151,6 +159,8 @@ class ServedGroup(ReplicaGroup):
                         self.name, moved, wait_s)  # fmt: skip
             await asyncio.sleep(0.5)  # let the error deltas reach the routers
         self._heartbeat.cancel()
+        for group in list(self.kv_links):
+            self.drop_link(group, "this group is being removed")
         try:
             await asyncio.wait_for(self._registry.leave.remote(self.name), 5)
         except Exception:  # TTL removes it anyway

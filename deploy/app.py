@@ -86,6 +86,8 @@ def build_app(config: FlotillaConfig | dict[str, Any], counts: bool = True) -> s
             pools.kv_transfer_timeout_s if pools else 30.0,
             s.group_graceful_shutdown_s,
             pools.kv_arena_mib if pools else 0,
+            pools.kv_transport if pools else "auto",
+            config.kv_link_backend(),
         )
         for spec in config.pool_specs()
     }

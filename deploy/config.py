@@ -169,11 +169,32 @@ class PoolsConfig(BaseModel):
         "its node (faulted in once at start; a prompt that does not fit goes over the socket). "
         "0 = always the socket.",
     )
+    kv_transport: Literal["auto", "shm", "inline", "dist"] = Field(
+        "auto",
+        description="How a prompt's KV travels from a prefill group to a decode group. shm: "
+        "the prefill group's shared-memory arena when the groups share a node (needs "
+        "kv_arena_mib > 0), inline otherwise. inline: the bytes in the answer on the "
+        "data-plane socket, always. dist: a torch.distributed pair group between each decode "
+        "group and each prefill group (send / recv; NCCL when both pools' groups run one rank on "
+        "CUDA, else gloo), opened as the decode group learns of the prefill group. auto: shm on "
+        "one node, dist between CUDA groups (NCCL) on different nodes, inline otherwise. A "
+        "transport not available for a hand-off (a pair group not open yet or failed to open, "
+        "a full arena) falls back to the next (shm, then inline); never a failed request.",
+    )
     autoscaling_ratio: AutoscalingRatio | None = Field(
         None,
         description="Coordinate the pools' autoscaling (a Serve application-level policy; "
         "needs prefill.autoscaling and decode.autoscaling).",
     )
+
+    @model_validator(mode="after")
+    def _shm_needs_an_arena(self) -> PoolsConfig:
+        if self.kv_transport == "shm" and self.kv_arena_mib == 0:
+            raise ValueError(
+                "pools.kv_transport shm needs pools.kv_arena_mib > 0 (the shared memory it "
+                "lends); set kv_transport: inline to send every hand-off over the socket"
+            )
+        return self
 
     @model_validator(mode="after")
     def _ratio_needs_both(self) -> PoolsConfig:
@@ -266,6 +287,16 @@ class FlotillaConfig(BaseModel):
         if pool.num_threads is not None:
             update["model"] = engine.model.model_copy(update={"num_threads": pool.num_threads})
         return engine.model_copy(update=update) if update else engine
+
+    def kv_link_backend(self) -> str:
+        """The backend of the pair groups between prefill and decode groups (pools.kv_transport
+        dist / auto): nccl when both pools' groups hold a GPU in their own process (one rank on
+        CUDA: deploy.app gives it the GPU), else gloo on CPU tensors (any device)."""
+        if self.pools is None:
+            return "gloo"
+        engines = [self._pool_engine(r) for r in ("prefill", "decode")]
+        on_gpu = all(e.model.device == "cuda" and e.parallel.is_single for e in engines)
+        return "nccl" if on_gpu else "gloo"
 
     def pool_specs(self) -> list[PoolSpec]:
         """Every pool of the deployment: one (colocated) or prefill and decode."""

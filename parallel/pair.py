@@ -7,8 +7,10 @@ everywhere: gloo for CPU tensors, NCCL for CUDA ones -- the same calls.
              PairGroup(store, 0, backend, host)      blocks until the peer joined
     rank 1:  PairGroup(PairGroup.dial(host, port), 1, backend, my_host)
 
-send() returns at once (the work completes when the peer receives); recv() blocks up to the
-timeout. Tags keep concurrent transfers apart on gloo; NCCL matches sends and receives in
+The constructor ends with a one-element exchange, so a pair that exists has both ranks
+connected (NCCL makes its communicator at the first operation: without it the first send,
+made on the caller's thread, would wait there for the peer). send() returns at once (the
+work completes when the peer receives); recv() blocks up to the timeout; close() ends it. Tags keep concurrent transfers apart on gloo; NCCL matches sends and receives in
 order, so a caller that overlaps transfers on one pair must receive in the order it sent.
 """
 
@@ -31,6 +33,7 @@ class PairGroup:
         self.backend = backend
         self.timeout = timedelta(seconds=timeout_s)
         self.device = torch.device("cuda" if backend == "nccl" else "cpu")
+        port = store.port
         store = dist.PrefixStore("pair", store)
         if backend == "gloo":
             self.pg = _gloo(store, rank, host, self.timeout)
@@ -40,8 +43,30 @@ class PairGroup:
             self.pg = dist.ProcessGroupNCCL(store, rank, 2, opts)
         else:
             raise ValueError(f"backend must be gloo or nccl, not {backend!r}")
+        self.id = port  # the rendezvous port: which pair this is, for both ranks
         self._store = store  # the group reads it while it lives
         self._tags = itertools.count(1)
+        self._handshake()
+
+    def _handshake(self) -> None:
+        one = torch.ones(1, device=self.device)
+        if self.rank == 0:
+            self.send(one, 0).wait(self.timeout)
+        else:
+            self.recv(one, 0)
+
+    def close(self) -> None:
+        """End the group: a transfer still waiting on it fails instead of running out its
+        timeout. Idempotent; errors of a peer already gone are ignored."""
+        pg, self.pg = self.pg, None
+        if pg is None:
+            return
+        for end in ("abort", "shutdown"):
+            try:
+                getattr(pg, end)()
+                return
+            except Exception:  # not supported by this backend / already broken: drop it
+                continue
 
     def next_tag(self) -> int:
         """A tag no earlier transfer on this pair used (from the sender's side)."""

@@ -209,6 +209,8 @@ class RequestMetrics:
                 ("kv_recomputes", "Hand-offs whose KV did not arrive: the prompt was recomputed."),
                 ("kv_transfer_bytes", "KV bytes received from prefill groups."),
                 ("kv_transfer_seconds", "Seconds spent receiving KV from prefill groups."),
+                ("kv_dist_imports", "Prompts' KV received over a pair group (kv_transport dist)."),
+                ("kv_link_failures", "Pair groups that failed to open or to carry a hand-off."),
             )
         }
 

@@ -154,9 +154,13 @@ def test_dist_transport_round_trip_over_gloo():
 
 
 def test_groups_hand_off_over_their_pair_group(pd, tiny_model_dir, monkeypatch):
-    """Two replica groups in one process: the decode group joins a gloo pair group with the
-    prefill group (open_kv_link), takes a hand-off through it ("dist"), continues with the
-    tokens of an uninterrupted run, and the prefill group's slot goes back once it is sent."""
+    """Two replica groups in one process, kv_transport "dist": the decode group learns of the
+    prefill group from the registry's list (sync_kv_links, as on its heartbeat) and joins a
+    gloo pair group with it in the background; a hand-off then goes through it ("dist") and
+    continues with the tokens of an uninterrupted run, the prefill group's slot going back
+    once it is sent. A prefill group that cannot be joined costs one counted failure, not
+    retried at once; a group that left the registry loses its link, on both sides, and one
+    that (re)appears gets a new one."""
     import ray
 
     from cluster.replica_group import ReplicaGroup
@@ -164,39 +168,81 @@ def test_groups_hand_off_over_their_pair_group(pd, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
     cfg = pd[0].config
     p = ReplicaGroup(cfg, name="P", role="prefill", kv_arena_mib=1)
-    d = ReplicaGroup(cfg, name="D", role="decode")
+    d = ReplicaGroup(cfg, name="D", role="decode", kv_transport="dist")
     params = {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
 
     async def ids(stream) -> tuple[list[int], dict]:
         deltas = [x async for x in stream]
         return [t for x in deltas for t in x["ids"]], deltas[-1]
 
+    async def until(cond) -> None:
+        for _ in range(600):
+            if cond():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("timed out")
+
     async def main():
         host, port, secret = await p.data_address()
         source = {"group": "P", "host": host, "port": port, "secret": secret}
-        await asyncio.wait_for(d.open_kv_link(source), 30)
+        gone = {"name": "X", "role": "prefill", "host": host, "port": 1, "secret": b""}
+        members = [{"name": "P", "role": "prefill", **source}, gone]
+        d.sync_kv_links(members)
+        await until(lambda: "P" in d.kv_links and "D" in p.kv_links and not d._link_opening)
+        assert d.kv_links["P"].id == p.kv_links["D"].id and "X" not in d.kv_links
+        assert d.kv["link_failures"] == 1
+        d.sync_kv_links(members)  # X is not retried yet
+        assert not d._link_opening and d.kv["link_failures"] == 1
         want, _ = await ids(d.generate_stream("c", PROMPT, params))
         d.engine.engine.block_manager.reset_prefix_cache()  # the tail must import, not hit
         first, last = await ids(p.generate_stream("r", PROMPT, params, {"handoff": True}))
         assert last["finish"] == "handoff" and p.arena.lent == 1
         leg = {"resume": first, "kv_from": source}
         rest, last = await asyncio.wait_for(ids(d.generate_stream("r", PROMPT, params, leg)), 30)
-        for _ in range(200):  # the send completes in a thread, then the slot goes back
-            if p.arena.lent == 0:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: p.arena.lent == 0)  # the send completes in a thread, then it goes
+        s = p.stats()
+        links = (s["kv_links"], d.stats()["kv_links"], d.stats()["kv_dist_imports"])
+        old = d.kv_links["P"].id
+        d.sync_kv_links([])
+        p.sync_kv_links([])
+        assert d.kv_links == {} == p.kv_links
+        d.sync_kv_links(members[:1])  # P is back (or a new group): a new pair group
+        await until(lambda: "P" in d.kv_links and "D" in p.kv_links and not d._link_opening)
+        assert d.kv_links["P"].id == p.kv_links["D"].id != old
         p._server.close()
-        return want, first + rest, last
+        return want, first + rest, last, s, links
 
     try:
-        want, got, last = asyncio.run(main())
+        want, got, last, s, links = asyncio.run(main())
         assert last["kv_transfer"]["via"] == "dist" and last["usage"]["cached_tokens"] == 28
-        assert got == want and p.arena.lent == 0
-        s = p.stats()  # 6 of the prompt's 7 blocks were in the slot before its first token
-        early_late = (s["kv_export_early_blocks"], s["kv_export_late_blocks"])
-        assert early_late == (6, 1) and s["kv_links"] == ["D"]
+        assert got == want and links == (["D"], ["P"], 1)
+        # 6 of the prompt's 7 blocks were in the slot before its first token
+        assert (s["kv_export_early_blocks"], s["kv_export_late_blocks"]) == (6, 1)
     finally:
         p.kv_links.clear()
         d.kv_links.clear()
         p.engine.shutdown()
         d.engine.shutdown()
+
+
+def test_the_transport_follows_the_mode_and_the_placement():
+    """pools.kv_transport's rule (kv_transports.choose / wants_link): which pair groups a
+    decode group opens, and what it asks a prefill group for."""
+    same, other = {"group": "P", "node_id": "n1"}, {"group": "P", "node_id": "n2"}
+    linked, none = {"P": object()}, {}
+    want = kv_transports.wants_link
+    # dist: a link with every prefill group; auto: only NCCL where shared memory cannot
+    assert want("dist", "gloo", True, True) and want("dist", "nccl", False, True)
+    assert want("auto", "nccl", False, True) and want("auto", "nccl", True, False)
+    assert not want("auto", "nccl", True, True) and not want("auto", "gloo", False, True)
+    assert not any(want(m, "nccl", False, True) for m in ("shm", "inline"))
+
+    def choose(source, links, mode, arena=True):
+        return kv_transports.choose(source, "n1", links, mode, arena)
+
+    assert [choose(s, none, "auto") for s in (same, other)] == ["shm", "inline"]
+    assert [choose(s, linked, "dist") for s in (same, other)] == ["dist", "dist"]
+    # a link not (yet) open, or failed: the next transport, never an error
+    assert [choose(s, none, "dist") for s in (same, other)] == ["shm", "inline"]
+    assert choose(same, none, "auto", arena=False) == "inline"
+    assert choose(same, linked, "inline") == "inline" and choose(same, linked, "shm") == "shm"

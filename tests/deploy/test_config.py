@@ -126,3 +126,30 @@ def test_pools_must_share_the_kv_dtype():
     }
     with pytest.raises(ValidationError, match="kv_dtype\n  Input should be 'auto' or 'int8'"):
         FlotillaConfig.model_validate({"engine": {"cache": {"kv_dtype": "fp8"}}})
+
+
+def test_kv_transport_is_checked_and_its_pair_backend_follows_the_devices():
+    """pools.kv_transport: a typo is refused naming the field and the choices; shm without an
+    arena is refused naming both fields; the pair groups' backend is nccl only when both
+    pools' groups hold their GPU (one rank on CUDA), and reaches the groups' constructors."""
+    from deploy.app import build_app
+
+    assert FlotillaConfig.model_validate(_pools({}, {})).pools.kv_transport == "auto"
+    with pytest.raises(ValidationError, match="kv_transport\n  Input should be 'auto', 'shm'"):
+        FlotillaConfig.model_validate({"pools": {"kv_transport": "nccl"}})
+    with pytest.raises(ValueError, match="kv_transport shm needs pools.kv_arena_mib > 0"):
+        FlotillaConfig.model_validate({"pools": {"kv_transport": "shm", "kv_arena_mib": 0}})
+    FlotillaConfig.model_validate({"pools": {"kv_transport": "inline", "kv_arena_mib": 0}})
+
+    def backend(engine: dict, decode: dict) -> str:
+        return FlotillaConfig.model_validate(
+            {"engine": engine} | _pools({}, decode)
+        ).kv_link_backend()
+
+    cuda = {"model": {"device": "cuda"}}
+    assert backend({}, {}) == "gloo"
+    assert backend(cuda, {}) == "nccl"
+    assert backend(cuda, {"parallel": {"tp": 2}}) == "gloo"  # its replica holds no GPU
+    cfg = FlotillaConfig.model_validate({"engine": cuda, "pools": {"kv_transport": "dist"}})
+    pools = build_app(cfg)._bound_deployment.init_args[3]
+    assert [p._bound_deployment.init_args[-2:] for p in pools.values()] == [("dist", "nccl")] * 2

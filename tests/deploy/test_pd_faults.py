@@ -1,12 +1,19 @@
 """Faults of the prefill -> decode hand-off, served for real (Ray Serve, gRPC) on the tiny
-seeded Llama: one prefill group and two decode groups, a 1 s KV lease. Every answer equals the
-colocated engine's, and the counters say exactly what happened:
+seeded Llama: one prefill group and two decode groups, a 1 s KV lease, and the KV over
+torch.distributed pair groups (`pools.kv_transport: dist`, gloo here; pd.yaml's default, the
+same-node arena, is test_pd_serve.py's). Every answer equals the colocated engine's, and the
+counters say exactly what happened:
+
+* each decode group joins a pair group with the prefill group as it learns of it, and the
+  hand-offs travel over them;
 
 * both decode groups stall (SIGSTOP) past the lease: the decode group fetches late, finds the
   lease expired and recomputes the prompt (seeded sampling continues as if nothing happened);
 * the client cancels right after the first token, while the decode group takes the KV: the
   lease is taken or expires, every block on both sides ends free or cached, nothing hangs;
-* the decode group dies mid-stream: the router resumes the request on the other one.
+* the decode group dies mid-stream: the router resumes the request on the other one;
+* the prefill group dies while its pair groups are open: nothing hangs, requests complete,
+  the decode groups drop its links (tests/cluster/test_kv_pipeline.py: and open new ones).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ def config(tiny_model_dir):
             "pools.prefill.group_num_cpus": 0.5,
             "pools.decode.group_num_cpus": 0.5,
             "pools.kv_lease_s": LEASE_S,
+            "pools.kv_transport": "dist",
             "pools.kv_transfer_timeout_s": 20,
             "router.pd_min_prompt_tokens": 12,
             # A stalled group is marked unhealthy after max(2 s, 10 polls) unanswered: 5 s.
@@ -114,6 +122,27 @@ def _wait_idle(app, timeout_s: float = 20.0) -> list[dict]:
         time.sleep(0.1)
 
 
+def _wait_links(app, timeout_s: float = 60.0) -> str:
+    """Bounded: the healthy groups (one prefill, two decode) are linked pairwise, and only so;
+    the prefill group's name."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = [s for s in _stats(app) if s["healthy"]]
+        prefill = [s for s in stats if s["role"] == "prefill"]
+        decode = sorted(s["name"] for s in stats if s["role"] == "decode")
+        links = {s["name"]: s["kv_links"] for s in stats}
+        if len(prefill) == 1 and len(decode) == 2:
+            name = prefill[0]["name"]
+            if links[name] == decode and all(links[d] == [name] for d in decode):
+                return name
+        assert time.monotonic() < deadline, f"pair groups not as wanted after {timeout_s}s: {links}"
+        time.sleep(0.2)
+
+
+def _dist_imports(app) -> int:
+    return sum(s["kv_dist_imports"] for s in _stats(app) if s["role"] == "decode")
+
+
 def _request(ids: list[int], params: pb.SamplingParams) -> pb.GenerateRequest:
     return pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=ids), params=params)
 
@@ -132,6 +161,17 @@ def _collect(stream) -> tuple[list[int], str, str]:
         text.append(msg.text)
         finish = msg.finish_reason or finish
     return ids, "".join(text), finish
+
+
+def test_hand_offs_travel_over_the_pair_groups(app, stub, offline):
+    _wait_links(app)
+    before, dist0 = _sums(app), _dist_imports(app)
+    greedy = pb.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    for _ in range(2):
+        got = _collect(stub.GenerateStream(_request(PROMPT, greedy), metadata=META, timeout=60))
+        assert got == (*_want(offline, 8, temperature=0.0), "length")
+    d = _delta(before, _sums(app))["decode"]
+    assert (d["kv_imports"], d["kv_recomputes"], _dist_imports(app) - dist0) == (2, 0, 2)
 
 
 def test_a_late_decode_group_recomputes_after_the_lease_expired(app, stub, offline):
@@ -242,3 +282,28 @@ def test_a_dead_decode_group_hands_the_stream_to_the_other(app, stub, offline):
     assert [d(survivor, k) for k in ("num_requests", "num_aborted", "kv_imports",
                                      "kv_recomputes")] == [1, 0, 0, 0]  # fmt: skip
     assert victim not in after or not after[victim]["healthy"]
+
+
+def test_a_dead_prefill_group_leaves_no_link_behind(app, stub, offline):
+    import ray
+
+    stats = [s for s in _stats(app) if s["healthy"]]
+    (dead,) = (s["name"] for s in stats if s["role"] == "prefill")
+    linked = [s["name"] for s in stats if s["role"] == "decode" and s["kv_links"] == [dead]]
+    assert linked, stats  # (the surviving decode group's, at least)
+    actor = next(
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].endswith("#prefill#" + dead.removeprefix("prefill-"))
+    )
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=False)
+    greedy = pb.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    want = (*_want(offline, 8, temperature=0.0), "length")
+    for _ in range(2):  # noticed by the router or not, each completes (prefilled on decode)
+        got = _collect(stub.GenerateStream(_request(PROMPT, greedy), metadata=META, timeout=60))
+        assert got == want
+    # Once the dead group is gone from the registry (its TTL), its links are dropped.
+    deadline = time.monotonic() + 30
+    while any(dead in s["kv_links"] for s in _stats(app) if s["name"] in linked and s["healthy"]):
+        assert time.monotonic() < deadline, _stats(app)
+        time.sleep(0.2)
