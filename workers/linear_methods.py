@@ -16,8 +16,8 @@ by `attach_linear_methods` as the kernel plan (workers/kernels/dispatch.py) allo
   tied embedding shares it; unpacked: a few rows by linear_f32, which streams the weight at
   memory bandwidth where MKL reaches a third to half of it, more rows by torch.
 - Int8Linear: an int8 weight with per-output-channel scales (workers/quantization.py): a few
-  rows by torch.ops.flotilla.linear_w8 (AVX2/AVX-512), more rows by torch on the dequantized
-  weight (float32) or torch's int8 matmul (bf16).
+  rows by torch.ops.flotilla.linear_w8 (AVX2/AVX-512), more rows by linear_w8_gemm (float32:
+  the packed GEMM, dequantizing block by block) or torch's int8 matmul (bf16).
 
 Every method falls back to torch's linear where its kernel does not apply (dtype, shape, a
 kernel that declines), so outputs are those of the path taken, never wrong.
@@ -179,22 +179,30 @@ class Int8Linear(LinearMethod):
 
     Paths, measured on an AVX2 EPYC ([M, 576] x [1536, 576], one thread): up to `max_rows`
     rows the native kernel (M = 1: 50 us against 78 for float32 F.linear); past it, float32
-    activations take F.linear on the weight dequantized once per call (~0.2 ms for 0.9 M
-    weights, paid back by a float GEMM that beats the kernel from ~32-64 rows), and bf16 ones
+    activations take linear_w8_gemm where the plan has the packed float32 GEMM (`gemm`): that
+    GEMM dequantizing each panel block into a thread's buffer as it goes, so a prefill neither
+    writes out the whole float32 weight per call nor takes MKL's slower GEMM (else F.linear on
+    the weight dequantized per call, ~0.2 ms for 0.9 M weights), and bf16 ones
     torch's _weight_int8pack_mm (85 us at M = 1 against 580 for dequantize + bf16 F.linear
     here; torch's float32 version of it is 10x slower than dequantizing)."""
 
-    def __init__(self, max_rows: int):
+    def __init__(self, max_rows: int, gemm: bool = False):
         self.max_rows = max_rows  # 0: no native kernel
+        self.gemm = gemm  # float32 past max_rows: linear_w8_gemm (else torch on the dequantized)
         self._scales: dict[torch.dtype, torch.Tensor] = {}  # _weight_int8pack_mm's scales
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         w, scale = layer.weight, layer.weight_scale
         rows = x.shape[0] if x.dim() == 2 else -1
-        if 0 < rows <= self.max_rows and x.device.type == "cpu":
-            out = x.new_empty(rows, w.shape[0])
-            if torch.ops.flotilla.linear_w8(out, x.contiguous(), w, scale, bias):
-                return out
+        if x.device.type == "cpu" and 0 < rows:
+            ops = torch.ops.flotilla
+            op = ops.linear_w8 if rows <= self.max_rows else None
+            if op is None and self.gemm and x.dtype == torch.float32:
+                op = ops.linear_w8_gemm
+            if op is not None:
+                out = x.new_empty(rows, w.shape[0])
+                if op(out, x.contiguous(), w, scale, bias):
+                    return out
         if x.dtype == torch.bfloat16 and x.device.type == "cpu":
             s = self._scales.get(x.dtype)
             if s is None:
@@ -236,7 +244,7 @@ def choose(
     MLP's gate|up (pack it for amx_swiglu); `shared`: another module reads the weight too (a
     tied embedding), so a packed copy cannot replace it."""
     if is_int8(layer):
-        return Int8Linear(plan.w8_max_rows if plan.w8 else 0)
+        return Int8Linear(plan.w8_max_rows if plan.w8 else 0, gemm=plan.f32_packed)
     w = layer.weight.detach()  # type: ignore[attr-defined]
     if plan.f32 and w.dtype == torch.float32 and w.device.type == "cpu":
         return _f32(layer, plan, prepack, shared)

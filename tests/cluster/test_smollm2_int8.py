@@ -2,7 +2,7 @@
 (cache.kv_dtype=int8), each against the unquantized model (float32): greedy chat answers agree
 for their first 32 tokens on most prompts, and perplexity over 20k tokens of English text is
 within 2%. Both run on our own model, linear methods (Int8Linear: the native kernel for decode,
-torch on the dequantized weight for prefill) and attention (the int8 decode kernel; SDPA over
+linear_w8_gemm, the packed float32 GEMM dequantizing block by block, for prefill) and attention (the int8 decode kernel; SDPA over
 dequantized blocks for prefill, every chunk reading its keys back from the quantized cache),
 not on Hugging Face's.
 

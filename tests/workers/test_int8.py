@@ -79,6 +79,28 @@ def test_linear_w8_declines_and_checks(kernel_plan):
         torch.ops.flotilla.linear_w8(torch.empty(2, 8), torch.randn(2, 16), q.float(), s, None)
 
 
+@pytest.mark.parametrize("M,N,K", [(7, 40, 64), (13, 100, 1000), (200, 33, 577)])
+def test_linear_w8_gemm_is_the_packed_gemm_on_the_dequantized_weight(M, N, K, needs):
+    """The prefill GEMM on int8 weights (gemm_f32.cpp: linear_w8_gemm) dequantizes each panel
+    block as it goes: the bits of linear_f32_packed on pack_f32(dequantize(q, s)), past a pass
+    of rows (200), N tails of a panel, K in blocks or not; bf16 declines, nothing written."""
+    needs("f32_packed")
+    g = torch.Generator().manual_seed(M * N + K)
+    x = torch.randn(M, K, generator=g)
+    q, s = quantize_rows(torch.randn(N, K, generator=g))
+    wp = torch.ops.flotilla.pack_f32(dequantize(q, s, torch.float32))
+    for bias in (None, torch.randn(N, generator=g)):
+        out, ref = torch.full((M, N), float("nan")), torch.empty(M, N)
+        assert torch.ops.flotilla.linear_w8_gemm(out, x, q, s, bias)
+        assert torch.ops.flotilla.linear_f32_packed(ref, x, wp, bias)
+        assert torch.equal(out, ref)
+    out = torch.full((M, N), 7.0, dtype=torch.bfloat16)
+    assert not torch.ops.flotilla.linear_w8_gemm(out, x.bfloat16(), q, s, None)
+    assert (out == 7).all()
+    with pytest.raises(RuntimeError, match="int8 weights"):
+        torch.ops.flotilla.linear_w8_gemm(out.float(), x, q.float(), s, None)
+
+
 def _int8_layer(n: int, k: int, bias: bool, g: torch.Generator, dtype=torch.float32) -> tuple:
     layer = ColumnParallelLinear(k, n, bias)
     use_int8_weights(layer)
@@ -95,8 +117,8 @@ def _int8_layer(n: int, k: int, bias: bool, g: torch.Generator, dtype=torch.floa
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("native", [True, False])
 def test_int8_linear_paths_match_float64(rows, dtype, native, kernel_plan):
-    """Int8Linear through the path the plan gives it: the kernel up to w8_max_rows, then torch
-    on the dequantized weight (float32) or _weight_int8pack_mm (bf16); native=False: the
+    """Int8Linear through the path the plan gives it: the kernel up to w8_max_rows, then
+    linear_w8_gemm (float32) or _weight_int8pack_mm (bf16); native=False: the
     fallbacks at every row count (a machine without the kernel)."""
     from workers.linear_methods import Int8Linear, attach_linear_methods
 

@@ -483,6 +483,8 @@ TORCH_LIBRARY(flotilla, m) {
   m.def("linear_f32(Tensor(a!) out, Tensor x, Tensor w, Tensor? bias) -> bool");
   m.def("pack_f32(Tensor w) -> Tensor");
   m.def("linear_f32_packed(Tensor(a!) out, Tensor x, Tensor w_packed, Tensor? bias) -> bool");
+  m.def(
+      "linear_w8_gemm(Tensor(a!) out, Tensor x, Tensor w, Tensor scales, Tensor? bias) -> bool");
   m.def("amx_linear(Tensor(a!) out, Tensor x, Tensor w_packed, Tensor? bias) -> bool");
   m.def("amx_swiglu(Tensor(a!) out, Tensor x, Tensor w_packed) -> bool");
   m.def("amx_argmax(Tensor(a!) out, Tensor x, Tensor w_packed, int n) -> bool");

@@ -59,7 +59,8 @@ def cpu_has_fast_bf16() -> bool:
 W8_MAX_ROWS = 32
 """Up to this many rows an int8-weight linear runs on linear_w8; past it the float GEMM on the
 weight dequantized once per call wins (AVX2 EPYC, float32, [M, 576] x [1536, 576] and
-[M, 1536] x [576, 1536], one thread: 0.89 vs 0.94 ms at 32 rows, 1.8 vs 1.6 ms at 64)."""
+[M, 1536] x [576, 1536], one thread: 0.89 vs 0.94 ms at 32 rows, 1.8 vs 1.6 ms at 64; measured
+against torch's GEMM, before linear_w8_gemm took those rows: the crossover may now be lower)."""
 
 
 F32_MAX_ROWS = 16

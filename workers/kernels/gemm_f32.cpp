@@ -21,6 +21,8 @@
 
 #include "common.h"
 
+#include <memory>
+
 namespace flotilla {
 namespace f32gemm {
 
@@ -123,7 +125,42 @@ void panel_rows(const float* x, int64_t K, const float* wpk, int64_t kc, float* 
   }
 }
 
-void gemm(float* out, const float* x, const float* wp, const float* bias, int64_t M, int64_t N,
+// The weight as the GEMM reads it: panel p's rows [k0, k0 + kn) as kn x kNR floats, k-major.
+// Packed: a pointer into the panels (and the next panel's block to prefetch).
+struct PackedPanels {
+  static constexpr bool kBuffered = false;
+  const float* wp;
+  int64_t K;
+  const float* block(int64_t p, int64_t k0, int64_t /*kn*/, int64_t /*N*/, float* /*buf*/) const {
+    return wp + (p * K + k0) * kNR;
+  }
+  const float* next(int64_t p, int64_t k0) const { return wp + (p * K + k0) * kNR; }
+};
+
+// int8 [N, K] weights with float32 scales [N]: each block dequantized (q * scale, the bits of
+// workers/quantization.dequantize) into a thread's buffer, then reused by every row tile of
+// the pass, so a prefill of M rows converts each weight ceil(M / kMc) times, not M times.
+struct Int8Panels {
+  static constexpr bool kBuffered = true;
+  const int8_t* q;
+  const float* scale;
+  int64_t K;
+  const float* block(int64_t p, int64_t k0, int64_t kn, int64_t N, float* buf) const {
+    const int64_t n0 = p * kNR, cols = std::min<int64_t>(kNR, N - n0);
+    for (int64_t j = 0; j < cols; ++j) {
+      const int8_t* row = q + (n0 + j) * K + k0;
+      const float s = scale[n0 + j];
+      for (int64_t k = 0; k < kn; ++k) buf[k * kNR + j] = static_cast<float>(row[k]) * s;
+    }
+    for (int64_t j = cols; j < kNR; ++j)
+      for (int64_t k = 0; k < kn; ++k) buf[k * kNR + j] = 0.f;
+    return buf;
+  }
+  const float* next(int64_t, int64_t) const { return nullptr; }  // (the buffer stays in L1)
+};
+
+template <class Panels>
+void gemm(float* out, const float* x, const Panels& w, const float* bias, int64_t M, int64_t N,
           int64_t K) {
   const int64_t panels = (N + kNR - 1) / kNR;
   const int64_t kblocks = std::max<int64_t>(1, (K + kKc / 2) / kKc);
@@ -131,6 +168,8 @@ void gemm(float* out, const float* x, const float* wp, const float* bias, int64_
   // ~32 KB of weights per task at least: enough to amortise the thread hand-off
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * kNR * 4));
   at::parallel_for(0, panels, grain, [&](int64_t pb, int64_t pe) {
+    // a block's buffer where the panels are made as the pass reaches them (none for packed)
+    std::unique_ptr<float[]> buf(Panels::kBuffered ? new float[kc * kNR] : nullptr);
     for (int64_t m0 = 0; m0 < M; m0 += kMc) {
       const int64_t m1 = std::min(M, m0 + kMc);
       const int64_t group =
@@ -140,9 +179,9 @@ void gemm(float* out, const float* x, const float* wp, const float* bias, int64_
         for (int64_t k0 = 0; k0 < K; k0 += kc) {
           const int64_t kn = std::min(kc, K - k0);
           for (int64_t p = g0; p < g1; ++p) {
-            const float* next = p + 1 < g1 ? wp + ((p + 1) * K + k0) * kNR : nullptr;
-            panel_rows(x + k0, K, wp + (p * K + k0) * kNR, kn, out, N, p * kNR, m0, m1, bias,
-                       k0 == 0, next);
+            const float* next = p + 1 < g1 ? w.next(p + 1, k0) : nullptr;
+            panel_rows(x + k0, K, w.block(p, k0, kn, N, buf.get()), kn, out, N, p * kNR, m0,
+                       m1, bias, k0 == 0, next);
           }
         }
       }
@@ -201,11 +240,49 @@ bool linear_f32_packed(at::Tensor out, const at::Tensor& x, const at::Tensor& wp
       out.zero_();
     return true;
   }
-  f32gemm::gemm(out.data_ptr<float>(), x.data_ptr<float>(), wp.data_ptr<float>(),
+  f32gemm::gemm(out.data_ptr<float>(), x.data_ptr<float>(),
+                f32gemm::PackedPanels{wp.data_ptr<float>(), K},
                 bias ? bias->data_ptr<float>() : nullptr, M, N, K);
   return true;
 #else
   return false;  // no vector path in this build: the caller uses torch's linear
+#endif
+}
+
+// The same GEMM on int8 weights [N, K] with per-channel float32 scales [N]: out = x (q *
+// scale)^T (+ bias), the product of F.linear on workers/quantization.dequantize's weight, for
+// prefill-sized row counts (linear_w8 serves a few rows). No packed copy: each panel block is
+// dequantized into a thread's buffer as the pass reaches it. float32 x / out / bias only.
+bool linear_w8_gemm(at::Tensor out, const at::Tensor& x, const at::Tensor& w,
+                    const at::Tensor& scales, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && out.dim() == 2 && x.size(1) == w.size(1) &&
+                  out.size(0) == x.size(0) && out.size(1) == w.size(0) &&
+                  scales.numel() == w.size(0) && (!bias || bias->numel() == w.size(0)),
+              "linear_w8_gemm: x [M, K], w [N, K], scales [N], bias [N], out [M, N]");
+  TORCH_CHECK(w.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat,
+              "linear_w8_gemm: int8 weights, float32 scales");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && out.is_contiguous() &&
+                  scales.is_contiguous() && (!bias || bias->is_contiguous()),
+              "linear_w8_gemm: contiguous tensors only");
+  const auto f32 = at::kFloat;
+  if (x.scalar_type() != f32 || out.scalar_type() != f32 || (bias && bias->scalar_type() != f32))
+    return false;
+#if FLOTILLA_AVX2 || FLOTILLA_AVX512
+  const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
+  if (M == 0 || N == 0) return true;
+  if (K == 0) {
+    if (bias)
+      out.copy_(bias->view({1, N}).expand({M, N}));
+    else
+      out.zero_();
+    return true;
+  }
+  f32gemm::gemm(out.data_ptr<float>(), x.data_ptr<float>(),
+                f32gemm::Int8Panels{w.data_ptr<int8_t>(), scales.data_ptr<float>(), K},
+                bias ? bias->data_ptr<float>() : nullptr, M, N, K);
+  return true;
+#else
+  return false;  // no vector path in this build: the caller dequantizes for torch's linear
 #endif
 }
 
@@ -214,4 +291,5 @@ bool linear_f32_packed(at::Tensor out, const at::Tensor& x, const at::Tensor& wp
 TORCH_LIBRARY_IMPL(flotilla, CPU, m) {
   m.impl("pack_f32", &flotilla::pack_f32);
   m.impl("linear_f32_packed", &flotilla::linear_f32_packed);
+  m.impl("linear_w8_gemm", &flotilla::linear_w8_gemm);
 }
