@@ -18,7 +18,7 @@
 namespace flotilla {
 
 #if FLOTILLA_AVX2
-namespace {
+namespace f32prefill {  // (named: the kernel-target test builds every source as one unit)
 
 constexpr int kRows = 4;     // query rows per register tile
 constexpr int64_t kSpan = 64;  // positions per task: 8 tasks per KV head for a 512-token chunk
@@ -191,7 +191,7 @@ void prefill_f32(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k
   });
 }
 
-}  // namespace
+}  // namespace f32prefill
 #endif
 
 bool paged_prefill_attention_f32(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
@@ -205,7 +205,7 @@ bool paged_prefill_attention_f32(at::Tensor out, const at::Tensor& q, const at::
   switch (q.size(2)) {
 #define FLOTILLA_HEAD_DIM(DIM)                                                                 \
   case DIM:                                                                                    \
-    prefill_f32<DIM>(out, q, k_cache, v_cache, block_tables, q_starts, q_lens, start_pos,     \
+    f32prefill::prefill_f32<DIM>(out, q, k_cache, v_cache, block_tables, q_starts, q_lens, start_pos,     \
                      scale, window);                                                           \
     return true;
     FLOTILLA_HEAD_DIM(16)
