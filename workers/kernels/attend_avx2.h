@@ -4,8 +4,8 @@
 // single pass as attend_avx512, 8 tokens at a time: the chunk's scores for every query head of
 // the task, an online-softmax update (running max m and sum l; sums rescaled by
 // exp(m_old - m_new)), then the chunk's values. Value sums run over column groups of at most
-// 32 floats and at most two query heads, so accumulators + value vectors fit the 16 ymm
-// registers. Rows (cache_rows.h) says how a row becomes float32: int8 rows are widened in
+// 32 floats and two query heads (int8 rows: 16 and four), so accumulators + value vectors fit
+// the 16 ymm registers. Rows (cache_rows.h) says how a row becomes float32: int8 rows are widened in
 // registers and their scales applied once per token (to the 8 scores, to the 8 weights).
 #pragma once
 
@@ -89,8 +89,12 @@ void attend_avx2(const float* qf, int64_t nh, int64_t G, const typename Rows::ra
                  int64_t row_stride, int64_t h0, int64_t start, int64_t len, AttendScratch8& s) {
   using raw_t = typename Rows::raw_t;
   constexpr int NJ = DC / 8;
-  constexpr int DW = DC < 32 ? DC : 32;    // value columns per pass
-  constexpr int HP = DW == 32 ? 2 : 4;     // query heads per value pass
+  // Value columns per pass and query heads per pass. A float value vector is one load, so
+  // passes of 32 columns x 2 heads; widening int8 takes two instructions per vector, so 16
+  // columns x up to 4 heads (G <= 4: each value vector widened once per token).
+  constexpr int kCols = Rows::kScaled ? 16 : 32;
+  constexpr int DW = DC < kCols ? DC : kCols;
+  constexpr int HP = DW == 32 ? 2 : 4;
   constexpr int64_t HS = DC + Rows::kTail;  // a head's row segment
   const int64_t L = len - start, NQ = nh * G, col = h0 * HS;
   const int64_t span = nh * HS * static_cast<int64_t>(sizeof(raw_t));  // bytes of a token read
