@@ -81,8 +81,10 @@ def _decode(q, cache, tables, lens, scale, window):
 @pytest.mark.parametrize("D,H,KVH", [(64, 9, 3), (128, 4, 2), (16, 4, 4), (24, 6, 2)])
 @pytest.mark.parametrize("window", [0, 5])
 def test_decode_op_matches_float64_reference(D, H, KVH, window):
-    """D 64 / 128 / 16: the vector path of the build (AVX2 or AVX-512; 16 is one AVX-512
-    vector); D 24: the portable loops on any build. GQA, shuffled blocks, partial blocks."""
+    """D 64 / 128 / 16: the one-pass path of the build (AVX2: 8 tokens a chunk, value passes
+    of 16 columns x G = 1, 2, 3 query heads; AVX-512: 16 tokens a chunk), over several chunks
+    and a partial last one; D 24: the three plain passes on any build. GQA, shuffled blocks,
+    partial blocks, row scales spread over 0 .. 3x."""
     g = torch.Generator().manual_seed(D + H + window)
     lens = [1, 3, 4, 17, 33, 60]
     tables, nb = shuffled_tables([-(-n // BS) for n in lens], 3, g)
