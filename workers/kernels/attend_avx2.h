@@ -5,8 +5,9 @@
 // the task, an online-softmax update (running max m and sum l; sums rescaled by
 // exp(m_old - m_new)), then the chunk's values. Value sums run over column groups of at most
 // 32 floats and two query heads (int8 rows: 16 and four), so accumulators + value vectors fit
-// the 16 ymm registers. Rows (cache_rows.h) says how a row becomes float32: int8 rows are widened in
-// registers and their scales applied once per token (to the 8 scores, to the 8 weights).
+// the 16 ymm registers. Rows (cache_rows.h) says how a row becomes float32: int8 rows are
+// widened in registers and their scales applied once per token (to the 8 scores, to the 8
+// weights).
 #pragma once
 
 #include "cache_rows.h"

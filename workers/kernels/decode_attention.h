@@ -104,7 +104,8 @@ inline void finish_task(typename Raw<T>::type* dst, const float* acc, const floa
     if constexpr (std::is_same<T, c10::BFloat16>::value && DC > 0 && DC % 16 == 0) {
       const __m512 vinv = _mm512_set1_ps(inv);
       for (int64_t d = 0; d < DC; d += 16)
-        bf16x16_store_fast(dst + r * DC + d, _mm512_mul_ps(_mm512_loadu_ps(acc + r * DC + d), vinv));
+        bf16x16_store_fast(dst + r * DC + d,
+                           _mm512_mul_ps(_mm512_loadu_ps(acc + r * DC + d), vinv));
       continue;
     }
 #endif
