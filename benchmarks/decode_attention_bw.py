@@ -6,16 +6,21 @@ Command (from the repo root):
 
 Shape: the offline benchmark's decode batch at its average context -- 64 sequences of 32..512
 prompt tokens + 64 generated (seeded), SmolLM2-135M's attention (9 query heads, 3 KV heads,
-head dim 64, bf16 or --dtype float32), blocks of 16 tokens, 30 layers' caches (each call reads
-a different layer's, as a decode step does: the caches do not fit in cache). --placement sets where a
-sequence's blocks lie: "contiguous" (in order, back to back), "decode-scattered" (the last 4
-blocks -- the 64 generated tokens' -- at random places, as a fresh engine allocates them:
-prompts get runs of consecutive blocks, decode steps one block at a time), "scattered" (every
-block at a random place, as after the cache has cycled).
+head dim 64, bf16 or --dtype float32; --cache int8: the int8 KV cache of workers/kv_int8.py,
+rows of 64 int8 + a float32 scale, read by paged_decode_attention_int8), blocks of 16 tokens,
+30 layers' caches (each call reads a different layer's, as a decode step does: the caches do
+not fit in cache). --placement sets where a sequence's blocks lie: "contiguous" (in order,
+back to back), "decode-scattered" (the last 4 blocks -- the 64 generated tokens' -- at random
+places, as a fresh engine allocates them: prompts get runs of consecutive blocks, decode steps
+one block at a time), "scattered" (every block at a random place, as after the cache has
+cycled).
 Prints microseconds per layer and GB/s of K/V read for:
-  - kernel: torch.ops.flotilla.paged_decode_attention (workers/kernels/paged_attention.cpp);
+  - kernel: torch.ops.flotilla.paged_decode_attention (workers/kernels/paged_attention.cpp), or
+    paged_decode_attention_int8 with --cache int8;
   - read: a C++ loop (built here with $CXX or g++) that only loads the same K and V rows
-    block by block, one load per 64-byte line, on the same 2 threads;
+    block by block, one load per 64-byte line, on the same 2 threads (rows of the cache's
+    element size: before the --cache option it assumed 2-byte elements, so with --dtype
+    float32 it read half the rows and the GB/s column counted half the bytes);
   - one-layer: the kernel on one layer's cache, called repeatedly (partly cache-resident).
 The gap between kernel and read is the time the kernel spends beyond what its bytes need
 (benchmarks/history/sessions-1-10.md, sessions 8 and 9, for what did and did not narrow it).
@@ -39,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from workers import kv_int8  # noqa: E402
 from workers.kernels import load_cpu_kernels  # noqa: E402
 
 READER = r"""
@@ -98,6 +104,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument(
+        "--cache",
+        default="same",
+        choices=["same", "int8"],
+        help="the KV cache's dtype: that of --dtype, or int8 (per-row scales)",
+    )
+    p.add_argument(
         "--placement", default="contiguous", choices=["contiguous", "decode-scattered", "scattered"]
     )
     args = p.parse_args()
@@ -111,8 +123,11 @@ def main() -> None:
     nblk = [-(-x // bs) for x in lens]
     per_layer = sum(nblk)
     g = torch.Generator().manual_seed(0)
-    k = torch.randn(per_layer * L, bs, KVH, D, generator=g).to(dtype)
-    v = torch.randn(per_layer * L, bs, KVH, D, generator=g).to(dtype)
+    int8 = args.cache == "int8"
+    row = kv_int8.row_width(D) if int8 else D  # a head's row, in cache elements
+    k = torch.randn(per_layer * L, bs, KVH, D, generator=g)
+    v = torch.randn(per_layer * L, bs, KVH, D, generator=g)
+    k, v = (kv_int8.quantize(x) if int8 else x.to(dtype) for x in (k, v))
     tables = []
     for layer in range(L):
         t = torch.zeros(n, max(nblk), dtype=torch.int32)
@@ -136,9 +151,11 @@ def main() -> None:
     cl = torch.tensor(lens, dtype=torch.int32)
     q = torch.randn(n, H, D, generator=g).to(dtype)
     out = torch.empty_like(q)
-    op = torch.ops.flotilla.paged_decode_attention
+    ops = torch.ops.flotilla
+    op = ops.paged_decode_attention_int8 if int8 else ops.paged_decode_attention
     reader = build_reader()
-    kv_bytes = sum(lens) * KVH * D * 2 * 2
+    row_bytes = KVH * row * k.element_size()  # a token's K (or V) row, all heads
+    kv_bytes = sum(lens) * row_bytes * 2
 
     def kernel(layers):
         for t in layers:
@@ -154,7 +171,7 @@ def main() -> None:
                 n,
                 t.shape[1],
                 bs,
-                KVH * D * 2,
+                row_bytes,
             )
 
     cases = {
@@ -170,7 +187,8 @@ def main() -> None:
             times[name].append((time.perf_counter() - t0) / len(layers))
     print(
         f"{n} sequences, average context {sum(lens) / n:.0f}, {kv_bytes / 1e6:.1f} MB of K/V per layer, "
-        f"blocks {args.placement}, {args.threads} threads, median of {args.rounds} rounds"
+        f"{args.cache} cache, q {args.dtype}, blocks {args.placement}, {args.threads} threads, "
+        f"median of {args.rounds} rounds"
     )
     print("| case | us per layer | GB/s |\n|---|---:|---:|")
     for name, ts in times.items():

@@ -20,9 +20,10 @@ Per SmolLM2-135M token and layer (3 KV heads x 64): K and V take 2 x 3 x 68 = 40
 against 768 in bf16 and 1,536 in float32, so the same kv_cache_memory_gib holds 1.88x the
 blocks of bf16 and 3.76x those of float32.
 
-Who reads it: the native decode kernel (torch.ops.flotilla.paged_decode_attention_int8,
-workers/kernels/paged_attention_int8.cpp) widens the int8 values to float32 in registers and
-applies the scale once per row (to the score for keys, to the probability for values); the
+Who reads it: the native decode kernel (torch.ops.flotilla.paged_decode_attention_int8: the
+float caches' one-pass flash-decoding loops, workers/kernels/decode_attention.h, with the
+int8 row format of cache_rows.h) widens the int8 values to float32 in registers and applies
+the scale once per row (to the score for keys, to the softmax weight for values); the
 write op (write_kv_cache_int8) quantizes. Everything else -- the SDPA decode fallback and
 every prefill chunk (the native bf16 prefill kernel declines int8) -- dequantizes the gathered
 blocks here. A prefill chunk reads its *own* keys and values back from the quantized cache

@@ -1,11 +1,15 @@
-"""A float64 reference for paged decode attention, shared by the kernel tests of the float
-cache (test_paged_kernel.py) and of the int8 cache (test_kv_int8.py)."""
+"""Shared by the kernel tests of the float cache (test_paged_kernel.py) and of the int8 cache
+(test_kv_int8.py): a float64 reference for paged decode attention, shuffled block tables, and
+the mixed decode + prefill batch both run through paged_attention with and without kernels."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+
+from workers.attention import AttentionMetadata, build_metadata
 
 
 def decode_reference(
@@ -32,3 +36,69 @@ def decode_reference(
             s = (k[:, kv] @ q[i, h].double()) * scale
             out[i, h] = torch.softmax(s, 0) @ v[:, kv]
     return out
+
+
+def shuffled_tables(need: list[int], spare: int, g: torch.Generator) -> tuple[list[list[int]], int]:
+    """Block tables of need[i] blocks each, drawn without overlap from a shuffled pool with
+    `spare` blocks left over; returns (tables, pool size)."""
+    num_blocks = sum(need) + spare
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables, i = [], 0
+    for k in need:
+        tables.append(perm[i : i + k])
+        i += k
+    return tables, num_blocks
+
+
+@dataclass(frozen=True)
+class MixedBatch:
+    """One step's tokens: a decode per entry of dec_lens (ascending, first), then the prefill
+    chunks; tables[i] is sequence i's block table (decodes first)."""
+
+    dec_lens: list[int]
+    tables: list[list[int]]
+    num_blocks: int
+    positions: list[int]
+    slots: list[int]
+    prefills: list[tuple[int, int, int, list[int]]]  # (q_start, q_len, start_pos, table)
+    block_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.positions)
+
+    def metadata(self, native: bool) -> AttentionMetadata:
+        nd = len(self.dec_lens)
+        return build_metadata(
+            self.positions,
+            self.slots,
+            self.tables[:nd],
+            self.dec_lens,
+            self.prefills,
+            self.block_size,
+            torch.device("cpu"),
+            native=native,
+        )
+
+
+def mixed_batch(
+    dec_lens: list[int],
+    chunks: list[tuple[int, int]],  # (q_len, start_pos) per prefill chunk
+    block_size: int,
+    g: torch.Generator,
+    spare: int = 2,
+) -> MixedBatch:
+    """Decodes of the given context lengths (their new token at position len - 1) and prefill
+    chunks (fresh: start_pos 0, or continuing after cached context), on shuffled blocks."""
+    bs = block_size
+    need = [-(-n // bs) for n in dec_lens] + [-(-(n + s) // bs) for n, s in chunks]
+    tables, num_blocks = shuffled_tables(need, spare, g)
+    positions, slots, prefills = [], [], []
+    for t, n in zip(tables, dec_lens, strict=False):
+        positions.append(n - 1)
+        slots.append(t[(n - 1) // bs] * bs + (n - 1) % bs)
+    for t, (n, sp) in zip(tables[len(dec_lens) :], chunks, strict=True):
+        prefills.append((len(positions), n, sp, t))
+        positions += range(sp, sp + n)
+        slots += [t[p // bs] * bs + p % bs for p in range(sp, sp + n)]
+    return MixedBatch(dec_lens, tables, num_blocks, positions, slots, prefills, bs)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from attention_reference import decode_reference
+from attention_reference import decode_reference, mixed_batch, shuffled_tables
 
 from workers import kv_int8
-from workers.attention import build_metadata, paged_attention
+from workers.attention import paged_attention
 from workers.kernels import load_cpu_kernels
 
 BS = 4
@@ -19,16 +19,6 @@ BS = 4
 @pytest.fixture(scope="module", autouse=True)
 def _kernels():
     assert load_cpu_kernels()
-
-
-def _tables(need: list[int], spare: int, g: torch.Generator) -> tuple[list[list[int]], int]:
-    """Block tables of need[i] blocks each from a shuffled pool (with `spare` unused)."""
-    perm = torch.randperm(sum(need) + spare, generator=g).tolist()
-    out, i = [], 0
-    for k in need:
-        out.append(perm[i : i + k])
-        i += k
-    return out, len(perm)
 
 
 def _int8_cache(num_blocks: int, KVH: int, D: int, g: torch.Generator) -> torch.Tensor:
@@ -91,11 +81,13 @@ def _decode(q, cache, tables, lens, scale, window):
 @pytest.mark.parametrize("D,H,KVH", [(64, 9, 3), (128, 4, 2), (16, 4, 4), (24, 6, 2)])
 @pytest.mark.parametrize("window", [0, 5])
 def test_decode_op_matches_float64_reference(D, H, KVH, window):
-    """D 64 / 128 / 16: the vector path of the build (AVX2 or AVX-512; 16 is one AVX-512
-    vector); D 24: the portable loops on any build. GQA, shuffled blocks, partial blocks."""
+    """D 64 / 128 / 16: the one-pass path of the build (AVX2: 8 tokens a chunk, value passes
+    of 16 columns x G = 1, 2, 3 query heads; AVX-512: 16 tokens a chunk), over several chunks
+    and a partial last one; D 24: the three plain passes on any build. GQA, shuffled blocks,
+    partial blocks, row scales spread over 0 .. 3x."""
     g = torch.Generator().manual_seed(D + H + window)
     lens = [1, 3, 4, 17, 33, 60]
-    tables, nb = _tables([-(-n // BS) for n in lens], 3, g)
+    tables, nb = shuffled_tables([-(-n // BS) for n in lens], 3, g)
     cache = _int8_cache(nb, KVH, D, g)
     q = torch.randn(len(lens), H, D, generator=g)
     got = _decode(q, cache, tables, lens, D**-0.5, window)
@@ -106,7 +98,7 @@ def test_decode_op_matches_float64_reference(D, H, KVH, window):
 def test_decode_op_bf16_queries():
     g = torch.Generator().manual_seed(7)
     lens = [2, 9, 40]
-    tables, nb = _tables([-(-n // BS) for n in lens], 1, g)
+    tables, nb = shuffled_tables([-(-n // BS) for n in lens], 1, g)
     cache = _int8_cache(nb, 2, 64, g)
     q = torch.randn(len(lens), 6, 64, generator=g).bfloat16()
     got = _decode(q, cache, tables, lens, 0.125, 0)
@@ -150,40 +142,20 @@ def test_attention_path_native_equals_torch(dtype, window):
     own keys *as quantized*, not to the float k / v it was handed."""
     H, KVH, D = 6, 2, 64
     g = torch.Generator().manual_seed(3)
-    dec_lens, chunks = [5, 9], [(12, 0), (7, 10)]
-    need = [-(-n // BS) for n in dec_lens] + [-(-(n + s) // BS) for n, s in chunks]
-    tables, nb = _tables(need, 2, g)
-    cache = _int8_cache(nb, KVH, D, g)
-    positions, slots, prefills = [], [], []
-    for t, n in zip(tables, dec_lens, strict=False):
-        positions.append(n - 1)
-        slots.append(t[(n - 1) // BS] * BS + (n - 1) % BS)
-    for t, (n, sp) in zip(tables[len(dec_lens) :], chunks, strict=True):
-        prefills.append((len(positions), n, sp, t))
-        positions += range(sp, sp + n)
-        slots += [t[p // BS] * BS + p % BS for p in range(sp, sp + n)]
-    T = len(positions)
+    batch = mixed_batch([5, 9], [(12, 0), (7, 10)], BS, g)
+    cache = _int8_cache(batch.num_blocks, KVH, D, g)
+    T = batch.num_tokens
     q, k, v = (torch.randn(T, h, D, generator=g).to(dtype) for h in (H, KVH, KVH))
     outs, caches = [], []
     for native in (True, False):
-        meta = build_metadata(
-            positions,
-            slots,
-            tables[: len(dec_lens)],
-            dec_lens,
-            prefills,
-            BS,
-            torch.device("cpu"),
-            native=native,
-        )
         c = cache.clone()
-        outs.append(paged_attention(q, k, v, c, meta, D**-0.5, window))
+        outs.append(paged_attention(q, k, v, c, batch.metadata(native), D**-0.5, window))
         caches.append(c)
     assert torch.equal(caches[0], caches[1])
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(outs[0], outs[1], atol=tol, rtol=tol)
     # the first chunk (12 tokens from position 0), against causal SDPA on its quantized keys
-    q0 = len(dec_lens)
+    q0 = len(batch.dec_lens)
     kq = kv_int8.dequantize(kv_int8.quantize(k[q0 : q0 + 12]), dtype)
     vq = kv_int8.dequantize(kv_int8.quantize(v[q0 : q0 + 12]), dtype)
     mask = None if window is None else torch.ones(12, 12).tril().triu(-(window - 1)).bool()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attention_reference import decode_reference
+from attention_reference import decode_reference, mixed_batch, shuffled_tables
 
 from workers.attention import build_metadata, paged_attention
 from workers.kernels import build, load_cpu_kernels
@@ -27,21 +27,9 @@ def test_kernels_build_and_load():
     assert hasattr(torch.ops.flotilla, "paged_decode_attention")
 
 
-def _shuffled_tables(need, spare, g):
-    """Block tables of need[i] blocks each, drawn without overlap from a shuffled pool with
-    `spare` blocks left over; returns (tables, pool size)."""
-    num_blocks = sum(need) + spare
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    tables, i = [], 0
-    for k in need:
-        tables.append(perm[i : i + k])
-        i += k
-    return tables, num_blocks
-
-
 def _setup(lens, H, KVH, D, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    tables, num_blocks = _shuffled_tables([-(-n // BS) for n in lens], 5, g)
+    tables, num_blocks = shuffled_tables([-(-n // BS) for n in lens], 5, g)
     cache = torch.randn(2, num_blocks, BS, KVH, D, generator=g).to(dtype)
     q = torch.randn(len(lens), H, D, generator=g).to(dtype)
     return q, cache, tables
@@ -164,7 +152,7 @@ def _prefill_setup(chunks, H, KVH, D, seed, dtype=torch.bfloat16):
     """chunks: (q_len, start_pos) each; returns q [T, H, D], cache, tables, kernel args."""
     g = torch.Generator().manual_seed(seed)
     need = [-(-(n + s) // BS) for n, s in chunks]
-    tables, num_blocks = _shuffled_tables(need, 3, g)
+    tables, num_blocks = shuffled_tables(need, 3, g)
     cache = torch.randn(2, num_blocks, BS, KVH, D, generator=g).to(dtype)
     q = torch.randn(sum(n for n, _ in chunks), H, D, generator=g).to(dtype)
     starts = [sum(n for n, _ in chunks[:j]) for j in range(len(chunks))]
@@ -239,36 +227,15 @@ def test_prefill_kernel_path_equals_sdpa_path(window, dtype):
     kernels: decodes and prefill chunks (fresh and continuing) in one batch."""
     H, KVH, D = 6, 2, 64
     g = torch.Generator().manual_seed(3)
-    dec_lens = [5, 9]  # decodes first (ascending), then prefill chunks
-    chunks = [(12, 0), (7, 10)]
-    need = [-(-n // BS) for n in dec_lens] + [-(-(n + s) // BS) for n, s in chunks]
-    tables, num_blocks = _shuffled_tables(need, 2, g)
-    cache = torch.randn(2, num_blocks, BS, KVH, D, generator=g).to(dtype)
-    positions, slots, prefills = [], [], []
-    for t, n in zip(tables, dec_lens, strict=False):
-        positions.append(n - 1)
-        slots.append(t[(n - 1) // BS] * BS + (n - 1) % BS)
-    for t, (n, sp) in zip(tables[len(dec_lens) :], chunks, strict=True):
-        prefills.append((len(positions), n, sp, t))
-        for p in range(sp, sp + n):
-            positions.append(p)
-            slots.append(t[p // BS] * BS + p % BS)
-    T = len(positions)
+    batch = mixed_batch([5, 9], [(12, 0), (7, 10)], BS, g)  # decodes (ascending), chunks
+    cache = torch.randn(2, batch.num_blocks, BS, KVH, D, generator=g).to(dtype)
+    T = batch.num_tokens
     q = torch.randn(T, H, D, generator=g).to(dtype)
     k_new = torch.randn(T, KVH, D, generator=g).to(dtype)
     v_new = torch.randn(T, KVH, D, generator=g).to(dtype)
     outs = []
     for native in (True, False):
-        meta = build_metadata(
-            positions,
-            slots,
-            tables[: len(dec_lens)],
-            dec_lens,
-            prefills,
-            BS,
-            torch.device("cpu"),
-            native=native,
-        )
+        meta = batch.metadata(native)
         assert (meta.prefill_kernel is not None) == native
         outs.append(paged_attention(q, k_new, v_new, cache.clone(), meta, D**-0.5, window))
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5

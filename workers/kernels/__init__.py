@@ -37,7 +37,17 @@ CPU_KERNELS = native_build.NativeLib(
             "prefill_attention_f32.cpp",
         )
     ),
-    headers=tuple(_DIR / n for n in ("common.h", "attend_avx2.h", "row_cursor.h")),
+    headers=tuple(
+        _DIR / n
+        for n in (
+            "common.h",
+            "attend_avx2.h",
+            "attend_avx512.h",
+            "cache_rows.h",
+            "decode_attention.h",
+            "row_cursor.h",
+        )
+    ),
     include_dirs=(_DIR,),
 )
 

@@ -1,12 +1,16 @@
-// AVX2 + FMA flash-decoding for paged_decode_attention: float32 caches on CPUs without AVX-512
-// (there the generic three-pass loops read a sequence's keys, then its values, through scalar
-// row walks: ~13 GB/s of KV on a 2-core AVX2 EPYC). The same single pass as attend_avx512,
-// 8 tokens at a time: the chunk's scores for every query head of the task, an online-softmax
-// update (running max m and sum l; sums rescaled by exp(m_old - m_new)), then the chunk's
-// values. Value sums run over column groups of at most 32 floats and at most two query heads,
-// so accumulators + value vectors fit the 16 ymm registers.
+// AVX2 + FMA flash-decoding for paged decode attention (decode_attention.h): float32 and int8
+// caches on CPUs without AVX-512 (there the generic three-pass loops read a sequence's keys,
+// then its values, through scalar row walks: ~13 GB/s of KV on a 2-core AVX2 EPYC). The same
+// single pass as attend_avx512, 8 tokens at a time: the chunk's scores for every query head of
+// the task, an online-softmax update (running max m and sum l; sums rescaled by
+// exp(m_old - m_new)), then the chunk's values. Value sums run over column groups of at most
+// 32 floats and two query heads (int8 rows: 16 and four), so accumulators + value vectors fit
+// the 16 ymm registers. Rows (cache_rows.h) says how a row becomes float32: int8 rows are
+// widened in registers and their scales applied once per token (to the 8 scores, to the 8
+// weights).
 #pragma once
 
+#include "cache_rows.h"
 #include "common.h"
 #include "row_cursor.h"
 
@@ -35,10 +39,12 @@ inline __m256 reduce8(const float* rows) {
 }
 
 // acc[g][0 .. DW) = corr[g] * acc[g] + sum_t p[g][t] v_t over nt <= 8 tokens, for GN query
-// heads (p: [GN][8]; acc rows D floats apart; vrows[t] + col: token t's DW value columns).
-template <int DW, int GN>
-inline void values_chunk8(const float* p, const float* corr, int nt, const float* const* vrows,
-                          int64_t col, float* acc, int64_t D) {
+// heads (p: [GN][8], already times the value rows' scales; acc rows D floats apart;
+// vrows[t] + col: token t's DW value columns).
+template <typename Rows, int DW, int GN>
+inline void values_chunk8(const float* p, const float* corr, int nt,
+                          const typename Rows::raw_t* const* vrows, int64_t col, float* acc,
+                          int64_t D) {
   constexpr int NJ = DW / 8;
   __m256 a[GN][NJ];
   for (int g = 0; g < GN; ++g) {
@@ -47,9 +53,9 @@ inline void values_chunk8(const float* p, const float* corr, int nt, const float
       a[g][j] = _mm256_mul_ps(_mm256_loadu_ps(acc + g * D + 8 * j), c);
   }
   for (int t = 0; t < nt; ++t) {
-    const float* vr = vrows[t] + col;
+    const auto* vr = vrows[t] + col;
     __m256 v[NJ];
-    for (int j = 0; j < NJ; ++j) v[j] = _mm256_loadu_ps(vr + 8 * j);
+    for (int j = 0; j < NJ; ++j) v[j] = Rows::load8(vr + 8 * j);
     for (int g = 0; g < GN; ++g) {
       const __m256 w = _mm256_set1_ps(p[g * 8 + t]);
       for (int j = 0; j < NJ; ++j) a[g][j] = _mm256_fmadd_ps(w, v[j], a[g][j]);
@@ -62,11 +68,13 @@ inline void values_chunk8(const float* p, const float* corr, int nt, const float
 // Scratch of one thread for attend_avx2, for up to nq query heads of head dim d.
 struct AttendScratch8 {
   std::vector<float> buf;
-  float *tile, *p, *corr, *m, *l, *acc;
-  AttendScratch8(int64_t nq, int64_t d) : buf(nq * (64 + 8 + 3 + d) + 8) {
+  float *tile, *p, *ks, *vs, *corr, *m, *l, *acc;
+  AttendScratch8(int64_t nq, int64_t d) : buf(nq * (64 + 8 + 16 + 3 + d) + 8) {
     tile = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 31) & ~uintptr_t(31));
     p = tile + nq * 64;  // [nq][8]
-    corr = p + nq * 8;
+    ks = p + nq * 8;     // [KV heads][8]: the chunk's key row scales (scaled rows only)
+    vs = ks + nq * 8;    // ... and value row scales
+    corr = vs + nq * 8;
     m = corr + nq;
     l = m + nq;
     acc = l + nq;  // [nq][d]
@@ -75,41 +83,56 @@ struct AttendScratch8 {
 
 // One task: KV heads h0 .. h0+nh-1 of one sequence and their nh * G query heads (qf:
 // [nh*G][DC], pre-scaled). On return s.acc holds sum_t exp(s_t - m) v_t and s.l the sum of the
-// weights (as attend_avx512).
-template <int DC>
-void attend_avx2(const float* qf, int64_t nh, int64_t G, const float* kp, const float* vp,
-                 const int32_t* table, int64_t bs, int64_t row_stride, int64_t h0, int64_t start,
-                 int64_t len, AttendScratch8& s) {
+// weights (as attend_avx512). row_stride: between a block's tokens, in Rows::raw_t.
+template <typename Rows, int DC>
+void attend_avx2(const float* qf, int64_t nh, int64_t G, const typename Rows::raw_t* kp,
+                 const typename Rows::raw_t* vp, const int32_t* table, int64_t bs,
+                 int64_t row_stride, int64_t h0, int64_t start, int64_t len, AttendScratch8& s) {
+  using raw_t = typename Rows::raw_t;
   constexpr int NJ = DC / 8;
-  constexpr int DW = DC < 32 ? DC : 32;  // value columns per pass
-  constexpr int HP = DW == 32 ? 2 : 4;   // query heads per value pass
-  const int64_t L = len - start, NQ = nh * G, col = h0 * DC;
+  // Value columns per pass and query heads per pass. A float value vector is one load, so
+  // passes of 32 columns x 2 heads; widening int8 takes two instructions per vector, so 16
+  // columns x up to 4 heads (G <= 4: each value vector widened once per token).
+  constexpr int kCols = Rows::kScaled ? 16 : 32;
+  constexpr int DW = DC < kCols ? DC : kCols;
+  constexpr int HP = DW == 32 ? 2 : 4;
+  constexpr int64_t HS = DC + Rows::kTail;  // a head's row segment
+  const int64_t L = len - start, NQ = nh * G, col = h0 * HS;
+  const int64_t span = nh * HS * static_cast<int64_t>(sizeof(raw_t));  // bytes of a token read
   for (int64_t r = 0; r < NQ; ++r) {
     s.m[r] = -INFINITY;
     s.l[r] = 0.0f;
   }
   std::fill(s.acc, s.acc + NQ * DC, 0.0f);
-  RowCursor<float> kc(kp, table, bs, row_stride, col, start, len);
-  RowCursor<float> vc(vp, table, bs, row_stride, col, start, len);
-  RowCursor<float> pf(kp, table, bs, row_stride, col, std::min<int64_t>(start + 8, len), len);
-  const float* vrows[8];
+  RowCursor<raw_t> kc(kp, table, bs, row_stride, col, start, len);
+  RowCursor<raw_t> vc(vp, table, bs, row_stride, col, start, len);
+  RowCursor<raw_t> pf(kp, table, bs, row_stride, col, std::min<int64_t>(start + 8, len), len);
+  const raw_t* vrows[8];
   const __m256 iota = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t t0 = 0; t0 < L; t0 += 8) {
     const int nt = static_cast<int>(std::min<int64_t>(8, L - t0));
     for (int t = 0; t < nt; ++t, kc.next(), vc.next()) {
-      const float* row = kc.row;
+      const raw_t* row = kc.row;
       vrows[t] = vc.row - col;
-      if (pf.pos < pf.len) {  // the key and value lines of the token 8 ahead
-        const int64_t off = pf.row - kp;
-        for (int64_t b = 0; b < nh * DC; b += 16) {
-          _mm_prefetch(reinterpret_cast<const char*>(pf.row + b), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(vp + off + b), _MM_HINT_T0);
+      if (pf.pos < pf.len) {  // the key and value lines of the token 8 ahead (and the last one)
+        const char* kl = reinterpret_cast<const char*>(pf.row);
+        const char* vl = reinterpret_cast<const char*>(vp + (pf.row - kp));
+        for (int64_t b = 0; b < span; b += 64) {
+          _mm_prefetch(kl + b, _MM_HINT_T0);
+          _mm_prefetch(vl + b, _MM_HINT_T0);
         }
+        _mm_prefetch(kl + span - 1, _MM_HINT_T0);
+        _mm_prefetch(vl + span - 1, _MM_HINT_T0);
         pf.next();
       }
       for (int64_t hh = 0; hh < nh; ++hh) {
+        const raw_t* kr = row + hh * HS;
+        if constexpr (Rows::kScaled) {
+          s.ks[hh * 8 + t] = Rows::scale(kr, DC);
+          s.vs[hh * 8 + t] = Rows::scale(vc.row + hh * HS, DC);
+        }
         __m256 k[NJ];
-        for (int j = 0; j < NJ; ++j) k[j] = _mm256_loadu_ps(row + hh * DC + 8 * j);
+        for (int j = 0; j < NJ; ++j) k[j] = Rows::load8(kr + 8 * j);
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = qf + (hh * G + g) * DC;
           __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qg), k[0]);
@@ -119,29 +142,33 @@ void attend_avx2(const float* qf, int64_t nh, int64_t G, const float* kp, const 
       }
     }
     const __m256 live = _mm256_cmp_ps(iota, _mm256_set1_ps(static_cast<float>(nt)), _CMP_LT_OQ);
-    for (int64_t r = 0; r < NQ; ++r) {
-      const __m256 sc = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), reduce8(s.tile + r * 64), live);
-      const float m_new = std::max(s.m[r], hmax8(sc));
-      const __m256 e = _mm256_and_ps(exp256(_mm256_sub_ps(sc, _mm256_set1_ps(m_new))), live);
-      _mm256_storeu_ps(s.p + r * 8, e);
-      s.corr[r] = exp_nonpos(s.m[r] - m_new);  // ~0 on the first chunk (m = -inf)
-      s.l[r] = s.l[r] * s.corr[r] + hsum8(e);
-      s.m[r] = m_new;
-    }
+    for (int64_t hh = 0; hh < nh; ++hh)
+      for (int64_t r = hh * G; r < (hh + 1) * G; ++r) {
+        __m256 sc = reduce8(s.tile + r * 64);
+        if constexpr (Rows::kScaled) sc = _mm256_mul_ps(sc, _mm256_loadu_ps(s.ks + hh * 8));
+        sc = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), sc, live);
+        const float m_new = std::max(s.m[r], hmax8(sc));
+        __m256 e = _mm256_and_ps(exp256(_mm256_sub_ps(sc, _mm256_set1_ps(m_new))), live);
+        s.corr[r] = exp_nonpos(s.m[r] - m_new);  // ~0 on the first chunk (m = -inf)
+        s.l[r] = s.l[r] * s.corr[r] + hsum8(e);
+        s.m[r] = m_new;
+        if constexpr (Rows::kScaled) e = _mm256_mul_ps(e, _mm256_loadu_ps(s.vs + hh * 8));
+        _mm256_storeu_ps(s.p + r * 8, e);
+      }
     for (int64_t hh = 0; hh < nh; ++hh) {  // one KV head at a time
-      const int64_t c = (h0 + hh) * DC;
+      const int64_t c = (h0 + hh) * HS;
       for (int64_t g0 = 0; g0 < G; g0 += HP) {
         const int64_t r0 = hh * G + g0, gn = std::min<int64_t>(HP, G - g0);
         const float *pr = s.p + r0 * 8, *cr = s.corr + r0;
         float* ar = s.acc + r0 * DC;
         for (int64_t c0 = 0; c0 < DC; c0 += DW) {
           // a compile-time head count keeps the accumulators in registers
-          if (gn == 1) values_chunk8<DW, 1>(pr, cr, nt, vrows, c + c0, ar + c0, DC);
+          if (gn == 1) values_chunk8<Rows, DW, 1>(pr, cr, nt, vrows, c + c0, ar + c0, DC);
           if constexpr (HP >= 2)
-            if (gn == 2) values_chunk8<DW, 2>(pr, cr, nt, vrows, c + c0, ar + c0, DC);
+            if (gn == 2) values_chunk8<Rows, DW, 2>(pr, cr, nt, vrows, c + c0, ar + c0, DC);
           if constexpr (HP >= 4) {
-            if (gn == 3) values_chunk8<DW, 3>(pr, cr, nt, vrows, c + c0, ar + c0, DC);
-            if (gn == 4) values_chunk8<DW, 4>(pr, cr, nt, vrows, c + c0, ar + c0, DC);
+            if (gn == 3) values_chunk8<Rows, DW, 3>(pr, cr, nt, vrows, c + c0, ar + c0, DC);
+            if (gn == 4) values_chunk8<Rows, DW, 4>(pr, cr, nt, vrows, c + c0, ar + c0, DC);
           }
         }
       }
@@ -149,11 +176,10 @@ void attend_avx2(const float* qf, int64_t nh, int64_t G, const float* kp, const 
   }
 }
 
-template <typename T, int DC>
-constexpr bool kAvx2Path = std::is_same<T, float>::value && DC > 0 && DC % 8 == 0 &&
-                           (DC <= 32 || DC % 32 == 0);
+template <typename Rows, int DC>
+constexpr bool kAvx2Path = Rows::kAvx2 && DC > 0 && DC % 8 == 0 && (DC <= 32 || DC % 32 == 0);
 #else
-template <typename T, int DC>
+template <typename Rows, int DC>
 constexpr bool kAvx2Path = false;
 #endif
 

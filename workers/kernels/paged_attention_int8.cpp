@@ -2,261 +2,29 @@
 //
 //   write_kv_cache_int8:         quantizes k, v [T, KVH, D] (float32 / bfloat16 / float16) into
 //                                their cache slots, one symmetric scale per (slot, head) row.
-//   paged_decode_attention_int8: paged_decode_attention (paged_attention.cpp) over that cache.
+//   paged_decode_attention_int8: paged_decode_attention over that cache: the same driver and
+//                                loops (decode_attention.h) with the int8 row format
+//                                (cache_rows.h: Int8Rows).
 //
 //   k_cache, v_cache [num_blocks, block_size, KVH, D + 4] int8: each (slot, head) row is D int8
 //                    values, then its float32 scale's 4 bytes (unaligned: read by memcpy)
 //   q, out [n, H, D] float32 / bfloat16 / float16; block_tables [n, max_blocks] and
 //   context_lens [n] int32, scale, window: as paged_decode_attention's.
 //
-// Decode, per task (one sequence's KV head and its G query heads): scores
-// s_t = scale_k[t] * (q . k_t) -- the row's scale applied once, to the int8 dot product --
-// softmax in float32, then out = sum_t (p_t * scale_v[t]) v_t. The int8 values are widened to
-// float32 in registers: AVX-512 (16 per vector) or AVX2 + FMA (8), for head dims that are a
-// multiple of the width, as a compile-time count of vectors so a row stays in registers across
-// the G query heads that share it; other head dims, and builds without either ISA, take plain
-// loops the compiler vectorizes for its target. Tasks are balanced by length over
-// at::parallel_for's threads as in paged_attention.cpp. (The names live in namespace kv8: the
-// target-build test compiles every .cpp as one unit.)
+// Decode: s_t = scale_k[t] * (q . k_t) -- the row's scale applied once, to the int8 dot
+// product -- an online softmax in float32, out = sum_t (p_t * scale_v[t]) v_t / sum_t p_t. The
+// int8 values are widened to float32 in registers (AVX-512: 16 at a time, head dim % 16 = 0;
+// AVX2 + FMA: 8, head dim % 8 = 0), in one pass over a sequence's keys and values; other head
+// dims and builds without either ISA take decode_attention.h's three plain passes. (The names
+// live in namespace kv8: the target-build test compiles every .cpp as one unit.)
+#include "cache_rows.h"
 #include "common.h"
+#include "decode_attention.h"
 
 namespace flotilla {
 namespace kv8 {
 
-constexpr int64_t kScaleBytes = 4;
-
-inline float row_scale(const int8_t* row, int64_t D) {
-  float s;
-  std::memcpy(&s, row + D, sizeof(float));
-  return s;
-}
-
-// f(t, row) for t = 0 .. len - start - 1 with token (start + t)'s row at column `col`; the
-// block table is read once per block, not per token.
-template <typename F>
-inline void walk_cache_rows(const int8_t* base, const int32_t* table, int64_t bs,
-                            int64_t row_stride, int64_t col, int64_t start, int64_t len,
-                            const F& f) {
-  for (int64_t pos = start; pos < len;) {
-    const int64_t blk = pos / bs, end = std::min(len, (blk + 1) * bs);
-    const int8_t* row = base + (static_cast<int64_t>(table[blk]) * bs + pos % bs) * row_stride + col;
-    for (; pos < end; ++pos, row += row_stride) f(pos - start, row);
-  }
-}
-
-// ---- one vector ISA for the rows ---------------------------------------------------------------
-#if FLOTILLA_AVX512
-struct Vec {  // (compiled on AVX-512 targets; on this AVX2 machine tested only by compiling)
-  using V = __m512;
-  static constexpr int W = 16;
-  static V load_i8(const int8_t* p) {  // 16 int8 -> 16 float32
-    return _mm512_cvtepi32_ps(
-        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  }
-  static V load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  static V set1(float x) { return _mm512_set1_ps(x); }
-  static V zero() { return _mm512_setzero_ps(); }
-  static V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static float sum(V v) { return _mm512_reduce_add_ps(v); }
-};
-#define FLOTILLA_KV8_VEC 1
-#elif FLOTILLA_AVX2
-struct Vec {
-  using V = __m256;
-  static constexpr int W = 8;
-  static V load_i8(const int8_t* p) {  // 8 int8 -> 8 float32
-    return _mm256_cvtepi32_ps(
-        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  }
-  static V load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-  static V set1(float x) { return _mm256_set1_ps(x); }
-  static V zero() { return _mm256_setzero_ps(); }
-  static V add(V a, V b) { return _mm256_add_ps(a, b); }
-  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static float sum(V v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-  }
-};
-#define FLOTILLA_KV8_VEC 1
-#else
-#define FLOTILLA_KV8_VEC 0
-#endif
-
-#if FLOTILLA_KV8_VEC
-// sc[g * L] = ks * (qf[g] . k) for the G query heads sharing one key row (qf: [G][NV * W]).
-// Two accumulators: a single FMA chain would wait on each FMA's latency.
-template <int NV>
-inline void scores_vec(const float* qf, int64_t G, const int8_t* kr, float ks, float* sc,
-                       int64_t L) {
-  Vec::V k[NV];
-  for (int j = 0; j < NV; ++j) k[j] = Vec::load_i8(kr + j * Vec::W);
-  for (int64_t g = 0; g < G; ++g) {
-    const float* qg = qf + g * NV * Vec::W;
-    Vec::V a0 = Vec::zero(), a1 = Vec::zero();
-    for (int j = 0; j + 1 < NV; j += 2) {
-      a0 = Vec::fma(Vec::load(qg + j * Vec::W), k[j], a0);
-      a1 = Vec::fma(Vec::load(qg + (j + 1) * Vec::W), k[j + 1], a1);
-    }
-    if (NV % 2) a0 = Vec::fma(Vec::load(qg + (NV - 1) * Vec::W), k[NV - 1], a0);
-    sc[g * L] = ks * Vec::sum(Vec::add(a0, a1));
-  }
-}
-
-// acc[g] += (p[g * L] * vs) * v for the G query heads sharing one value row.
-template <int NV>
-inline void values_vec(const float* p, int64_t L, int64_t G, const int8_t* vr, float vs,
-                       float* acc) {
-  Vec::V v[NV];
-  for (int j = 0; j < NV; ++j) v[j] = Vec::load_i8(vr + j * Vec::W);
-  for (int64_t g = 0; g < G; ++g) {
-    const Vec::V w = Vec::set1(p[g * L] * vs);
-    float* ag = acc + g * NV * Vec::W;
-    for (int j = 0; j < NV; ++j)
-      Vec::store(ag + j * Vec::W, Vec::fma(w, v[j], Vec::load(ag + j * Vec::W)));
-  }
-}
-#endif
-
-// The portable forms (any head dim; kf: a float row of scratch).
-inline void scores_any(const float* qf, int64_t G, int64_t D, const int8_t* kr, float ks,
-                       float* sc, int64_t L, float* kf) {
-#pragma omp simd
-  for (int64_t d = 0; d < D; ++d) kf[d] = static_cast<float>(kr[d]);
-  for (int64_t g = 0; g < G; ++g) {
-    const float* qg = qf + g * D;
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t d = 0; d < D; ++d) s += qg[d] * kf[d];
-    sc[g * L] = ks * s;
-  }
-}
-
-inline void values_any(const float* p, int64_t L, int64_t G, int64_t D, const int8_t* vr,
-                       float vs, float* acc, float* kf) {
-#pragma omp simd
-  for (int64_t d = 0; d < D; ++d) kf[d] = static_cast<float>(vr[d]);
-  for (int64_t g = 0; g < G; ++g) {
-    const float w = p[g * L] * vs;
-    float* ag = acc + g * D;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) ag[d] += w * kf[d];
-  }
-}
-
-// NV: the head dim in vectors of the build's ISA (0: the portable loops).
-template <typename T, int NV>
-void decode(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
-            const at::Tensor& v_cache, const at::Tensor& block_tables,
-            const at::Tensor& context_lens, double scale_d, int64_t window) {
-  using R = Raw<T>;
-  using raw_t = typename R::type;
-  const int64_t n = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t bs = k_cache.size(1), KVH = k_cache.size(2);
-  const int64_t G = H / KVH, max_blocks = block_tables.size(1);
-  const int64_t row_stride = KVH * (D + kScaleBytes);
-  const float scale = static_cast<float>(scale_d);
-  const raw_t* qp = reinterpret_cast<const raw_t*>(q.data_ptr());
-  raw_t* op = reinterpret_cast<raw_t*>(out.data_ptr());
-  const int8_t* kp = k_cache.data_ptr<int8_t>();
-  const int8_t* vp = v_cache.data_ptr<int8_t>();
-  const int32_t* tables = block_tables.data_ptr<int32_t>();
-  const int32_t* lens = context_lens.data_ptr<int32_t>();
-  int64_t max_len = 1;
-  for (int64_t i = 0; i < n; ++i) max_len = std::max<int64_t>(max_len, lens[i]);
-  // A task: one sequence's KV head (its row segment is D + 4 bytes: a few cache lines).
-  std::vector<int64_t> costs(n * KVH);
-  for (int64_t task = 0; task < n * KVH; ++task) {
-    const int64_t len = lens[task / KVH];
-    costs[task] = (window > 0 ? std::min<int64_t>(len, window) : len) + 16;
-  }
-  const auto bins = balance_by_cost(costs);
-  at::parallel_for(0, static_cast<int64_t>(bins.size()), 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> qf(G * D), acc(G * D), kf(D), scores(G * max_len);
-    for (int64_t bin = b0; bin < b1; ++bin)
-      for (const int64_t task : bins[bin]) {
-        const int64_t i = task / KVH, h = task % KVH, len = lens[i];
-        const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-        const int64_t L = len - start, col = h * (D + kScaleBytes);
-        const int32_t* table = tables + i * max_blocks;
-        const raw_t* qsrc = qp + (i * H + h * G) * D;
-#pragma omp simd
-        for (int64_t e = 0; e < G * D; ++e) qf[e] = R::load(qsrc[e]) * scale;
-        walk_cache_rows(kp, table, bs, row_stride, col, start, len,
-                        [&](int64_t t, const int8_t* kr) {
-                          const float ks = row_scale(kr, D);
-#if FLOTILLA_KV8_VEC
-                          if constexpr (NV > 0) {
-                            scores_vec<NV>(qf.data(), G, kr, ks, scores.data() + t, L);
-                            return;
-                          }
-#endif
-                          scores_any(qf.data(), G, D, kr, ks, scores.data() + t, L, kf.data());
-                        });
-        for (int64_t g = 0; g < G; ++g) {  // softmax per query head
-          float* sr = scores.data() + g * L;
-          float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-          for (int64_t t = 0; t < L; ++t) m = sr[t] > m ? sr[t] : m;
-          float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t t = 0; t < L; ++t) {
-            const float e = exp_nonpos(sr[t] - m);
-            sr[t] = e;
-            sum += e;
-          }
-          const float inv = 1.0f / sum;
-#pragma omp simd
-          for (int64_t t = 0; t < L; ++t) sr[t] *= inv;
-        }
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        walk_cache_rows(vp, table, bs, row_stride, col, start, len,
-                        [&](int64_t t, const int8_t* vr) {
-                          const float vs = row_scale(vr, D);
-#if FLOTILLA_KV8_VEC
-                          if constexpr (NV > 0) {
-                            values_vec<NV>(scores.data() + t, L, G, vr, vs, acc.data());
-                            return;
-                          }
-#endif
-                          values_any(scores.data() + t, L, G, D, vr, vs, acc.data(), kf.data());
-                        });
-        raw_t* dst = op + (i * H + h * G) * D;
-#pragma omp simd
-        for (int64_t e = 0; e < G * D; ++e) dst[e] = R::store(acc[e]);
-      }
-  });
-}
-
-template <typename T>
-void decode_any(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
-                const at::Tensor& v_cache, const at::Tensor& block_tables,
-                const at::Tensor& context_lens, double scale, int64_t window) {
-#if FLOTILLA_KV8_VEC
-  const int64_t D = q.size(2);
-  if (D % Vec::W == 0) {
-    switch (D / Vec::W) {
-#define FLOTILLA_KV8_NV(NV)                                                                   \
-  case NV:                                                                                    \
-    return decode<T, NV>(out, q, k_cache, v_cache, block_tables, context_lens, scale, window);
-      FLOTILLA_KV8_NV(1)
-      FLOTILLA_KV8_NV(2)
-      FLOTILLA_KV8_NV(4)
-      FLOTILLA_KV8_NV(6)
-      FLOTILLA_KV8_NV(8)
-      FLOTILLA_KV8_NV(16)
-#undef FLOTILLA_KV8_NV
-      default:
-        break;
-    }
-  }
-#endif
-  decode<T, 0>(out, q, k_cache, v_cache, block_tables, context_lens, scale, window);
-}
+constexpr int64_t kScaleBytes = Int8Rows::kTail;
 
 // One row of D values (x, any float dtype) -> D int8 and the float32 scale, the same float32
 // operations as workers/kv_int8.quantize (so the same bits): amax, 127 / amax (0 for a zero
@@ -332,8 +100,9 @@ void paged_decode_attention_int8(at::Tensor out, const at::Tensor& q, const at::
   TORCH_CHECK(block_tables.size(0) == q.size(0) && context_lens.size(0) == q.size(0), name,
               ": one block table and length per query row");
   FLOTILLA_DISPATCH(q.scalar_type(), "paged_decode_attention_int8",
-                    kv8::decode_any<scalar_t>(out, q, k_cache, v_cache, block_tables,
-                                              context_lens, scale, window));
+                    decode_attention_any<scalar_t, Int8Rows>(out, q, k_cache, v_cache,
+                                                             block_tables, context_lens, scale,
+                                                             window));
 }
 
 void write_kv_cache_int8(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k,

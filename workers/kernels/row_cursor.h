@@ -1,5 +1,5 @@
-// RowCursor: a paged KV cache's rows of one sequence in token order (paged_attention.cpp,
-// attend_avx2.h).
+// RowCursor: a paged KV cache's rows of one sequence in token order (decode_attention.h,
+// attend_avx2.h, attend_avx512.h).
 #pragma once
 
 #include <cstdint>
