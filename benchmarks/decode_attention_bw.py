@@ -138,7 +138,8 @@ def main() -> None:
     out = torch.empty_like(q)
     op = torch.ops.flotilla.paged_decode_attention
     reader = build_reader()
-    kv_bytes = sum(lens) * KVH * D * 2 * 2
+    esize = torch.empty(0, dtype=dtype).element_size()
+    kv_bytes = sum(lens) * KVH * D * 2 * esize  # K and V
 
     def kernel(layers):
         for t in layers:
@@ -154,7 +155,7 @@ def main() -> None:
                 n,
                 t.shape[1],
                 bs,
-                KVH * D * 2,
+                KVH * D * esize,
             )
 
     cases = {

@@ -13,6 +13,8 @@ Per step, `build_metadata` turns block tables into index tensors once; every lay
   `torch.ops.flotilla.paged_prefill_attention` for all chunks, reading K/V in place through the
   block tables (the chunk's own K/V are written to the cache first), causal from each chunk's
   offset; ~3.5x torch's CPU flash kernel here (it declines other dtypes/CPUs).
+- Prefill chunks, CPU in float32 (AVX2 or AVX-512 builds): the same op, whose float32 path
+  (prefill_attention_f32.cpp) runs both products on the packed float32 GEMM's register tiles.
 - Prefill chunks, elsewhere: one SDPA call each. A chunk with nothing cached before it attends
   to its own K/V (causal); a later chunk (chunked prefill or a prefix-cache hit) gathers the
   earlier context from the cache with an offset causal mask.

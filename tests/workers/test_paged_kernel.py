@@ -219,26 +219,58 @@ def test_prefill_kernel_declines_without_its_path(kernel_plan):
     assert not out.any()
 
 
-def test_prefill_kernel_declines_float32():
+@pytest.mark.parametrize("D,H,KVH", [(64, 9, 3), (128, 4, 4), (32, 8, 1), (16, 4, 2)])
+@pytest.mark.parametrize("window", [0, 7])
+def test_prefill_kernel_float32_matches_float64_reference(D, H, KVH, window, kernel_plan):
+    """float32 (prefill_attention_f32.cpp, on AVX2 / AVX-512 builds): chunks of every kind
+    and spans past one task (128 positions) and one score block (32). Builds without the
+    vector path decline, writing nothing; AVX-512 builds decline head dim 16 (< their panel)."""
+    chunks = [(37, 0), (1, 0), (20, 13), (150, 0), (5, 200), (16, 16)]
+    q, cache, tables, starts, args = _prefill_setup(chunks, H, KVH, D, seed=D + H + window)
+    q, cache = q.float(), cache.float()
+    out = torch.zeros_like(q)
+    ok = torch.ops.flotilla.paged_prefill_attention(
+        out, q, cache[0], cache[1], *args, D**-0.5, window
+    )
+    if not ok:
+        assert not out.any()  # declined: nothing written
+        assert not kernel_plan.f32_packed or D % 32 != 0
+        return
+    assert kernel_plan.f32_packed
+    for (n, sp), t, q0 in zip(chunks, tables, starts, strict=True):
+        k = cache[0, t].flatten(0, 1)[: sp + n].double()
+        v = cache[1, t].flatten(0, 1)[: sp + n].double()
+        pos = torch.arange(sp, sp + n)[:, None]
+        key = torch.arange(sp + n)[None, :]
+        visible = (key <= pos) & ((key > pos - window) if window else True)
+        for h in range(H):
+            kv = h // (H // KVH)
+            s = (q[q0 : q0 + n, h].double() @ k[:, kv].T) * D**-0.5
+            want = torch.softmax(s.masked_fill(~visible, float("-inf")), -1) @ v[:, kv]
+            torch.testing.assert_close(out[q0 : q0 + n, h].double(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_prefill_kernel_declines_mixed_float_dtypes():
     q, cache, tables, starts, args = _prefill_setup([(8, 0)], 4, 2, 64, seed=0)
     out = torch.zeros(q.shape)
     assert not torch.ops.flotilla.paged_prefill_attention(
-        out, q.float(), cache[0].float(), cache[1].float(), *args, 0.125, 0
+        out, q.float(), cache[0], cache[1], *args, 0.125, 0
     )
     assert not out.any()  # declined: nothing written
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("window", [None, 6])
-def test_prefill_kernel_path_equals_sdpa_path(window):
+def test_prefill_kernel_path_equals_sdpa_path(window, dtype):
     """The whole mixed-batch path (metadata + paged_attention) with and without native
-    kernels in bf16: decodes and prefill chunks (fresh and continuing) in one batch."""
+    kernels: decodes and prefill chunks (fresh and continuing) in one batch."""
     H, KVH, D = 6, 2, 64
     g = torch.Generator().manual_seed(3)
     dec_lens = [5, 9]  # decodes first (ascending), then prefill chunks
     chunks = [(12, 0), (7, 10)]
     need = [-(-n // BS) for n in dec_lens] + [-(-(n + s) // BS) for n, s in chunks]
     tables, num_blocks = _shuffled_tables(need, 2, g)
-    cache = torch.randn(2, num_blocks, BS, KVH, D, generator=g).bfloat16()
+    cache = torch.randn(2, num_blocks, BS, KVH, D, generator=g).to(dtype)
     positions, slots, prefills = [], [], []
     for t, n in zip(tables, dec_lens, strict=False):
         positions.append(n - 1)
@@ -249,9 +281,9 @@ def test_prefill_kernel_path_equals_sdpa_path(window):
             positions.append(p)
             slots.append(t[p // BS] * BS + p % BS)
     T = len(positions)
-    q = torch.randn(T, H, D, generator=g).bfloat16()
-    k_new = torch.randn(T, KVH, D, generator=g).bfloat16()
-    v_new = torch.randn(T, KVH, D, generator=g).bfloat16()
+    q = torch.randn(T, H, D, generator=g).to(dtype)
+    k_new = torch.randn(T, KVH, D, generator=g).to(dtype)
+    v_new = torch.randn(T, KVH, D, generator=g).to(dtype)
     outs = []
     for native in (True, False):
         meta = build_metadata(
@@ -266,7 +298,8 @@ def test_prefill_kernel_path_equals_sdpa_path(window):
         )
         assert (meta.prefill_kernel is not None) == native
         outs.append(paged_attention(q, k_new, v_new, cache.clone(), meta, D**-0.5, window))
-    torch.testing.assert_close(outs[0].float(), outs[1].float(), atol=2e-2, rtol=2e-2)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("M", [1, 3, 8])

@@ -34,9 +34,12 @@ CPU_KERNELS = native_build.NativeLib(
             "paged_attention.cpp",
             "paged_attention_int8.cpp",
             "prefill_attention.cpp",
+            "prefill_attention_f32.cpp",
         )
     ),
-    headers=tuple(_DIR / n for n in ("common.h", "attend_avx2.h", "row_cursor.h")),
+    headers=tuple(
+        _DIR / n for n in ("common.h", "attend_avx2.h", "gemm_f32_tile.h", "row_cursor.h")
+    ),
     include_dirs=(_DIR,),
 )
 

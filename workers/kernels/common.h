@@ -180,7 +180,7 @@ inline std::vector<std::vector<int64_t>> balance_by_cost(const std::vector<int64
 }
 
 // The ops, for kernels that call each other (dense_layers.cpp); defined in cpu_ops.cpp,
-// paged_attention.cpp, prefill_attention.cpp, gemm_amx.cpp.
+// paged_attention.cpp, prefill_attention.cpp, prefill_attention_f32.cpp, gemm_amx.cpp.
 void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps);
 void fused_add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& weight, double eps);
 void rotary_embedding(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin);
@@ -196,6 +196,10 @@ bool paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tens
                              const at::Tensor& v_cache, const at::Tensor& block_tables,
                              const at::Tensor& q_starts, const at::Tensor& q_lens,
                              const at::Tensor& start_pos, double scale, int64_t window);
+bool prefill_attention_f32(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& block_tables,
+                           const at::Tensor& q_starts, const at::Tensor& q_lens,
+                           const at::Tensor& start_pos, double scale, int64_t window);
 bool amx_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& wp,
                 const c10::optional<at::Tensor>& bias);
 bool amx_swiglu(at::Tensor out, const at::Tensor& x, const at::Tensor& wp);

@@ -1,7 +1,8 @@
 // paged_prefill_attention: the query rows of prefill chunks against keys/values read from the
 // block-paged KV cache (the chunk's own K/V are already written there), causal with the
-// chunk's offset, optional sliding window. bfloat16 with AVX512-BF16 only; returns false
-// otherwise (and for head dims other than 16, 32, 64, 96, 128, 256): the caller uses SDPA.
+// chunk's offset, optional sliding window. bfloat16 with AVX512-BF16 (here), float32 on AVX2 /
+// AVX-512 builds (prefill_attention_f32.cpp); returns false otherwise (and for bf16 head dims
+// other than 16, 32, 64, 96, 128, 256): the caller uses SDPA.
 //
 // Layout (matches workers/attention.py):
 //   out, q       [T, H, D]  bfloat16, contiguous; chunk c's rows are q_starts[c] ..
@@ -359,6 +360,13 @@ bool paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tens
               "paged_prefill_attention: one block table, start, length and offset per chunk");
   TORCH_CHECK(k_cache.size(3) == q.size(2) && q.size(1) % k_cache.size(2) == 0,
               "paged_prefill_attention: head_dim mismatch or H not a multiple of KVH");
+  if (q.scalar_type() == at::kFloat) {  // prefill_attention_f32.cpp (AVX2 / AVX-512 builds)
+    if (out.scalar_type() != at::kFloat || k_cache.scalar_type() != at::kFloat ||
+        v_cache.scalar_type() != at::kFloat)
+      return false;
+    return prefill_attention_f32(out, q, k_cache, v_cache, block_tables, q_starts, q_lens,
+                                 start_pos, scale, window);
+  }
 #if FLOTILLA_AVX512_BF16
   if (q.scalar_type() != at::kBFloat16 || out.scalar_type() != at::kBFloat16 ||
       k_cache.scalar_type() != at::kBFloat16 || v_cache.scalar_type() != at::kBFloat16 ||
