@@ -78,7 +78,9 @@ class KernelPlan:
     """Each op's path on this rank. All False: the plain torch code everywhere."""
 
     native: bool = False  # norms, rotary, SiLU-and-mul, KV write, decode attention, row argmax
-    prefill_attention: bool = False  # paged_prefill_attention takes bf16 (AVX512-BF16, AMX)
+    # paged_prefill_attention takes bf16 (AVX512-BF16, AMX); float32 it takes on AVX2 / AVX-512
+    # builds whatever this flag says (prefill_attention_f32.cpp; the op declines elsewhere)
+    prefill_attention: bool = False
     amx: bool = False  # AMX tiles: packed linears, fused SwiGLU, greedy head, dense_layers
     gemv_bf16: bool = False  # small-batch bf16 linears by gemv_bf16 (AVX512-BF16)
     gemv_max_rows: int = 0  # ... up to this many rows (oneDNN wins past it)

@@ -16,7 +16,7 @@
 namespace flotilla {
 
 #if FLOTILLA_AVX2 || FLOTILLA_AVX512
-namespace {
+namespace f32prefill {  // (named: the kernel-target test compiles every source in one unit)
 
 using f32gemm::kMR;
 using f32gemm::kNR;
@@ -109,7 +109,7 @@ void run_task(const Task& tk, float* out, const float* q, const float* kc, const
   }
 }
 
-}  // namespace
+}  // namespace f32prefill
 #endif
 
 bool prefill_attention_f32(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
@@ -119,7 +119,9 @@ bool prefill_attention_f32(const at::Tensor& out, const at::Tensor& q, const at:
 #if FLOTILLA_AVX2 || FLOTILLA_AVX512
   const int64_t C = q_starts.size(0), H = q.size(1), D = q.size(2);
   const int64_t bs = k_cache.size(1), KVH = k_cache.size(2), max_blocks = block_tables.size(1);
-  if (D % kNR != 0) return false;
+  using f32prefill::kSpan;
+  using f32prefill::Task;
+  if (D % f32gemm::kNR != 0) return false;
   const int32_t* qs = q_starts.data_ptr<int32_t>();
   const int32_t* ql = q_lens.data_ptr<int32_t>();
   const int32_t* sp = start_pos.data_ptr<int32_t>();
@@ -140,11 +142,11 @@ bool prefill_attention_f32(const at::Tensor& out, const at::Tensor& q, const at:
   const float* vp = v_cache.data_ptr<float>();
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   at::parallel_for(0, static_cast<int64_t>(bins.size()), 1, [&](int64_t begin, int64_t end) {
-    Scratch s;
+    f32prefill::Scratch s;
     for (int64_t b = begin; b < end; ++b)
       for (const int64_t t : bins[b]) {
         const Task& tk = tasks[t];
-        run_task(tk, op, qp, kp, vp, tables + tk.chunk * max_blocks, qs, sp, H, KVH, D, bs,
+        f32prefill::run_task(tk, op, qp, kp, vp, tables + tk.chunk * max_blocks, qs, sp, H, KVH, D, bs,
                  static_cast<float>(scale), window, s);
       }
   });
