@@ -45,6 +45,7 @@ CPU_KERNELS = native_build.NativeLib(
             "attend_avx512.h",
             "cache_rows.h",
             "decode_attention.h",
+            "gemm_f32_tile.h",
             "row_cursor.h",
         )
     ),

@@ -270,6 +270,44 @@ int64_t argmax_row(const typename Raw<T>::type* x, int64_t V) {
         if (vals[l] > best || (vals[l] == best && ids[l] < idx)) best = vals[l], idx = ids[l];
     }
   }
+#elif FLOTILLA_AVX2
+  // the same per-lane scan, 2 x 8 lanes at a time (the scalar loop below compares and
+  // branches per element); two vectors of running bests so that the blend chains overlap
+  if constexpr (std::is_same<T, c10::BFloat16>::value || std::is_same<T, float>::value) {
+    if (V >= 16) {
+      const auto load8 = [&](int64_t j) -> __m256 {
+        if constexpr (std::is_same<T, float>::value) {
+          return _mm256_loadu_ps(x + j);
+        } else {
+          const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + j));
+          return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        }
+      };
+      __m256 bv0 = _mm256_set1_ps(-INFINITY), bv1 = bv0;
+      __m256i bi0 = _mm256_setzero_si256(), bi1 = bi0;
+      __m256i cur = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256i eight = _mm256_set1_epi32(8), sixteen = _mm256_set1_epi32(16);
+      for (; i + 16 <= V; i += 16, cur = _mm256_add_epi32(cur, sixteen)) {
+        const __m256 v0 = load8(i), v1 = load8(i + 8);
+        const __m256 m0 = _mm256_cmp_ps(v0, bv0, _CMP_GT_OQ);  // strict: earliest per lane
+        const __m256 m1 = _mm256_cmp_ps(v1, bv1, _CMP_GT_OQ);
+        bv0 = _mm256_blendv_ps(bv0, v0, m0);
+        bv1 = _mm256_blendv_ps(bv1, v1, m1);
+        bi0 = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi0),
+                                                   _mm256_castsi256_ps(cur), m0));
+        bi1 = _mm256_castps_si256(_mm256_blendv_ps(
+            _mm256_castsi256_ps(bi1), _mm256_castsi256_ps(_mm256_add_epi32(cur, eight)), m1));
+      }
+      alignas(32) float vals[16];
+      alignas(32) int32_t ids[16];
+      _mm256_store_ps(vals, bv0);
+      _mm256_store_ps(vals + 8, bv1);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(ids), bi0);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(ids + 8), bi1);
+      for (int l = 0; l < 16; ++l)
+        if (vals[l] > best || (vals[l] == best && ids[l] < idx)) best = vals[l], idx = ids[l];
+    }
+  }
 #endif
   for (; i < V; ++i) {
     const float v = Raw<T>::load(x[i]);
