@@ -66,6 +66,20 @@ def test_silu_and_mul_matches_eager(rows, n):
     assert (out != want).float().mean() < 0.01
 
 
+@pytest.mark.parametrize("rows,n", [(1, 1536), (5, 23), (64, 1536)])  # 23: a vector tail
+def test_silu_and_mul_float32_matches_eager(rows, n):
+    """float32 (the AVX2 path's 8 lanes where built, the scalar loop for the tail): within
+    float32 rounding of torch's, clamps included."""
+    g = torch.Generator().manual_seed(rows * n)
+    x = torch.randn(rows, 2 * n, generator=g) * 4
+    x[0, :4] = torch.tensor([-95.0, 95.0, 0.0, -3.0e-38])
+    x[0, n - 2 : n] = torch.tensor([-95.0, 95.0])  # the clamps in the last (tail) lanes too
+    out = torch.empty(rows, n)
+    torch.ops.flotilla.silu_and_mul(out, x)
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(out, F.silu(gate) * up, rtol=4e-6, atol=1e-30)
+
+
 def _differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Fraction of elements that differ (NaN against NaN counts as equal)."""
     return ((a != b) & ~(a.isnan() & b.isnan())).float().mean()
