@@ -14,6 +14,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _torch_threads():
+    """Each module starts with the process's default torch thread count. An in-process engine
+    with model.num_threads set changes it process-wide (as it should in a server), and a later
+    module's engine without it would inherit 1 thread: the int8 perplexity passes ran at half
+    speed in CI after test_kv_pipeline's one-thread engines."""
+    import torch
+
+    torch.set_num_threads(_DEFAULT_THREADS)
+    yield
+
+
+def _default_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+_DEFAULT_THREADS = _default_threads()
+
+
 def _tiny_config(arch: str):
     import transformers
 
