@@ -90,6 +90,7 @@ def start_flotilla(args, log, pd: bool = False) -> subprocess.Popen:
                 "max_model_len": args.max_model_len,
                 "num_threads": 2,
             },
+            "scheduler": json.loads(args.flotilla_scheduler),
         },
         "groups": 1,
         "serve": {
@@ -207,6 +208,12 @@ def main() -> None:
         type=int,
         default=256,
         help="flotilla-pd: shorter prompts are prefilled on the decode group",
+    )
+    p.add_argument(
+        "--flotilla-scheduler",
+        default="{}",
+        help="engine.scheduler overrides for Flotilla, as JSON (e.g. '{\"ttft_target_ms\": 2000}'); "
+        "{} keeps the defaults",
     )
     p.add_argument("--startup-timeout-s", type=float, default=900.0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "serving_sweep")

@@ -69,6 +69,22 @@ class SchedulerConfig(BaseModel):
         "well under vLLM-CPU's there, offline throughput within noise); lower it on faster "
         "hardware.",
     )
+    ttft_target_ms: float | None = Field(
+        None,
+        gt=0,
+        le=3_600_000,
+        description="'auto' cap under queue pressure: when chunks sized for target_step_ms "
+        "would give a waiting prompt its first token later than this after its arrival, the "
+        "cap grows to the smallest chunk that meets every such deadline, up to max_step_ms "
+        "(null: never loosen).",
+    )
+    max_step_ms: float = Field(
+        1500.0,
+        gt=0,
+        le=60000,
+        description="'auto' cap with ttft_target_ms: the longest step (so stall of the running "
+        "streams) the cap may grow to for prompts that would miss their first-token deadline.",
+    )
     min_prefill_tokens: int = Field(
         128,
         ge=1,
@@ -94,6 +110,11 @@ class SchedulerConfig(BaseModel):
         if isinstance(cap, int) and cap > budget:
             raise ValueError(
                 f"max_prefill_tokens_when_decoding={cap} exceeds max_num_batched_tokens={budget}"
+            )
+        if self.ttft_target_ms is not None and self.max_step_ms < self.target_step_ms:
+            raise ValueError(
+                f"max_step_ms={self.max_step_ms} is below target_step_ms={self.target_step_ms} "
+                "(the cap only loosens under queue pressure)"
             )
         if (
             not self.enable_chunked_prefill

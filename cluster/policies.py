@@ -11,16 +11,23 @@
 * a prefill cap -- how many prefill tokens a step may carry while decodes run (stall-free
   batching, as in Sarathi-Serve): none, a fixed number, or "auto": as many as the step-time
   model predicts fit under `target_step_ms` next to this step's decodes, never fewer than
-  `min_prefill_tokens` so prefill always progresses.
+  `min_prefill_tokens` so prefill always progresses. With `ttft_target_ms` set, "auto" also
+  looks at the prompts waiting for their first token (in the order they will be served): when
+  steps under `target_step_ms` would finish one of them after its deadline (arrival +
+  ttft_target_ms), the cap grows to the smallest chunk that meets every deadline, up to what
+  fits under `max_step_ms`; a prompt already past its deadline gets that ceiling. So the
+  stream-protecting cap holds while the queue is short, and loosens -- bounded -- under
+  queue pressure, when small chunks would only add steps to everyone's time to first token.
 
 Both are pure functions of the queue, the clock and the step-time model; no tensors.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from itertools import islice
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from cluster.config import SchedulerConfig
 from cluster.request import Request
@@ -59,15 +66,23 @@ class SJFAging:
 
 
 # ---- prefill cap while decoding ------------------------------------------------------------------
+class Pending(NamedTuple):
+    """A prompt that has not produced its first token yet, as the prefill cap sees it."""
+
+    tokens: int  # prompt tokens still to compute
+    arrival: float  # Request.arrival_time: its first token is due ttft_target_ms after it
+
+
 class PrefillCap(Protocol):
-    def limit(self, num_decodes: int) -> int | None:
-        """Most prefill tokens for a step that also runs `num_decodes` (> 0) decodes; None:
-        no cap beyond the step's token budget."""
+    def limit(self, num_decodes: int, pending: Sequence[Pending], now: float) -> int | None:
+        """Most prefill tokens for a step that also runs `num_decodes` (> 0) decodes, given the
+        prompts waiting for a first token in service order; None: no cap beyond the step's
+        token budget."""
         ...
 
 
 class NoCap:
-    def limit(self, num_decodes: int) -> int | None:
+    def limit(self, num_decodes: int, pending: Sequence[Pending], now: float) -> int | None:
         return None
 
 
@@ -75,21 +90,62 @@ class FixedCap:
     def __init__(self, tokens: int):
         self.tokens = tokens
 
-    def limit(self, num_decodes: int) -> int | None:
+    def limit(self, num_decodes: int, pending: Sequence[Pending], now: float) -> int | None:
         return self.tokens
 
 
 class AutoCap:
-    """Sized from the step-time model; uncapped until the model has seen enough steps."""
+    """Sized from the step-time model; uncapped until the model has seen enough steps. With
+    `ttft_s`, loosened up to `max_step_s` for prompts that would miss their deadline."""
 
-    def __init__(self, model: StepTimeModel, target_s: float, min_tokens: int):
+    HORIZON = 16  # pending prompts looked at: a longer queue is already behind at the ceiling
+
+    def __init__(
+        self,
+        model: StepTimeModel,
+        target_s: float,
+        min_tokens: int,
+        ttft_s: float | None = None,
+        max_step_s: float | None = None,
+    ):
         self.model = model
         self.target_s = target_s
         self.min_tokens = min_tokens
+        self.ttft_s = ttft_s
+        self.max_step_s = max(target_s, max_step_s or target_s)
 
-    def limit(self, num_decodes: int) -> int | None:
+    def limit(self, num_decodes: int, pending: Sequence[Pending], now: float) -> int | None:
         fit = self.model.max_prefill(num_decodes, self.target_s)
-        return None if fit is None else max(self.min_tokens, fit)
+        if fit is None:
+            return None
+        cap = max(self.min_tokens, fit)
+        if self.ttft_s is None or not pending:
+            return cap
+        ceiling = self.model.max_prefill(num_decodes, self.max_step_s)
+        if ceiling is None:
+            return None  # prefill looks free
+        ceiling = max(cap, ceiling)
+        return min(ceiling, max(cap, self._needed(num_decodes, pending, now, ceiling)))
+
+    def _needed(
+        self, num_decodes: int, pending: Sequence[Pending], now: float, ceiling: int
+    ) -> int:
+        """Smallest chunk with which every pending prompt meets its deadline (`ceiling` when
+        one cannot). Steps of p tokens compute the first `total` pending tokens in
+        n = ceil(total / p) steps of overhead A = a + b*d each, plus total*c of prefill work, so
+        a deadline allows at most n = floor((slack - total*c) / A) steps."""
+        a, b, c = self.model.coefficients()  # known: max_prefill answered
+        overhead = max(a + b * num_decodes, 1e-6)
+        need, total = 0, 0
+        for tokens, arrival in islice(pending, self.HORIZON):
+            total += tokens
+            steps = math.floor((arrival + self.ttft_s - now - total * c) / overhead)
+            if steps < 1:
+                return ceiling  # behind: catch up with the largest chunk allowed
+            need = max(need, -(-total // steps))
+            if need >= ceiling:
+                return ceiling
+        return need
 
 
 def make_admission(config: SchedulerConfig) -> AdmissionPolicy:
@@ -103,5 +159,12 @@ def make_prefill_cap(config: SchedulerConfig, model: StepTimeModel) -> PrefillCa
     if cap is None or not config.enable_chunked_prefill:
         return NoCap()
     if cap == "auto":
-        return AutoCap(model, config.target_step_ms / 1000.0, config.min_prefill_tokens)
+        ttft = config.ttft_target_ms
+        return AutoCap(
+            model,
+            config.target_step_ms / 1000.0,
+            config.min_prefill_tokens,
+            None if ttft is None else ttft / 1000.0,
+            config.max_step_ms / 1000.0,
+        )
     return FixedCap(cap)

@@ -29,10 +29,11 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from itertools import chain, islice
 
 from cluster.block_manager import BlockManager
 from cluster.config import SchedulerConfig, SpeculativeConfig
-from cluster.policies import make_admission, make_prefill_cap
+from cluster.policies import AutoCap, Pending, make_admission, make_prefill_cap
 from cluster.request import Request, Status
 from cluster.spec_decode import Proposer
 from cluster.step_model import StepTimeModel
@@ -111,10 +112,19 @@ class Scheduler:
                 return False
         return True
 
-    def _prefill_budget(self, num_decodes: int, budget: int) -> int:
+    def _prefill_budget(
+        self, num_decodes: int, budget: int, chunks: list[Request], order: list[Request]
+    ) -> int:
         if num_decodes == 0:
             return budget
-        cap = self.prefill_cap.limit(num_decodes)
+        # Prompts still owed a first token, in the order they will be served (a preempted
+        # request's recompute owes none: it already streamed).
+        pending = [
+            Pending(r.num_tokens - r.num_computed_tokens, r.arrival_time)
+            for r in islice(chain(chunks, order), AutoCap.HORIZON)
+            if r.first_token_time is None and r.status is not Status.FINISHED
+        ]
+        cap = self.prefill_cap.limit(num_decodes, pending, self.clock())
         return budget if cap is None else min(cap, budget)
 
     def schedule(self) -> StepPlan:
@@ -138,7 +148,8 @@ class Scheduler:
                 scheduled.append((req, 1))
                 budget -= 1
         num_decodes = len(scheduled)
-        prefill = self._prefill_budget(num_decodes, budget)
+        order = self.admission.order(self.waiting, self.clock()) if self.waiting else []
+        prefill = self._prefill_budget(num_decodes, budget, chunks, order)
 
         # 2a. The rest of running requests' prompts (or of their recompute).
         for req in chunks:
@@ -156,7 +167,7 @@ class Scheduler:
 
         # 2b. Admit waiting requests (not in a step that had to preempt: memory is short).
         if self.waiting and min(budget, prefill) > 0 and self.num_preemptions == preempts_before:
-            for req in self.admission.order(self.waiting, self.clock()):
+            for req in order:
                 if min(budget, prefill) <= 0 or len(self.running) >= self.config.max_num_seqs:
                     break
                 hits = self.bm.find_cached_prefix(req.token_ids)

@@ -146,6 +146,9 @@ def runtime_env(cfg: FlotillaConfig) -> dict[str, Any]:
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         proxy_bind.HOST_ENV: cfg.serve.host,  # the gRPC proxy listens there too
+        # Fewer wake-ups of Serve's own loops: each one preempts an engine thread mid-step.
+        "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": str(cfg.serve.control_loop_interval_s),
+        "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": str(cfg.serve.metrics_export_interval_ms),
     }
     if cfg.serve.throughput_optimized:
         env |= {

@@ -150,6 +150,7 @@ POLICIES = [
     dict(policy="sjf_aging", max_prefill_tokens_when_decoding=None, max_wait_s=2.0),
     dict(policy="sjf_aging", max_prefill_tokens_when_decoding=6, max_wait_s=2.0),
     dict(policy="sjf_aging", max_prefill_tokens_when_decoding="auto", max_wait_s=2.0),
+    dict(policy="fcfs", max_prefill_tokens_when_decoding="auto", ttft_target_ms=300),
 ]
 
 
@@ -181,6 +182,56 @@ def test_long_prompt_not_starved_by_a_stream_of_short_ones(knobs):
         assert i <= 2 + 2.0 / 0.1 + 60 / 6 + 5  # overdue after max_wait_s, then its chunks
 
 
+def test_auto_cap_loosens_for_prompts_that_would_miss_their_first_token_deadline():
+    from cluster.policies import AutoCap, Pending
+    from cluster.step_model import StepTimeModel
+
+    m = StepTimeModel()
+    feed(m, 0.01, 0.002, 0.0001)  # 5 decodes: overhead 0.02 s a step, 0.1 ms a prefill token
+    now = 100.0
+
+    def cap(ttft_s, *pending, max_step_s=0.2):
+        return AutoCap(m, 0.05, 8, ttft_s, max_step_s).limit(5, list(pending), now)
+
+    assert cap(None, Pending(1000, now)) == 300  # no deadline: the target's chunk
+    assert cap(0.15) == 300  # nothing waiting
+    assert cap(1.0, Pending(1000, now)) == 300  # 1000 tokens fit in 45 steps of 23: plenty
+    # 0.15 s allows 2 steps of overhead: ceil(1000 / 2) = 500 tokens, each 0.07 s step.
+    assert cap(0.15, Pending(1000, now)) == 500
+    # The later prompt's deadline binds: 800 tokens in floor((0.13 - 0.08) / 0.02) = 2 steps.
+    assert cap(0.13, Pending(200, now), Pending(600, now)) == 400
+    # Already late (or unmeetable): the ceiling, (0.2 - 0.02) / 0.0001 tokens.
+    assert cap(0.05, Pending(1000, now)) == 1800
+    assert cap(0.15, Pending(1000, now - 1.0)) == 1800
+    assert cap(0.15, Pending(1000, now), max_step_s=0.06) == 400  # the ceiling bounds it
+    assert cap(0.15, Pending(1000, now), max_step_s=0.01) == 300  # never below the target's
+
+
+def test_scheduler_gives_an_overdue_prompt_bigger_chunks():
+    clock = Clock()
+    s = make_latency(
+        budget=4096,
+        num_blocks=4096,
+        clock=clock,
+        max_prefill_tokens_when_decoding="auto",
+        target_step_ms=50,
+        min_prefill_tokens=8,
+        ttft_target_ms=1000,
+        max_step_ms=200,
+    )
+    feed(s.step_model, 0.01, 0.002, 0.0001, 2 * s.step_model.window)
+    s.add(req("A", 4, max_tokens=400))
+    step(s)  # A decodes from now on: 1 decode, overhead 0.012 s
+    late = req("L", 3000, max_tokens=1, base=2)
+    late.arrival_time = clock.now
+    s.add(late)
+    p, _ = step(s)
+    assert prefill_tokens(p) == 380  # in time: (0.05 - 0.012) / 0.0001
+    clock.now += 0.95  # L's deadline is 50 ms away and 2620 tokens are left: behind
+    p, _ = step(s)
+    assert num_decodes(p) == 1 and prefill_tokens(p) == 1880  # (0.2 - 0.012) / 0.0001
+
+
 def test_latency_knobs_validated():
     from pydantic import ValidationError
 
@@ -191,6 +242,8 @@ def test_latency_knobs_validated():
         "max_prefill_tokens_when_decoding": 0,
         "target_step_ms": -1,
         "min_prefill_tokens": 0,
+        "ttft_target_ms": 0,
+        "max_step_ms": 0,
     }
     for field, value in bad.items():
         with pytest.raises(ValidationError, match=field):
@@ -199,6 +252,8 @@ def test_latency_knobs_validated():
         SchedulerConfig(max_prefill_tokens_when_decoding="fast")
     with pytest.raises(ValidationError, match="max_prefill_tokens_when_decoding=4096 exceeds"):
         SchedulerConfig(max_prefill_tokens_when_decoding=4096)
+    with pytest.raises(ValidationError, match="max_step_ms=100.0 is below target_step_ms=500"):
+        SchedulerConfig(ttft_target_ms=2000, max_step_ms=100)
     with pytest.raises(ValidationError, match="needs enable_chunked_prefill"):
         SchedulerConfig(enable_chunked_prefill=False, max_prefill_tokens_when_decoding=64)
     # Chunking off with the default cap is fine: the cap just does not apply.

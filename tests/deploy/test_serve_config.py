@@ -83,6 +83,7 @@ def test_top_level_options():
                 "grpc_port": 9100,
                 "request_timeout_s": 30,
                 "proxy_location": "HeadOnly",
+                "control_loop_interval_s": 0.25,
             }
         }
     )
@@ -96,6 +97,9 @@ def test_top_level_options():
     env = schema.applications[0].runtime_env
     assert env["worker_process_setup_hook"] == "deploy.proxy_bind.install"
     assert env["env_vars"]["FLOTILLA_GRPC_HOST"] == "0.0.0.0"
+    # Serve's own loops, slowed so they preempt the engine less (defaults: 0.5 s, 1000 ms)
+    assert env["env_vars"]["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.25"
+    assert env["env_vars"]["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == "1000"
 
 
 def test_bad_proxy_location_names_the_field(tmp_path):
