@@ -29,9 +29,18 @@ sys.path.insert(0, str(ROOT))  # this checkout's packages, not another editable 
 
 
 def knobs_of(name: str) -> dict:
-    """'fcfs/none', 'fcfs/256', 'sjf/auto@500' -> SchedulerConfig fields (policy/cap[@target ms])."""
+    """'fcfs/none', 'fcfs/256', 'sjf/auto@500', 'fcfs/auto@500:2000:1500' -> SchedulerConfig
+    fields (policy/cap[@target_step_ms[:ttft_target_ms:max_step_ms]])."""
     policy, cap = name.split("/")
     cap, _, target = cap.partition("@")
+    target, _, ttft = target.partition(":")
+    if ttft:
+        ttft, _, max_step = ttft.partition(":")
+        knobs = knobs_of(f"{policy}/{cap}@{target}")
+        knobs["ttft_target_ms"] = float(ttft)
+        if max_step:
+            knobs["max_step_ms"] = float(max_step)
+        return knobs
     knobs = dict(
         policy={"fcfs": "fcfs", "sjf": "sjf_aging"}[policy],
         max_prefill_tokens_when_decoding=None

@@ -97,7 +97,11 @@ def test_step_model_fits_and_sizes_prefill():
 
 def test_auto_cap_follows_the_step_time_model():
     s = make_latency(
-        budget=512, max_prefill_tokens_when_decoding="auto", target_step_ms=50, min_prefill_tokens=8
+        budget=512,
+        max_prefill_tokens_when_decoding="auto",
+        target_step_ms=50,
+        min_prefill_tokens=8,
+        ttft_target_ms=None,  # the plain cap (loosened: test_auto_cap_loosens_*)
     )
     s.add(req("A", 4, max_tokens=400))
     step(s)
@@ -254,6 +258,7 @@ def test_latency_knobs_validated():
         SchedulerConfig(max_prefill_tokens_when_decoding=4096)
     with pytest.raises(ValidationError, match="max_step_ms=100.0 is below target_step_ms=500"):
         SchedulerConfig(ttft_target_ms=2000, max_step_ms=100)
+    assert SchedulerConfig(target_step_ms=3000).max_step_ms == 1500  # unset: follows the target
     with pytest.raises(ValidationError, match="needs enable_chunked_prefill"):
         SchedulerConfig(enable_chunked_prefill=False, max_prefill_tokens_when_decoding=64)
     # Chunking off with the default cap is fine: the cap just does not apply.
