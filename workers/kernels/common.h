@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -177,6 +178,59 @@ inline std::vector<std::vector<int64_t>> balance_by_cost(const std::vector<int64
     load[t] += costs[i];
   }
   return lists;
+}
+
+// Work claimed a chunk at a time from a shared counter. A static split (at::parallel_for's,
+// or balance_by_cost's lists) makes a call wait for its slowest thread's whole share; on a
+// busy machine -- 2 cores shared with a server's router, proxy and Ray processes -- the OS
+// preempts one thread mid-call often, and the other then idles at the join for the rest of the
+// preempted share. Claimed dynamically, the running threads take what is left: a preemption
+// delays only the chunk in hand. (Which thread computes an item never changes its bits.)
+class WorkQueue {
+ public:
+  explicit WorkQueue(int64_t n, int64_t chunk = 1) : n_(n), chunk_(std::max<int64_t>(1, chunk)) {}
+  // The next chunk [b, e); false once every item is claimed.
+  bool next(int64_t& b, int64_t& e) {
+    b = next_.fetch_add(chunk_, std::memory_order_relaxed);
+    if (b >= n_) return false;
+    e = std::min(n_, b + chunk_);
+    return true;
+  }
+
+ private:
+  std::atomic<int64_t> next_{0};
+  const int64_t n_, chunk_;
+};
+
+// Runs body(q) once on each of up to `max_threads` intra-op threads, which share the queue q
+// (per-thread set-up goes before the claim loop in body).
+template <class Body>
+inline void parallel_claims(WorkQueue& q, int64_t max_threads, const Body& body) {
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), max_threads));
+  if (nt == 1) return body(q);
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) { body(q); });
+}
+
+// f(b, e) over [0, n) in chunks of `chunk`, claimed dynamically by the intra-op threads.
+template <class F>
+inline void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
+  if (n <= 0) return;
+  chunk = std::max<int64_t>(1, chunk);
+  WorkQueue q(n, chunk);
+  parallel_claims(q, (n + chunk - 1) / chunk, [&](WorkQueue& wq) {
+    int64_t b, e;
+    while (wq.next(b, e)) f(b, e);
+  });
+}
+
+// Item indices longest first: claimed one at a time in this order (greedy list scheduling),
+// they balance like balance_by_cost and a preempted thread holds back only its current item.
+inline std::vector<int64_t> order_by_cost(const std::vector<int64_t>& costs) {
+  std::vector<int64_t> order(costs.size());
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return costs[a] > costs[b]; });
+  return order;
 }
 
 // The ops, for kernels that call each other (dense_layers.cpp); defined in cpu_ops.cpp,

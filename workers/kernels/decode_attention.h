@@ -18,7 +18,7 @@
 //   - anything else (other dtypes / head dims, the portable build): scores, softmax and
 //     weighted sum in three plain passes the compiler vectorizes for its target.
 // Work is split over sequences (all their heads) or, with few sequences, (sequence, KV head)
-// pairs, balanced by length over at::parallel_for's threads.
+// pairs, claimed by the threads longest first (balanced by length, robust to preemption).
 #pragma once
 
 #include "attend_avx2.h"
@@ -144,17 +144,24 @@ void decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
   constexpr bool avx2 = !avx512 && kAvx2Path<Rows, DC>;
   const int64_t nh = ((avx512 || avx2) && n >= 2 * at::get_num_threads()) ? KVH : 1;
   const int64_t NQ = nh * G;  // query heads per task
-  // Tasks onto threads by cost, longest first onto the least-loaded thread: a plain split of
-  // the task range would hand one thread all the long sequences (the caller sorts decodes by
-  // length), ~1.4x the balanced time for lengths spread like 32 .. 640.
+  // Tasks by cost, longest first, each to the next free thread: a plain split of the task
+  // range would hand one thread all the long sequences (the caller sorts decodes by length),
+  // ~1.4x the balanced time for lengths spread like 32 .. 640.
   std::vector<int64_t> costs(n * (KVH / nh));
   for (int64_t task = 0; task < static_cast<int64_t>(costs.size()); ++task) {
     const int64_t len = lens[task / (KVH / nh)];
     costs[task] = (window > 0 ? std::min<int64_t>(len, window) : len) + 16;
   }
-  const auto bins = balance_by_cost(costs);
-  at::parallel_for(0, static_cast<int64_t>(bins.size()), 1, [&](int64_t bin_begin,
-                                                                 int64_t bin_end) {
+  // Claimed one at a time (common.h: WorkQueue), so a thread the OS preempts holds back one
+  // task, not its whole share.
+  const auto order = order_by_cost(costs);
+  WorkQueue queue(static_cast<int64_t>(order.size()));
+  parallel_claims(queue, static_cast<int64_t>(order.size()), [&](WorkQueue& wq) {
+    // the next task, or -1 when all are claimed
+    const auto claim = [&]() -> int64_t {
+      int64_t b, e;
+      return wq.next(b, e) ? order[b] : -1;
+    };
     std::vector<float> qf(NQ * D);
     // A task's sequence i, first KV head h0, length and window start; its query heads
     // h0*G .. (h0+nh)*G - 1 (contiguous in q and out) scaled into qf as float32.
@@ -175,37 +182,34 @@ void decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
     if constexpr (avx512) {
 #if FLOTILLA_AVX512
       AttendScratch sc(NQ, D);
-      for (int64_t bin = bin_begin; bin < bin_end; ++bin)
-        for (const int64_t task : bins[bin]) {
-          const TaskView tv = begin_task(task);
-          attend_avx512<Rows, DC>(qf.data(), nh, G, kp, vp, tables + tv.i * max_blocks, bs,
-                                  row_stride, tv.h0, tv.start, tv.len, sc);
-          finish_task<T, DC>(op + (tv.i * H + tv.h0 * G) * D, sc.acc, sc.l, NQ, D);
-        }
+      for (int64_t task = claim(); task >= 0; task = claim()) {
+        const TaskView tv = begin_task(task);
+        attend_avx512<Rows, DC>(qf.data(), nh, G, kp, vp, tables + tv.i * max_blocks, bs,
+                                row_stride, tv.h0, tv.start, tv.len, sc);
+        finish_task<T, DC>(op + (tv.i * H + tv.h0 * G) * D, sc.acc, sc.l, NQ, D);
+      }
 #endif
     } else if constexpr (avx2) {
 #if FLOTILLA_AVX2
       AttendScratch8 sc(NQ, D);
-      for (int64_t bin = bin_begin; bin < bin_end; ++bin)
-        for (const int64_t task : bins[bin]) {
-          const TaskView tv = begin_task(task);
-          attend_avx2<Rows, DC>(qf.data(), nh, G, kp, vp, tables + tv.i * max_blocks, bs,
-                                row_stride, tv.h0, tv.start, tv.len, sc);
-          finish_task<T, DC>(op + (tv.i * H + tv.h0 * G) * D, sc.acc, sc.l, NQ, D);
-        }
+      for (int64_t task = claim(); task >= 0; task = claim()) {
+        const TaskView tv = begin_task(task);
+        attend_avx2<Rows, DC>(qf.data(), nh, G, kp, vp, tables + tv.i * max_blocks, bs,
+                              row_stride, tv.h0, tv.start, tv.len, sc);
+        finish_task<T, DC>(op + (tv.i * H + tv.h0 * G) * D, sc.acc, sc.l, NQ, D);
+      }
 #endif
     } else {  // nh = 1
       std::vector<float> scores(G * std::max<int64_t>(max_len, 1)), acc(G * D), kf(D);
-      for (int64_t bin = bin_begin; bin < bin_end; ++bin)
-        for (const int64_t task : bins[bin]) {
-          const TaskView tv = begin_task(task);
-          attend_three_pass<Rows>(qf.data(), G, D, kp, vp, tables + tv.i * max_blocks, bs,
-                                  row_stride, tv.h0, tv.start, tv.len, scores.data(),
-                                  acc.data(), kf.data());
-          raw_t* dst = op + (tv.i * H + tv.h0 * G) * D;
+      for (int64_t task = claim(); task >= 0; task = claim()) {
+        const TaskView tv = begin_task(task);
+        attend_three_pass<Rows>(qf.data(), G, D, kp, vp, tables + tv.i * max_blocks, bs,
+                                row_stride, tv.h0, tv.start, tv.len, scores.data(),
+                                acc.data(), kf.data());
+        raw_t* dst = op + (tv.i * H + tv.h0 * G) * D;
 #pragma omp simd
-          for (int64_t e = 0; e < G * D; ++e) dst[e] = R::store(acc[e]);
-        }
+        for (int64_t e = 0; e < G * D; ++e) dst[e] = R::store(acc[e]);
+      }
     }
   });
 }

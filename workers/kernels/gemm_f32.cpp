@@ -8,7 +8,7 @@
 // of MR rows of x x kNR outputs keeps MR x kNR / width accumulators in registers; per k it
 // loads kNR / width weight vectors, broadcasts MR values of x and issues MR x kNR / width FMAs
 // (AVX2: MR = 6, kNR = 16: 12 ymm accumulators, 2 weights, 1 broadcast; AVX-512: MR = 12,
-// kNR = 32: 24 zmm). Threads split the panels (at::parallel_for); within a thread, long K is
+// kNR = 32: 24 zmm). Threads claim the panels in chunks (parallel_chunks); within one, long K is
 // cut into blocks of ~kKc so that a block of x (rows x block) stays in L2 while the panels'
 // blocks stream past it from memory and each panel block (L1) is reused by every row tile; the
 // outputs then accumulate in place, a group of panels at a time, so that they stay in L2 too.
@@ -99,9 +99,12 @@ void gemm(float* out, const float* x, const Panels& w, const float* bias, int64_
   const int64_t panels = (N + kNR - 1) / kNR;
   const int64_t kblocks = std::max<int64_t>(1, (K + kKc / 2) / kKc);
   const int64_t kc = (K + kblocks - 1) / kblocks;
-  // ~32 KB of weights per task at least: enough to amortise the thread hand-off
+  // Panels claimed in chunks (common.h, WorkQueue: a preempted thread holds back one chunk,
+  // not half the call): ~4 chunks a thread, each >= ~32 KB of weights to amortise the claim.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * kNR * 4));
-  at::parallel_for(0, panels, grain, [&](int64_t pb, int64_t pe) {
+  const int64_t chunk =
+      std::max<int64_t>(grain, panels / std::max<int64_t>(1, 4 * at::get_num_threads()));
+  parallel_chunks(panels, chunk, [&](int64_t pb, int64_t pe) {
     // a block's buffer where the panels are made as the pass reaches them (none for packed)
     std::unique_ptr<float[]> buf(Panels::kBuffered ? new float[kc * kNR] : nullptr);
     for (int64_t m0 = 0; m0 < M; m0 += kMc) {
