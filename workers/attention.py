@@ -9,19 +9,21 @@ Per step, `build_metadata` turns block tables into index tensors once; every lay
   per group of similar context length. Keys/values are gathered block-wise from the cache into a
   padded [B, kv_heads, L, D] view with a length mask. Queries are grouped per KV head
   ([B, kv_heads, q_per_kv, D]) so grouped-query attention needs no K/V repetition.
-- Prefill chunks, CPU in bfloat16 with AVX512-BF16, or float32 with AVX2: one call of the
-  native kernel `torch.ops.flotilla.paged_prefill_attention` for all chunks, reading K/V in
-  place through the block tables (the chunk's own K/V are written to the cache first), causal
-  from each chunk's offset; bf16 ~3.5x torch's CPU flash kernel, float32 no gathers and no
-  output copy (it declines other dtypes/CPUs).
+- Prefill chunks, CPU in bfloat16 with AVX512-BF16, or float32 with AVX2 (over a float32 or
+  int8 cache): one call of the native kernel `torch.ops.flotilla.paged_prefill_attention` for
+  all chunks, reading K/V in place through the block tables (the chunk's own K/V are written
+  to the cache first), causal from each chunk's offset; bf16 ~3.5x torch's CPU flash kernel,
+  float32 no gathers and no output copy (it declines other dtypes/CPUs).
 - Prefill chunks, elsewhere: one SDPA call each. A chunk with nothing cached before it attends
   to its own K/V (causal); a later chunk (chunked prefill or a prefix-cache hit) gathers the
   earlier context from the cache with an offset causal mask.
 - Sliding windows are masks: key k is visible to query q iff q - window < k <= q.
 - The int8 KV cache (`cache.kv_dtype: int8`, workers/kv_int8.py: an int8 tensor whose rows
   carry their float32 scale): the write quantizes (native `write_kv_cache_int8`, or torch),
-  decodes run `paged_decode_attention_int8`, and the SDPA paths dequantize the blocks they
-  gather -- for every prefill chunk, its own keys included (the bf16 prefill kernel declines).
+  decodes run `paged_decode_attention_int8`, float32 prefill chunks the prefill kernel (which
+  widens each row and applies its scale as it packs the keys), and the SDPA paths dequantize
+  the blocks they gather -- for every prefill chunk, its own keys included (bf16 queries: the
+  prefill kernel declines the int8 cache).
 
 `scaled_dot_product_attention` picks FlashAttention / memory-efficient kernels on CUDA and a
 fused flash kernel on CPU; the same code runs on both. Every index tensor and mask is made on
@@ -259,12 +261,8 @@ def paged_attention(
         )
         out[s:e] = od.reshape(n, H, D)
 
-    if (
-        meta.prefill_kernel is not None
-        and not int8
-        and torch.ops.flotilla.paged_prefill_attention(
-            out, q, k_cache, v_cache, *meta.prefill_kernel, scale, window or 0
-        )
+    if meta.prefill_kernel is not None and torch.ops.flotilla.paged_prefill_attention(
+        out, q, k_cache, v_cache, *meta.prefill_kernel, scale, window or 0
     ):
         return out
     for i, c in enumerate(meta.prefills):

@@ -23,13 +23,16 @@ blocks of bf16 and 3.76x those of float32.
 Who reads it: the native decode kernel (torch.ops.flotilla.paged_decode_attention_int8: the
 float caches' one-pass flash-decoding loops, workers/kernels/decode_attention.h, with the
 int8 row format of cache_rows.h) widens the int8 values to float32 in registers and applies
-the scale once per row (to the score for keys, to the softmax weight for values); the
-write op (write_kv_cache_int8) quantizes. Everything else -- the SDPA decode fallback and
-every prefill chunk (the native bf16 prefill kernel declines int8) -- dequantizes the gathered
-blocks here. A prefill chunk reads its *own* keys and values back from the quantized cache
-too, like a later chunk and like vLLM: what a token attends to never depends on how the
-prompt was chunked, and the perplexity test measures the quantization error of every
-position, not only of positions past the first chunk.
+the scale once per row (to the score for keys, to the softmax weight for values); the native
+prefill kernel for float32 queries (paged_prefill_attention, prefill_attention_f32.cpp, the
+same row format) widens and scales each row as it packs a task's keys -- the float32 values
+`dequantize` gives; the write op (write_kv_cache_int8) quantizes. Everything else -- the SDPA
+decode fallback and prefill chunks the kernel declines (bf16 queries, a CPU without AVX2,
+other head dims) -- dequantizes the gathered blocks here. A prefill chunk reads its *own*
+keys and values back from the quantized cache too, like a later chunk and like vLLM: what a
+token attends to never depends on how the prompt was chunked, and the perplexity test
+measures the quantization error of every position, not only of positions past the first
+chunk.
 """
 
 from __future__ import annotations

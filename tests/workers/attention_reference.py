@@ -1,6 +1,7 @@
 """Shared by the kernel tests of the float cache (test_paged_kernel.py) and of the int8 cache
-(test_kv_int8.py): a float64 reference for paged decode attention, shuffled block tables, and
-the mixed decode + prefill batch both run through paged_attention with and without kernels."""
+(test_kv_int8.py, test_kv_int8_prefill.py): float64 references for paged decode and prefill
+attention, shuffled block tables, and the mixed decode + prefill batch they all run through
+paged_attention with and without kernels."""
 
 from __future__ import annotations
 
@@ -35,6 +36,32 @@ def decode_reference(
             kv = h // (H // KVH)
             s = (k[:, kv] @ q[i, h].double()) * scale
             out[i, h] = torch.softmax(s, 0) @ v[:, kv]
+    return out
+
+
+def prefill_reference(
+    q: torch.Tensor,  # [n, H, D]: one chunk's queries, at positions start_pos ..
+    cache: torch.Tensor,  # [2, blocks, block_size, KVH, row]
+    table: list[int],
+    start_pos: int,
+    scale: float,
+    window: int,
+    to_float64: Callable[[torch.Tensor], torch.Tensor] = torch.Tensor.double,
+) -> torch.Tensor:
+    """One prefill chunk's attention over its cached keys and values (earlier context and its
+    own), causal from start_pos, the last `window` keys of each position if window > 0."""
+    n, H, D = q.shape
+    KVH = cache.shape[3]
+    k = to_float64(cache[0, table]).flatten(0, 1)[: start_pos + n]  # [L, KVH, D]
+    v = to_float64(cache[1, table]).flatten(0, 1)[: start_pos + n]
+    pos = torch.arange(start_pos, start_pos + n)[:, None]
+    key = torch.arange(start_pos + n)[None, :]
+    visible = (key <= pos) & ((key > pos - window) if window else True)
+    out = torch.empty(n, H, D, dtype=torch.float64)
+    for h in range(H):
+        kv = h // (H // KVH)
+        s = (q[:, h].double() @ k[:, kv].T) * scale
+        out[:, h] = torch.softmax(s.masked_fill(~visible, float("-inf")), -1) @ v[:, kv]
     return out
 
 

@@ -120,6 +120,7 @@ OP_TESTS = [
     "tests/workers/test_paged_kernel.py",
     "tests/workers/test_int8.py",
     "tests/workers/test_kv_int8.py",
+    "tests/workers/test_kv_int8_prefill.py",
     "tests/workers/test_linear_f32.py",
 ]
 

@@ -1,6 +1,7 @@
 """The int8 KV cache (workers/kv_int8.py): its quantization, the native write and decode ops
 against torch references (on this machine's path, and via test_kernel_targets' OP_TESTS on
-the portable one), and the whole attention path with and without native kernels."""
+the portable one), and the whole attention path with and without native kernels (the
+prefill op: test_kv_int8_prefill.py)."""
 
 from __future__ import annotations
 
@@ -121,25 +122,14 @@ def test_ops_refuse_a_float_cache_or_a_wrong_row():
             )
 
 
-def test_prefill_kernel_declines_the_int8_cache():
-    """(On AVX512-BF16 machines the bf16 prefill kernel would take these queries.)"""
-    cache = torch.zeros(2, 3, BS, 2, 68, dtype=torch.int8)
-    q = torch.randn(8, 4, 64).bfloat16()
-    out = torch.zeros_like(q)
-    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
-    assert not torch.ops.flotilla.paged_prefill_attention(
-        out, q, cache[0], cache[1], i32([[0, 1]]), i32([0]), i32([8]), i32([0]), 0.125, 0
-    )
-    assert not out.any()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 6])
 def test_attention_path_native_equals_torch(dtype, window):
     """A mixed batch (decodes, a first prefill chunk, a continuing one) through paged_attention
-    on an int8 cache, native (write op + int8 decode kernel) and torch (quantize + SDPA over
-    dequantized blocks): the same cache bits, close outputs; and a first chunk attends to its
-    own keys *as quantized*, not to the float k / v it was handed."""
+    on an int8 cache, native (write op, int8 decode kernel, the prefill kernel for float32
+    where the plan has it, else SDPA) and torch (quantize + SDPA over dequantized blocks): the
+    same cache bits, close outputs; and a first chunk attends to its own keys *as quantized*,
+    not to the float k / v it was handed. Prefill op: test_kv_int8_prefill.py."""
     H, KVH, D = 6, 2, 64
     g = torch.Generator().manual_seed(3)
     batch = mixed_batch([5, 9], [(12, 0), (7, 10)], BS, g)

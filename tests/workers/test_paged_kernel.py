@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attention_reference import decode_reference, mixed_batch, shuffled_tables
+from attention_reference import decode_reference, mixed_batch, prefill_reference, shuffled_tables
 
 from workers.attention import build_metadata, paged_attention
 from workers.kernels import build, load_cpu_kernels
@@ -180,21 +180,13 @@ def test_prefill_kernel_matches_float64_reference(D, H, KVH, window, dtype, need
     assert torch.ops.flotilla.paged_prefill_attention(
         out, q, cache[0], cache[1], *args, D**-0.5, window
     )
+    # bf16 inputs, float32 accumulation, probabilities rounded to bf16 (as torch's CPU flash
+    # kernel does): within a few bf16 ulps of the exact result; float32 throughout: within
+    # float32 summation error
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-5
     for (n, sp), t, q0 in zip(chunks, tables, starts, strict=True):
-        k = cache[0, t].flatten(0, 1)[: sp + n].double()
-        v = cache[1, t].flatten(0, 1)[: sp + n].double()
-        pos = torch.arange(sp, sp + n)[:, None]
-        key = torch.arange(sp + n)[None, :]
-        visible = (key <= pos) & ((key > pos - window) if window else True)
-        for h in range(H):
-            kv = h // (H // KVH)
-            s = (q[q0 : q0 + n, h].double() @ k[:, kv].T) * D**-0.5
-            want = torch.softmax(s.masked_fill(~visible, float("-inf")), -1) @ v[:, kv]
-            # bf16 inputs, float32 accumulation, probabilities rounded to bf16 (as torch's
-            # CPU flash kernel does): within a few bf16 ulps of the exact result; float32
-            # throughout: within float32 summation error
-            tol = 2e-2 if dtype == torch.bfloat16 else 2e-5
-            torch.testing.assert_close(out[q0 : q0 + n, h].double(), want, atol=tol, rtol=tol)
+        want = prefill_reference(q[q0 : q0 + n], cache, t, sp, D**-0.5, window)
+        torch.testing.assert_close(out[q0 : q0 + n].double(), want, atol=tol, rtol=tol)
 
 
 def test_prefill_kernel_declines_without_its_path(kernel_plan):

@@ -233,6 +233,38 @@ inline std::vector<int64_t> order_by_cost(const std::vector<int64_t>& costs) {
   return order;
 }
 
+// Prefill attention's work (prefill_attention.cpp, bf16; prefill_attention_f32.cpp, float32 over
+// float32 or int8 caches): tasks of (chunk, KV head, up to `span` positions [p0, p1)), each
+// costing ~ (keys its positions see + `overhead`) x positions (`overhead`: a row's fixed work
+// in key units), spread over the threads by balance_by_cost. C chunks of q_lens[c] positions
+// after start_pos[c] cached ones; window > 0 caps the keys a position sees.
+struct PrefillSpan {
+  int64_t chunk, head, p0, p1;
+};
+
+struct PrefillWork {
+  std::vector<PrefillSpan> spans;
+  std::vector<std::vector<int64_t>> bins;  // each thread's span indices (balance_by_cost)
+};
+
+inline PrefillWork prefill_spans(int64_t C, const int32_t* q_lens, const int32_t* start_pos,
+                                 int64_t KVH, int64_t span, int64_t window, int64_t overhead) {
+  PrefillWork w;
+  std::vector<int64_t> costs;
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t p0 = 0; p0 < q_lens[c]; p0 += span) {
+      const int64_t p1 = std::min<int64_t>(q_lens[c], p0 + span);
+      int64_t keys = start_pos[c] + p1;
+      if (window > 0) keys = std::min<int64_t>(keys, window + p1 - p0);
+      for (int64_t h = 0; h < KVH; ++h) {
+        w.spans.push_back({c, h, p0, p1});
+        costs.push_back((keys + overhead) * (p1 - p0));
+      }
+    }
+  w.bins = balance_by_cost(costs);
+  return w;
+}
+
 // The ops, for kernels that call each other (dense_layers.cpp); defined in cpu_ops.cpp,
 // paged_attention.cpp, prefill_attention.cpp, prefill_attention_f32.cpp, gemm_amx.cpp.
 void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps);

@@ -80,7 +80,7 @@ class KernelPlan:
 
     native: bool = False  # norms, rotary, SiLU-and-mul, KV write, decode attention, row argmax
     prefill_attention: bool = False  # paged_prefill_attention takes bf16 (AVX512-BF16, AMX)
-    prefill_attention_f32: bool = False  # ... and float32 (AVX2+FMA or AVX-512)
+    prefill_attention_f32: bool = False  # ... and float32, over float32 / int8 caches (AVX2+FMA)
     amx: bool = False  # AMX tiles: packed linears, fused SwiGLU, greedy head, dense_layers
     gemv_bf16: bool = False  # small-batch bf16 linears by gemv_bf16 (AVX512-BF16)
     gemv_max_rows: int = 0  # ... up to this many rows (oneDNN wins past it)

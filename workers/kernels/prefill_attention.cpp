@@ -1,8 +1,8 @@
 // paged_prefill_attention: the query rows of prefill chunks against keys/values read from the
 // block-paged KV cache (the chunk's own K/V are already written there), causal with the
-// chunk's offset, optional sliding window. bfloat16 with AVX512-BF16 here, float32 with AVX2
-// in prefill_attention_f32.cpp; returns false otherwise (and for head dims other than 16, 32,
-// 64, 96, 128, 256): the caller uses SDPA.
+// chunk's offset, optional sliding window. bfloat16 with AVX512-BF16 here, float32 queries
+// over a float32 or int8 cache with AVX2 in prefill_attention_f32.cpp; returns false otherwise
+// (and for head dims other than 16, 32, 64, 96, 128, 256): the caller uses SDPA.
 //
 // Layout (matches workers/attention.py):
 //   out, q       [T, H, D]  bfloat16, contiguous; chunk c's rows are q_starts[c] ..
@@ -12,14 +12,14 @@
 // Query row (position p, head g of KV head h) sees key t iff t <= p and (window == 0 or
 // t > p - window).
 //
-// A task is (chunk, KV head, block of up to 16 positions): its rows are those positions x the
-// G query heads sharing the KV head. It packs the keys/values the block can see so that
-// AVX512-BF16 dot products work as outer products -- K as [tile of 16 keys][D/2 dim pairs]
-// [16] (dims 2i, 2i+1 of one key in one 32-bit lane), V as [key pair][D/16][16] (keys 2j,
-// 2j+1 of one dim in one lane) -- then: scores = Q K^T in float32 (16 rows x 16 keys per
-// 16-register tile), scale, mask, exact softmax per row (max, exp, sum), probabilities rounded
-// to bfloat16 (as torch's CPU flash kernel does), out = P V accumulated in float32 and divided
-// by the row's sum. Tasks are spread over the threads by estimated cost (longest first).
+// A task is (chunk, KV head, span of up to kSpan positions; common.h: prefill_spans), run in
+// blocks of 16 positions: a block's rows are its positions x the G query heads sharing the KV
+// head. It packs the keys/values the span can see, once, so that AVX512-BF16 dot products
+// work as outer products -- K as [tile of 16 keys][D/2 dim pairs][16] (dims 2i, 2i+1 of one
+// key in one 32-bit lane), V as [key pair][D/16][16] (keys 2j, 2j+1 of one dim in one lane)
+// -- then: scores = Q K^T in float32 (16 rows x 16 keys per 16-register tile), scale, mask,
+// exact softmax per row (max, exp, sum), probabilities rounded to bfloat16 (as torch's CPU
+// flash kernel does), out = P V accumulated in float32 and divided by the row's sum. Tasks are spread over the threads by estimated cost (longest first).
 // On CPUs with AMX-BF16 (head dims 32 .. 128) both products run as tile dot products on the
 // same packed K/V (run_task_amx): 2.3x faster on the offline workload's prefill; the float32
 // sums add each bf16 pair's two products in the other order, so ~0.04% of outputs differ from
@@ -35,10 +35,6 @@ constexpr int kQBlock = 16;  // positions per register-tiled block
 constexpr int kSpan = 256;   // positions per task (its keys are packed once)
 
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
-
-struct Task {
-  int64_t chunk, head, p0, p1, cost;
-};
 
 // Packs keys [k0, k1) of KV head h: K as tiles of 16 keys x D/2 dim pairs, V as key pairs x
 // D dims (see the top of this file), zero-padded to a multiple of 16 keys.
@@ -89,7 +85,7 @@ inline float softmax_row_bf16(const float* s, int64_t LB, int64_t lo, int64_t hi
 }
 
 template <int D>
-void run_task(const Task& task, uint16_t* out, const uint16_t* q, const uint16_t* kc,
+void run_task(const PrefillSpan& task, uint16_t* out, const uint16_t* q, const uint16_t* kc,
               const uint16_t* vc, const int32_t* tables, int64_t max_blocks, const int32_t* q_starts,
               const int32_t* start_pos, int64_t H, int64_t KVH, int64_t bs, float scale,
               int64_t window, std::vector<uint32_t>& kpack, std::vector<uint32_t>& vpack,
@@ -188,7 +184,7 @@ void run_task(const Task& task, uint16_t* out, const uint16_t* q, const uint16_t
 // positions of one query head (a constant stride in q), so a block of positions runs as G
 // row groups. tiles: 0 = C, 1 .. 4 = Q chunks of 32 dims, 5 = B (K or V), 6 = P.
 template <int D>
-void run_task_amx(const Task& task, uint16_t* out, const uint16_t* q, const uint16_t* kc,
+void run_task_amx(const PrefillSpan& task, uint16_t* out, const uint16_t* q, const uint16_t* kc,
                   const uint16_t* vc, const int32_t* tables, int64_t max_blocks,
                   const int32_t* q_starts, const int32_t* start_pos, int64_t H, int64_t KVH,
                   int64_t bs, float scale, int64_t window, std::vector<uint32_t>& kpack,
@@ -292,17 +288,9 @@ void prefill(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
   const int32_t* qs = q_starts.data_ptr<int32_t>();
   const int32_t* ql = q_lens.data_ptr<int32_t>();
   const int32_t* sp = start_pos.data_ptr<int32_t>();
-  std::vector<Task> tasks;
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t p0 = 0; p0 < ql[c]; p0 += kSpan) {
-      const int64_t p1 = std::min<int64_t>(ql[c], p0 + kSpan);
-      int64_t keys = sp[c] + p1;
-      if (window > 0) keys = std::min<int64_t>(keys, window + p1 - p0);
-      for (int64_t h = 0; h < KVH; ++h) tasks.push_back({c, h, p0, p1, (keys + 64) * (p1 - p0)});
-    }
-  std::vector<int64_t> costs(tasks.size());
-  for (size_t i = 0; i < tasks.size(); ++i) costs[i] = tasks[i].cost;
-  const auto bins = balance_by_cost(costs);  // longest first onto the least loaded thread
+  const PrefillWork work = prefill_spans(C, ql, sp, KVH, kSpan, window, 64);
+  const auto& tasks = work.spans;
+  const auto& bins = work.bins;
   const int64_t nt = static_cast<int64_t>(bins.size());
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr());
@@ -343,11 +331,13 @@ bool paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tens
                              const at::Tensor& v_cache, const at::Tensor& block_tables,
                              const at::Tensor& q_starts, const at::Tensor& q_lens,
                              const at::Tensor& start_pos, double scale, int64_t window) {
-  // the int8 KV cache (rows of D + 4 bytes): attention.py's SDPA path dequantizes it
-  if (k_cache.scalar_type() == at::kChar || v_cache.scalar_type() == at::kChar) return false;
+  // the int8 KV cache: rows of D values and the float32 scale's 4 bytes (workers/kv_int8.py)
+  const bool int8 = k_cache.scalar_type() == at::kChar;
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() &&
                   out.sizes() == q.sizes(),
               "paged_prefill_attention: out/q [T, H, D], caches [blocks, block_size, KVH, D]");
+  TORCH_CHECK(int8 == (v_cache.scalar_type() == at::kChar),
+              "paged_prefill_attention: k_cache and v_cache must both be int8 or neither");
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && k_cache.is_contiguous() &&
                   v_cache.is_contiguous() && block_tables.is_contiguous() &&
                   q_starts.is_contiguous() && q_lens.is_contiguous() && start_pos.is_contiguous(),
@@ -358,11 +348,13 @@ bool paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tens
   TORCH_CHECK(q_starts.size(0) == q_lens.size(0) && q_lens.size(0) == start_pos.size(0) &&
                   block_tables.size(0) == q_starts.size(0),
               "paged_prefill_attention: one block table, start, length and offset per chunk");
-  TORCH_CHECK(k_cache.size(3) == q.size(2) && q.size(1) % k_cache.size(2) == 0,
-              "paged_prefill_attention: head_dim mismatch or H not a multiple of KVH");
-  if (q.scalar_type() == at::kFloat)  // prefill_attention_f32.cpp
+  TORCH_CHECK(k_cache.size(3) == q.size(2) + (int8 ? 4 : 0) && q.size(1) % k_cache.size(2) == 0,
+              "paged_prefill_attention: head_dim mismatch (int8 cache rows: head_dim + 4) or H "
+              "not a multiple of KVH");
+  if (q.scalar_type() == at::kFloat)  // float32 or int8 cache: prefill_attention_f32.cpp
     return paged_prefill_attention_f32(out, q, k_cache, v_cache, block_tables, q_starts, q_lens,
                                        start_pos, scale, window);
+  if (int8) return false;  // bf16 queries over int8: attention.py's SDPA path dequantizes
 #if FLOTILLA_AVX512_BF16
   if (q.scalar_type() != at::kBFloat16 || out.scalar_type() != at::kBFloat16 ||
       k_cache.scalar_type() != at::kBFloat16 || v_cache.scalar_type() != at::kBFloat16 ||

@@ -1,18 +1,23 @@
-// paged_prefill_attention for float32 caches, AVX2 + FMA (it runs on AVX-512 CPUs too): the
+// paged_prefill_attention for float32 queries, AVX2 + FMA (it runs on AVX-512 CPUs too): the
 // query rows of prefill chunks against keys/values read through the block tables, causal from
 // each chunk's offset, optional sliding window -- the layout and visibility rule of
 // prefill_attention.cpp. Without it a float32 prefill ran torch's flash kernel per chunk on K/V
 // gathered out of the paged cache (index_select) and copied its output back: ~30% of a
 // 512-token SmolLM2 prefill on a 2-core EPYC went to attention, the gathers and the copies.
 //
-// A task is (chunk, KV head, span of up to kSpan positions). It packs the keys its positions
-// can see once -- K as tiles of 8 keys x D dims x 8 lanes (one key per lane), V as rows of D --
-// then walks its rows (position-major, the G query heads of the KV head inside) kRows at a
-// time: scores = Q K^T in a 4-row x 16-key register tile, exact softmax per row over its
-// visible keys (exp256, the decode kernel's exp), out = P V in a 4-row x 16-dim tile divided by
-// the row's sum. Every sum runs in float32 (the order differs from torch's; the test compares
-// both to a float64 reference). Tasks are spread over the threads by estimated cost.
+// The cache is float32 or int8 (workers/kv_int8.py); one loop reads both through its row
+// format (cache_rows.h: PlainRows<float>, Int8Rows, as the decode kernels do). A task is
+// (chunk, KV head, span of up to kSpan positions; common.h: prefill_spans). It packs the keys
+// its positions can see once, as float32 -- K as tiles of 8 keys x D dims x 8 lanes (one key
+// per lane), V as rows of D; an int8 row is widened and multiplied by its scale there, the
+// float32 values kv_int8.dequantize gives, so the tiles below never see the format -- then
+// walks its rows (position-major, the G query heads of the KV head inside) kRows at a time:
+// scores = Q K^T in a 4-row x 16-key register tile, exact softmax per row over its visible keys
+// (exp256, the decode kernel's exp), out = P V in a 4-row x 16-dim tile divided by the row's
+// sum. Every sum runs in float32 (the order differs from torch's; the tests compare both to a
+// float64 reference). Packing is O(keys x D) against O(rows x keys x D) for the products.
 #include "attend_avx2.h"
+#include "cache_rows.h"
 #include "common.h"
 
 namespace flotilla {
@@ -22,10 +27,6 @@ namespace f32prefill {  // (named: the kernel-target test builds every source as
 
 constexpr int kRows = 4;     // query rows per register tile
 constexpr int64_t kSpan = 64;  // positions per task: 8 tasks per KV head for a 512-token chunk
-
-struct Span {
-  int64_t chunk, head, p0, p1, cost;
-};
 
 struct Scratch {
   std::vector<float> kpack, vpack, scores;
@@ -107,10 +108,25 @@ inline void pv_tile(const float* p, int64_t ld, const float* vpack, int64_t t0, 
   }
 }
 
-template <int D>
-void run_span(const Span& task, float* out, const float* q, const float* kc, const float* vc,
+// Key t of the span (its cache rows kr, vr) into the packs: K into lane t % 8 of tile t / 8,
+// V as row t; Rows' scale (1 for float32: the product folds away) applied once per value.
+template <int D, typename Rows>
+inline void pack_key(const typename Rows::raw_t* kr, const typename Rows::raw_t* vr, int64_t t,
+                     float* kpack, float* vpack) {
+  const float ks = Rows::scale(kr, D);
+  const __m256 vs = _mm256_set1_ps(Rows::scale(vr, D));
+  float* kt = kpack + (t / 8) * 8 * D + (t % 8);
+  for (int d = 0; d < D; ++d) kt[8 * d] = Rows::load(kr[d]) * ks;
+  for (int d = 0; d < D; d += 8)
+    _mm256_storeu_ps(vpack + t * D + d, _mm256_mul_ps(Rows::load8(vr + d), vs));
+}
+
+template <int D, typename Rows>
+void run_span(const PrefillSpan& task, float* out, const float* q,
+              const typename Rows::raw_t* kc, const typename Rows::raw_t* vc,
               const int32_t* tables, int64_t max_blocks, const int32_t* qs, const int32_t* sp,
               int64_t H, int64_t KVH, int64_t bs, float scale, int64_t window, Scratch& w) {
+  constexpr int64_t HS = D + Rows::kTail;  // a head's row segment, in Rows::raw_t
   const int64_t c = task.chunk, h = task.head, G = H / KVH, s0 = sp[c];
   const int32_t* table = tables + c * max_blocks;
   // keys the span's positions see: [K0, K1)
@@ -124,10 +140,7 @@ void run_span(const Span& task, float* out, const float* q, const float* kc, con
   for (int64_t t = 0; t < L; ++t) {
     const int64_t pos = K0 + t;
     const int64_t row = (static_cast<int64_t>(table[pos / bs]) * bs + pos % bs) * KVH + h;
-    const float* kr = kc + row * D;
-    float* kt = w.kpack.data() + (t / 8) * 8 * D + (t % 8);
-    for (int d = 0; d < D; ++d) kt[8 * d] = kr[d];
-    std::memcpy(w.vpack.data() + t * D, vc + row * D, D * sizeof(float));
+    pack_key<D, Rows>(kc + row * HS, vc + row * HS, t, w.kpack.data(), w.vpack.data());
   }
   const int64_t rows = (task.p1 - task.p0) * G;
   w.scores.resize(kRows * L16 + kRows * D);
@@ -156,57 +169,44 @@ void run_span(const Span& task, float* out, const float* q, const float* kc, con
   }
 }
 
-template <int D>
+template <int D, typename Rows>
 void prefill_f32(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                  const at::Tensor& v_cache, const at::Tensor& block_tables,
                  const at::Tensor& q_starts, const at::Tensor& q_lens, const at::Tensor& start_pos,
                  double scale, int64_t window) {
+  using row_t = typename Rows::raw_t;
   const int64_t C = q_starts.size(0), H = q.size(1);
   const int64_t bs = k_cache.size(1), KVH = k_cache.size(2), max_blocks = block_tables.size(1);
   const int32_t* qs = q_starts.data_ptr<int32_t>();
-  const int32_t* ql = q_lens.data_ptr<int32_t>();
   const int32_t* sp = start_pos.data_ptr<int32_t>();
-  std::vector<Span> tasks;
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t p0 = 0; p0 < ql[c]; p0 += kSpan) {
-      const int64_t p1 = std::min<int64_t>(ql[c], p0 + kSpan);
-      int64_t keys = sp[c] + p1;
-      if (window > 0) keys = std::min<int64_t>(keys, window + p1 - p0);
-      for (int64_t h = 0; h < KVH; ++h) tasks.push_back({c, h, p0, p1, (keys + 32) * (p1 - p0)});
-    }
-  std::vector<int64_t> costs(tasks.size());
-  for (size_t i = 0; i < tasks.size(); ++i) costs[i] = tasks[i].cost;
-  const auto bins = balance_by_cost(costs);
+  const PrefillWork work =
+      prefill_spans(C, q_lens.data_ptr<int32_t>(), sp, KVH, kSpan, window, 32);
   float* op = out.data_ptr<float>();
   const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
+  const row_t* kp = reinterpret_cast<const row_t*>(k_cache.data_ptr());
+  const row_t* vp = reinterpret_cast<const row_t*>(v_cache.data_ptr());
   const int32_t* tables = block_tables.data_ptr<int32_t>();
-  at::parallel_for(0, static_cast<int64_t>(bins.size()), 1, [&](int64_t begin, int64_t end) {
+  const int64_t nt = static_cast<int64_t>(work.bins.size());
+  at::parallel_for(0, nt, 1, [&](int64_t begin, int64_t end) {
     Scratch w;
     for (int64_t b = begin; b < end; ++b)
-      for (const int64_t t : bins[b])
-        run_span<D>(tasks[t], op, qp, kp, vp, tables, max_blocks, qs, sp, H, KVH, bs,
-                    static_cast<float>(scale), window, w);
+      for (const int64_t t : work.bins[b])
+        run_span<D, Rows>(work.spans[t], op, qp, kp, vp, tables, max_blocks, qs, sp, H, KVH, bs,
+                          static_cast<float>(scale), window, w);
   });
 }
 
-}  // namespace f32prefill
-#endif
-
-bool paged_prefill_attention_f32(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
-                                 const at::Tensor& v_cache, const at::Tensor& block_tables,
-                                 const at::Tensor& q_starts, const at::Tensor& q_lens,
-                                 const at::Tensor& start_pos, double scale, int64_t window) {
-#if FLOTILLA_AVX2
-  if (q.scalar_type() != at::kFloat || out.scalar_type() != at::kFloat ||
-      k_cache.scalar_type() != at::kFloat || v_cache.scalar_type() != at::kFloat)
-    return false;
+// The head dims compiled in; false for any other.
+template <typename Rows>
+bool prefill_any(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+                 const at::Tensor& v_cache, const at::Tensor& block_tables,
+                 const at::Tensor& q_starts, const at::Tensor& q_lens, const at::Tensor& start_pos,
+                 double scale, int64_t window) {
   switch (q.size(2)) {
-#define FLOTILLA_HEAD_DIM(DIM)                                                                 \
-  case DIM:                                                                                    \
-    f32prefill::prefill_f32<DIM>(out, q, k_cache, v_cache, block_tables, q_starts, q_lens, start_pos,     \
-                     scale, window);                                                           \
+#define FLOTILLA_HEAD_DIM(DIM)                                                                \
+  case DIM:                                                                                   \
+    prefill_f32<DIM, Rows>(out, q, k_cache, v_cache, block_tables, q_starts, q_lens,          \
+                           start_pos, scale, window);                                         \
     return true;
     FLOTILLA_HEAD_DIM(16)
     FLOTILLA_HEAD_DIM(32)
@@ -218,6 +218,26 @@ bool paged_prefill_attention_f32(at::Tensor out, const at::Tensor& q, const at::
     default:
       return false;
   }
+}
+
+}  // namespace f32prefill
+#endif
+
+bool paged_prefill_attention_f32(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
+                                 const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                 const at::Tensor& q_starts, const at::Tensor& q_lens,
+                                 const at::Tensor& start_pos, double scale, int64_t window) {
+#if FLOTILLA_AVX2
+  if (q.scalar_type() != at::kFloat || out.scalar_type() != at::kFloat ||
+      v_cache.scalar_type() != k_cache.scalar_type())
+    return false;
+  if (k_cache.scalar_type() == at::kFloat)
+    return f32prefill::prefill_any<PlainRows<float>>(out, q, k_cache, v_cache, block_tables,
+                                                     q_starts, q_lens, start_pos, scale, window);
+  if (k_cache.scalar_type() == at::kChar)
+    return f32prefill::prefill_any<Int8Rows>(out, q, k_cache, v_cache, block_tables, q_starts,
+                                             q_lens, start_pos, scale, window);
+  return false;
 #else
   (void)out, (void)q, (void)k_cache, (void)v_cache, (void)block_tables, (void)q_starts;
   (void)q_lens, (void)start_pos, (void)scale, (void)window;
