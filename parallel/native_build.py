@@ -8,8 +8,9 @@ torch and Python versions and the CPU's feature flags; caches it under the cache
 file lock (Ray starts several ranks at once) and published by an atomic rename, so a
 half-written library is never loaded.
 
-No ninja, no pybind11: g++ against torch's headers and libraries, one compile per source
-(side by side, as many as there are cores) and one link. The library links
+No ninja, no pybind11: g++ against torch's headers and libraries, one compile per core (side
+by side; each compiles its share of the sources as one unit that #includes them, because
+parsing torch's headers is most of a source's compile) and one link. The library links
 torch's bundled OpenMP runtime, so `at::parallel_for` shares torch's thread pool.
 
 Knobs (environment variables, read only here):
@@ -97,10 +98,35 @@ def compile_flags(lib: NativeLib, target_name: str) -> list[str]:
     return flags
 
 
-def _compile_commands(lib: NativeLib, objs: list[Path]) -> list[list[str]]:
-    """One g++ -c per source: they run side by side (each parses torch's headers, ~10 s)."""
+def _units(lib: NativeLib, work: Path) -> list[Path]:
+    """The sources split into one compile unit per core (fewer when there are fewer sources).
+    Each source's compile is mostly torch's headers (~8 s), its own code a few seconds, so
+    a 2-core machine building 10 sources parses the headers twice instead of ten times. A
+    unit of several sources is a file that #includes them (they build as one unit: file-local
+    names stay distinct, tests/workers/test_kernel_targets.py compiles them all so); a unit of
+    one is the source itself. Sources go largest first to the least loaded unit."""
+    n = max(1, min(len(lib.sources), os.cpu_count() or 1))
+    shares: list[list[Path]] = [[] for _ in range(n)]
+    load = [0] * n
+    for src in sorted(lib.sources, key=lambda f: f.stat().st_size, reverse=True):
+        i = load.index(min(load))
+        shares[i].append(src)
+        load[i] += src.stat().st_size
+    units = []
+    for i, share in enumerate(shares):
+        if len(share) == 1:
+            units.append(share[0])
+            continue
+        unit = work / f"unit{i}.cpp"
+        unit.write_text("".join(f'#include "{src.resolve()}"\n' for src in share))
+        units.append(unit)
+    return units
+
+
+def _compile_commands(lib: NativeLib, units: list[Path], objs: list[Path]) -> list[list[str]]:
+    """One g++ -c per unit: they run side by side."""
     base = [os.environ.get("CXX", "g++"), _FLAGS[0], "-c", *compile_flags(lib, target())]
-    return [[*base, str(src), "-o", str(o)] for src, o in zip(lib.sources, objs, strict=True)]
+    return [[*base, str(src), "-o", str(o)] for src, o in zip(units, objs, strict=True)]
 
 
 def _link_command(lib: NativeLib, objs: list[Path], out: Path) -> list[str]:
@@ -157,9 +183,10 @@ def build(lib: NativeLib) -> Path:
             if out.exists():  # another process built it while we waited
                 return out
             with tempfile.TemporaryDirectory(dir=d) as work:
-                objs = [Path(work) / f"{i}_{src.stem}.o" for i, src in enumerate(lib.sources)]
+                units = _units(lib, Path(work))
+                objs = [Path(work) / f"{i}_{src.stem}.o" for i, src in enumerate(units)]
                 tmp = Path(work) / "lib.so"
-                compiles = _compile_commands(lib, objs)
+                compiles = _compile_commands(lib, units, objs)
                 log.info("building %s: %s", lib.name, " ".join(compiles[0]))
                 try:
                     results = _run_all(compiles)
