@@ -2,9 +2,9 @@
 (cache.kv_dtype=int8), each against the unquantized model (float32): greedy chat answers agree
 for their first 32 tokens on most prompts, and perplexity over 20k tokens of English text is
 within 2%. Both run on our own model, linear methods (Int8Linear: the native kernel for decode,
-linear_w8_gemm, the packed float32 GEMM dequantizing block by block, for prefill) and attention (the int8 decode kernel; SDPA over
-dequantized blocks for prefill, every chunk reading its keys back from the quantized cache),
-not on Hugging Face's.
+linear_w8_gemm, the packed float32 GEMM dequantizing block by block, for prefill) and attention (the int8 decode kernel; the
+float32 prefill kernel over the int8 rows, or SDPA over dequantized blocks where it declines,
+every chunk reading its keys back from the quantized cache), not on Hugging Face's.
 
 The float32 side of the perplexity is data: each window's summed NLL, computed by this file's
 own pass (`python tests/cluster/test_smollm2_int8.py` rewrites it) and kept in
