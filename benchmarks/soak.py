@@ -254,7 +254,7 @@ def killer(router, args, stop: threading.Event, kills: list[str]) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import grpc
     import ray
-    from ray import serve
+    from ray.serve.context import _set_global_client
 
     from cluster.engine import LLMEngine
     from deploy.app import runtime_env, start
@@ -283,7 +283,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kills: list[str] = []
     stop = threading.Event()
     t_start = time.monotonic()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env(cfg))
+    # address="local": a cluster of this run's own (never one found by RAY_ADDRESS or a `ray
+    # start` on this machine), so that ray.shutdown() below ends all of it.
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env=runtime_env(cfg),
+    )
     try:
         router = start(cfg)
         startup_s = time.monotonic() - t_start
@@ -309,8 +317,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rss.join(timeout=10)
         channel.close()
     finally:
-        serve.shutdown()
+        # ray.shutdown() ends the cluster this run started, the app with it: a serve.shutdown()
+        # first would only add its graceful drain (~6 s). The driver's cached Serve client
+        # goes too, for a caller (tests) that starts Serve again in this process.
         ray.shutdown()
+        _set_global_client(None)
         tmp.cleanup()
     blocks = {g["name"]: g["blocks"] for g in groups or []}
     unbalanced = [
