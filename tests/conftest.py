@@ -14,6 +14,44 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
+_PREBUILDS = []
+# The test that runs the op tests on a build one target below this CPU's (its build is started
+# ahead too when it is selected).
+_LOWER_TARGET_TEST = "tests/workers/test_kernel_targets.py::test_op_tests_pass_on_a_lower_target"
+
+
+def pytest_sessionstart(session):
+    """This CPU's native kernels start building in the background while tests are collected
+    (tests/kernel_prebuild.py); on a warm cache that process finds them and exits."""
+    import kernel_prebuild
+
+    _PREBUILDS.append(kernel_prebuild.start(lower=False))
+
+
+def pytest_collection_finish(session):
+    if any(item.nodeid == _LOWER_TARGET_TEST for item in session.items):
+        import kernel_prebuild
+
+        _PREBUILDS.append(kernel_prebuild.start(lower=True))
+
+
+def pytest_sessionfinish(session):
+    """A build still running (a short session on a cold cache) is stopped with the session."""
+    import signal
+    import subprocess
+
+    for proc in filter(None, _PREBUILDS):
+        if proc.poll() is not None:
+            continue
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended meanwhile
+            pass
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _torch_threads():
     """Each module starts with the process's default torch thread count. An in-process engine

@@ -200,11 +200,16 @@ def test_auto_cap_loosens_for_prompts_that_would_miss_their_first_token_deadline
     assert cap(None, Pending(1000, now)) == 300  # no deadline: the target's chunk
     assert cap(0.15) == 300  # nothing waiting
     assert cap(1.0, Pending(1000, now)) == 300  # 1000 tokens fit in 45 steps of 23: plenty
-    # 0.15 s allows 2 steps of overhead: ceil(1000 / 2) = 500 tokens, each 0.07 s step.
-    assert cap(0.15, Pending(1000, now)) == 500
-    # The later prompt's deadline binds: 800 tokens in floor((0.13 - 0.08) / 0.02) = 2 steps.
-    assert cap(0.13, Pending(200, now), Pending(600, now)) == 400
-    # Already late (or unmeetable): the ceiling, (0.2 - 0.02) / 0.0001 tokens.
+    # Chunks of 300 would miss a deadline: the step goes straight to the ceiling,
+    # (0.2 - 0.02) / 0.0001 tokens, not to the smallest chunk that would just meet it.
+    # 0.15 s allows 2 steps of overhead: 1000 tokens need chunks of 500 > 300.
+    assert cap(0.15, Pending(1000, now)) == 1800
+    # The later prompt's deadline binds: 800 tokens in floor((0.13 - 0.08) / 0.02) = 2 steps,
+    # 400 > 300.
+    assert cap(0.13, Pending(200, now), Pending(600, now)) == 1800
+    # 700 tokens in floor((0.14 - 0.07) / 0.02) = 3 steps need chunks of 234: 300 is enough.
+    assert cap(0.14, Pending(200, now), Pending(500, now)) == 300
+    # Already late (or unmeetable): the ceiling.
     assert cap(0.05, Pending(1000, now)) == 1800
     assert cap(0.15, Pending(1000, now - 1.0)) == 1800
     assert cap(0.15, Pending(1000, now), max_step_s=0.06) == 400  # the ceiling bounds it
@@ -256,7 +261,7 @@ def test_latency_knobs_validated():
         SchedulerConfig(max_prefill_tokens_when_decoding="fast")
     with pytest.raises(ValidationError, match="max_prefill_tokens_when_decoding=4096 exceeds"):
         SchedulerConfig(max_prefill_tokens_when_decoding=4096)
-    with pytest.raises(ValidationError, match="max_step_ms=100.0 is below target_step_ms=500"):
+    with pytest.raises(ValidationError, match="max_step_ms=100.0 is below target_step_ms=170"):
         SchedulerConfig(ttft_target_ms=2000, max_step_ms=100)
     assert SchedulerConfig(target_step_ms=3000).max_step_ms == 1500  # unset: follows the target
     with pytest.raises(ValidationError, match="needs enable_chunked_prefill"):

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from kernel_prebuild import lower_target
 
 from parallel import native_build
 from parallel.shm_comm import COMM_KERNELS
@@ -100,21 +101,6 @@ def test_sources_parse_for_aarch64(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
 
 
-def lower_target(cpu: frozenset[str]) -> str:
-    """The build target one step below this CPU's best kernel path: its ops then take the
-    branch that the next class of CI machine takes (AMX -> AVX512-BF16 -> AVX-512 -> AVX2 ->
-    portable scalar)."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return "portable"
-    if "amx-bf16" in cpu:
-        return "cooperlake"
-    if "avx512bf16" in cpu:
-        return "skylake-avx512"
-    if "avx512f" in cpu:
-        return "x86-64-v3"
-    return "portable"
-
-
 OP_TESTS = [
     "tests/workers/test_cpu_ops.py",
     "tests/workers/test_paged_kernel.py",
@@ -128,7 +114,9 @@ OP_TESTS = [
 def test_op_tests_pass_on_a_lower_target(kernel_plan):
     """Builds the library one step below this CPU (FLOTILLA_KERNEL_TARGET) and runs the op
     tests against it in a fresh process: the branch below the one -march=native takes is
-    checked against torch on this machine too (on an AVX2 machine: the portable paths)."""
+    checked against torch on this machine too (on an AVX2 machine: the portable paths). In a
+    session that selects this test the build starts ahead, in the background
+    (tests/kernel_prebuild.py); the op tests' process waits for it on the cache's lock."""
     if os.environ.get("FLOTILLA_KERNEL_TARGET"):
         pytest.skip("this run is already on a chosen target")
     from workers.kernels.dispatch import BuildInfo
