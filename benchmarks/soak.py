@@ -225,8 +225,11 @@ def wait_whole(router, n: int, timeout_s: float, idle: bool = False) -> list[dic
     deadline, quiet = time.monotonic() + timeout_s, 0
     while time.monotonic() < deadline:
         gs = router.group_stats.remote().result(timeout_s=30)
-        whole = len(gs) == n and all(g["healthy"] and not g["draining"] for g in gs)
-        busy = any(g["num_running"] or g["num_waiting"] for g in gs)
+        # A group the router has just registered has no stats until its first poll: not whole.
+        whole = len(gs) == n and all(
+            g["healthy"] and not g["draining"] and "num_running" in g for g in gs
+        )
+        busy = any(g.get("num_running") or g.get("num_waiting") for g in gs)
         quiet = quiet + 1 if whole and not busy else 0
         if whole and (not idle or quiet >= 3):
             return gs
