@@ -67,7 +67,8 @@ class SchedulerConfig(BaseModel):
         description="'auto' cap: the step time (so the inter-token latency) to stay under while "
         "decodes run, as long as no waiting prompt would miss ttft_target_ms. 170 ms keeps a "
         "stream's gaps under the 200 ms a reader notices on a 2-core CPU (goodput with p99 "
-        "ITL <= 200 ms: 88% at 0.2 req/s, benchmarks/RESULTS.md); lower it on faster hardware.",
+        "ITL <= 200 ms: 94% at 0.2 req/s against vLLM-CPU's 72%, benchmarks/RESULTS.md); lower "
+        "it on faster hardware.",
     )
     ttft_target_ms: float | None = Field(
         2000.0,
