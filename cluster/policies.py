@@ -128,29 +128,22 @@ class AutoCap:
         ceiling = self.model.max_prefill(num_decodes, self.max_step_s)
         if ceiling is None:
             return None  # prefill looks free
-        ceiling = max(cap, ceiling)
-        need = self._needed(num_decodes, pending, now, ceiling)
-        return cap if need <= cap else ceiling
+        return max(cap, ceiling) if self._misses(num_decodes, pending, now, cap) else cap
 
-    def _needed(
-        self, num_decodes: int, pending: Sequence[Pending], now: float, ceiling: int
-    ) -> int:
-        """Smallest chunk with which every pending prompt meets its deadline (`ceiling` when
-        one cannot). Steps of p tokens compute the first `total` pending tokens in
-        n = ceil(total / p) steps of overhead A = a + b*d each, plus total*c of prefill work, so
-        a deadline allows at most n = floor((slack - total*c) / A) steps."""
+    def _misses(self, num_decodes: int, pending: Sequence[Pending], now: float, chunk: int) -> bool:
+        """Whether steps of `chunk` prefill tokens finish some pending prompt after its
+        deadline. The first `total` pending tokens take n = ceil(total / chunk) steps of
+        overhead A = a + b*d each, plus total*c of prefill work, so a deadline allows at most
+        n = floor((slack - total*c) / A) steps."""
         a, b, c = self.model.coefficients()  # known: max_prefill answered
         overhead = max(a + b * num_decodes, 1e-6)
-        need, total = 0, 0
+        total = 0
         for tokens, arrival in islice(pending, self.HORIZON):
             total += tokens
             steps = math.floor((arrival + self.ttft_s - now - total * c) / overhead)
-            if steps < 1:
-                return ceiling  # behind: catch up with the largest chunk allowed
-            need = max(need, -(-total // steps))
-            if need >= ceiling:
-                return ceiling
-        return need
+            if steps < 1 or -(-total // steps) > chunk:
+                return True
+        return False
 
 
 def make_admission(config: SchedulerConfig) -> AdmissionPolicy:
