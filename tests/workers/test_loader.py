@@ -17,7 +17,7 @@ import gguf
 import pytest
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from workers import loader
 from workers.config import DEFAULT_MODEL
@@ -59,15 +59,13 @@ def gguf_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def reference_model(gguf_path):
-    directory, name = os.path.split(gguf_path)
-    return AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+def reference_model(hf_smollm2):
+    return hf_smollm2  # transformers' load of the same GGUF (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def reference_tokenizer(gguf_path):
-    directory, name = os.path.split(gguf_path)
-    return AutoTokenizer.from_pretrained(directory, gguf_file=name)
+def reference_tokenizer(hf_smollm2_tokenizer):
+    return hf_smollm2_tokenizer
 
 
 def test_default_model_resolves_to_the_wheel_gguf(gguf_path):
