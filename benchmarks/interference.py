@@ -2,13 +2,15 @@
 colocated (1 group, 2 threads) and disaggregated (1 prefill + 1 decode group, 1 thread each),
 one server after the other in one run, same seeded requests.
 
-    .venv/bin/python benchmarks/interference.py                      # both, ~6 min
+    .venv/bin/python benchmarks/interference.py                      # both, ~11 min
     .venv/bin/python benchmarks/interference.py --systems pd --duration-s 30   # a quick look
 
 Load, over gRPC (`flotilla serve`, SmolLM2-135M from .peers/smollm2-hf, made by
 offline_throughput.py):
   * decode streams: a closed loop of --streams requests, each a fresh random prompt of 64-128
-    token ids and --stream-output greedy tokens (EOS ignored); when one ends the next starts;
+    token ids and --stream-output greedy tokens (EOS ignored); when one ends the next starts.
+    The streams start --warmup-s / --streams apart and their lengths vary, so that they do not
+    end (and send their next prompts) all at once: a steady decode batch, not generations;
   * long prompts: one every --long-every-s seconds (steady, not Poisson) of --long-input-len
     token ids and --long-output tokens. On `pd` they go through the prefill group (they are
     past --pd-min-prompt-tokens); the streams' short prompts are prefilled on the decode group.
@@ -69,9 +71,10 @@ async def drive(endpoint: str, args, vocab: Vocab) -> tuple[list[RequestResult],
             r.start = sent - t0
             into.append(r)
 
-        async def stream_worker() -> None:
+        async def stream_worker(k: int) -> None:
+            await asyncio.sleep(k * args.warmup_s / args.streams)
             while time.perf_counter() < end:
-                await one(spec(rng.randint(64, 128), args.stream_output), streams)
+                await one(spec(rng.randint(64, 128), args.stream_output.sample(rng)), streams)
 
         async def long_sender() -> None:
             tasks, at = [], t0 + args.long_start_s
@@ -82,7 +85,7 @@ async def drive(endpoint: str, args, vocab: Vocab) -> tuple[list[RequestResult],
                 at += args.long_every_s
             await asyncio.gather(*tasks)
 
-        await asyncio.gather(*(stream_worker() for _ in range(args.streams)), long_sender())
+        await asyncio.gather(*(stream_worker(k) for k in range(args.streams)), long_sender())
         return streams, longs
     finally:
         await client.close()
@@ -164,11 +167,11 @@ def table(sums: dict[str, dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--systems", default="colocated,pd", help="subset of colocated,pd")
-    p.add_argument("--duration-s", type=float, default=150.0, help="send phase per system")
+    p.add_argument("--duration-s", type=float, default=200.0, help="send phase per system")
     p.add_argument("--warmup-s", type=float, default=20.0)
     p.add_argument("--streams", type=int, default=16)
-    p.add_argument("--stream-output", type=int, default=256)
-    p.add_argument("--long-every-s", type=float, default=10.0)
+    p.add_argument("--stream-output", type=LengthDist.parse, default="uniform:64,192")
+    p.add_argument("--long-every-s", type=float, default=20.0)
     p.add_argument("--long-start-s", type=float, default=5.0)
     p.add_argument("--long-input-len", type=LengthDist.parse, default="uniform:1024,2048")
     p.add_argument("--long-output", type=int, default=32)
@@ -183,8 +186,6 @@ def main() -> None:
     p.add_argument("--startup-timeout-s", type=float, default=600.0)
     p.add_argument("--out", type=Path, default=sweep.ROOT / "benchmarks" / "out" / "interference")
     args = p.parse_args()
-    if isinstance(args.long_input_len, str):
-        args.long_input_len = LengthDist.parse(args.long_input_len)
     names = [s for s in args.systems.split(",") if s]
     if set(names) - SYSTEMS.keys() or not sweep.HF_DIR.is_dir():
         p.error(f"systems must be among {list(SYSTEMS)}, and {sweep.HF_DIR} must exist")

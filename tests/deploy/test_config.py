@@ -107,6 +107,25 @@ def test_pools_may_differ_in_parallel_layout():
     assert (prefill.tp, decode.tp, decode.pp) == (1, 2, 2)
 
 
+def test_the_decode_pool_never_jumps_to_max_step_ms_unless_told():
+    """The decode pool's default scheduler has no TTFT deadline (no max_step_ms steps that
+    stall every stream); the prefill pool keeps engine.scheduler's; a pool's own scheduler
+    is taken as given, and a bad value in it names the field."""
+    cfg = FlotillaConfig.model_validate(_pools({}, {}))
+    prefill, decode = (s.engine.scheduler for s in cfg.pool_specs())
+    assert prefill.ttft_target_ms == 2000.0 and decode.ttft_target_ms is None
+    assert decode.model_copy(update={"ttft_target_ms": 2000.0}) == prefill  # nothing else
+    own = FlotillaConfig.model_validate(
+        _pools({"scheduler": {"target_step_ms": 400}}, {"scheduler": {"ttft_target_ms": 3000}})
+    )
+    prefill, decode = (s.engine.scheduler for s in own.pool_specs())
+    assert (prefill.target_step_ms, decode.ttft_target_ms) == (400, 3000)
+    (colocated,) = FlotillaConfig.model_validate({}).pool_specs()
+    assert colocated.engine.scheduler.ttft_target_ms == 2000.0
+    with pytest.raises(ValidationError, match="pools.decode.scheduler.target_step_ms"):
+        FlotillaConfig.model_validate(_pools({}, {"scheduler": {"target_step_ms": -1}}))
+
+
 def test_pools_must_share_the_block_size():
     with pytest.raises(ValueError, match="prefill block_size 8 != pools.decode block_size 16"):
         FlotillaConfig.model_validate(
