@@ -102,6 +102,7 @@ class AsyncEngine:
 
     def _send(self, *cmd: Any) -> None:
         self._cmds.put(cmd)
+        self.clock.poke()
         self._wake.set()
 
     async def generate(
@@ -185,6 +186,19 @@ class AsyncEngine:
         self.hung = reason
         log.error("engine hung: %s; failing %d stream(s)", reason, len(self._streams))
         err = EngineDead(f"engine hung: {reason}")
+        # Requests still queued end too: the thread that would take them is stuck.
+        keep = []
+        while True:
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                break
+            if cmd[0] == "add":
+                cmd[4].put(err)
+            else:
+                keep.append(cmd)
+        for cmd in keep:
+            self._cmds.put(cmd)
         for req_id, stream in list(self._streams.items()):
             stream.put(err)
             self._send("abort", req_id)

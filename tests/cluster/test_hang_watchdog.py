@@ -41,6 +41,16 @@ def test_step_clock_rule():
     assert "a step has run for 11.0 s" in c.stalled(pending=False, timeout_s=10)
     c.end()
     assert c.stalled(pending=True, timeout_s=10) is None
+    # Idle for long, then work is queued: it counts from then, not from the last pass.
+    t.now += 50
+    c.poke()
+    assert c.stalled(pending=True, timeout_s=10) is None
+    t.now += 6
+    c.poke()  # more work: still from the first
+    t.now += 5
+    assert "no step has begun for 11.0 s" in c.stalled(pending=True, timeout_s=10)
+    c.tick()
+    assert c.stalled(pending=True, timeout_s=10) is None
 
 
 def test_hang_timeout_is_validated():
@@ -126,6 +136,36 @@ def test_a_step_that_never_returns_fails_streams_and_refuses(tiny_model_dir, mon
 
         with pytest.raises(EngineDead, match="engine hung"):
             asyncio.run(refused())
+    finally:
+        eng.shutdown()
+
+
+def test_a_request_still_queued_ends_with_the_hang(tiny_model_dir, monkeypatch):
+    """A request queued behind the step that hangs is never taken by the engine thread: the
+    hang ends it with EngineDead too, instead of leaving its client waiting forever."""
+    monkeypatch.setenv(faults.ENV, "hang_step_after:0")
+    monkeypatch.delenv(faults.ONCE_ENV, raising=False)
+    eng = AsyncEngine(_config(tiny_model_dir("llama"), 600))  # the test declares the hang
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        async def one(prompt):
+            return [o async for o in eng.generate(prompt, params)]
+
+        first = asyncio.ensure_future(one([100, 101]))
+        deadline = time.monotonic() + 60
+        while eng.clock.step_started is None:  # the engine thread is in the step that hangs
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(one([102, 103]))
+        await asyncio.sleep(0.05)
+        assert eng._cmds.qsize() == 1  # the second request, queued
+        eng._give_up("declared by the test")
+        return await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), 10)
+
+    try:
+        results = asyncio.run(main())
+        assert [type(r) for r in results] == [EngineDead, EngineDead]
     finally:
         eng.shutdown()
 
