@@ -25,7 +25,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from cluster import faults
@@ -188,11 +188,7 @@ class AsyncEngine:
         err = EngineDead(f"engine hung: {reason}")
         # Requests still queued end too: the thread that would take them is stuck.
         keep = []
-        while True:
-            try:
-                cmd = self._cmds.get_nowait()
-            except queue.Empty:
-                break
+        for cmd in self._take_queued():
             if cmd[0] == "add":
                 cmd[4].put(err)
             else:
@@ -203,13 +199,17 @@ class AsyncEngine:
             stream.put(err)
             self._send("abort", req_id)
 
-    # ---- engine thread ----------------------------------------------------------------------
-    def _drain(self) -> None:
+    def _take_queued(self) -> Iterator[tuple[Any, ...]]:
+        """The commands queued now, each taken off the queue as it is yielded."""
         while True:
             try:
-                cmd = self._cmds.get_nowait()
+                yield self._cmds.get_nowait()
             except queue.Empty:
                 return
+
+    # ---- engine thread ----------------------------------------------------------------------
+    def _drain(self) -> None:
+        for cmd in self._take_queued():
             if cmd[0] == "add":
                 _, req_id, token_ids, params, stream, extra, kv = cmd
                 try:
