@@ -265,6 +265,17 @@ inline PrefillWork prefill_spans(int64_t C, const int32_t* q_lens, const int32_t
   return w;
 }
 
+// The layout of int8 weight scales (workers/quantization.py) for w [N, K]: 0 for [N] (one per
+// output row), G for [N, K / G] (one per row and group of G consecutive columns), -1 for any
+// other shape.
+inline int64_t w8_group_size(const at::Tensor& scales, int64_t N, int64_t K) {
+  if (scales.dim() == 1) return scales.size(0) == N ? 0 : -1;
+  if (scales.dim() != 2 || scales.size(0) != N || scales.size(1) == 0 || K == 0 ||
+      K % scales.size(1) != 0)
+    return -1;
+  return K / scales.size(1);
+}
+
 // The ops, for kernels that call each other (dense_layers.cpp); defined in cpu_ops.cpp,
 // paged_attention.cpp, prefill_attention.cpp, prefill_attention_f32.cpp, gemm_amx.cpp.
 void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps);

@@ -71,20 +71,31 @@ struct PackedPanels {
   const float* next(int64_t p, int64_t k0) const { return wp + (p * K + k0) * kNR; }
 };
 
-// int8 [N, K] weights with float32 scales [N]: each block dequantized (q * scale, the bits of
-// workers/quantization.dequantize) into a thread's buffer, then reused by every row tile of
-// the pass, so a prefill of M rows converts each weight ceil(M / kMc) times, not M times.
+// int8 [N, K] weights with float32 scales, [N] (G = 0) or [N, K / G] (group-wise): each
+// block dequantized (q * scale, the bits of workers/quantization.dequantize) into a thread's
+// buffer, then reused by every row tile of the pass, so a prefill of M rows converts each
+// weight ceil(M / kMc) times, not M times. A block need not start or end on a group: each
+// row's run of k is cut where its scale changes.
 struct Int8Panels {
   static constexpr bool kBuffered = true;
   const int8_t* q;
   const float* scale;
-  int64_t K;
+  int64_t K, G;
   const float* block(int64_t p, int64_t k0, int64_t kn, int64_t N, float* buf) const {
     const int64_t n0 = p * kNR, cols = std::min<int64_t>(kNR, N - n0);
     for (int64_t j = 0; j < cols; ++j) {
       const int8_t* row = q + (n0 + j) * K + k0;
-      const float s = scale[n0 + j];
-      for (int64_t k = 0; k < kn; ++k) buf[k * kNR + j] = static_cast<float>(row[k]) * s;
+      if (G == 0) {
+        const float s = scale[n0 + j];
+        for (int64_t k = 0; k < kn; ++k) buf[k * kNR + j] = static_cast<float>(row[k]) * s;
+        continue;
+      }
+      const float* rs = scale + (n0 + j) * (K / G);
+      for (int64_t k = 0; k < kn;) {
+        const int64_t g = (k0 + k) / G, end = std::min(kn, (g + 1) * G - k0);
+        const float s = rs[g];
+        for (; k < end; ++k) buf[k * kNR + j] = static_cast<float>(row[k]) * s;
+      }
     }
     for (int64_t j = cols; j < kNR; ++j)
       for (int64_t k = 0; k < kn; ++k) buf[k * kNR + j] = 0.f;
@@ -186,16 +197,19 @@ bool linear_f32_packed(at::Tensor out, const at::Tensor& x, const at::Tensor& wp
 #endif
 }
 
-// The same GEMM on int8 weights [N, K] with per-channel float32 scales [N]: out = x (q *
-// scale)^T (+ bias), the product of F.linear on workers/quantization.dequantize's weight, for
-// prefill-sized row counts (linear_w8 serves a few rows). No packed copy: each panel block is
-// dequantized into a thread's buffer as the pass reaches it. float32 x / out / bias only.
+// The same GEMM on int8 weights [N, K] with float32 scales, per channel [N] or per group of G
+// columns [N, K / G]: out = x (q * scale)^T (+ bias), the product of F.linear on
+// workers/quantization.dequantize's weight, for prefill-sized row counts (linear_w8 serves a
+// few rows). No packed copy: each panel block is dequantized into a thread's buffer as the pass
+// reaches it. float32 x / out / bias only.
 bool linear_w8_gemm(at::Tensor out, const at::Tensor& x, const at::Tensor& w,
                     const at::Tensor& scales, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && out.dim() == 2 && x.size(1) == w.size(1) &&
                   out.size(0) == x.size(0) && out.size(1) == w.size(0) &&
-                  scales.numel() == w.size(0) && (!bias || bias->numel() == w.size(0)),
-              "linear_w8_gemm: x [M, K], w [N, K], scales [N], bias [N], out [M, N]");
+                  w8_group_size(scales, w.size(0), w.size(1)) >= 0 &&
+                  (!bias || bias->numel() == w.size(0)),
+              "linear_w8_gemm: x [M, K], w [N, K], scales [N] or [N, K / G], bias [N], "
+              "out [M, N]");
   TORCH_CHECK(w.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat,
               "linear_w8_gemm: int8 weights, float32 scales");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && out.is_contiguous() &&
@@ -215,7 +229,8 @@ bool linear_w8_gemm(at::Tensor out, const at::Tensor& x, const at::Tensor& w,
     return true;
   }
   f32gemm::gemm(out.data_ptr<float>(), x.data_ptr<float>(),
-                f32gemm::Int8Panels{w.data_ptr<int8_t>(), scales.data_ptr<float>(), K},
+                f32gemm::Int8Panels{w.data_ptr<int8_t>(), scales.data_ptr<float>(), K,
+                                    w8_group_size(scales, N, K)},
                 bias ? bias->data_ptr<float>() : nullptr, M, N, K);
   return true;
 #else
