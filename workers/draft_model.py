@@ -172,12 +172,12 @@ def make_drafter(draft: DraftConfig, runner: ModelRunner, path: str) -> tuple[Dr
     cfg = runner.config
     with torch.device(runner.device), _default_dtype(runner.dtype):
         model = LlamaForCausalLM(draft_hf)
-    int8 = cfg.quantization == "int8"
+    int8, group_size = cfg.quantization == "int8", cfg.quantization_group_size
     if int8:
-        quantization.prepare_int8(model)  # quantized as they load, like the target
+        quantization.prepare_int8(model, group_size)  # quantized as they load, like the target
     model.load_weights(iter_weights(draft_path, runner.dtype))
     if int8 and QUANTIZE_LM_HEAD:
-        quantization.quantize_loaded(model.lm_head)
+        quantization.quantize_loaded(model.lm_head, group_size, "lm_head")
     model.eval()
     model.use_kernels(runner.kernels, prepack=cfg.prepack)
     size = sum({p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}.values())

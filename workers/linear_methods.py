@@ -15,9 +15,10 @@ by `attach_linear_methods` as the kernel plan (workers/kernels/dispatch.py) allo
   (MKL on an AVX2 EPYC) at every row count measured, and the plain weight dropped unless a
   tied embedding shares it; unpacked: a few rows by linear_f32, which streams the weight at
   memory bandwidth where MKL reaches a third to half of it, more rows by torch.
-- Int8Linear: an int8 weight with per-output-channel scales (workers/quantization.py): a few
-  rows by torch.ops.flotilla.linear_w8 (AVX2/AVX-512), more rows by linear_w8_gemm (float32:
-  the packed GEMM, dequantizing block by block) or torch's int8 matmul (bf16).
+- Int8Linear: an int8 weight with per-output-channel or group-wise scales
+  (workers/quantization.py): a few rows by torch.ops.flotilla.linear_w8 (AVX2/AVX-512), more
+  rows by linear_w8_gemm (float32: the packed GEMM, dequantizing block by block) or torch's
+  int8 matmul (bf16, per channel only; group-wise: torch on the dequantized weight).
 
 Every method falls back to torch's linear where its kernel does not apply (dtype, shape, a
 kernel that declines), so outputs are those of the path taken, never wrong.
@@ -175,7 +176,8 @@ class F32Linear(LinearMethod):
 
 
 class Int8Linear(LinearMethod):
-    """y = (x @ q^T) * scale (+ bias) for layer.weight int8 [N, K], layer.weight_scale [N].
+    """y = x @ (q * scale)^T (+ bias) for layer.weight int8 [N, K] and layer.weight_scale [N]
+    (per output channel) or [N, K / G] (per group of G input columns; the kernels take both).
 
     Paths, measured on an AVX2 EPYC ([M, 576] x [1536, 576], one thread): up to `max_rows`
     rows the native kernel (M = 1: 50 us against 78 for float32 F.linear); past it, float32
@@ -203,7 +205,9 @@ class Int8Linear(LinearMethod):
                 out = x.new_empty(rows, w.shape[0])
                 if op(out, x.contiguous(), w, scale, bias):
                     return out
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        # _weight_int8pack_mm takes one scale per output channel: group-wise scales take
+        # torch's linear on the dequantized weight below
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and scale.dim() == 1:
             s = self._scales.get(x.dtype)
             if s is None:
                 s = self._scales[x.dtype] = scale.to(x.dtype)

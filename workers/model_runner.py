@@ -150,13 +150,13 @@ class ModelRunner:
             self.model = LlamaForCausalLM(self.hf_config, groups.tp, (first, last), groups.ep)
         progress.phase("model_init", time.monotonic() - t0)
         read_bytes = self._count_param_bytes()  # allocated already: the bar's total
-        int8 = config.quantization == "int8"
+        int8, group_size = config.quantization == "int8", config.quantization_group_size
         if int8:
-            quantization.prepare_int8(self.model)  # quantized as they load
+            quantization.prepare_int8(self.model, group_size)  # quantized as they load
         weights = iter_weights(path, self.dtype, shard_filter=self._wants(first, last))
         self.model.load_weights(progress.weights(weights, read_bytes))
         if int8 and self.model.is_last and QUANTIZE_LM_HEAD:
-            quantization.quantize_loaded(self.model.lm_head)
+            quantization.quantize_loaded(self.model.lm_head, group_size, "lm_head")
         self._param_bytes = self._count_param_bytes()
         self.model.eval()
         t0 = time.monotonic()
