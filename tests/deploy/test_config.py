@@ -54,11 +54,25 @@ def test_engine_threads_default_to_the_nodes_cores_per_group(monkeypatch):
         {"serve": {"http_port": 9000}},  # clashes with grpc_port
         {"serve": {"grpc_port": 70000}},
         {"engine": {"cache": {"block_size": 0}}},
+        {"engine": {"model": {"quantization": "int8", "quantization_group_size": 24}}},
+        {"engine": {"model": {"quantization_group_size": 32}}},  # without int8
     ],
 )
 def test_bad_config_is_refused(data):
     with pytest.raises(ValidationError):
         FlotillaConfig.model_validate(data)
+
+
+def test_int8_group_size_round_trips_through_yaml_and_serve_args(tmp_path):
+    from deploy import serve_config
+
+    path = tmp_path / "int8.yaml"
+    path.write_text("engine:\n  model:\n    quantization: int8\n    quantization_group_size: 64\n")
+    cfg = FlotillaConfig.from_yaml(path)
+    assert (cfg.engine.model.quantization, cfg.engine.model.quantization_group_size) == ("int8", 64)
+    args = serve_config.app_args(cfg)
+    assert args["engine"]["model"] == {"quantization": "int8", "quantization_group_size": 64}
+    assert FlotillaConfig.model_validate(args) == cfg
 
 
 def test_yaml_must_be_a_mapping(tmp_path):
