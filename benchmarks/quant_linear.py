@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/quant_linear.py kernel --threads 2
 
 `model`: SmolLM2-135M-Instruct through the engine, per configuration (float32 by default, then
-int8, then int8 with a float LM head): ms per decode step at batch 1 and 8 (each step timed,
+int8, int8 with group-wise scales (--group-size, model.quantization_group_size), then int8 with
+a float LM head): ms per decode step at batch 1 and 8 (each step timed,
 --tokens tokens after prompts of 128 random tokens, --repeats times: the fastest step, and the
 median, since a shared machine slows some steps) and the time of one 512-token prefill (a
 fresh prompt, prefix caching off), the best of --repeats.
@@ -59,9 +60,16 @@ def model(args) -> None:
     def prompt(n: int) -> list[int]:
         return [rng.randrange(100, 49000) for _ in range(n)]
 
-    for quant, head in (("none", True), ("int8", True), ("int8", False)):
+    configs = [("none", True, None), ("int8", True, None)]
+    configs += [("int8", True, args.group_size)] if args.group_size else []
+    for quant, head, group in [*configs, ("int8", False, None)]:
         model_runner.QUANTIZE_LM_HEAD = head
-        mc = ModelConfig(dtype=args.dtype, num_threads=args.threads, quantization=quant)
+        mc = ModelConfig(
+            dtype=args.dtype,
+            num_threads=args.threads,
+            quantization=quant,
+            quantization_group_size=group,
+        )
         engine = LLMEngine(EngineConfig(model=mc, cache=CacheConfig(enable_prefix_caching=False)))
 
         res = []
@@ -77,6 +85,7 @@ def model(args) -> None:
         prefill = min(_steps(engine, [prompt(512)], 1)[0] for _ in range(args.repeats))
         res.append(f"prefill 512 {prefill * 1e3:.0f} ms")
         name = quant + ("" if head or quant == "none" else " (float LM head)")
+        name += f" (groups of {group})" if group else ""
         mb = engine.executor.runner.param_bytes() / 1e6
         print(f"{args.dtype} {name}, {mb:.0f} MB params: {', '.join(res)}", flush=True)
 
@@ -127,6 +136,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--group-size", type=int, default=64, help="model: int8 with groups (0: skip)")
     p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64, 256, 1024])
     args = p.parse_args()
     import torch
