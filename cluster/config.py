@@ -166,6 +166,16 @@ class SpeculativeConfig(BaseModel):
     probe_tokens: int = Field(
         16, ge=1, le=4096, description="Draft tokens a request gets before min_acceptance counts."
     )
+    reprobe_after_s: float = Field(
+        30.0,
+        gt=0.0,
+        description="method draft_model: the probe is also engine-wide -- once probe_tokens "
+        "consecutive drafts of all requests together are accepted under min_acceptance, no "
+        "request drafts for this long, then the next ones probe again. A draft model's "
+        "acceptance belongs to the (draft, target) pair more than to one prompt, so new "
+        "requests do not each pay their own probe (n-gram lookup stays per request: it hits "
+        "on some prompts and never on others).",
+    )
     disable_by_batch_size: int | None = Field(
         None,
         ge=1,

@@ -15,13 +15,20 @@ Lifecycle of one speculating request (every step it decodes):
     update   -- the tokens are appended, computed = start + 1 + a, and blocks past what the
                 request now needs are given back (the rejected drafts' slots)
     record   -- once it has had probe_tokens drafts with acceptance under min_acceptance, it
-                stops proposing for good: text that does not repeat costs at most the probe
+                stops proposing for good: text that does not repeat costs at most the probe.
+                A draft model is also probed engine-wide: every probe_tokens drafts of all
+                requests together under min_acceptance switch drafting off for everyone for
+                reprobe_after_s, so a draft that does not fit the target costs one probe per
+                period rather than one per request
 
 Requests whose sampling reads more than the sampled token (logprobs, penalties over the
 history) do not speculate: the verify step would need those per accepted position.
 """
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
 
 from cluster.config import SpeculativeConfig
 from cluster.request import Request
@@ -70,10 +77,13 @@ class Proposer:
     """Drafts per step (n-gram tokens, or the draft model's slots) and the acceptance
     bookkeeping, for either method."""
 
-    def __init__(self, config: SpeculativeConfig):
+    def __init__(self, config: SpeculativeConfig, clock: Callable[[], float] = time.monotonic):
         self.config = config
+        self.clock = clock
         self.num_draft_tokens = 0  # engine totals, for the acceptance rate
         self.num_accepted_tokens = 0
+        self._window = [0, 0]  # draft_model: (drafted, accepted) of the engine-wide probe
+        self.off_until = 0.0  # draft_model: no drafts before this clock reading
 
     def propose(self, req: Request, max_new: int) -> list[int]:
         """Draft tokens for `req`'s next step, at most `max_new` (what its max_tokens leaves
@@ -82,6 +92,8 @@ class Proposer:
         if req.spec_off or max_new <= 0 or not can_speculate(req.params):
             return []
         if c.method == "draft_model":
+            if self.clock() < self.off_until:
+                return []
             return [DRAFT_SLOT] * min(c.num_tokens, max_new)
         return ngram_lookup(
             req.token_ids, c.prompt_lookup_min, c.prompt_lookup_max, min(c.num_tokens, max_new)
@@ -97,3 +109,11 @@ class Proposer:
             req.spec_accepted < c.min_acceptance * req.spec_drafted
         ):
             req.spec_off = True
+        if c.method == "draft_model" and drafted:
+            w = self._window
+            w[0] += drafted
+            w[1] += accepted
+            if w[0] >= c.probe_tokens:  # one window of the engine-wide probe is complete
+                if w[1] < c.min_acceptance * w[0]:
+                    self.off_until = self.clock() + c.reprobe_after_s
+                w[0] = w[1] = 0

@@ -18,9 +18,9 @@ from cluster.config import (
 from cluster.engine import LLMEngine
 from cluster.request import Request
 from cluster.scheduler import Scheduler
-from cluster.spec_decode import ngram_lookup
+from cluster.spec_decode import DRAFT_SLOT, Proposer, ngram_lookup
 from parallel.config import ParallelConfig
-from workers.config import ModelConfig
+from workers.config import DraftConfig, ModelConfig
 from workers.messages import StepPlan, StepResult
 from workers.sampling_params import SamplingParams
 
@@ -145,6 +145,43 @@ def test_low_acceptance_switches_a_request_off():
     # Two steps of 4 rejected drafts reach the probe; no drafts after that.
     assert drafted[:3] == [0, 4, 4] and set(drafted[3:]) == {0}
     assert r.spec_off and (r.spec_drafted, r.spec_accepted) == (8, 0)
+
+
+def test_a_draft_model_that_misses_is_switched_off_engine_wide_then_probed_again():
+    now = [0.0]
+    spec = SpeculativeConfig(
+        method="draft_model",
+        draft=DraftConfig(num_layers=2),
+        num_tokens=2,
+        probe_tokens=8,
+        min_acceptance=0.5,
+        reprobe_after_s=30.0,
+    )
+    p = Proposer(spec, clock=lambda: now[0])
+    reqs = [Request(str(i), [1] * 10, SamplingParams(max_tokens=100)) for i in range(4)]
+    for r in reqs:  # 4 requests x 2 rejected drafts: one engine-wide window of 8
+        assert p.propose(r, 50) == [DRAFT_SLOT] * 2
+        p.record(r, 2, 0)
+    assert not any(r.spec_off for r in reqs)  # none reached its own probe...
+    fresh = Request("new", [1] * 10, SamplingParams(max_tokens=100))
+    assert p.propose(fresh, 50) == [] and p.propose(reqs[0], 50) == []  # ...but nobody drafts
+    now[0] = 29.9
+    assert p.propose(fresh, 50) == []
+    now[0] = 30.0  # the period is over: the next window probes again
+    assert p.propose(fresh, 50) == [DRAFT_SLOT] * 2
+    for _ in range(10):  # a window at the threshold (4 of 8) keeps drafting on
+        p.record(fresh, 2, 1)
+        assert p.propose(fresh, 50) == [DRAFT_SLOT] * 2
+
+
+def test_ngram_misses_switch_off_only_their_own_request():
+    p = Proposer(SpeculativeConfig(num_tokens=4, probe_tokens=8, min_acceptance=0.5))
+    bad = Request("bad", [1] * 10, SamplingParams(max_tokens=100))
+    p.record(bad, 4, 0)
+    p.record(bad, 4, 0)
+    other = Request("other", [1] * 10, SamplingParams(max_tokens=100))
+    assert bad.spec_off and p.propose(bad, 50) == []
+    assert p.propose(other, 50) == [1, 1, 1, 1]
 
 
 # ---- engines: identical tokens with and without speculation -------------------------------------
