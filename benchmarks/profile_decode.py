@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--kernels", default="auto", choices=["auto", "native", "torch"])
     p.add_argument("--no-prepack", action="store_true")
+    p.add_argument("--quantization", default="none", choices=["none", "int8"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--w1", action="store_true", help="the offline benchmark's workload")
@@ -49,6 +50,7 @@ def main() -> None:
         num_threads=args.threads,
         kernels=args.kernels,
         prepack=not args.no_prepack,
+        quantization=args.quantization,
     )
     engine = LLMEngine(EngineConfig(model=mc))
     if args.w1:

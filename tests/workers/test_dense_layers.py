@@ -13,26 +13,39 @@ from workers.config import ModelConfig
 from workers.sampling_params import SamplingParams
 
 
-def _engine(path: str, budget: int) -> LLMEngine:
+def _engine(path: str, budget: int, dtype: str = "bfloat16", **model) -> LLMEngine:
     return LLMEngine(
         EngineConfig(
-            model=ModelConfig(model=path, dtype="bfloat16"),
+            model=ModelConfig(model=path, dtype=dtype, **model),
             cache=CacheConfig(block_size=8),
             scheduler=SchedulerConfig(max_num_batched_tokens=budget),
         )
     )
 
 
+# (kind, dtype, model options, the ISA it needs): AMX bf16; float32 packed at load; int8
+# weights per channel and group-wise (float32 activations)
+KINDS = {
+    "amx": (0, "bfloat16", {}, "amx"),
+    "f32": (1, "float32", {}, "f32_packed"),
+    "int8": (2, "float32", {"quantization": "int8"}, "w8"),
+    "int8-g32": (2, "float32", {"quantization": "int8", "quantization_group_size": 32}, "w8"),
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])  # plain, QKV bias, window
-def test_dense_layers_match_module_path(arch, tiny_model_dir, needs):
-    needs("amx")  # (the module path is tested everywhere)
+def test_dense_layers_match_module_path(arch, kind, tiny_model_dir, needs):
+    code, dtype, options, isa = KINDS[kind]
+    needs(isa)  # (the module path is tested everywhere)
     rng = random.Random(arch)
     prompts = [[rng.randrange(100, 49000) for _ in range(n)] for n in (5, 40, 17, 90, 1, 33)]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=5)
-    # budget 48: prompts split into chunks that share steps with running decodes
-    fused, modules = _engine(tiny_model_dir(arch), 48), _engine(tiny_model_dir(arch), 48)
+    # budget 48: prompts split into chunks that share steps with running decodes (and, for
+    # int8, steps past linear_w8's rows: linear_w8_gemm)
+    fused, modules = (_engine(tiny_model_dir(arch), 48, dtype, **options) for _ in range(2))
     model = fused.executor.runner.model
-    assert model._dense is not None
+    assert model._dense is not None and model._dense.kind == code
     calls = 0
     run = model._dense_layers
 
@@ -66,7 +79,9 @@ def test_kernel_plan_decides_the_model_paths(tiny_model_dir, kernel_plan):
     runner = _engine(tiny_model_dir("llama"), 64).executor.runner
     assert runner.kernels == kernel_plan
     model = runner.model
-    assert (model._dense is not None) == kernel_plan.dense_layers
+    assert (model._dense is not None) == kernel_plan.amx  # bf16: only AMX's linears are in it
+    f32 = _engine(tiny_model_dir("llama"), 64, "float32").executor.runner.model
+    assert (f32._dense is not None) == kernel_plan.f32_packed == kernel_plan.dense_layers
     methods = [m.linear_method for m in model.modules() if isinstance(m, LinearLayer)]
     assert any(isinstance(m, AmxLinear) for m in methods) == kernel_plan.amx
     assert model.norm.native == kernel_plan.native

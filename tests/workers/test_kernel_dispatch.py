@@ -86,7 +86,8 @@ def _info(features: set[str], paths: str, cpu: set[str] | None = None, permitted
 )
 def test_plan_per_machine_class(info, want):
     assert KernelPlan.from_info(info, onednn_bf16=False) == want
-    assert want.dense_layers == want.greedy_head == want.amx
+    assert want.greedy_head == want.amx
+    assert want.dense_layers == (want.amx or want.f32_packed or want.w8)
 
 
 def test_model_kernels_choice():

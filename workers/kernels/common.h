@@ -277,7 +277,8 @@ inline int64_t w8_group_size(const at::Tensor& scales, int64_t N, int64_t K) {
 }
 
 // The ops, for kernels that call each other (dense_layers.cpp); defined in cpu_ops.cpp,
-// paged_attention.cpp, prefill_attention.cpp, prefill_attention_f32.cpp, gemm_amx.cpp.
+// paged_attention.cpp, prefill_attention.cpp, prefill_attention_f32.cpp, gemm_amx.cpp,
+// gemm_f32.cpp, gemm_w8.cpp.
 void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps);
 void fused_add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& weight, double eps);
 void rotary_embedding(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin);
@@ -300,5 +301,11 @@ bool paged_prefill_attention_f32(at::Tensor out, const at::Tensor& q, const at::
 bool amx_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& wp,
                 const c10::optional<at::Tensor>& bias);
 bool amx_swiglu(at::Tensor out, const at::Tensor& x, const at::Tensor& wp);
+bool linear_f32_packed(at::Tensor out, const at::Tensor& x, const at::Tensor& wp,
+                       const c10::optional<at::Tensor>& bias);
+bool linear_w8(at::Tensor out, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+               const c10::optional<at::Tensor>& bias);
+bool linear_w8_gemm(at::Tensor out, const at::Tensor& x, const at::Tensor& w,
+                    const at::Tensor& scales, const c10::optional<at::Tensor>& bias);
 
 }  // namespace flotilla

@@ -542,7 +542,8 @@ TORCH_LIBRARY(flotilla, m) {
       "dense_layers(Tensor x, Tensor[] weights, Tensor[] kv_caches, Tensor cos, Tensor sin, "
       "Tensor slots, Tensor? decode_tables, Tensor? decode_lens, Tensor? prefill_tables, "
       "Tensor? q_starts, Tensor? q_lens, Tensor? start_pos, int num_heads, int num_kv_heads, "
-      "int head_dim, int intermediate, float scale, int[] windows, float eps) -> Tensor");
+      "int head_dim, int intermediate, float scale, int[] windows, float eps, int kind, "
+      "int small_rows) -> Tensor");
   m.def(
       "rope_qkv_cache(Tensor(a!) q_out, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor qkv, "
       "Tensor cos, Tensor sin, Tensor slots) -> ()");

@@ -81,7 +81,7 @@ class KernelPlan:
     native: bool = False  # norms, rotary, SiLU-and-mul, KV write, decode attention, row argmax
     prefill_attention: bool = False  # paged_prefill_attention takes bf16 (AVX512-BF16, AMX)
     prefill_attention_f32: bool = False  # ... and float32, over float32 / int8 caches (AVX2+FMA)
-    amx: bool = False  # AMX tiles: packed linears, fused SwiGLU, greedy head, dense_layers
+    amx: bool = False  # AMX tiles: packed linears, fused SwiGLU, greedy head
     gemv_bf16: bool = False  # small-batch bf16 linears by gemv_bf16 (AVX512-BF16)
     gemv_max_rows: int = 0  # ... up to this many rows (oneDNN wins past it)
     onednn_bf16: bool = False  # torch's oneDNN bf16 GEMM: prepacked weights pay off
@@ -94,8 +94,9 @@ class KernelPlan:
 
     @property
     def dense_layers(self) -> bool:
-        """The one-call forward (its linears are the AMX kernel's)."""
-        return self.amx
+        """The one-call forward (its linears: the AMX kernel's, the packed float32 GEMM's or
+        the int8 kernels'; a model whose linears are none of these keeps the modules)."""
+        return self.amx or self.f32_packed or self.w8
 
     @property
     def greedy_head(self) -> bool:

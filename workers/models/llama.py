@@ -28,7 +28,7 @@ from parallel.layers import (
 from parallel.moe import EP_SINGLE, EPGroup, FusedExperts, route
 from workers.attention import AttentionMetadata, paged_attention
 from workers.kernels.dispatch import KernelPlan
-from workers.linear_methods import AMX_MAX_ROWS, AmxSwiGLU, attach_linear_methods
+from workers.linear_methods import AmxSwiGLU, attach_linear_methods
 from workers.models import native_forward
 from workers.models.rope import apply_rope, rope_tables
 
@@ -67,7 +67,9 @@ class LlamaArch:
     def from_hf(cls, cfg) -> LlamaArch:
         mt = cfg.model_type
         if mt not in SUPPORTED:
-            raise ValueError(f"model_type={mt!r} is not supported (supported: {', '.join(SUPPORTED)})")
+            raise ValueError(
+                f"model_type={mt!r} is not supported (supported: {', '.join(SUPPORTED)})"
+            )
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         attn_bias = bool(getattr(cfg, "attention_bias", False))
@@ -200,7 +202,9 @@ class LlamaAttention(nn.Module):
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = arch.head_dim
-        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, arch.o_bias, tp)
+        self.o_proj = RowParallelLinear(
+            arch.num_heads * arch.head_dim, arch.hidden_size, arch.o_bias, tp
+        )
         if arch.qk_norm:
             self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
             self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
@@ -222,7 +226,12 @@ class LlamaAttention(nn.Module):
             # write, in one pass: the same bits as the three ops below (tested)
             q = qkv.new_empty(T, self.num_heads, self.head_dim)
             torch.ops.flotilla.rope_qkv_cache(
-                q, kv_cache[0], kv_cache[1], qkv, cos.view(T, -1), sin.view(T, -1),
+                q,
+                kv_cache[0],
+                kv_cache[1],
+                qkv,
+                cos.view(T, -1),
+                sin.view(T, -1),
                 meta.slot_mapping,
             )
             o = paged_attention(q, None, None, kv_cache, meta, self.scale, self.window)
@@ -354,10 +363,7 @@ class LlamaForCausalLM(nn.Module):
         if self.is_first:
             self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp)
         self.layers = nn.ModuleDict(
-            {
-                str(i): LlamaLayer(arch, i, tp, ep)
-                for i in range(self.first_layer, self.last_layer)
-            }
+            {str(i): LlamaLayer(arch, i, tp, ep) for i in range(self.first_layer, self.last_layer)}
         )
         if self.is_last:
             self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
@@ -392,8 +398,8 @@ class LlamaForCausalLM(nn.Module):
         if (
             num_layers is None
             and self._dense is not None
-            and x.shape[0] <= AMX_MAX_ROWS
-            and dtype == torch.bfloat16
+            and x.shape[0] <= native_forward.DENSE_MAX_ROWS
+            and dtype == self._dense.dtype
             and meta.native
             and kv_caches[0].dtype == dtype  # not the int8 KV cache (workers/kv_int8.py)
         ):
@@ -413,7 +419,7 @@ class LlamaForCausalLM(nn.Module):
         """Take the paths `plan` (workers/kernels/dispatch.py) allows: norms, rotary and
         SiLU-and-mul through the C++ CPU ops, each linear's method (workers/linear_methods.py;
         `prepack`: keep packed bf16 weights), and, where every layer can, steps of up to
-        AMX_MAX_ROWS tokens through all layers in one native call (dense_layers)."""
+        DENSE_MAX_ROWS tokens through all layers in one native call (dense_layers)."""
         swiglu = frozenset(
             m.gate_up_proj for m in self.modules() if isinstance(m, LlamaMLP) and m.fused_swiglu
         )
@@ -423,7 +429,7 @@ class LlamaForCausalLM(nn.Module):
                 m.native = plan.native
         self._dense = native_forward.dense_weights(self) if plan.dense_layers else None
 
-    _dense: list[torch.Tensor] | None = None
+    _dense: native_forward.DenseWeights | None = None
     compiled = None  # workers.models.compiled.CompiledLayers, set by the model runner
 
     def _dense_layers(
@@ -472,7 +478,9 @@ class LlamaForCausalLM(nn.Module):
             if param is None:
                 if name == "lm_head.weight" and self.arch.tie_word_embeddings:
                     continue
-                raise ValueError(f"checkpoint tensor {name!r} has no parameter in {self.arch.model_type}")
+                raise ValueError(
+                    f"checkpoint tensor {name!r} has no parameter in {self.arch.model_type}"
+                )
             loader = getattr(param, "weight_loader", None)
             if loader is None:
                 param.data.copy_(tensor)
