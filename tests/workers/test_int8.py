@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from int8_support import int8_layers
 
 from parallel.layers import (
     ColumnParallelLinear,
-    MergedColumnParallelLinear,
-    QKVParallelLinear,
-    RowParallelLinear,
     TPGroup,
 )
 from workers.quantization import QUANT_MAX, dequantize, quantize_rows, use_int8_weights
@@ -143,31 +141,9 @@ def test_int8_loads_sharded_like_tp1():
     """tp=2: every rank's int8 rows and scales are the tp=1 layer's, sliced as the layer shards
     its output channels (column-parallel: rows and scales; QKV with a replicated KV head;
     merged gate|up) or its input dim (row-parallel: int8 columns, scales whole)."""
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(12, 16, generator=g)
-    wq, wk, wv = (torch.randn(n, 16, generator=g) for n in (8, 4, 4))
-    gate, up = torch.randn(6, 16, generator=g), torch.randn(6, 16, generator=g)
-
-    def build(tp: TPGroup) -> dict:
-        col, row = ColumnParallelLinear(16, 12, False, tp), RowParallelLinear(16, 12, False, tp)
-        qkv = QKVParallelLinear(16, 4, 2, 1, False, tp)  # 1 KV head: replicated at tp=2
-        mlp = MergedColumnParallelLinear(16, [6, 6], False, tp)
-        for m in (col, row, qkv, mlp):
-            use_int8_weights(m)
-        col.weight.weight_loader(col.weight, w)
-        row.weight.weight_loader(row.weight, w)
-        for sid, t in (("q", wq), ("k", wk), ("v", wv)):
-            qkv.weight.weight_loader(qkv.weight, t, sid)
-        mlp.weight.weight_loader(mlp.weight, gate, 0)
-        mlp.weight.weight_loader(mlp.weight, up, 1)
-        return {
-            n: (m.weight.data, m.weight_scale.data)
-            for n, m in dict(col=col, row=row, qkv=qkv, mlp=mlp).items()
-        }
-
-    full = build(TPGroup())
+    full = int8_layers(TPGroup(), 16)
     for rank in range(2):
-        part = build(TPGroup(rank, 2))
+        part = int8_layers(TPGroup(rank, 2), 16)
         (qc, sc), (qr, sr) = full["col"], full["row"]
         assert torch.equal(part["col"][0], qc[6 * rank : 6 * rank + 6])
         assert torch.equal(part["col"][1], sc[6 * rank : 6 * rank + 6])

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from int8_support import int8_layers
 
 from parallel.layers import (
     ColumnParallelLinear,
-    MergedColumnParallelLinear,
-    QKVParallelLinear,
     RowParallelLinear,
     TPGroup,
 )
@@ -177,32 +176,10 @@ def test_group_scales_load_sharded_like_tp1():
     weight's own loader: rows for column-parallel (QKV with a replicated KV head, merged
     gate|up), and for row-parallel the columns with their groups (K / tp = 32 = 2 groups)."""
     G = 16
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(12, 64, generator=g)
-    wq, wk, wv = (torch.randn(n, 64, generator=g) for n in (8, 4, 4))
-    gate, up = torch.randn(6, 64, generator=g), torch.randn(6, 64, generator=g)
-
-    def build(tp: TPGroup) -> dict:
-        col, row = ColumnParallelLinear(64, 12, False, tp), RowParallelLinear(64, 12, False, tp)
-        qkv = QKVParallelLinear(64, 4, 2, 1, False, tp)  # 1 KV head: replicated at tp=2
-        mlp = MergedColumnParallelLinear(64, [6, 6], False, tp)
-        for m in (col, row, qkv, mlp):
-            use_int8_weights(m, G)
-        col.weight.weight_loader(col.weight, w)
-        row.weight.weight_loader(row.weight, w)
-        for sid, t in (("q", wq), ("k", wk), ("v", wv)):
-            qkv.weight.weight_loader(qkv.weight, t, sid)
-        mlp.weight.weight_loader(mlp.weight, gate, 0)
-        mlp.weight.weight_loader(mlp.weight, up, 1)
-        return {
-            n: (m.weight.data, m.weight_scale.data)
-            for n, m in dict(col=col, row=row, qkv=qkv, mlp=mlp).items()
-        }
-
-    full = build(TPGroup())
+    full = int8_layers(TPGroup(), 64, G)
     assert full["row"][1].shape == (12, 4)
     for rank in range(2):
-        part = build(TPGroup(rank, 2))
+        part = int8_layers(TPGroup(rank, 2), 64, G)
         (qc, sc), (qr, sr) = full["col"], full["row"]
         assert torch.equal(part["col"][0], qc[6 * rank : 6 * rank + 6])
         assert torch.equal(part["col"][1], sc[6 * rank : 6 * rank + 6])
