@@ -1,6 +1,7 @@
-"""What the int8 tests share: the four kinds of linear layer (column-, row-parallel, QKV with
-one KV head, merged gate|up), quantized at load and loaded from the same float weights, at a
-given tensor-parallel rank -- to compare each rank's shards with the tp=1 layer's."""
+"""What the int8 tests share: the float64 reference of an int8 linear and its error bound (per
+channel or group-wise scales), and the four kinds of linear layer (column-, row-parallel, QKV
+with one KV head, merged gate|up), quantized at load and loaded from the same float weights,
+at a given tensor-parallel rank -- to compare each rank's shards with the tp=1 layer's."""
 
 from __future__ import annotations
 
@@ -13,7 +14,21 @@ from parallel.layers import (
     RowParallelLinear,
     TPGroup,
 )
-from workers.quantization import use_int8_weights
+from workers.quantization import dequantize, use_int8_weights
+
+
+def reference(x, q, s, bias):
+    """x @ (q * s)^T (+ bias) in float64, for [N] or [N, K / G] scales."""
+    w = dequantize(q, s, torch.float32).double()
+    ref = x.double() @ w.T
+    return ref if bias is None else ref + bias.double()
+
+
+def bound(x, q, s, ref, dtype):
+    """float32 summation error, plus one rounding of the output to bf16."""
+    w = dequantize(q, s, torch.float32).double()
+    err = 1e-5 * (x.double().abs() @ w.abs().T) + 1e-6
+    return err + (ref.abs() * 2**-8 if dtype == torch.bfloat16 else 0)
 
 
 def float_weights(k: int) -> tuple[torch.Tensor, ...]:

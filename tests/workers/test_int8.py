@@ -6,24 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from int8_support import bound as _bound
 from int8_support import int8_layers
+from int8_support import reference as _reference
 
 from parallel.layers import (
     ColumnParallelLinear,
     TPGroup,
 )
 from workers.quantization import QUANT_MAX, dequantize, quantize_rows, use_int8_weights
-
-
-def _reference(x, q, s, bias):
-    ref = x.double() @ (q.double() * s.double()[:, None]).T
-    return ref if bias is None else ref + bias.double()
-
-
-def _bound(x, q, s, ref, dtype):
-    """float32 summation error, plus one rounding of the output to bf16."""
-    err = 1e-5 * (x.double().abs() @ (q.double() * s.double()[:, None]).abs().T) + 1e-6
-    return err + (ref.abs() * 2**-8 if dtype == torch.bfloat16 else 0)
 
 
 def test_quantize_round_trip_within_half_a_step():
@@ -99,56 +90,73 @@ def test_linear_w8_gemm_is_the_packed_gemm_on_the_dequantized_weight(M, N, K, ne
         torch.ops.flotilla.linear_w8_gemm(out.float(), x, q.float(), s, None)
 
 
-def _int8_layer(n: int, k: int, bias: bool, g: torch.Generator, dtype=torch.float32) -> tuple:
+def _int8_layer(
+    n: int, k: int, bias: bool, g: torch.Generator, dtype=torch.float32, group=None
+) -> tuple:
     layer = ColumnParallelLinear(k, n, bias)
-    use_int8_weights(layer)
+    use_int8_weights(layer, group)
     w = torch.randn(n, k, generator=g)
     layer.weight.weight_loader(layer.weight, w)
     if bias:
         layer.bias.data = torch.randn(n, generator=g).to(dtype)
-    q, s = quantize_rows(w)
+    q, s = quantize_rows(w, group)
     assert torch.equal(layer.weight, q) and torch.equal(layer.weight_scale, s)
     return layer, q, s
 
 
+@pytest.mark.parametrize("group", [None, 32])
 @pytest.mark.parametrize("rows", [1, 3, 32, 33, 100])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("native", [True, False])
-def test_int8_linear_paths_match_float64(rows, dtype, native, kernel_plan):
+def test_int8_linear_paths_match_float64(rows, dtype, native, group, kernel_plan):
     """Int8Linear through the path the plan gives it: the kernel up to w8_max_rows, then
-    linear_w8_gemm (float32) or _weight_int8pack_mm (bf16); native=False: the
-    fallbacks at every row count (a machine without the kernel)."""
+    linear_w8_gemm (float32) or, bf16, _weight_int8pack_mm (per channel; group-wise scales
+    [N, K / 32]: torch on the dequantized weight, the op has one scale per channel);
+    native=False: the fallbacks at every row count (a machine without the kernel)."""
     from workers.linear_methods import Int8Linear, attach_linear_methods
 
     g = torch.Generator().manual_seed(rows)
-    layer, q, s = _int8_layer(96, 200, True, g, dtype)
+    k = 200 if group is None else 192
+    layer, q, s = _int8_layer(96, k, True, g, dtype, group)
     if native:
         attach_linear_methods(layer, kernel_plan)
     else:
         layer.linear_method = Int8Linear(max_rows=0)
     assert isinstance(layer.linear_method, Int8Linear)
-    x = torch.randn(rows, 200, generator=g).to(dtype)
+    x = torch.randn(rows, k, generator=g).to(dtype)
     got = layer(x)
     assert got.dtype == dtype and got.shape == (rows, 96)
     ref = _reference(x, q, s, layer.bias)
     bound = _bound(x, q, s, ref, dtype)
-    if dtype == torch.bfloat16:  # torch's bf16 paths round the scales and sums to bf16 too
+    if dtype == torch.bfloat16 and group is None:  # bf16 paths round scales and sums to bf16
         bound = bound * 2 + ref.abs() * 2**-7 + 0.05
+    elif dtype == torch.bfloat16:  # torch's bf16 path: each weight rounded to bf16 (<= 2^-9)
+        w = dequantize(q, s, torch.float32).double()
+        bound = bound * 2 + (x.double().abs() @ w.abs().T) * 2**-8
     assert ((got.double() - ref).abs() <= bound).all()
 
 
-def test_int8_loads_sharded_like_tp1():
+@pytest.mark.parametrize(("k", "group"), [(16, None), (64, 16)])
+def test_int8_loads_sharded_like_tp1(k, group):
     """tp=2: every rank's int8 rows and scales are the tp=1 layer's, sliced as the layer shards
     its output channels (column-parallel: rows and scales; QKV with a replicated KV head;
-    merged gate|up) or its input dim (row-parallel: int8 columns, scales whole)."""
-    full = int8_layers(TPGroup(), 16)
+    merged gate|up) or its input dim (row-parallel: int8 columns; per-channel scales whole,
+    group-wise [N, K / G] scales sliced with their columns by the weight's own loader: here
+    K / tp = 32 = 2 groups of 16)."""
+    full = int8_layers(TPGroup(), k, group)
+    half = k // 2
     for rank in range(2):
-        part = int8_layers(TPGroup(rank, 2), 16)
+        part = int8_layers(TPGroup(rank, 2), k, group)
         (qc, sc), (qr, sr) = full["col"], full["row"]
         assert torch.equal(part["col"][0], qc[6 * rank : 6 * rank + 6])
         assert torch.equal(part["col"][1], sc[6 * rank : 6 * rank + 6])
-        assert torch.equal(part["row"][0], qr[:, 8 * rank : 8 * rank + 8])
-        assert torch.equal(part["row"][1], sr)
+        assert torch.equal(part["row"][0], qr[:, half * rank : half * (rank + 1)])
+        if group is None:
+            assert torch.equal(part["row"][1], sr)
+        else:
+            g = half // group
+            assert sr.shape == (12, k // group)
+            assert torch.equal(part["row"][1], sr[:, g * rank : g * (rank + 1)])
         qf, sf = full["qkv"]  # q rows 0-7 (2 heads x 4), k 8-11, v 12-15
         keep = [*range(4 * rank, 4 * rank + 4), *range(8, 16)]
         assert torch.equal(part["qkv"][0], qf[keep]) and torch.equal(part["qkv"][1], sf[keep])

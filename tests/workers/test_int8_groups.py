@@ -8,31 +8,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from int8_support import int8_layers
+from int8_support import bound as _bound
+from int8_support import reference as _reference
 
 from parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     TPGroup,
 )
-from workers.quantization import QUANT_MAX, dequantize, quantize_rows, use_int8_weights
+from workers.quantization import QUANT_MAX, dequantize, quantize_rows
 
 ROWS = (1, 2, 3, 4, 5, 17, 64)
 # (K, G): every G of 16-128 that divides K, for the decode and MLP widths of SmolLM2
 SHAPES = [(k, g) for k in (64, 576, 1536) for g in (16, 32, 64, 128) if k % g == 0]
-
-
-def _reference(x, q, s, bias):
-    w = dequantize(q, s, torch.float32).double()
-    ref = x.double() @ w.T
-    return ref if bias is None else ref + bias.double()
-
-
-def _bound(x, q, s, ref, dtype):
-    """float32 summation error, plus one rounding of the output to bf16."""
-    w = dequantize(q, s, torch.float32).double()
-    err = 1e-5 * (x.double().abs() @ w.abs().T) + 1e-6
-    return err + (ref.abs() * 2**-8 if dtype == torch.bfloat16 else 0)
 
 
 def test_group_round_trip_within_half_a_step():
@@ -130,67 +118,6 @@ def test_groups_the_vector_loop_cannot_take_are_declined(kernel_plan):
         for bad in (torch.ones(8, 5), torch.ones(7), torch.ones(7, 4), torch.ones(8, 4, 1)):
             with pytest.raises(RuntimeError, match="scales \\[N\\] or \\[N, K / G\\]"):
                 op(out, x, q, bad, None)
-
-
-def _int8_layer(n: int, k: int, group: int, g: torch.Generator, dtype) -> tuple:
-    layer = ColumnParallelLinear(k, n, True)
-    use_int8_weights(layer, group)
-    w = torch.randn(n, k, generator=g)
-    layer.weight.weight_loader(layer.weight, w)
-    layer.bias.data = torch.randn(n, generator=g).to(dtype)
-    q, s = quantize_rows(w, group)
-    assert torch.equal(layer.weight, q) and torch.equal(layer.weight_scale, s)
-    return layer, q, s
-
-
-@pytest.mark.parametrize("rows", [1, 3, 32, 33, 100])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("native", [True, False])
-def test_int8_linear_group_paths_match_float64(rows, dtype, native, kernel_plan):
-    """Int8Linear with [N, K / 32] scales through the plan's path: linear_w8 up to w8_max_rows,
-    then linear_w8_gemm (float32) or, bf16, torch on the dequantized weight
-    (_weight_int8pack_mm has one scale per channel); native=False: torch at every row count
-    (model.kernels: torch, or a CPU without the kernels)."""
-    from workers.linear_methods import Int8Linear, attach_linear_methods
-
-    g = torch.Generator().manual_seed(rows)
-    layer, q, s = _int8_layer(96, 192, 32, g, dtype)
-    if native:
-        attach_linear_methods(layer, kernel_plan)
-    else:
-        layer.linear_method = Int8Linear(max_rows=0)
-    assert isinstance(layer.linear_method, Int8Linear)
-    x = torch.randn(rows, 192, generator=g).to(dtype)
-    got = layer(x)
-    assert got.dtype == dtype and got.shape == (rows, 96)
-    ref = _reference(x, q, s, layer.bias)
-    bound = _bound(x, q, s, ref, dtype)
-    if dtype == torch.bfloat16:  # torch's bf16 path: each weight rounded to bf16 (<= 2^-9)
-        w = dequantize(q, s, torch.float32).double()
-        bound = bound * 2 + (x.double().abs() @ w.abs().T) * 2**-8
-    assert ((got.double() - ref).abs() <= bound).all()
-
-
-def test_group_scales_load_sharded_like_tp1():
-    """tp=2: every rank's int8 weight and [N, K / G] scales are the tp=1 layer's, sliced by the
-    weight's own loader: rows for column-parallel (QKV with a replicated KV head, merged
-    gate|up), and for row-parallel the columns with their groups (K / tp = 32 = 2 groups)."""
-    G = 16
-    full = int8_layers(TPGroup(), 64, G)
-    assert full["row"][1].shape == (12, 4)
-    for rank in range(2):
-        part = int8_layers(TPGroup(rank, 2), 64, G)
-        (qc, sc), (qr, sr) = full["col"], full["row"]
-        assert torch.equal(part["col"][0], qc[6 * rank : 6 * rank + 6])
-        assert torch.equal(part["col"][1], sc[6 * rank : 6 * rank + 6])
-        assert torch.equal(part["row"][0], qr[:, 32 * rank : 32 * rank + 32])
-        assert torch.equal(part["row"][1], sr[:, 2 * rank : 2 * rank + 2])
-        qf, sf = full["qkv"]  # q rows 0-7 (2 heads x 4), k 8-11, v 12-15
-        keep = [*range(4 * rank, 4 * rank + 4), *range(8, 16)]
-        assert torch.equal(part["qkv"][0], qf[keep]) and torch.equal(part["qkv"][1], sf[keep])
-        qm, sm = full["mlp"]
-        keep = [*range(3 * rank, 3 * rank + 3), *range(6 + 3 * rank, 9 + 3 * rank)]
-        assert torch.equal(part["mlp"][0], qm[keep]) and torch.equal(part["mlp"][1], sm[keep])
 
 
 def test_input_dims_not_whole_groups_are_refused():
