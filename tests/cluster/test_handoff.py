@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.config import CacheConfig, EngineConfig
+from cluster.config import CacheConfig, EngineConfig, SchedulerConfig
 from cluster.engine import LLMEngine
 from workers.config import ModelConfig
 from workers.sampling_params import SamplingParams
@@ -45,7 +45,8 @@ def _split(engines, prompt, params, rid, import_kv=True, move_after=1):
             return head.token_ids, head.text, head.finish_reason, None
         assert head.kv is not None
         kv_tokens, data = head.kv
-        assert kv_tokens == prompt[: len(prompt) // BLOCK * BLOCK]
+        bs = prefill.block_manager.block_size
+        assert kv_tokens == prompt[: len(prompt) // bs * bs]
         if import_kv and kv_tokens:
             assert decode.import_kv(kv_tokens, data) == len(kv_tokens)
     else:  # a migration: the first group streamed `move_after` tokens, then died
@@ -125,6 +126,47 @@ def test_a_request_that_ends_at_its_first_token_is_not_handed_off(engines):
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     tokens, _, reason, kv = _split(engines, PROMPTS[0], params, "one")
     assert reason == "length" and len(tokens) == 1 and kv is None
+
+
+def _model_engines(path: str, block: int) -> tuple[LLMEngine, ...]:
+    """Colocated, prefill, decode: chunked prefill (32-token budget, so the longer prompts
+    take several chunks, beside the decodes of the others) and the prefix cache on."""
+    cfg = EngineConfig(
+        model=ModelConfig(model=path, dtype="float32"),
+        cache=CacheConfig(block_size=block, num_blocks=256),
+        scheduler=SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4),
+    )
+    return LLMEngine(cfg), LLMEngine(cfg), LLMEngine(cfg)
+
+
+@pytest.mark.parametrize("model", ["smollm2", "qwen3"])
+def test_models_hand_off_exactly_with_chunks_and_prefix_hits(model, tiny_model_dir, smollm2_path):
+    """SmolLM2 (the real model) and a random Qwen3: prompts of mixed lengths, chunked prefill,
+    and prefix hits on both sides -- the later prompts share the first one's 48-token prefix,
+    so the prefill engine serves it from its cache and the decode engine already holds it from
+    the first import -- give exactly the colocated engine's greedy tokens."""
+    path, block = (smollm2_path, 16) if model == "smollm2" else (tiny_model_dir("qwen3"), BLOCK)
+    engines = _model_engines(path, block)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    shared = [200 + (17 * i) % 900 for i in range(48)]
+    prompts = [
+        shared + [7, 8, 9],
+        shared + [500 + i for i in range(41)],  # 89 tokens: 3 chunks
+        [400 + (7 * i) % 600 for i in range(70)],
+        shared + [11, 12],
+    ]
+    prefill = engines[1]
+    for i, prompt in enumerate(prompts):
+        want = _colocated(engines, prompt, params, f"{model}-c{i}")
+        hits = prefill.block_manager.prefix_hits
+        got = _split(engines, prompt, params, f"{model}-s{i}")
+        assert got[:3] == want, (model, i)
+        assert got[3] is None or got[3].num_cached_tokens == len(prompt) // block * block
+        if i > 0 and prompt[:48] == shared:  # the prefill side's prefix hit
+            assert prefill.block_manager.prefix_hits - hits >= 48, (model, i)
+    for e in engines:
+        assert not e.has_unfinished()
+        assert e.block_manager.num_free_blocks == e.block_manager.num_blocks
 
 
 def test_every_block_is_free_or_cached_afterwards(engines):
