@@ -12,8 +12,7 @@
 //   0 AMX (bf16): amx_linear; gate|up and SiLU-and-mul fused by amx_swiglu
 //   1 float32 packed at load: linear_f32_packed
 //   2 int8 weights (per-channel or group-wise scales in `aux`): linear_w8 up to `small_rows`
-//     rows, linear_w8_gemm past it, else F.linear on the dequantized weight (Int8Linear's
-//     order); float32 activations only
+//     rows, linear_w8_gemm past it (Int8Linear's order); float32 activations only
 // Weights: kPerLayer tensors per layer (see dense_weights in workers/models/native_forward.py):
 //   input norm, post-attention norm, QKV bias (or empty), then (weight, aux) for qkv, o,
 //   gate|up and down; aux is the int8 scales, empty otherwise.
@@ -25,28 +24,12 @@
 //   x = attn W_o^T; residual add + rmsnorm; silu(x W_g^T) * (x W_u^T); x = . W_down^T
 // and the last layer's x + residual is returned (what the next pipeline stage receives).
 
-#include <ATen/ops/linear.h>
-
 #include "common.h"
 
 namespace flotilla {
 
-namespace {
-
-enum Kind : int64_t { kAmx = 0, kF32Packed = 1, kInt8 = 2 };
-
-// Int8Linear's torch fallback, the same ops: workers/quantization.dequantize, then F.linear.
-at::Tensor dequantized_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
-                              const c10::optional<at::Tensor>& bias) {
-  at::Tensor w = q.to(at::kFloat);
-  if (scale.dim() == 1)
-    w.mul_(scale.unsqueeze(1));
-  else
-    w.view({q.size(0), scale.size(1), -1}).mul_(scale.unsqueeze(2));
-  return at::linear(x, w, bias);
-}
-
-}  // namespace
+// dense_layers' `kind`, as workers/models/native_forward.py numbers it
+enum DenseKind : int64_t { kAmx = 0, kF32Packed = 1, kInt8 = 2 };
 
 at::Tensor dense_layers(const at::Tensor& x_in, at::TensorList weights, at::TensorList kv_caches,
                         const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
@@ -94,10 +77,11 @@ at::Tensor dense_layers(const at::Tensor& x_in, at::TensorList weights, at::Tens
       case kF32Packed:
         TORCH_CHECK(linear_f32_packed(out, in, w, b), "dense_layers: linear_f32_packed declined");
         return out;
-      default:
-        if (T <= small_rows ? linear_w8(out, in, w, aux, b) : linear_w8_gemm(out, in, w, aux, b))
-          return out;
-        return dequantized_linear(in, w, aux, b);
+      default:  // (both take what dense_weights admits: float32, G a multiple of 16)
+        TORCH_CHECK(T <= small_rows ? linear_w8(out, in, w, aux, b)
+                                    : linear_w8_gemm(out, in, w, aux, b),
+                    "dense_layers: the int8 linear declined");
+        return out;
     }
   };
   at::Tensor x = x_in, residual;

@@ -67,9 +67,7 @@ class LlamaArch:
     def from_hf(cls, cfg) -> LlamaArch:
         mt = cfg.model_type
         if mt not in SUPPORTED:
-            raise ValueError(
-                f"model_type={mt!r} is not supported (supported: {', '.join(SUPPORTED)})"
-            )
+            raise ValueError(f"model_type={mt!r} is not supported (supported: {', '.join(SUPPORTED)})")
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         attn_bias = bool(getattr(cfg, "attention_bias", False))
@@ -202,9 +200,7 @@ class LlamaAttention(nn.Module):
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = arch.head_dim
-        self.o_proj = RowParallelLinear(
-            arch.num_heads * arch.head_dim, arch.hidden_size, arch.o_bias, tp
-        )
+        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, arch.o_bias, tp)
         if arch.qk_norm:
             self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
             self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
@@ -226,12 +222,7 @@ class LlamaAttention(nn.Module):
             # write, in one pass: the same bits as the three ops below (tested)
             q = qkv.new_empty(T, self.num_heads, self.head_dim)
             torch.ops.flotilla.rope_qkv_cache(
-                q,
-                kv_cache[0],
-                kv_cache[1],
-                qkv,
-                cos.view(T, -1),
-                sin.view(T, -1),
+                q, kv_cache[0], kv_cache[1], qkv, cos.view(T, -1), sin.view(T, -1),
                 meta.slot_mapping,
             )
             o = paged_attention(q, None, None, kv_cache, meta, self.scale, self.window)
@@ -363,7 +354,10 @@ class LlamaForCausalLM(nn.Module):
         if self.is_first:
             self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp)
         self.layers = nn.ModuleDict(
-            {str(i): LlamaLayer(arch, i, tp, ep) for i in range(self.first_layer, self.last_layer)}
+            {
+                str(i): LlamaLayer(arch, i, tp, ep)
+                for i in range(self.first_layer, self.last_layer)
+            }
         )
         if self.is_last:
             self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)

@@ -30,6 +30,7 @@ class DenseWeights(NamedTuple):
     dtype: torch.dtype  # the activations it serves
     small_rows: int  # int8: linear_w8 up to this many rows (Int8Linear.max_rows)
     tensors: list[torch.Tensor]
+    windows: list[int]  # each layer's sliding window (0: none), fixed at load
 
 
 def _kind(methods: list) -> tuple[int, torch.dtype, int] | None:
@@ -76,11 +77,12 @@ def dense_weights(model: LlamaForCausalLM) -> DenseWeights | None:
         for lin, m in zip(linears, methods, strict=True):
             if isinstance(m, Int8Linear):
                 out += [lin.weight, lin.weight_scale]
-            else:  # AMX / float32: the packed weight (AmxLinear's bias is the layer's)
+            else:  # AMX / float32: the packed weight (only the QKV bias exists: above)
                 out += [m.packed, empty]
     if kind is None:
         return None
-    return DenseWeights(kind[0], kind[1], kind[2], out)
+    windows = [layer.self_attn.window or 0 for layer in model.layers.values()]
+    return DenseWeights(kind[0], kind[1], kind[2], out, windows)
 
 
 def dense_layers(
@@ -108,7 +110,7 @@ def dense_layers(
         attn.head_dim,
         model.arch.intermediate_size,
         attn.scale,
-        [layer.self_attn.window or 0 for layer in model.layers.values()],
+        dense.windows,
         model.arch.rms_norm_eps,
         dense.kind,
         dense.small_rows,
