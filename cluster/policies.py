@@ -17,6 +17,10 @@
   ttft_target_ms), the step takes what fits under `max_step_ms` instead. So the
   stream-protecting cap holds while the queue is short, and gives way -- bounded -- under
   queue pressure, when small chunks would only add steps to everyone's time to first token.
+  The scheduler may also grant one such step when every stream in it can afford a stall
+  (`stall_interval_tokens`: none in its last N tokens): a prompt that arrives while few streams
+  run is then prefilled at once, each stream seeing one long gap instead of several at the
+  target, and a stream's p99 ITL counts one long gap in 128 as noise.
   It goes straight to the ceiling rather than to the smallest chunk that would just meet the
   deadlines: every step over the target is a stall for every stream, and a few large ones
   leave most of a stream's gaps under the target (its p99 ITL), where a run of slightly long
@@ -78,15 +82,17 @@ class Pending(NamedTuple):
 
 
 class PrefillCap(Protocol):
-    def limit(self, num_decodes: int, pending: Sequence[Pending], now: float) -> int | None:
+    def limit(
+        self, num_decodes: int, pending: Sequence[Pending], now: float, may_stall: bool = False
+    ) -> int | None:
         """Most prefill tokens for a step that also runs `num_decodes` (> 0) decodes, given the
-        prompts waiting for a first token in service order; None: no cap beyond the step's
-        token budget."""
+        prompts waiting for a first token in service order and whether every decode can afford
+        a stall; None: no cap beyond the step's token budget."""
         ...
 
 
 class NoCap:
-    def limit(self, num_decodes: int, pending: Sequence[Pending], now: float) -> int | None:
+    def limit(self, num_decodes, pending, now, may_stall=False) -> int | None:
         return None
 
 
@@ -94,13 +100,14 @@ class FixedCap:
     def __init__(self, tokens: int):
         self.tokens = tokens
 
-    def limit(self, num_decodes: int, pending: Sequence[Pending], now: float) -> int | None:
+    def limit(self, num_decodes, pending, now, may_stall=False) -> int | None:
         return self.tokens
 
 
 class AutoCap:
-    """Sized from the step-time model; uncapped until the model has seen enough steps. With
-    `ttft_s`, raised to what fits in `max_step_s` while a prompt would miss its deadline."""
+    """Sized from the step-time model; uncapped until the model has seen enough steps. Raised
+    to what fits in `max_step_s` when the streams may stall, or (with `ttft_s`) while a prompt
+    would miss its deadline."""
 
     HORIZON = 16  # pending prompts looked at: a longer queue is already behind at the ceiling
 
@@ -118,17 +125,23 @@ class AutoCap:
         self.ttft_s = ttft_s
         self.max_step_s = max(target_s, max_step_s or target_s)
 
-    def limit(self, num_decodes: int, pending: Sequence[Pending], now: float) -> int | None:
+    def limit(
+        self, num_decodes: int, pending: Sequence[Pending], now: float, may_stall: bool = False
+    ) -> int | None:
         fit = self.model.max_prefill(num_decodes, self.target_s)
         if fit is None:
             return None
         cap = max(self.min_tokens, fit)
-        if self.ttft_s is None or not pending:
+        if not pending:
+            return cap
+        if not may_stall and (
+            self.ttft_s is None or not self._misses(num_decodes, pending, now, cap)
+        ):
             return cap
         ceiling = self.model.max_prefill(num_decodes, self.max_step_s)
         if ceiling is None:
             return None  # prefill looks free
-        return max(cap, ceiling) if self._misses(num_decodes, pending, now, cap) else cap
+        return max(cap, ceiling)
 
     def _misses(self, num_decodes: int, pending: Sequence[Pending], now: float, chunk: int) -> bool:
         """Whether steps of `chunk` prefill tokens finish some pending prompt after its
