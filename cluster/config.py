@@ -96,7 +96,9 @@ class SchedulerConfig(BaseModel):
         "produced at least this many tokens since its last step over target_step_ms, or has had "
         "none. One long gap in 128 leaves a stream's p99 ITL a normal gap, where the same "
         "prompt in target-sized chunks adds several slow gaps and waits longer for its first "
-        "token. null: only for prompts that would miss ttft_target_ms.",
+        "token. A prompt behind its ttft_target_ms gets steps up to 1.15x target_step_ms "
+        "(not a stall) while some stream has spent its budget. null: no budget kept -- only "
+        "prompts behind their deadline get max_step_ms steps, whatever the streams had.",
     )
     min_prefill_tokens: int = Field(
         32,

@@ -33,7 +33,7 @@ from itertools import chain, islice
 
 from cluster.block_manager import BlockManager
 from cluster.config import SchedulerConfig, SpeculativeConfig
-from cluster.policies import AutoCap, Pending, make_admission, make_prefill_cap
+from cluster.policies import STALL, AutoCap, Pending, make_admission, make_prefill_cap
 from cluster.request import Request, Status
 from cluster.spec_decode import Proposer
 from cluster.step_model import StepTimeModel
@@ -41,8 +41,6 @@ from workers.messages import NewRequest, SeqPlan, StepPlan, StepResult
 
 
 class Scheduler:
-    STALL = 1.25  # a step over target_step_ms x this counts against stall_interval_tokens
-
     def __init__(
         self,
         config: SchedulerConfig,
@@ -130,11 +128,16 @@ class Scheduler:
         cap = self.prefill_cap.limit(num_decodes, pending, self.clock(), self._may_stall(decodes))
         return budget if cap is None else min(cap, budget)
 
-    def _may_stall(self, decodes: list[Request]) -> bool:
-        """Whether every stream in the step has had no stall in its last stall_interval_tokens."""
+    def _may_stall(self, decodes: list[Request]) -> bool | None:
+        """Whether every stream in the step has had no stall in its last stall_interval_tokens
+        (None: no budget kept)."""
         every = self.config.stall_interval_tokens
-        return every is not None and all(
-            r.stalled_at is None or r.num_output_tokens - r.stalled_at >= every for r in decodes
+        return (
+            None
+            if every is None
+            else all(
+                r.stalled_at is None or r.num_output_tokens - r.stalled_at >= every for r in decodes
+            )
         )
 
     def schedule(self) -> StepPlan:
@@ -256,7 +259,7 @@ class Scheduler:
         tokens = sum(len(q.token_ids) for q in plan.seqs)
         self.step_model.observe(len(decodes), tokens - len(decodes), seconds)
         # A gap this much over the target is a stall its streams felt (noise around it is not).
-        if seconds > self.STALL * self.config.target_step_ms / 1000.0:
+        if seconds > STALL * self.config.target_step_ms / 1000.0:
             for req_id in decodes:
                 if (req := self.requests.get(req_id)) is not None:
                     req.stalled_at = req.num_output_tokens

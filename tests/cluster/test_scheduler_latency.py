@@ -253,6 +253,12 @@ def test_auto_cap_takes_one_long_step_when_the_streams_may_stall():
     assert cap.limit(5, [Pending(1000, 0.0)], 0.0) == 300  # the target's chunk
     assert cap.limit(5, [Pending(1000, 0.0)], 0.0, may_stall=True) == 1800  # the ceiling's
     assert cap.limit(5, [], 0.0, may_stall=True) == 300  # nothing waits: no reason to
+    # Behind a deadline: a stall only if the streams can afford it or no budget is kept,
+    # else the longest step that is not one, STALL x the target: (0.0575 - 0.02) / 0.0001.
+    behind = AutoCap(m, 0.05, 8, 0.15, 0.2)
+    late = [Pending(1000, 0.0)]
+    assert [behind.limit(5, late, 0.0, may) for may in (True, None, False)] == [1800, 1800, 375]
+    assert behind.limit(5, [Pending(10, 0.0)], 0.0, False) == 300  # in time: the target's
 
 
 def test_streams_that_can_afford_a_stall_get_a_new_prompt_in_one_step():
@@ -286,7 +292,7 @@ def test_streams_that_can_afford_a_stall_get_a_new_prompt_in_one_step():
     assert stalled_at == s.requests["A"].num_output_tokens
     p, _ = step(s)
     assert prefill_tokens(p) == 380  # L's rest in target-sized chunks now: (0.05 - 0.012) / c
-    s.observe_step(p, 0.05)  # at the target: not a stall
+    s.observe_step(p, 0.05)  # at the target (as modelled): not a stall
     assert s.requests["A"].stalled_at == stalled_at
     while "L" in s.requests:
         p, _ = step(s)
