@@ -87,19 +87,6 @@ class SchedulerConfig(BaseModel):
         "streams) the cap may grow to for prompts that would miss their first-token deadline "
         "(never below target_step_ms).",
     )
-    stall_interval_tokens: int | None = Field(
-        128,
-        ge=1,
-        le=1_000_000,
-        description="'auto' cap: a step with waiting prompts may run to max_step_ms (one stall "
-        "that prefills them at once, as an uncapped server would) when every stream in it has "
-        "produced at least this many tokens since its last step over target_step_ms, or has had "
-        "none. One long gap in 128 leaves a stream's p99 ITL a normal gap, where the same "
-        "prompt in target-sized chunks adds several slow gaps and waits longer for its first "
-        "token. A prompt behind its ttft_target_ms gets steps up to 1.15x target_step_ms "
-        "(not a stall) while some stream has spent its budget. null: no budget kept -- only "
-        "prompts behind their deadline get max_step_ms steps, whatever the streams had.",
-    )
     min_prefill_tokens: int = Field(
         32,
         ge=1,

@@ -17,12 +17,6 @@
   ttft_target_ms), the step takes what fits under `max_step_ms` instead. So the
   stream-protecting cap holds while the queue is short, and gives way -- bounded -- under
   queue pressure, when small chunks would only add steps to everyone's time to first token.
-  With `stall_interval_tokens` the scheduler keeps a stall budget per stream: a step of
-  `max_step_ms` is granted whenever prompts wait and every stream in it has had no stall (a step
-  over STALL x the target) in its last N tokens -- a prompt that arrives while few streams run
-  is prefilled at once, each stream seeing one long gap, which its p99 ITL over 128 gaps reads
-  as noise, instead of several slow ones -- and a prompt behind its deadline gets steps of up
-  to STALL x the target only, not a stall, while some stream has spent its budget.
   It goes straight to the ceiling rather than to the smallest chunk that would just meet the
   deadlines: every step over the target is a stall for every stream, and a few large ones
   leave most of a stream's gaps under the target (its p99 ITL), where a run of slightly long
@@ -76,9 +70,6 @@ class SJFAging:
 
 
 # ---- prefill cap while decoding ------------------------------------------------------------------
-STALL = 1.15  # a step over target_step_ms x this is a stall (under it: noise around the target)
-
-
 class Pending(NamedTuple):
     """A prompt that has not produced its first token yet, as the prefill cap sees it."""
 
@@ -87,17 +78,15 @@ class Pending(NamedTuple):
 
 
 class PrefillCap(Protocol):
-    def limit(
-        self, num_decodes: int, pending: Sequence[Pending], now: float, may_stall: bool | None
-    ) -> int | None:
+    def limit(self, num_decodes: int, pending: Sequence[Pending], now: float) -> int | None:
         """Most prefill tokens for a step that also runs `num_decodes` (> 0) decodes, given the
-        prompts waiting for a first token in service order and whether every decode can afford
-        a stall (None: no stall budget is kept); None: no cap beyond the step's token budget."""
+        prompts waiting for a first token in service order; None: no cap beyond the step's
+        token budget."""
         ...
 
 
 class NoCap:
-    def limit(self, num_decodes, pending, now, may_stall=None) -> int | None:
+    def limit(self, num_decodes: int, pending: Sequence[Pending], now: float) -> int | None:
         return None
 
 
@@ -105,15 +94,13 @@ class FixedCap:
     def __init__(self, tokens: int):
         self.tokens = tokens
 
-    def limit(self, num_decodes, pending, now, may_stall=None) -> int | None:
+    def limit(self, num_decodes: int, pending: Sequence[Pending], now: float) -> int | None:
         return self.tokens
 
 
 class AutoCap:
-    """Sized from the step-time model; uncapped until the model has seen enough steps. Raised
-    to what fits in `max_step_s` when the streams may stall; with `ttft_s`, while a prompt would
-    miss its deadline, to that if they may or keep no stall budget, else to the longest step
-    that is not a stall (STALL x the target)."""
+    """Sized from the step-time model; uncapped until the model has seen enough steps. With
+    `ttft_s`, raised to what fits in `max_step_s` while a prompt would miss its deadline."""
 
     HORIZON = 16  # pending prompts looked at: a longer queue is already behind at the ceiling
 
@@ -131,31 +118,17 @@ class AutoCap:
         self.ttft_s = ttft_s
         self.max_step_s = max(target_s, max_step_s or target_s)
 
-    def limit(
-        self,
-        num_decodes: int,
-        pending: Sequence[Pending],
-        now: float,
-        may_stall: bool | None = None,
-    ) -> int | None:
+    def limit(self, num_decodes: int, pending: Sequence[Pending], now: float) -> int | None:
         fit = self.model.max_prefill(num_decodes, self.target_s)
         if fit is None:
             return None
         cap = max(self.min_tokens, fit)
-        if not pending:
+        if self.ttft_s is None or not pending:
             return cap
-        if may_stall:
-            step_s = self.max_step_s
-        elif self.ttft_s is not None and self._misses(num_decodes, pending, now, cap):
-            # Behind: the longest step the streams allow -- a stall only where they can afford
-            # one (None: no stall budget kept, always).
-            step_s = self.max_step_s if may_stall is None else STALL * self.target_s
-        else:
-            return cap
-        ceiling = self.model.max_prefill(num_decodes, step_s)
+        ceiling = self.model.max_prefill(num_decodes, self.max_step_s)
         if ceiling is None:
             return None  # prefill looks free
-        return max(cap, ceiling)
+        return max(cap, ceiling) if self._misses(num_decodes, pending, now, cap) else cap
 
     def _misses(self, num_decodes: int, pending: Sequence[Pending], now: float, chunk: int) -> bool:
         """Whether steps of `chunk` prefill tokens finish some pending prompt after its

@@ -38,7 +38,6 @@ class Request:
     sent_to_workers: bool = False
     scheduled_time: float | None = None  # first admitted by the scheduler (ends queue time)
     first_token_time: float | None = None
-    stalled_at: int | None = None  # its output count at its last stall (a step over target)
     logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     # Speculative decoding (cluster/spec_decode.py): drafts verified, accepted, switched off.
     spec_drafted: int = 0

@@ -33,7 +33,7 @@ from itertools import chain, islice
 
 from cluster.block_manager import BlockManager
 from cluster.config import SchedulerConfig, SpeculativeConfig
-from cluster.policies import STALL, AutoCap, Pending, make_admission, make_prefill_cap
+from cluster.policies import AutoCap, Pending, make_admission, make_prefill_cap
 from cluster.request import Request, Status
 from cluster.spec_decode import Proposer
 from cluster.step_model import StepTimeModel
@@ -113,9 +113,8 @@ class Scheduler:
         return True
 
     def _prefill_budget(
-        self, decodes: list[Request], budget: int, chunks: list[Request], order: list[Request]
+        self, num_decodes: int, budget: int, chunks: list[Request], order: list[Request]
     ) -> int:
-        num_decodes = len(decodes)
         if num_decodes == 0:
             return budget
         # Prompts still owed a first token, in the order they will be served (a preempted
@@ -125,20 +124,8 @@ class Scheduler:
             for r in islice(chain(chunks, order), AutoCap.HORIZON)
             if r.first_token_time is None and r.status is not Status.FINISHED
         ]
-        cap = self.prefill_cap.limit(num_decodes, pending, self.clock(), self._may_stall(decodes))
+        cap = self.prefill_cap.limit(num_decodes, pending, self.clock())
         return budget if cap is None else min(cap, budget)
-
-    def _may_stall(self, decodes: list[Request]) -> bool | None:
-        """Whether every stream in the step has had no stall in its last stall_interval_tokens
-        (None: no budget kept)."""
-        every = self.config.stall_interval_tokens
-        return (
-            None
-            if every is None
-            else all(
-                r.stalled_at is None or r.num_output_tokens - r.stalled_at >= every for r in decodes
-            )
-        )
 
     def schedule(self) -> StepPlan:
         budget = self.config.max_num_batched_tokens
@@ -162,7 +149,7 @@ class Scheduler:
                 budget -= 1
         num_decodes = len(scheduled)
         order = self.admission.order(self.waiting, self.clock()) if self.waiting else []
-        prefill = self._prefill_budget([r for r, _ in scheduled], budget, chunks, order)
+        prefill = self._prefill_budget(num_decodes, budget, chunks, order)
 
         # 2a. The rest of running requests' prompts (or of their recompute).
         for req in chunks:
@@ -255,14 +242,9 @@ class Scheduler:
 
     def observe_step(self, plan: StepPlan, seconds: float) -> None:
         """The wall time of a step the engine ran from `plan` (feeds the auto prefill cap)."""
-        decodes = [q.req_id for q in plan.seqs if q.is_decode]
+        decodes = sum(1 for q in plan.seqs if q.is_decode)
         tokens = sum(len(q.token_ids) for q in plan.seqs)
-        self.step_model.observe(len(decodes), tokens - len(decodes), seconds)
-        # A gap this much over the target is a stall its streams felt (noise around it is not).
-        if seconds > STALL * self.config.target_step_ms / 1000.0:
-            for req_id in decodes:
-                if (req := self.requests.get(req_id)) is not None:
-                    req.stalled_at = req.num_output_tokens
+        self.step_model.observe(decodes, tokens - decodes, seconds)
 
     def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
         """Advance computed counts, append sampled tokens (several when drafts were accepted);

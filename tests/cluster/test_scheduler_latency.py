@@ -101,8 +101,7 @@ def test_auto_cap_follows_the_step_time_model():
         max_prefill_tokens_when_decoding="auto",
         target_step_ms=50,
         min_prefill_tokens=8,
-        ttft_target_ms=None,  # the plain cap (loosened: test_auto_cap_loosens_*,
-        stall_interval_tokens=None,  # test_streams_that_can_afford_a_stall_*)
+        ttft_target_ms=None,  # the plain cap (loosened: test_auto_cap_loosens_*)
     )
     s.add(req("A", 4, max_tokens=400))
     step(s)
@@ -228,7 +227,6 @@ def test_scheduler_gives_an_overdue_prompt_bigger_chunks():
         min_prefill_tokens=8,
         ttft_target_ms=1000,
         max_step_ms=200,
-        stall_interval_tokens=None,
     )
     feed(s.step_model, 0.01, 0.002, 0.0001, 2 * s.step_model.window)
     s.add(req("A", 4, max_tokens=400))
@@ -243,71 +241,6 @@ def test_scheduler_gives_an_overdue_prompt_bigger_chunks():
     assert num_decodes(p) == 1 and prefill_tokens(p) == 1880  # (0.2 - 0.012) / 0.0001
 
 
-def test_auto_cap_takes_one_long_step_when_the_streams_may_stall():
-    from cluster.policies import AutoCap, Pending
-    from cluster.step_model import StepTimeModel
-
-    m = StepTimeModel()
-    feed(m, 0.01, 0.002, 0.0001)  # 5 decodes: overhead 0.02 s a step
-    cap = AutoCap(m, 0.05, 8, None, 0.2)
-    assert cap.limit(5, [Pending(1000, 0.0)], 0.0) == 300  # the target's chunk
-    assert cap.limit(5, [Pending(1000, 0.0)], 0.0, may_stall=True) == 1800  # the ceiling's
-    assert cap.limit(5, [], 0.0, may_stall=True) == 300  # nothing waits: no reason to
-    # Behind a deadline: a stall only if the streams can afford it or no budget is kept,
-    # else the longest step that is not one, STALL x the target: (0.0575 - 0.02) / 0.0001.
-    behind = AutoCap(m, 0.05, 8, 0.15, 0.2)
-    late = [Pending(1000, 0.0)]
-    assert [behind.limit(5, late, 0.0, may) for may in (True, None, False)] == [1800, 1800, 375]
-    assert behind.limit(5, [Pending(10, 0.0)], 0.0, False) == 300  # in time: the target's
-
-
-def test_streams_that_can_afford_a_stall_get_a_new_prompt_in_one_step():
-    """One long step per stall_interval_tokens of every stream in it, counted from the steps
-    the engine measured over target_step_ms x Scheduler.STALL; otherwise target-sized chunks."""
-    s = make_latency(
-        budget=4096,
-        num_blocks=4096,
-        max_prefill_tokens_when_decoding="auto",
-        target_step_ms=50,
-        min_prefill_tokens=8,
-        ttft_target_ms=None,  # no deadlines: only the stall rule raises the cap
-        max_step_ms=200,
-        stall_interval_tokens=4,
-    )
-    feed(s.step_model, 0.01, 0.002, 0.0001, 2 * s.step_model.window)
-    s.add(req("A", 4, max_tokens=400))
-    step(s)  # A decodes from now on: 1 decode, overhead 0.012 s
-    prompts = iter(range(2, 100))
-
-    def arrive(tokens: int):
-        s.add(req("L", tokens, max_tokens=1, base=next(prompts)))
-        p, _ = step(s)
-        assert num_decodes(p) == 1
-        return p
-
-    p = arrive(3000)  # A never stalled: the ceiling, (0.2 - 0.012) / 0.0001
-    assert prefill_tokens(p) == 1880
-    s.observe_step(p, 0.2)  # the engine timed it (as modelled): a stall A felt, at its count
-    stalled_at = s.requests["A"].stalled_at
-    assert stalled_at == s.requests["A"].num_output_tokens
-    p, _ = step(s)
-    assert prefill_tokens(p) == 380  # L's rest in target-sized chunks now: (0.05 - 0.012) / c
-    s.observe_step(p, 0.05)  # at the target (as modelled): not a stall
-    assert s.requests["A"].stalled_at == stalled_at
-    while "L" in s.requests:
-        p, _ = step(s)
-        assert prefill_tokens(p) <= 380
-    stalled = s.requests["A"].stalled_at
-    while s.requests["A"].num_output_tokens - stalled < 4:
-        step(s)  # A's next tokens without a stall
-    assert prefill_tokens(arrive(3000)) == 1880  # afforded again
-    while "L" in s.requests:
-        step(s)
-    # A short prompt under the target's chunk runs whole either way, and no stall is recorded.
-    p = arrive(100)
-    assert prefill_tokens(p) == 100
-
-
 def test_latency_knobs_validated():
     from pydantic import ValidationError
 
@@ -320,7 +253,6 @@ def test_latency_knobs_validated():
         "min_prefill_tokens": 0,
         "ttft_target_ms": 0,
         "max_step_ms": 0,
-        "stall_interval_tokens": 0,
     }
     for field, value in bad.items():
         with pytest.raises(ValidationError, match=field):
