@@ -82,11 +82,22 @@ def w1_flops() -> tuple[float, int]:
     sys.path.insert(0, str(Path(__file__).parent))
     from offline_throughput import make_workload
 
-    args = SimpleNamespace(seed=0, min_len=32, max_len=512, num_prompts=64, output_len=128,
-                           batch_size=16, dtype="float32", kv_dtype="auto")
+    args = SimpleNamespace(
+        seed=0,
+        min_len=32,
+        max_len=512,
+        num_prompts=64,
+        output_len=128,
+        batch_size=16,
+        dtype="float32",
+        kv_dtype="auto",
+    )
     wl = make_workload(args)
-    linear = 2 * LAYERS * (HIDDEN * (HIDDEN + 2 * KV) + HIDDEN * HIDDEN + HIDDEN * 2 * INTER
-                           + INTER * HIDDEN)
+    linear = (
+        2
+        * LAYERS
+        * (HIDDEN * (HIDDEN + 2 * KV) + HIDDEN * HIDDEN + HIDDEN * 2 * INTER + INTER * HIDDEN)
+    )
     head = 2 * HIDDEN * VOCAB
     out_len = wl["output_len"]
     flops = 0.0
@@ -107,12 +118,16 @@ def main() -> None:
     print(f"FMA peak ({isa}): {one:.1f} GFLOP/s on 1 thread, {peak:.1f} on {args.threads}")
     flops, tokens = w1_flops()
     floor_s = flops / (peak * 1e9)
-    print(f"W1: {flops / 1e12:.2f} TFLOP for {tokens} output tokens; at the peak "
-          f"{floor_s:.1f} s, {tokens / floor_s:.1f} output tok/s (the ceiling)")
+    print(
+        f"W1: {flops / 1e12:.2f} TFLOP for {tokens} output tokens; at the peak "
+        f"{floor_s:.1f} s, {tokens / floor_s:.1f} output tok/s (the ceiling)"
+    )
     if args.vllm_tok_s:
         need = 1.25 * args.vllm_tok_s
-        print(f"1.25x {args.vllm_tok_s} tok/s = {need:.1f} tok/s needs "
-              f"{100 * need / (tokens / floor_s):.0f}% of the FMA peak sustained over all of W1")
+        print(
+            f"1.25x {args.vllm_tok_s} tok/s = {need:.1f} tok/s needs "
+            f"{100 * need / (tokens / floor_s):.0f}% of the FMA peak sustained over all of W1"
+        )
 
 
 if __name__ == "__main__":
