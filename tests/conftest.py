@@ -12,6 +12,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Keep every Ray cluster the tests start on loopback: without this, Ray resolves 127.0.0.1 to
 # the machine's interface address and its processes talk over that.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ray gives a new GCS 30 s to write its port file. Once in a CI run (session 20, Zen 1) a
+# module's ray.init timed out there -- the GCS had written no log yet -- and the same module
+# passed alone; right after the deploy CLI's `ray start` clusters end, 2 cores can be that slow.
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "90")
 
 
 _PREBUILDS = []
