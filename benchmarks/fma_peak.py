@@ -4,7 +4,7 @@
 
 Measures the peak with a loop of independent FMAs on registers (12 accumulators, no memory
 operands, inline assembly so the compiler cannot fold the chains): AVX2 ymm, or zmm where the
-CPU has AVX-512F. Then counts W1's float32 work exactly (benchmarks/offline_throughput.py's
+CPU has AVX-512F (that variant was only compiled on the AVX2 machines it was written on). Then counts W1's float32 work exactly (benchmarks/offline_throughput.py's
 prompts, seed 0, through SmolLM2-135M's shapes: every linear, the LM head on each sampled
 token, attention's QK and PV) and prints the output tokens/s W1 could reach if every FLOP ran at
 the peak -- a ceiling no engine reaches, since the GEMM alone runs below it -- and, with
