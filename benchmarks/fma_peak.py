@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 HIDDEN, INTER, HEADS_DIM, KV, LAYERS, VOCAB = 576, 1536, 576, 192, 30, 49152
 
@@ -63,7 +62,8 @@ def has_avx512() -> bool:
         return False
 
 
-def peak_gflops(threads: int) -> tuple[float, str]:
+def peak_gflops(threads: list[int]) -> tuple[list[float], str]:
+    """The peak on each of `threads` thread counts, and the ISA it was measured with."""
     wide = has_avx512()
     reg, lanes, isa = ("zmm", 16, "AVX-512F") if wide else ("ymm", 8, "AVX2")
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,26 +72,20 @@ def peak_gflops(threads: int) -> tuple[float, str]:
         cc = os.environ.get("CC", "gcc")
         flags = ["-O2", "-fopenmp", f'-DREG="{reg}"', f"-DLANES={lanes}"]
         subprocess.run([cc, *flags, str(src), "-o", str(exe)], check=True)
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        out = subprocess.run([str(exe), "50000000"], env=env, check=True, capture_output=True)
-    return float(out.stdout), f"{isa} FMA, {lanes} float32 lanes"
+        peaks = []
+        for n in threads:
+            env = dict(os.environ, OMP_NUM_THREADS=str(n))
+            out = subprocess.run([str(exe), "50000000"], env=env, check=True, capture_output=True)
+            peaks.append(float(out.stdout))
+    return peaks, f"{isa} FMA, {lanes} float32 lanes"
 
 
 def w1_flops() -> tuple[float, int]:
     """W1's float32 FLOPs through SmolLM2-135M, and its output tokens."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from offline_throughput import make_workload
+    from offline_throughput import make_workload, parser
 
-    args = SimpleNamespace(
-        seed=0,
-        min_len=32,
-        max_len=512,
-        num_prompts=64,
-        output_len=128,
-        batch_size=16,
-        dtype="float32",
-        kv_dtype="auto",
-    )
+    args = parser().parse_args(["--dtype", "float32"])  # W1 as offline_throughput.py runs it
     wl = make_workload(args)
     linear = (
         2
@@ -113,8 +107,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--vllm-tok-s", type=float, help="vLLM-CPU's W1 output tok/s to compare")
     args = ap.parse_args()
-    one, isa = peak_gflops(1)
-    peak, _ = peak_gflops(args.threads)
+    (one, peak), isa = peak_gflops([1, args.threads])
     print(f"FMA peak ({isa}): {one:.1f} GFLOP/s on 1 thread, {peak:.1f} on {args.threads}")
     flops, tokens = w1_flops()
     floor_s = flops / (peak * 1e9)

