@@ -75,9 +75,10 @@ class SchedulerConfig(BaseModel):
         gt=0,
         le=3_600_000,
         description="'auto' cap under queue pressure: when chunks sized for target_step_ms "
-        "would give a waiting prompt its first token later than this after its arrival, the "
-        "step takes what fits in max_step_ms instead (null: never). 2000 ms with max_step_ms "
-        "1500 on a 2-core CPU (benchmarks/RESULTS.md).",
+        "would give a waiting prompt its first token later than this after its arrival and "
+        "chunks of max_step_ms would not, the step takes what fits in max_step_ms instead "
+        "(null: never). A prompt no step can bring in on time does not loosen the cap. "
+        "2000 ms with max_step_ms 1500 on a 2-core CPU (benchmarks/RESULTS.md).",
     )
     max_step_ms: float = Field(
         1500.0,

@@ -14,9 +14,12 @@
   `min_prefill_tokens` so prefill always progresses. With `ttft_target_ms` set, "auto" also
   looks at the prompts waiting for their first token (in the order they will be served): when
   steps under `target_step_ms` would finish one of them after its deadline (arrival +
-  ttft_target_ms), the step takes what fits under `max_step_ms` instead. So the
-  stream-protecting cap holds while the queue is short, and gives way -- bounded -- under
-  queue pressure, when small chunks would only add steps to everyone's time to first token.
+  ttft_target_ms) and steps under `max_step_ms` would not, the step takes what fits under
+  `max_step_ms` instead. So the stream-protecting cap holds while the queue is short, and
+  gives way -- bounded -- under queue pressure, when small chunks would only add steps to
+  everyone's time to first token. A prompt already too late for any step to save (a
+  1,024-token prompt is ~4 s of compute on 2 cores) does not loosen the cap: those steps
+  would stall every stream and save no deadline (benchmarks/RESULTS.md, long-prompt mix).
   It goes straight to the ceiling rather than to the smallest chunk that would just meet the
   deadlines: every step over the target is a stall for every stream, and a few large ones
   leave most of a stream's gaps under the target (its p99 ITL), where a run of slightly long
@@ -128,20 +131,23 @@ class AutoCap:
         ceiling = self.model.max_prefill(num_decodes, self.max_step_s)
         if ceiling is None:
             return None  # prefill looks free
-        return max(cap, ceiling) if self._misses(num_decodes, pending, now, cap) else cap
+        return ceiling if self._rescues(num_decodes, pending, now, cap, ceiling) else cap
 
-    def _misses(self, num_decodes: int, pending: Sequence[Pending], now: float, chunk: int) -> bool:
-        """Whether steps of `chunk` prefill tokens finish some pending prompt after its
-        deadline. The first `total` pending tokens take n = ceil(total / chunk) steps of
-        overhead A = a + b*d each, plus total*c of prefill work, so a deadline allows at most
-        n = floor((slack - total*c) / A) steps."""
+    def _rescues(
+        self, num_decodes: int, pending: Sequence[Pending], now: float, cap: int, ceiling: int
+    ) -> bool:
+        """Whether some pending prompt finishes after its deadline in steps of `cap` prefill
+        tokens but before it in steps of `ceiling`. The first `total` pending tokens take
+        n = ceil(total / chunk) steps of overhead A = a + b*d each, plus total*c of prefill
+        work, so a deadline allows at most n = floor((slack - total*c) / A) steps, and needs
+        chunks of ceil(total / n)."""
         a, b, c = self.model.coefficients()  # known: max_prefill answered
         overhead = max(a + b * num_decodes, 1e-6)
         total = 0
         for tokens, arrival in islice(pending, self.HORIZON):
             total += tokens
             steps = math.floor((arrival + self.ttft_s - now - total * c) / overhead)
-            if steps < 1 or -(-total // steps) > chunk:
+            if steps >= 1 and cap < -(-total // steps) <= ceiling:
                 return True
         return False
 

@@ -209,11 +209,18 @@ def test_auto_cap_loosens_for_prompts_that_would_miss_their_first_token_deadline
     assert cap(0.13, Pending(200, now), Pending(600, now)) == 1800
     # 700 tokens in floor((0.14 - 0.07) / 0.02) = 3 steps need chunks of 234: 300 is enough.
     assert cap(0.14, Pending(200, now), Pending(500, now)) == 300
-    # Already late (or unmeetable): the ceiling.
-    assert cap(0.05, Pending(1000, now)) == 1800
-    assert cap(0.15, Pending(1000, now - 1.0)) == 1800
-    assert cap(0.15, Pending(1000, now), max_step_s=0.06) == 400  # the ceiling bounds it
+    # Too late for any step to save (past its deadline, or its work alone overruns it): the
+    # target's chunk -- a long step would stall every stream and rescue nothing.
+    assert cap(0.05, Pending(1000, now)) == 300
+    assert cap(0.15, Pending(1000, now - 1.0)) == 300
+    # The ceiling bounds it: chunks of 400 take 3 steps, 0.16 s > 0.15, so 400 saves nothing.
+    assert cap(0.15, Pending(1000, now), max_step_s=0.06) == 300
+    assert cap(0.165, Pending(1000, now), max_step_s=0.06) == 400  # 3 steps of 400: in time
     assert cap(0.15, Pending(1000, now), max_step_s=0.01) == 300  # never below the target's
+    # A late prompt ahead of one that can still be saved: the ceiling, for the one behind
+    # (1100 tokens in floor((0.15 - 0.11) / 0.02) = 2 steps need chunks of 550).
+    assert cap(0.15, Pending(1000, now - 1.0), Pending(100, now)) == 1800
+    assert cap(1.0, Pending(1000, now - 1.0), Pending(100, now)) == 300  # in time anyway
 
 
 def test_scheduler_gives_an_overdue_prompt_bigger_chunks():
@@ -236,9 +243,14 @@ def test_scheduler_gives_an_overdue_prompt_bigger_chunks():
     s.add(late)
     p, _ = step(s)
     assert prefill_tokens(p) == 380  # in time: (0.05 - 0.012) / 0.0001
-    clock.now += 0.95  # L's deadline is 50 ms away and 2620 tokens are left: behind
+    # L's deadline is 300 ms away and 2620 tokens are left: chunks of 380 miss it, chunks of
+    # 1880 meet it (2620 tokens in floor((0.3 - 0.262) / 0.012) = 3 steps need 874).
+    clock.now += 0.7
     p, _ = step(s)
     assert num_decodes(p) == 1 and prefill_tokens(p) == 1880  # (0.2 - 0.012) / 0.0001
+    clock.now += 1.0  # past L's deadline: no step can save it, so no long step for it
+    p, _ = step(s)
+    assert num_decodes(p) == 1 and prefill_tokens(p) == 380
 
 
 def test_latency_knobs_validated():
