@@ -171,7 +171,7 @@ def main() -> None:
             row = dict(setting=name, round=rnd)
             if reqs:
                 row.update(run_stream(eng, reqs, params))
-            coef = eng.scheduler.step_model.coefficients()  # a, b, c, e: cluster/step_model.py
+            coef = eng.scheduler.step_model.coefficients()  # t = a + b*decodes + c*prefill
             row["step_model_ms"] = coef and [round(1000 * x, 3) for x in coef]
             if offline:  # same scheduler (its step-time model is warm), empty prefix cache
                 eng.block_manager.reset_prefix_cache()

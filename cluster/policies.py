@@ -78,7 +78,6 @@ class Pending(NamedTuple):
 
     tokens: int  # prompt tokens still to compute
     arrival: float  # Request.arrival_time: its first token is due ttft_target_ms after it
-    start: int = 0  # prompt tokens already computed (its next chunk attends to them too)
 
 
 class PrefillCap(Protocol):
@@ -123,15 +122,13 @@ class AutoCap:
         self.max_step_s = max(target_s, max_step_s or target_s)
 
     def limit(self, num_decodes: int, pending: Sequence[Pending], now: float) -> int | None:
-        # The step's prefill goes to the first pending prompt first: sized at its position.
-        start = pending[0].start if pending else 0
-        fit = self.model.max_prefill(num_decodes, self.target_s, start)
+        fit = self.model.max_prefill(num_decodes, self.target_s)
         if fit is None:
             return None
         cap = max(self.min_tokens, fit)
         if self.ttft_s is None or not pending:
             return cap
-        ceiling = self.model.max_prefill(num_decodes, self.max_step_s, start)
+        ceiling = self.model.max_prefill(num_decodes, self.max_step_s)
         if ceiling is None:
             return None  # prefill looks free
         return ceiling if self._rescues(num_decodes, pending, now, cap, ceiling) else cap
@@ -141,17 +138,15 @@ class AutoCap:
     ) -> bool:
         """Whether some pending prompt finishes after its deadline in steps of `cap` prefill
         tokens but before it in steps of `ceiling`. The first `total` pending tokens take
-        n = ceil(total / chunk) steps of overhead A = a + b*d each, plus their prefill work W
-        (however they are chunked), so a deadline allows at most n = floor((slack - W) / A)
-        steps, and needs chunks of ceil(total / n)."""
-        a, b, _, _ = self.model.coefficients()  # known: max_prefill answered
+        n = ceil(total / chunk) steps of overhead A = a + b*d each, plus total*c of prefill
+        work, so a deadline allows at most n = floor((slack - total*c) / A) steps, and needs
+        chunks of ceil(total / n)."""
+        a, b, c = self.model.coefficients()  # known: max_prefill answered
         overhead = max(a + b * num_decodes, 1e-6)
         total = 0
-        work = 0.0
-        for tokens, arrival, start in islice(pending, self.HORIZON):
+        for tokens, arrival in islice(pending, self.HORIZON):
             total += tokens
-            work += self.model.prefill_cost(tokens, start)
-            steps = math.floor((arrival + self.ttft_s - now - work) / overhead)
+            steps = math.floor((arrival + self.ttft_s - now - total * c) / overhead)
             if steps >= 1 and cap < -(-total // steps) <= ceiling:
                 return True
         return False

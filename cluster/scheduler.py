@@ -36,7 +36,7 @@ from cluster.config import SchedulerConfig, SpeculativeConfig
 from cluster.policies import AutoCap, Pending, make_admission, make_prefill_cap
 from cluster.request import Request, Status
 from cluster.spec_decode import Proposer
-from cluster.step_model import StepTimeModel, attention_pairs
+from cluster.step_model import StepTimeModel
 from workers.messages import NewRequest, SeqPlan, StepPlan, StepResult
 
 
@@ -120,7 +120,7 @@ class Scheduler:
         # Prompts still owed a first token, in the order they will be served (a preempted
         # request's recompute owes none: it already streamed).
         pending = [
-            Pending(r.num_tokens - r.num_computed_tokens, r.arrival_time, r.num_computed_tokens)
+            Pending(r.num_tokens - r.num_computed_tokens, r.arrival_time)
             for r in islice(chain(chunks, order), AutoCap.HORIZON)
             if r.first_token_time is None and r.status is not Status.FINISHED
         ]
@@ -244,10 +244,7 @@ class Scheduler:
         """The wall time of a step the engine ran from `plan` (feeds the auto prefill cap)."""
         decodes = sum(1 for q in plan.seqs if q.is_decode)
         tokens = sum(len(q.token_ids) for q in plan.seqs)
-        pairs = sum(
-            attention_pairs(len(q.token_ids), q.start_pos) for q in plan.seqs if not q.is_decode
-        )
-        self.step_model.observe(decodes, tokens - decodes, seconds, pairs)
+        self.step_model.observe(decodes, tokens - decodes, seconds)
 
     def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
         """Advance computed counts, append sampled tokens (several when drafts were accepted);

@@ -84,8 +84,8 @@ def test_step_model_fits_and_sizes_prefill():
         m.observe(d, 0, 0.01 + 0.002 * d)
     assert m.coefficients() is None  # no step with prefill yet
     feed(m, 0.01, 0.002, 0.0001)
-    a, b, c, e = m.coefficients()
-    assert (round(a, 9), round(b, 9), round(c, 9), round(e, 9)) == (0.01, 0.002, 0.0001, 0)
+    a, b, c = m.coefficients()
+    assert (round(a, 9), round(b, 9), round(c, 9)) == (0.01, 0.002, 0.0001)
     assert round(m.predict(3, 100), 9) == 0.026
     assert m.max_prefill(5, 0.05) == 300  # (0.05 - 0.01 - 0.010) / 0.0001, floor
     assert m.max_prefill(20, 0.05) == 0  # the decodes alone take 0.05
@@ -93,31 +93,6 @@ def test_step_model_fits_and_sizes_prefill():
     for _ in range(100):
         m.observe(4, 0, 0.018)
     assert m.max_prefill(5, 0.05) == 300
-
-
-def test_step_model_charges_attention_so_late_chunks_are_smaller():
-    """Steps whose time grows with the prefill's attention pairs (query x key positions):
-    the model recovers the pairs coefficient, and a chunk deep into a long prompt gets fewer
-    tokens than one at its start, each predicted within the target."""
-    from cluster.step_model import StepTimeModel, attention_pairs
-
-    a, b, c, e = 0.01, 0.002, 0.0001, 0.00005  # e: seconds per thousand pairs
-    m = StepTimeModel()
-    for i in range(64):
-        d, p, start = 1 + i % 9, (0 if i % 2 else 16 * (1 + i % 7)), 128 * (i % 11)
-        w = attention_pairs(p, start)
-        m.observe(d, p, a + b * d + c * p + e * w, w)
-    assert [round(x, 9) for x in m.coefficients()] == [a, b, c, e]
-    early, late = m.max_prefill(5, 0.05), m.max_prefill(5, 0.05, start=1000)
-    assert late < early < 300  # 300: the same room with no attention term
-    for start, n in ((0, early), (1000, late)):
-        pairs = attention_pairs(n, start)
-        assert m.predict(5, n, pairs) <= 0.05 < m.predict(5, n + 1, attention_pairs(n + 1, start))
-    # The auto cap sizes the step at the position of the prompt it goes to first.
-    from cluster.policies import AutoCap, Pending
-
-    assert AutoCap(m, 0.05, 8).limit(5, [Pending(500, 0.0, 1000)], 0.0) == late
-    assert AutoCap(m, 0.05, 8).limit(5, [Pending(500, 0.0, 0)], 0.0) == early
 
 
 def test_auto_cap_follows_the_step_time_model():
