@@ -14,12 +14,13 @@
   `min_prefill_tokens` so prefill always progresses. With `ttft_target_ms` set, "auto" also
   looks at the prompts waiting for their first token (in the order they will be served): when
   steps under `target_step_ms` would finish one of them after its deadline (arrival +
-  ttft_target_ms) and steps under `max_step_ms` would not, the step takes what fits under
-  `max_step_ms` instead. So the stream-protecting cap holds while the queue is short, and
-  gives way -- bounded -- under queue pressure, when small chunks would only add steps to
-  everyone's time to first token. A prompt already too late for any step to save (a
-  1,024-token prompt is ~4 s of compute on 2 cores) does not loosen the cap: those steps
-  would stall every stream and save no deadline (benchmarks/RESULTS.md, long-prompt mix).
+  ttft_target_ms), the step takes what fits under `max_step_ms` instead. So the
+  stream-protecting cap holds while the queue is short, and gives way -- bounded -- under
+  queue pressure, when small chunks would only add steps to everyone's time to first token.
+  A prompt already too late for any step to save (a 1,024-token prompt is ~4 s of compute on
+  2 cores) loosens it too unless `hurry_late_prompts` is off: those steps stall every stream
+  and save no deadline, but give fewer, larger steps (throughput) and the late prompt its
+  first token sooner (benchmarks/RESULTS.md, long-prompt mix).
   It goes straight to the ceiling rather than to the smallest chunk that would just meet the
   deadlines: every step over the target is a stall for every stream, and a few large ones
   leave most of a stream's gaps under the target (its p99 ITL), where a run of slightly long
@@ -114,12 +115,14 @@ class AutoCap:
         min_tokens: int,
         ttft_s: float | None = None,
         max_step_s: float | None = None,
+        hurry_late: bool = True,
     ):
         self.model = model
         self.target_s = target_s
         self.min_tokens = min_tokens
         self.ttft_s = ttft_s
         self.max_step_s = max(target_s, max_step_s or target_s)
+        self.hurry_late = hurry_late
 
     def limit(self, num_decodes: int, pending: Sequence[Pending], now: float) -> int | None:
         fit = self.model.max_prefill(num_decodes, self.target_s)
@@ -131,14 +134,15 @@ class AutoCap:
         ceiling = self.model.max_prefill(num_decodes, self.max_step_s)
         if ceiling is None:
             return None  # prefill looks free
-        return ceiling if self._rescues(num_decodes, pending, now, cap, ceiling) else cap
+        loosen = self._loosens(num_decodes, pending, now, cap, ceiling)
+        return max(cap, ceiling) if loosen else cap
 
-    def _rescues(
+    def _loosens(
         self, num_decodes: int, pending: Sequence[Pending], now: float, cap: int, ceiling: int
     ) -> bool:
         """Whether some pending prompt finishes after its deadline in steps of `cap` prefill
-        tokens but before it in steps of `ceiling`. The first `total` pending tokens take
-        n = ceil(total / chunk) steps of overhead A = a + b*d each, plus total*c of prefill
+        tokens, and (unless hurry_late) before it in steps of `ceiling`. The first `total`
+        pending tokens take n = ceil(total / chunk) steps of overhead A = a + b*d each, plus total*c of prefill
         work, so a deadline allows at most n = floor((slack - total*c) / A) steps, and needs
         chunks of ceil(total / n)."""
         a, b, c = self.model.coefficients()  # known: max_prefill answered
@@ -147,7 +151,10 @@ class AutoCap:
         for tokens, arrival in islice(pending, self.HORIZON):
             total += tokens
             steps = math.floor((arrival + self.ttft_s - now - total * c) / overhead)
-            if steps >= 1 and cap < -(-total // steps) <= ceiling:
+            if steps < 1 or -(-total // steps) > ceiling:  # too late for any step
+                if self.hurry_late:
+                    return True
+            elif -(-total // steps) > cap:
                 return True
         return False
 
@@ -170,5 +177,6 @@ def make_prefill_cap(config: SchedulerConfig, model: StepTimeModel) -> PrefillCa
             config.min_prefill_tokens,
             None if ttft is None else ttft / 1000.0,
             config.max_step_ms / 1000.0,
+            config.hurry_late_prompts,
         )
     return FixedCap(cap)

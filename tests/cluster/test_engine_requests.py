@@ -365,8 +365,7 @@ def run_staggered(eng: LLMEngine, lengths: list[int], max_tokens: int = 6):
             min_prefill_tokens=3,
             ttft_target_ms=None,  # the plain cap: never loosened
         ),
-        # Every prompt overdue at once: too late for any step to save, so the cap is not
-        # loosened for them (the jump itself: test_scheduler_latency.py).
+        # Every prompt overdue at once: the cap jumps to what fits under max_step_ms ...
         dict(
             policy="fcfs",
             max_prefill_tokens_when_decoding="auto",
@@ -375,8 +374,18 @@ def run_staggered(eng: LLMEngine, lengths: list[int], max_tokens: int = 6):
             ttft_target_ms=0.001,
             max_step_ms=1.0,
         ),
+        # ... or, with hurry_late_prompts off, stays at its floor: no step can save them.
+        dict(
+            policy="fcfs",
+            max_prefill_tokens_when_decoding="auto",
+            target_step_ms=0.001,
+            min_prefill_tokens=3,
+            ttft_target_ms=0.001,
+            max_step_ms=1.0,
+            hurry_late_prompts=False,
+        ),
     ],
-    ids=["fcfs-cap5", "sjf", "sjf-aging-cap7", "sjf-auto", "fcfs-auto-ttft"],
+    ids=["fcfs-cap5", "sjf", "sjf-aging-cap7", "sjf-auto", "fcfs-auto-ttft", "fcfs-auto-late"],
 )
 def test_greedy_outputs_identical_under_every_policy(tiny_model_dir, knobs):
     lengths = [37, 5, 50, 1, 23, 9, 61, 14]

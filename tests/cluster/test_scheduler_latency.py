@@ -194,8 +194,8 @@ def test_auto_cap_loosens_for_prompts_that_would_miss_their_first_token_deadline
     feed(m, 0.01, 0.002, 0.0001)  # 5 decodes: overhead 0.02 s a step, 0.1 ms a prefill token
     now = 100.0
 
-    def cap(ttft_s, *pending, max_step_s=0.2):
-        return AutoCap(m, 0.05, 8, ttft_s, max_step_s).limit(5, list(pending), now)
+    def cap(ttft_s, *pending, max_step_s=0.2, hurry_late=True):
+        return AutoCap(m, 0.05, 8, ttft_s, max_step_s, hurry_late).limit(5, list(pending), now)
 
     assert cap(None, Pending(1000, now)) == 300  # no deadline: the target's chunk
     assert cap(0.15) == 300  # nothing waiting
@@ -210,17 +210,24 @@ def test_auto_cap_loosens_for_prompts_that_would_miss_their_first_token_deadline
     # 700 tokens in floor((0.14 - 0.07) / 0.02) = 3 steps need chunks of 234: 300 is enough.
     assert cap(0.14, Pending(200, now), Pending(500, now)) == 300
     # Too late for any step to save (past its deadline, or its work alone overruns it): the
-    # target's chunk -- a long step would stall every stream and rescue nothing.
-    assert cap(0.05, Pending(1000, now)) == 300
-    assert cap(0.15, Pending(1000, now - 1.0)) == 300
-    # The ceiling bounds it: chunks of 400 take 3 steps, 0.16 s > 0.15, so 400 saves nothing.
-    assert cap(0.15, Pending(1000, now), max_step_s=0.06) == 300
-    assert cap(0.165, Pending(1000, now), max_step_s=0.06) == 400  # 3 steps of 400: in time
+    # ceiling by default (its first token sooner, in fewer and larger steps) ...
+    assert cap(0.05, Pending(1000, now)) == 1800
+    assert cap(0.15, Pending(1000, now - 1.0)) == 1800
+    assert cap(0.15, Pending(1000, now), max_step_s=0.06) == 400  # the ceiling bounds it
     assert cap(0.15, Pending(1000, now), max_step_s=0.01) == 300  # never below the target's
+    # ... and the target's chunk with hurry_late_prompts off: a long step would stall every
+    # stream and save no deadline.
+    late = dict(hurry_late=False)
+    assert cap(0.15, Pending(1000, now), **late) == 1800  # 2 steps of 500 are in time
+    assert cap(0.05, Pending(1000, now), **late) == 300
+    assert cap(0.15, Pending(1000, now - 1.0), **late) == 300
+    # Chunks of 400 take 3 steps, 0.16 s > 0.15: 400 saves nothing; with 0.165 s it does.
+    assert cap(0.15, Pending(1000, now), max_step_s=0.06, **late) == 300
+    assert cap(0.165, Pending(1000, now), max_step_s=0.06, **late) == 400
     # A late prompt ahead of one that can still be saved: the ceiling, for the one behind
     # (1100 tokens in floor((0.15 - 0.11) / 0.02) = 2 steps need chunks of 550).
-    assert cap(0.15, Pending(1000, now - 1.0), Pending(100, now)) == 1800
-    assert cap(1.0, Pending(1000, now - 1.0), Pending(100, now)) == 300  # in time anyway
+    assert cap(0.15, Pending(1000, now - 1.0), Pending(100, now), **late) == 1800
+    assert cap(1.0, Pending(1000, now - 1.0), Pending(100, now), **late) == 300  # in time
 
 
 def test_scheduler_gives_an_overdue_prompt_bigger_chunks():
@@ -248,9 +255,16 @@ def test_scheduler_gives_an_overdue_prompt_bigger_chunks():
     clock.now += 0.7
     p, _ = step(s)
     assert num_decodes(p) == 1 and prefill_tokens(p) == 1880  # (0.2 - 0.012) / 0.0001
-    clock.now += 1.0  # past L's deadline: no step can save it, so no long step for it
+    clock.now += 1.0  # past L's deadline: no step can save it, but it is hurried (default)
     p, _ = step(s)
-    assert num_decodes(p) == 1 and prefill_tokens(p) == 380
+    assert num_decodes(p) == 1 and prefill_tokens(p) == 740  # the rest of it
+    # With hurry_late_prompts off, a late prompt gets the target's chunks.
+    s.prefill_cap.hurry_late = False
+    late2 = req("M", 3000, max_tokens=1, base=3)
+    late2.arrival_time = clock.now - 5.0
+    s.add(late2)
+    p, _ = step(s)
+    assert num_decodes(p) == 1 and prefill_tokens(p) == 380  # L is done: A decodes alone
 
 
 def test_latency_knobs_validated():
