@@ -351,6 +351,16 @@ def run_staggered(eng: LLMEngine, lengths: list[int], max_tokens: int = 6):
     return final, shapes
 
 
+OVERDUE = dict(
+    policy="fcfs",
+    max_prefill_tokens_when_decoding="auto",
+    target_step_ms=0.001,
+    min_prefill_tokens=3,
+    ttft_target_ms=0.001,
+    max_step_ms=1.0,
+)
+
+
 @pytest.mark.parametrize(
     "knobs",
     [
@@ -366,24 +376,9 @@ def run_staggered(eng: LLMEngine, lengths: list[int], max_tokens: int = 6):
             ttft_target_ms=None,  # the plain cap: never loosened
         ),
         # Every prompt overdue at once: the cap jumps to what fits under max_step_ms ...
-        dict(
-            policy="fcfs",
-            max_prefill_tokens_when_decoding="auto",
-            target_step_ms=0.001,
-            min_prefill_tokens=3,
-            ttft_target_ms=0.001,
-            max_step_ms=1.0,
-        ),
+        OVERDUE,
         # ... or, with hurry_late_prompts off, stays at its floor: no step can save them.
-        dict(
-            policy="fcfs",
-            max_prefill_tokens_when_decoding="auto",
-            target_step_ms=0.001,
-            min_prefill_tokens=3,
-            ttft_target_ms=0.001,
-            max_step_ms=1.0,
-            hurry_late_prompts=False,
-        ),
+        dict(OVERDUE, hurry_late_prompts=False),
     ],
     ids=["fcfs-cap5", "sjf", "sjf-aging-cap7", "sjf-auto", "fcfs-auto-ttft", "fcfs-auto-late"],
 )
