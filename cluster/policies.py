@@ -142,9 +142,9 @@ class AutoCap:
     ) -> bool:
         """Whether some pending prompt finishes after its deadline in steps of `cap` prefill
         tokens, and (unless hurry_late) before it in steps of `ceiling`. The first `total`
-        pending tokens take n = ceil(total / chunk) steps of overhead A = a + b*d each, plus total*c of prefill
-        work, so a deadline allows at most n = floor((slack - total*c) / A) steps, and needs
-        chunks of ceil(total / n)."""
+        pending tokens take n = ceil(total / chunk) steps of overhead A = a + b*d each, plus
+        total*c of prefill work, so a deadline allows at most n = floor((slack - total*c) / A)
+        steps, and needs chunks of ceil(total / n)."""
         a, b, c = self.model.coefficients()  # known: max_prefill answered
         overhead = max(a + b * num_decodes, 1e-6)
         total = 0
