@@ -33,6 +33,12 @@ from cluster.replica_group import ReplicaGroup
 log = logging.getLogger(__name__)
 
 REGISTRY = "registry"  # the registry's deployment name in every Flotilla app
+# How long a group being removed waits for the registry. When the whole app is deleted the
+# registry stops alongside, and a call to it hangs: waiting 5 s each for the drain announcement
+# and the leave outlasted Serve's grace period, and every group was force-killed instead of
+# freeing its engine. Routers learn of the drain from the group's own refusals, and the TTL
+# drops a member that never left.
+_LEAVING_REGISTRY_S = 1.0
 
 
 def threads_for(config: EngineConfig, cpu_share: float) -> EngineConfig:
@@ -145,9 +151,11 @@ class ServedGroup(ReplicaGroup):
         wait_s = 0.0 if self.draining or not self.health() else self.drain_s
         self.draining = True
         self.member.state = "draining"
+        registry_up = True
         try:
-            await asyncio.wait_for(self._announce(), 5)
+            await asyncio.wait_for(self._announce(), _LEAVING_REGISTRY_S)
         except Exception as e:
+            registry_up = False  # gone with the app, or restarting: the TTL will drop us
             log.info("group %s: announcing the drain failed: %r", self.name, e)
         deadline = time.monotonic() + wait_s
         while (self.in_flight() or self.leases.items) and time.monotonic() < deadline:
@@ -161,10 +169,11 @@ class ServedGroup(ReplicaGroup):
         self._heartbeat.cancel()
         for group in list(self.kv_links):
             self.drop_link(group, "this group is being removed")
-        try:
-            await asyncio.wait_for(self._registry.leave.remote(self.name), 5)
-        except Exception:  # TTL removes it anyway
-            pass
+        if registry_up:
+            try:
+                await asyncio.wait_for(self._registry.leave.remote(self.name), _LEAVING_REGISTRY_S)
+            except Exception:  # TTL removes it anyway
+                pass
         ReplicaGroup.__del__(self)
 
     def evict(self, reason: str) -> int:
