@@ -4,6 +4,7 @@ Face directories (config.json + safetensors + tokenizer), and HF references."""
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -39,10 +40,23 @@ def pytest_collection_finish(session):
         _PREBUILDS.append(kernel_prebuild.start(lower=True))
 
 
+def pytest_runtest_setup(item):
+    """The shared Serve cluster of tests/deploy (app_fixtures) stays up only while the modules
+    marked serve_cluster run: any other module may start Ray itself."""
+    shared = sys.modules.get("app_fixtures")
+    if shared is not None:
+        shared.enter_test(item.get_closest_marker("serve_cluster") is not None)
+
+
 def pytest_sessionfinish(session):
-    """A build still running (a short session on a cold cache) is stopped with the session."""
+    """A build still running (a short session on a cold cache) is stopped with the session, and
+    so is the shared Serve cluster."""
     import signal
     import subprocess
+
+    shared = sys.modules.get("app_fixtures")
+    if shared is not None:
+        shared.stop_shared_cluster()
 
     for proc in filter(None, _PREBUILDS):
         if proc.poll() is not None:

@@ -1,10 +1,19 @@
 """What the real-Serve test modules of tests/deploy share: free loopback ports, the config of
-an app of a tiny seeded model, one Ray cluster with the app running for a module (stopped
-whatever happens), and a gRPC stub on its port."""
+an app of a tiny seeded model, a Ray cluster with Serve running the app for a module, and a
+gRPC stub on its port.
+
+The cluster outlives the module: starting Ray and Serve is ~11 s of a 2-core machine, so the
+next module that runs an app on the same cluster settings (CPUs, job runtime_env, proxy
+options -- all in `_cluster_key`) deploys into it; only the app is deleted at the module's
+end. A module with other settings gets a fresh cluster. tests/conftest.py stops it before
+any test of a module that does not use `running_app` (such a module may start Ray itself, and
+ray.init() would attach to this one) and at the end of the session; tests/deploy/conftest.py
+runs the modules that use it one after another."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -17,9 +26,23 @@ META = (("application", "flotilla"),)
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (each socket is held until all are bound)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+# The proxies' ports (fixed by a cluster's first serve.start) and Ray's metrics export port:
+# one set for the session, so that every app of a shared cluster listens where its config says.
+HTTP_PORT, GRPC_PORT, METRICS_PORT = free_ports(3)
+# A cluster's CPUs: what the largest app here asks for (two TP-2 groups and two routers).
+NUM_CPUS = 6
 
 
 def tiny_app_config(model: str, overrides: dict[str, Any] | None = None):
@@ -37,8 +60,8 @@ def tiny_app_config(model: str, overrides: dict[str, Any] | None = None):
         "groups": 1,
         "router": {"stats_interval_s": 0.1},
         "serve": {
-            "http_port": free_port(),
-            "grpc_port": free_port(),
+            "http_port": HTTP_PORT,
+            "grpc_port": GRPC_PORT,
             "metrics_export_port": None,
             "group_num_cpus": 0.5,
             "group_graceful_shutdown_s": 1.0,
@@ -60,19 +83,85 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def running_app(config, num_cpus: int = 4, runtime_env: dict | None = None) -> Iterator[Any]:
-    """A local Ray cluster running `config`'s app; yields the router's handle."""
-    import ray
-
+def running_app(config, runtime_env: dict | None = None) -> Iterator[Any]:
+    """`config`'s app running on a local Ray cluster (the shared one where its settings match);
+    yields the router's handle. The app is deleted afterwards; if that fails, the cluster goes."""
     from deploy.app import runtime_env as app_env
     from deploy.app import start
 
+    if not _SHARED["marked"]:
+        raise RuntimeError("a module that uses running_app is marked pytest.mark.serve_cluster")
     env = runtime_env or app_env(config)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=env)
+    _ensure_cluster(_cluster_key(config, env), env)
     try:
         yield start(config)
     finally:
-        stop_local_cluster()
+        _delete_app(config.serve.app_name)
+
+
+# key: the running shared cluster's _cluster_key (None: none is up); marked: whether the test
+# being set up is marked serve_cluster (tests/conftest.py says so before each test).
+_SHARED: dict[str, Any] = {"key": None, "marked": False}
+
+
+def enter_test(marked: bool) -> None:
+    _SHARED["marked"] = marked
+    if not marked:
+        stop_shared_cluster()
+
+
+def _cluster_key(config, env: dict) -> str:
+    """What a cluster and its Serve instance fix at their start."""
+    from deploy.app import grpc_options, http_options
+
+    grpc = grpc_options(config)
+    return json.dumps(
+        {
+            "cpus": NUM_CPUS,
+            "env": env,
+            "http": http_options(config),
+            "grpc": [grpc.port, grpc.request_timeout_s, grpc.grpc_servicer_functions],
+            "proxy_location": str(config.serve.proxy_location),
+        },
+        sort_keys=True,
+        default=str,
+    )
+
+
+def _ensure_cluster(key: str, env: dict) -> None:
+    import ray
+
+    if _SHARED["key"] == key and ray.is_initialized():
+        return
+    stop_shared_cluster()
+    ray.init(
+        num_cpus=NUM_CPUS,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env=env,
+        _metrics_export_port=METRICS_PORT,
+    )
+    _SHARED["key"] = key
+
+
+def _delete_app(name: str) -> None:
+    """Delete the app and wait until its replicas are gone (serve.delete blocks until then);
+    a cluster whose app will not go is not reused."""
+    from ray import serve
+
+    try:
+        serve.delete(name, _blocking=True)
+    except BaseException:
+        stop_shared_cluster()
+        raise
+
+
+def stop_shared_cluster() -> None:
+    """Stop the shared cluster if it is up; a cluster a module started itself is left alone."""
+    if _SHARED["key"] is None:
+        return
+    _SHARED["key"] = None
+    stop_local_cluster()
 
 
 @contextlib.contextmanager

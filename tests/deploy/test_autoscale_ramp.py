@@ -16,7 +16,11 @@ from deploy.config import FlotillaConfig
 from router.proto import flotilla_pb2 as pb
 from router.proto import flotilla_pb2_grpc as pb_grpc
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.serve_cluster,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
 
 MAX_TOKENS = 120
 PROMPTS = [[100 + (17 * i + 5 * j) % 700 for i in range(5 + j)] for j in range(8)]

@@ -42,7 +42,7 @@ from hypothesis import strategies as st
 from deploy.config import FlotillaConfig
 from router.proto import flotilla_pb2 as pb
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
 
 MODEL = "tiny"
 MAX_MODEL_LEN = 96  # short: a valid request generates at most this many tokens

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from app_fixtures import META, free_port, grpc_stub, running_app
+from app_fixtures import GRPC_PORT, HTTP_PORT, META, grpc_stub, running_app
 
 from deploy import preflight
 from router.proto import flotilla_pb2 as pb
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
 
 ROOT = Path(__file__).resolve().parents[2]
 LEASE_S = 1.0
@@ -54,8 +54,8 @@ def config(tiny_model_dir):
             "router.pd_min_prompt_tokens": 12,
             # A stalled group is marked unhealthy after max(2 s, 10 polls) unanswered: 5 s.
             "router.stats_interval_s": 0.5,
-            "serve.http_port": free_port(),
-            "serve.grpc_port": free_port(),
+            "serve.http_port": HTTP_PORT,
+            "serve.grpc_port": GRPC_PORT,
             "serve.metrics_export_port": None,
             "serve.health_check_period_s": 1.0,
         },

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import openai
 import pytest
-from app_fixtures import META, free_port, grpc_stub, running_app
+from app_fixtures import GRPC_PORT, HTTP_PORT, META, grpc_stub, running_app
 
 from deploy import preflight
 from router.proto import flotilla_pb2 as pb
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
 
 ROOT = Path(__file__).resolve().parents[2]
 MIN_PD = 12  # prompts of at least this many tokens go through the prefill group
@@ -32,8 +32,8 @@ def config(tiny_model_dir):
             "engine.cache": {"block_size": 8, "num_blocks": 512},
             "router.pd_min_prompt_tokens": MIN_PD,
             "router.stats_interval_s": 0.1,
-            "serve.http_port": free_port(),
-            "serve.grpc_port": free_port(),
+            "serve.http_port": HTTP_PORT,
+            "serve.grpc_port": GRPC_PORT,
             "serve.metrics_export_port": None,
             "serve.health_check_period_s": 1.0,
         },

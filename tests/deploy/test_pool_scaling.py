@@ -14,7 +14,7 @@ from app_fixtures import META, grpc_stub, running_app, tiny_app_config
 from deploy.config import FlotillaConfig
 from router.proto import flotilla_pb2 as pb
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
 
 MAX_TOKENS = 600
 

@@ -1,17 +1,17 @@
-"""One Ray cluster and one Serve app (two replica groups of the tiny seeded Llama), shared by
-every test module in this package and stopped after the last of them."""
+"""One Serve app (two replica groups of the tiny seeded Llama) on tests/deploy's shared
+cluster, shared by every test module in this package and deleted after the last of them."""
 
 from __future__ import annotations
 
 import grpc
 import openai
 import pytest
-from app_fixtures import stop_local_cluster
+from app_fixtures import running_app
 
 from deploy.config import FlotillaConfig
 from router.proto import flotilla_pb2_grpc as pb_grpc
 
-from .serve_support import BASE, BLOCK, GRPC_PORT, HTTP_PORT, MAX_MODEL_LEN, METRICS_PORT
+from .serve_support import BASE, BLOCK, GRPC_PORT, HTTP_PORT, MAX_MODEL_LEN
 
 
 @pytest.fixture(scope="package")
@@ -44,21 +44,8 @@ def config(tiny_model_dir) -> FlotillaConfig:
 @pytest.fixture(scope="package")
 def app(config):
     """The router's DeploymentHandle (for group stats); the app listens on HTTP_PORT/GRPC_PORT."""
-    import ray
-
-    from deploy.app import runtime_env, start
-
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        _metrics_export_port=METRICS_PORT,
-        runtime_env=runtime_env(config),
-    )
-    try:
-        yield start(config)
-    finally:
-        stop_local_cluster()
+    with running_app(config) as router:
+        yield router
 
 
 @pytest.fixture(scope="package")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import time
 
+from app_fixtures import GRPC_PORT as GRPC_PORT  # the shared cluster's ports, re-exported
+from app_fixtures import HTTP_PORT as HTTP_PORT
+from app_fixtures import METRICS_PORT as METRICS_PORT
+
 from router.proto import flotilla_pb2 as pb
 
-HTTP_PORT, GRPC_PORT, METRICS_PORT = 18000, 19000, 18080
 BASE = f"http://127.0.0.1:{HTTP_PORT}"
 MAX_MODEL_LEN = 1024  # the tiny model's own limit: room for long cancellable requests
 BLOCK = 8

@@ -25,7 +25,7 @@ from .serve_support import (
     wait_aborted,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
 
 
 # ---- gRPC -----------------------------------------------------------------------------------

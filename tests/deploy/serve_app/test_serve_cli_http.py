@@ -10,7 +10,7 @@ import pytest
 
 from .serve_support import BASE
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
 
 PROMPT = "The capital of France is"
 

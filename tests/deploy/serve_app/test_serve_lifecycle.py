@@ -20,7 +20,7 @@ from router.proto import flotilla_pb2 as pb
 
 from .serve_support import BASE, counts, greedy, wait_aborted, wait_idle
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
 
 
 # ---- cancellation ----------------------------------------------------------------------------

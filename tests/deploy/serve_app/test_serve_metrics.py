@@ -16,7 +16,7 @@ from dashboard_names import dashboard_queries, metric_names, sample_values, tota
 
 from .serve_support import BASE, METRICS_PORT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
 
 # The second prompt repeats the first one's 3 full blocks (block size 8): a prefix-cache hit
 # when the prefix-aware policy sends it to the same group.

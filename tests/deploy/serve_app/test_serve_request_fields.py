@@ -11,7 +11,7 @@ import pytest
 from router.proto import flotilla_pb2 as pb
 from workers.sampling_params import SamplingParams
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
 
 PROMPT = "The capital of France is"
 

@@ -15,7 +15,7 @@ import requests
 
 from .serve_support import BASE, BLOCK, METRICS_PORT, group_stats, wait_idle
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
 
 
 # ---- routing -----------------------------------------------------------------------------------
