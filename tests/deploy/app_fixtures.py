@@ -146,14 +146,42 @@ def _ensure_cluster(key: str, env: dict) -> None:
 
 def _delete_app(name: str) -> None:
     """Delete the app and wait until its replicas are gone (serve.delete blocks until then);
-    a cluster whose app will not go is not reused."""
+    a cluster whose app will not go is not reused. Every replica must have stopped by itself:
+    one that Serve force-killed after its grace period never freed its engine (a group once
+    waited 10 s on the registry that was being deleted with it)."""
     from ray import serve
 
+    before = _controller_log_sizes()
     try:
         serve.delete(name, _blocking=True)
     except BaseException:
         stop_shared_cluster()
         raise
+    killed = [ln for ln in _controller_log_since(before) if "force-killing" in ln]
+    assert not killed, f"deleting app {name!r}: replicas force-killed: {killed}"
+
+
+def _controller_logs() -> list[Any]:
+    """The Serve controller's log files (a restarted controller writes a new one)."""
+    from pathlib import Path
+
+    import ray._private.worker
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    return sorted(logs.glob("controller_*.log"))
+
+
+def _controller_log_sizes() -> dict[Any, int]:
+    return {p: p.stat().st_size for p in _controller_logs()}
+
+
+def _controller_log_since(sizes: dict[Any, int]) -> list[str]:
+    lines: list[str] = []
+    for p in _controller_logs():
+        with open(p, "rb") as f:
+            f.seek(sizes.get(p, 0))
+            lines += f.read().decode(errors="replace").splitlines()
+    return lines
 
 
 def stop_shared_cluster() -> None:
