@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import grpc
 import pytest
@@ -146,6 +147,28 @@ def _routers(app) -> dict[str, str]:
     raise AssertionError(f"only these router replicas answered: {seen}")
 
 
+def _held_per_router(app, timeout_s: float = 15.0) -> dict[str, int]:
+    """Running streams per router replica, as the groups count them, once they account for
+    every stream (each has a token). Asked again until then, bounded: in full CI runs the first
+    answer has come up short (4 of 6 streams, 3 times in ~14 runs, never under diagnostics),
+    cause not found yet; a timeout shows what the groups said and how old each answer was."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        gs = group_stats(app)
+        held: dict[str, int] = {}
+        for g in gs:
+            for rid, n in g["router_requests"].items():
+                held[rid] = held.get(rid, 0) + n
+        if sum(held.values()) == len(PROMPTS):
+            return held
+        assert time.monotonic() < deadline, [
+            {k: g.get(k) for k in ("name", "healthy", "num_running", "router_requests")}
+            | {"age_s": round(time.time() - g.get("time", 0), 2)}
+            for g in gs
+        ]
+        time.sleep(0.2)
+
+
 def test_a_killed_router_replica_fails_exactly_its_streams_and_nothing_else(app, stub, reference):
     import ray
 
@@ -154,11 +177,7 @@ def test_a_killed_router_replica_fails_exactly_its_streams_and_nothing_else(app,
     aborted = sum(g["num_aborted"] for g in group_stats(app))
     load = Load(stub, PROMPTS, LONG_TOKENS)
     load.started.wait()
-    held: dict[str, int] = {}
-    for g in group_stats(app):
-        for rid, n in g["router_requests"].items():
-            held[rid] = held.get(rid, 0) + n
-    assert sum(held.values()) == len(PROMPTS), held
+    held = _held_per_router(app)
     victim = max(held, key=held.get)  # the router replica holding the most streams
     lost = held[victim]
     ray.kill(ray.get_actor(routers[victim], namespace="serve"), no_restart=True)
