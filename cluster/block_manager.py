@@ -20,7 +20,6 @@ import hashlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
 
 
 def hash_block(parent: int | None, token_ids: Sequence[int]) -> int:
@@ -41,24 +40,26 @@ def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
     return out
 
 
-@dataclass
-class Block:
-    block_id: int
-    ref_count: int = 0
-    hash: int | None = None
-
-
 class BlockManager:
+    """Per-block state lives in flat arrays, not one object per block: a tiny model on a large
+    host gets ~10^5-10^6 blocks, and objects for them cost seconds to build and free and weigh
+    on every full garbage collection for the engine's life. The free queue is three parts in
+    order: `_head` (freed, worth nothing: reused first, most recently freed first), the blocks
+    never used yet (`_fresh` and above, in id order), `_tail` (freed with a cached prefix:
+    least recently freed first, so LRU eviction)."""
+
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be >= 1")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
-        # Blocks with ref_count 0, least recently freed first. Dict-as-ordered-set: O(1) removal
-        # when a cached block is hit again.
-        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._ref = array("l", bytes(8 * num_blocks))  # references per block
+        self._hash: dict[int, int] = {}  # block id -> its hash, for hashed (findable) blocks
+        # Dicts as ordered sets: O(1) removal when a cached block is hit again.
+        self._head: OrderedDict[int, None] = OrderedDict()
+        self._fresh = 0
+        self._tail: OrderedDict[int, None] = OrderedDict()
         self._cached: dict[int, int] = {}  # hash -> block id
         self._tables: dict[str, list[int]] = {}
         self._num_hashed: dict[str, int] = {}  # req -> full blocks already hashed
@@ -69,11 +70,21 @@ class BlockManager:
     # ---- queries -----------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return len(self._head) + (self.num_blocks - self._fresh) + len(self._tail)
 
     @property
     def usage(self) -> float:
-        return 1.0 - len(self._free) / self.num_blocks
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def ref_count(self, block_id: int) -> int:
+        return self._ref[block_id]
+
+    def block_hash(self, block_id: int) -> int | None:
+        return self._hash.get(block_id)
+
+    def free_queue(self) -> list[int]:
+        """Free block ids in the order they will be reused. O(num_blocks): for tests."""
+        return [*self._head, *range(self._fresh, self.num_blocks), *self._tail]
 
     def block_table(self, req_id: str) -> list[int]:
         return self._tables.get(req_id, [])
@@ -117,8 +128,8 @@ class BlockManager:
         have = len(self._tables.get(req_id, ())) or len(hit_blocks)
         need = self.blocks_needed(num_tokens) - have
         # Hit blocks that sit in the free queue are taken out of it, so they don't count as free.
-        reclaimed = sum(1 for b in hit_blocks if self.blocks[b].ref_count == 0)
-        return need <= len(self._free) - reclaimed
+        reclaimed = sum(1 for b in hit_blocks if self._ref[b] == 0)
+        return need <= self.num_free_blocks - reclaimed
 
     def allocate(self, req_id: str, num_tokens: int, hit_blocks: Sequence[int] = ()) -> bool:
         """Grow `req_id`'s table to hold `num_tokens` tokens. A new request first shares
@@ -131,20 +142,33 @@ class BlockManager:
             for b in hit_blocks:
                 table.append(self._take(b, keep_hash=True))
             self._num_hashed[req_id] = len(hit_blocks)
-            self._hashes[req_id] = [self.blocks[b].hash for b in hit_blocks]  # type: ignore[misc]
+            self._hashes[req_id] = [self._hash[b] for b in hit_blocks]
         while len(table) < self.blocks_needed(num_tokens):
-            table.append(self._take(next(iter(self._free))))
+            table.append(self._take(self._next_free()))
         return True
 
+    def _next_free(self) -> int:
+        if self._head:
+            return next(iter(self._head))
+        if self._fresh < self.num_blocks:
+            return self._fresh
+        return next(iter(self._tail))
+
     def _take(self, block_id: int, keep_hash: bool = False) -> int:
-        block = self.blocks[block_id]
-        if block.ref_count == 0:
-            del self._free[block_id]
-            if block.hash is not None and not keep_hash:
+        if self._ref[block_id] == 0:
+            if block_id in self._head:
+                del self._head[block_id]
+            elif block_id in self._tail:
+                del self._tail[block_id]
+            else:  # never used: only ever taken in order
+                assert block_id == self._fresh, f"block {block_id} is not free"
+                self._fresh += 1
+            h = self._hash.get(block_id)
+            if h is not None and not keep_hash:
                 # Reused for new content: its cached prefix is evicted.
-                del self._cached[block.hash]
-                block.hash = None
-        block.ref_count += 1
+                del self._cached[h]
+                del self._hash[block_id]
+        self._ref[block_id] += 1
         return block_id
 
     def cache_blocks(self, req_id: str, token_ids: Sequence[int], num_computed: int) -> None:
@@ -159,11 +183,10 @@ class BlockManager:
             parent = chain[-1] if chain else None
             h = hash_block(parent, token_ids[i * self.block_size : (i + 1) * self.block_size])
             chain.append(h)
-            block = self.blocks[table[i]]
             if h in self._cached:
                 continue  # an identical block exists already (computed concurrently); keep it
-            block.hash = h
-            self._cached[h] = block.block_id
+            self._hash[table[i]] = h
+            self._cached[h] = table[i]
         self._num_hashed[req_id] = max(done, full)
 
     def trim(self, req_id: str, num_tokens: int) -> int:
@@ -178,11 +201,10 @@ class BlockManager:
         extra = table[keep:]
         del table[keep:]
         for b in reversed(extra):
-            block = self.blocks[b]
-            assert block.ref_count == 1 and block.hash is None, f"trimming shared block {b}"
-            block.ref_count = 0
-            self._free[b] = None
-            self._free.move_to_end(b, last=False)  # worth nothing: reuse first
+            assert self._ref[b] == 1 and b not in self._hash, f"trimming shared block {b}"
+            self._ref[b] = 0
+            self._head[b] = None
+            self._head.move_to_end(b, last=False)  # worth nothing: reuse first
         return len(extra)
 
     def free(self, req_id: str) -> None:
@@ -194,38 +216,44 @@ class BlockManager:
         if table is None:
             return
         for b in reversed(table):
-            block = self.blocks[b]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                if block.hash is None:
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                if b not in self._hash:
                     # Uncached blocks are worth nothing: reuse them first.
-                    self._free[b] = None
-                    self._free.move_to_end(b, last=False)
+                    self._head[b] = None
+                    self._head.move_to_end(b, last=False)
                 else:
-                    self._free[b] = None
+                    self._tail[b] = None
 
     def audit(self, live: Collection[str]) -> dict[str, int]:
         """Account for every block: free (unused), cached (unused, findable by hash), in use
         (referenced). `leaked` counts blocks whose state disagrees with the requests in
         `live`: referenced by no live request's table (a finished request kept them), a
         reference count other than the live tables' count, or a free block missing from the
-        free queue (never reusable). O(num_blocks): call it between steps, not in them."""
-        refs = [0] * self.num_blocks
+        free queue (never reusable). O(blocks ever used): call it between steps."""
+        refs: dict[int, int] = {}
         for req_id, table in self._tables.items():
             if req_id in live:
                 for b in table:
-                    refs[b] += 1
+                    refs[b] = refs.get(b, 0) + 1
         free = cached = in_use = leaked = 0
-        for block in self.blocks:
-            if block.ref_count > 0:
+        used = self._fresh  # blocks below were taken at least once
+        for b in range(used):
+            ref = self._ref[b]
+            if ref > 0:
                 in_use += 1
-            elif block.hash is None:
-                free += 1
-            else:
+            elif b in self._hash:
                 cached += 1
-            queued = block.block_id in self._free
-            if block.ref_count != refs[block.block_id] or queued != (block.ref_count == 0):
+            else:
+                free += 1
+            queued = b in self._head or b in self._tail
+            if ref != refs.get(b, 0) or queued != (ref == 0):
                 leaked += 1
+        # never used: free and queued by construction, unless something references them
+        never = self._ref[used:]
+        held = len(never) - never.count(0)
+        free, in_use, leaked = free + len(never) - held, in_use + held, leaked + held
+        leaked += sum(1 for b in refs if b >= used and self._ref[b] == 0)
         return {
             "total": self.num_blocks,
             "free": free,
@@ -236,6 +264,6 @@ class BlockManager:
 
     def reset_prefix_cache(self) -> None:
         for h, b in list(self._cached.items()):
-            if self.blocks[b].ref_count == 0:
-                self.blocks[b].hash = None
+            if self._ref[b] == 0:
+                del self._hash[b]
                 del self._cached[h]

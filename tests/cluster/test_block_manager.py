@@ -60,7 +60,7 @@ def test_fresh_pool_allocates_in_order():
     assert bm.block_table("a") == [0, 1, 2, 4]
     assert bm.num_free_blocks == 3
     assert bm.usage == pytest.approx(5 / 8)
-    assert [bm.blocks[i].ref_count for i in range(8)] == [1, 1, 1, 1, 1, 0, 0, 0]
+    assert [bm.ref_count(i) for i in range(8)] == [1, 1, 1, 1, 1, 0, 0, 0]
     assert bm.block_table("nope") == []
     assert bm.blocks_needed(0) == 0 and bm.blocks_needed(1) == 1 and bm.blocks_needed(8) == 2
 
@@ -106,7 +106,7 @@ def test_allocate_with_hits_fails_without_touching_the_cache():
     assert bm.allocate("c", len(prompt), hits) is False
     assert bm.num_free_blocks == 4
     assert bm.cached_block_hashes() == hashes_before
-    assert [b.ref_count for b in bm.blocks] == [0, 0, 0, 0]
+    assert [bm.ref_count(b) for b in range(bm.num_blocks)] == [0, 0, 0, 0]
     # A + 1 token needs exactly the 3 hits + the one remaining free block.
     prompt = A + [1]
     assert bm.allocate("c", len(prompt), bm.find_cached_prefix(prompt))
@@ -129,7 +129,7 @@ def test_find_cached_prefix_exact_ids():
     # Same second block after a different first block: no hit (hashes are chained).
     assert bm.find_cached_prefix(B_ONLY + A[4:] + [7]) == []
     # Lookups take no references.
-    assert [bm.blocks[i].ref_count for i in (1, 2, 3)] == [1, 1, 1]
+    assert [bm.ref_count(i) for i in (1, 2, 3)] == [1, 1, 1]
 
 
 def test_cache_blocks_hashes_only_full_computed_blocks():
@@ -143,12 +143,12 @@ def test_cache_blocks_hashes_only_full_computed_blocks():
     assert bm.cached_block_hashes() == block_hashes(toks, BS)[:1]
     bm.cache_blocks("a", toks, 10)  # two full, third partial
     assert bm.cached_block_hashes() == block_hashes(toks, BS)
-    assert [bm.blocks[i].hash for i in range(3)] == block_hashes(toks, BS) + [None]
+    assert [bm.block_hash(i) for i in range(3)] == block_hashes(toks, BS) + [None]
     # Extending to a full third block hashes it, chained to the previous ones.
     toks = A
     bm.cache_blocks("a", toks, 12)
     assert bm.cached_block_hashes() == block_hashes(A, BS)
-    assert bm.blocks[2].hash == block_hashes(A, BS)[2]
+    assert bm.block_hash(2) == block_hashes(A, BS)[2]
     # Unknown request: no-op.
     bm.cache_blocks("ghost", toks, 12)
     assert bm.cached_block_hashes() == block_hashes(A, BS)
@@ -160,9 +160,9 @@ def test_duplicate_block_is_not_cached_twice():
     # Same prompt computed concurrently (no hits taken): its blocks are not registered.
     assert cached_req(bm, "b", A) == [3, 4, 5]
     assert bm.cached_block_hashes() == block_hashes(A, BS)
-    assert [bm.blocks[i].hash for i in (3, 4, 5)] == [None, None, None]
+    assert [bm.block_hash(i) for i in (3, 4, 5)] == [None, None, None]
     bm.free("b")  # uncached: back at the head of the free queue
-    assert list(bm._free) == [3, 4, 5, 6, 7]
+    assert bm.free_queue() == [3, 4, 5, 6, 7]
 
 
 def test_prefix_caching_disabled():
@@ -171,7 +171,7 @@ def test_prefix_caching_disabled():
     assert bm.cached_block_hashes() == []
     assert bm.find_cached_prefix(A + [1]) == []
     bm.free("a")
-    assert list(bm._free) == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert bm.free_queue() == [0, 1, 2, 3, 4, 5, 6, 7]
 
 
 def test_hit_on_freed_cached_blocks_reclaims_them():
@@ -187,12 +187,12 @@ def test_hit_on_freed_cached_blocks_reclaims_them():
     assert bm.num_free_blocks == 4
     # The hit blocks keep their hashes and stay findable.
     assert bm.cached_block_hashes() == block_hashes(A, BS)
-    assert [bm.blocks[i].ref_count for i in range(4)] == [1, 1, 1, 1]
+    assert [bm.ref_count(i) for i in range(4)] == [1, 1, 1, 1]
     # Hashing continues after the hits, chained to them.
     prompt2 = prompt + [6, 7, 8]
     bm.cache_blocks("c", prompt2, 16)
     assert bm.cached_block_hashes() == block_hashes(prompt2, BS)
-    assert bm.blocks[3].hash == block_hashes(prompt2, BS)[3]
+    assert bm.block_hash(3) == block_hashes(prompt2, BS)[3]
 
 
 # ---- refcounts and freeing -------------------------------------------------------------------
@@ -204,18 +204,18 @@ def test_shared_prefix_refcounts():
     assert hits == [0, 1]
     assert bm.allocate("b", len(b_prompt), hits)
     assert bm.block_table("b") == [0, 1, 3, 4]
-    assert [bm.blocks[i].ref_count for i in range(5)] == [2, 2, 1, 1, 1]
+    assert [bm.ref_count(i) for i in range(5)] == [2, 2, 1, 1, 1]
     assert bm.num_free_blocks == 3
     bm.free("a")
     # Shared blocks stay in use for b; only a's private block 2 is free (cached, at the tail).
-    assert [bm.blocks[i].ref_count for i in range(5)] == [1, 1, 0, 1, 1]
+    assert [bm.ref_count(i) for i in range(5)] == [1, 1, 0, 1, 1]
     assert bm.num_free_blocks == 4
-    assert list(bm._free) == [5, 6, 7, 2]
+    assert bm.free_queue() == [5, 6, 7, 2]
     assert bm.block_table("b") == [0, 1, 3, 4]
     assert bm.find_cached_prefix(A + [1]) == [0, 1, 2]
     bm.free("b")
     assert bm.num_free_blocks == 8
-    assert all(b.ref_count == 0 for b in bm.blocks)
+    assert all(bm.ref_count(b) == 0 for b in range(bm.num_blocks))
     bm.free("b")  # double free is a no-op
     assert bm.num_free_blocks == 8
 
@@ -225,13 +225,13 @@ def test_free_order_and_eviction_order():
     h = block_hashes(A, BS)
     assert cached_req(bm, "a", A) == [0, 1, 2]  # hashed
     assert bm.allocate("b", 6) and bm.block_table("b") == [3, 4]  # never hashed
-    assert list(bm._free) == [5, 6, 7]
+    assert bm.free_queue() == [5, 6, 7]
     bm.free("a")
     # Hashed blocks go to the tail, last block first (it is evicted first).
-    assert list(bm._free) == [5, 6, 7, 2, 1, 0]
+    assert bm.free_queue() == [5, 6, 7, 2, 1, 0]
     bm.free("b")
     # Uncached blocks go to the head, in table order.
-    assert list(bm._free) == [3, 4, 5, 6, 7, 2, 1, 0]
+    assert bm.free_queue() == [3, 4, 5, 6, 7, 2, 1, 0]
     assert bm.num_free_blocks == bm.num_blocks
 
     # New allocations use the uncached blocks first: no cached hash disappears.
@@ -241,7 +241,7 @@ def test_free_order_and_eviction_order():
     # Then the LRU cached blocks, a's last block first.
     assert bm.allocate("d", 1) and bm.block_table("d") == [2]
     assert bm.cached_block_hashes() == h[:2]
-    assert bm.blocks[2].hash is None
+    assert bm.block_hash(2) is None
     assert bm.find_cached_prefix(A + [1]) == [0, 1]
     assert bm.allocate("e", 1) and bm.block_table("e") == [1]
     assert bm.cached_block_hashes() == h[:1]
@@ -265,17 +265,17 @@ def test_lru_across_requests():
     assert cached_req(bm, "y", y) == [1]
     bm.free("x")
     bm.free("y")
-    assert list(bm._free) == [2, 3, 0, 1]
+    assert bm.free_queue() == [2, 3, 0, 1]
     assert bm.allocate("z", 12) and bm.block_table("z") == [2, 3, 0]
     assert bm.cached_block_hashes() == block_hashes(y, BS)
     # A hit moves a cached block out of the queue; freed again it goes to the tail (MRU).
     bm.free("z")
-    assert list(bm._free) == [2, 3, 0, 1]  # z's blocks were uncached: head, in table order
+    assert bm.free_queue() == [2, 3, 0, 1]  # z's blocks were uncached: head, in table order
     assert bm.allocate("w", 5, [1])
     assert bm.block_table("w") == [1, 2]
-    assert list(bm._free) == [3, 0]
+    assert bm.free_queue() == [3, 0]
     bm.free("w")
-    assert list(bm._free) == [2, 3, 0, 1]
+    assert bm.free_queue() == [2, 3, 0, 1]
 
 
 def test_reset_prefix_cache_drops_only_unreferenced():
@@ -310,8 +310,8 @@ def test_everything_freed_returns_all_blocks():
     for rid in prompts:
         bm.free(rid)
     assert bm.num_free_blocks == bm.num_blocks
-    assert all(b.ref_count == 0 for b in bm.blocks)
-    assert sorted(bm._free) == list(range(16))
+    assert all(bm.ref_count(b) == 0 for b in range(bm.num_blocks))
+    assert sorted(bm.free_queue()) == list(range(16))
 
 
 def test_audit_counts_every_block_and_finds_leaks():
@@ -331,5 +331,14 @@ def test_audit_counts_every_block_and_finds_leaks():
 def test_audit_finds_a_wrong_reference_count():
     bm = BlockManager(num_blocks=4, block_size=4)
     bm.allocate("a", 4)
-    bm.blocks[0].ref_count += 1  # a reference nobody holds
+    bm._ref[0] += 1  # a reference nobody holds
     assert bm.audit({"a"})["leaked"] == 1
+
+
+def test_audit_finds_a_reference_to_a_block_never_handed_out():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    bm.allocate("a", 4)  # block 0; blocks 1-3 were never used
+    bm._ref[2] += 1  # a reference nobody holds
+    audit = bm.audit({"a"})
+    assert audit["leaked"] == 1 and audit["in_use"] == 2
+    assert audit["free"] + audit["cached"] + audit["in_use"] == audit["total"]
