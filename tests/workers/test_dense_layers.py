@@ -17,7 +17,7 @@ def _engine(path: str, budget: int, dtype: str = "bfloat16", **model) -> LLMEngi
     return LLMEngine(
         EngineConfig(
             model=ModelConfig(model=path, dtype=dtype, **model),
-            cache=CacheConfig(block_size=8),
+            cache=CacheConfig(block_size=8, num_blocks=256),  # a batch's worth
             scheduler=SchedulerConfig(max_num_batched_tokens=budget),
         )
     )
@@ -89,7 +89,7 @@ def test_kernel_plan_decides_the_model_paths(tiny_model_dir, kernel_plan):
     torch_engine = LLMEngine(
         EngineConfig(
             model=ModelConfig(model=path, dtype="bfloat16", kernels="torch"),
-            cache=CacheConfig(block_size=8),
+            cache=CacheConfig(block_size=8, num_blocks=256),  # a batch's worth
         )
     )
     plain = torch_engine.executor.runner
