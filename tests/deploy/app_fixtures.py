@@ -3,7 +3,7 @@ an app of a tiny seeded model, a Ray cluster with Serve running the app for a mo
 gRPC stub on its port.
 
 The cluster outlives the module: starting Ray and Serve is ~11 s of a 2-core machine, so the
-next module that runs an app on the same cluster settings (CPUs, job runtime_env, proxy
+next module that runs an app on the same cluster settings (job runtime_env, proxy
 options -- all in `_cluster_key`) deploys into it; only the app is deleted at the module's
 end. A module with other settings gets a fresh cluster. tests/conftest.py stops it before
 any test of a module that does not use `running_app` (such a module may start Ray itself, and
@@ -83,7 +83,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def running_app(config, runtime_env: dict | None = None) -> Iterator[Any]:
+def running_app(config) -> Iterator[Any]:
     """`config`'s app running on a local Ray cluster (the shared one where its settings match);
     yields the router's handle. The app is deleted afterwards; if that fails, the cluster goes."""
     from deploy.app import runtime_env as app_env
@@ -91,7 +91,7 @@ def running_app(config, runtime_env: dict | None = None) -> Iterator[Any]:
 
     if not _SHARED["marked"]:
         raise RuntimeError("a module that uses running_app is marked pytest.mark.serve_cluster")
-    env = runtime_env or app_env(config)
+    env = app_env(config)
     _ensure_cluster(_cluster_key(config, env), env)
     try:
         yield start(config)
@@ -111,13 +111,13 @@ def enter_test(marked: bool) -> None:
 
 
 def _cluster_key(config, env: dict) -> str:
-    """What a cluster and its Serve instance fix at their start."""
+    """What a cluster and its Serve instance fix at their start (the CPUs are always
+    NUM_CPUS)."""
     from deploy.app import grpc_options, http_options
 
     grpc = grpc_options(config)
     return json.dumps(
         {
-            "cpus": NUM_CPUS,
             "env": env,
             "http": http_options(config),
             "grpc": [grpc.port, grpc.request_timeout_s, grpc.grpc_servicer_functions],
