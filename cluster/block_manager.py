@@ -20,6 +20,7 @@ import hashlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
+from itertools import compress
 
 
 def hash_block(parent: int | None, token_ids: Sequence[int]) -> int:
@@ -41,12 +42,12 @@ def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
 
 
 class BlockManager:
-    """Per-block state lives in flat arrays, not one object per block: a tiny model on a large
-    host gets ~10^5-10^6 blocks, and objects for them cost seconds to build and free and weigh
-    on every full garbage collection for the engine's life. The free queue is three parts in
-    order: `_head` (freed, worth nothing: reused first, most recently freed first), the blocks
-    never used yet (`_fresh` and above, in id order), `_tail` (freed with a cached prefix:
-    least recently freed first, so LRU eviction)."""
+    """Per-block state lives in flat lists and dicts, not one object per block: a tiny model
+    on a large host gets ~10^5-10^6 blocks, and objects for them cost seconds to build and
+    free and weigh on every full garbage collection for the engine's life. The free queue is
+    three parts in order: `_head` (freed, worth nothing: reused first, most recently freed
+    first), the blocks never used yet (`_fresh` and above, in id order), `_tail` (freed with a
+    cached prefix: least recently freed first, so LRU eviction)."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:
@@ -54,7 +55,7 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self._ref = array("l", bytes(8 * num_blocks))  # references per block
+        self._ref = [0] * num_blocks  # references per block (one list, no object per block)
         self._hash: dict[int, int] = {}  # block id -> its hash, for hashed (findable) blocks
         # Dicts as ordered sets: O(1) removal when a cached block is hit again.
         self._head: OrderedDict[int, None] = OrderedDict()
@@ -156,18 +157,15 @@ class BlockManager:
 
     def _take(self, block_id: int, keep_hash: bool = False) -> int:
         if self._ref[block_id] == 0:
-            if block_id in self._head:
-                del self._head[block_id]
-            elif block_id in self._tail:
-                del self._tail[block_id]
-            else:  # never used: only ever taken in order
-                assert block_id == self._fresh, f"block {block_id} is not free"
+            if block_id >= self._fresh:  # never used: only ever taken in order
+                assert block_id == self._fresh, f"block {block_id} is not next in line"
                 self._fresh += 1
-            h = self._hash.get(block_id)
-            if h is not None and not keep_hash:
-                # Reused for new content: its cached prefix is evicted.
-                del self._cached[h]
-                del self._hash[block_id]
+            elif self._head.pop(block_id, False) is False:
+                del self._tail[block_id]
+            if not keep_hash and self._hash:
+                h = self._hash.pop(block_id, None)
+                if h is not None:  # reused for new content: its cached prefix is evicted
+                    del self._cached[h]
         self._ref[block_id] += 1
         return block_id
 
@@ -215,9 +213,10 @@ class BlockManager:
         self._hashes.pop(req_id, None)
         if table is None:
             return
+        ref = self._ref
         for b in reversed(table):
-            self._ref[b] -= 1
-            if self._ref[b] == 0:
+            ref[b] -= 1
+            if ref[b] == 0:
                 if b not in self._hash:
                     # Uncached blocks are worth nothing: reuse them first.
                     self._head[b] = None
@@ -230,30 +229,30 @@ class BlockManager:
         (referenced). `leaked` counts blocks whose state disagrees with the requests in
         `live`: referenced by no live request's table (a finished request kept them), a
         reference count other than the live tables' count, or a free block missing from the
-        free queue (never reusable). O(blocks ever used): call it between steps."""
+        free queue (never reusable). O(num_blocks) at C speed, O(blocks in use) in Python: call it
+        between steps."""
         refs: dict[int, int] = {}
         for req_id, table in self._tables.items():
             if req_id in live:
                 for b in table:
                     refs[b] = refs.get(b, 0) + 1
-        free = cached = in_use = leaked = 0
-        used = self._fresh  # blocks below were taken at least once
-        for b in range(used):
-            ref = self._ref[b]
-            if ref > 0:
-                in_use += 1
-            elif b in self._hash:
-                cached += 1
-            else:
-                free += 1
-            queued = b in self._head or b in self._tail
-            if ref != refs.get(b, 0) or queued != (ref == 0):
-                leaked += 1
-        # never used: free and queued by construction, unless something references them
-        never = self._ref[used:]
-        held = len(never) - never.count(0)
-        free, in_use, leaked = free + len(never) - held, in_use + held, leaked + held
-        leaked += sum(1 for b in refs if b >= used and self._ref[b] == 0)
+        ref, n, fresh = self._ref, self.num_blocks, self._fresh
+        head, tail = self._head, self._tail
+        held = list(compress(range(n), ref))  # referenced blocks, found at C speed
+        in_use = len(held)
+        cached = sum(1 for b in self._hash if ref[b] == 0)
+        free = n - in_use - cached
+        wrong = {b for b in held if ref[b] != refs.get(b, 0)}
+        wrong |= {b for b in refs if ref[b] == 0}
+        # queued (in _head, _tail or never used) although referenced
+        queued_held = {b for b in held if b >= fresh or b in head or b in tail}
+        # unreferenced but in no queue: never reusable
+        queued = len(head) + len(tail) + (n - fresh)
+        lost = (n - in_use) - (queued - len(queued_held))
+        lost_wrong = sum(
+            1 for b in refs if ref[b] == 0 and b < fresh and b not in head and b not in tail
+        )
+        leaked = len(wrong | queued_held) + lost - lost_wrong
         return {
             "total": self.num_blocks,
             "free": free,

@@ -342,3 +342,12 @@ def test_audit_finds_a_reference_to_a_block_never_handed_out():
     audit = bm.audit({"a"})
     assert audit["leaked"] == 1 and audit["in_use"] == 2
     assert audit["free"] + audit["cached"] + audit["in_use"] == audit["total"]
+
+
+def test_audit_finds_a_free_block_missing_from_the_queue():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    bm.allocate("a", 8)  # blocks 0 and 1
+    bm.free("a")
+    del bm._head[1]  # free but never reusable
+    audit = bm.audit(set())
+    assert audit["leaked"] == 1 and audit["free"] == 4 and audit["in_use"] == 0
