@@ -19,15 +19,16 @@ The file is read with `workers.gguf_file.GGUFFile`, which skips the tokenizer's 
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from gguf.quants import dequantize
-from transformers import AutoConfig, PretrainedConfig
 
 from workers.gguf_file import GGUFFile
+from workers.hf_config import HFConfig, cached_config
 
 # GGUF `general.architecture` -> transformers `model_type`. llama.cpp writes Mistral-style
 # models (no sliding window in GGUF metadata) as "llama"; a LlamaConfig describes exactly what
@@ -80,8 +81,9 @@ def gguf_to_hf_name(gguf_name: str) -> str:
     raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face equivalent we can load")
 
 
-def read_gguf_config(path: str) -> PretrainedConfig:
-    """Build the transformers config equivalent to the GGUF file's metadata."""
+def read_gguf_config(path: str) -> HFConfig:
+    """Build the transformers config equivalent to the GGUF file's metadata (resolved by
+    transformers once per set of fields, see workers.hf_config)."""
     reader = GGUFFile(path)
     arch = _architecture(reader, path)
     tensors = {t.name: t for t in reader.tensors}
@@ -112,7 +114,15 @@ def read_gguf_config(path: str) -> PretrainedConfig:
     for key, attr in _TOKEN_ID_KEYS.items():
         if (value := _field(reader, key)) is not None:
             kwargs[attr] = value
-    return AutoConfig.for_model(_MODEL_TYPES[arch], **kwargs)
+    model_type = _MODEL_TYPES[arch]
+
+    def resolve():
+        from transformers import AutoConfig
+
+        return AutoConfig.for_model(model_type, **kwargs)
+
+    source = json.dumps([model_type, kwargs], sort_keys=True).encode()
+    return cached_config(b"gguf\0" + source, path, resolve)
 
 
 def iter_gguf_weights(

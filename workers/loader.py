@@ -7,10 +7,12 @@ A model is named in `ModelConfig.model` as one of:
   * a llama.cpp `.gguf` file (read by `workers.gguf_loader`).
 
 Every function below accepts any of the three (it resolves the name first), and always speaks
-Hugging Face: a `PretrainedConfig`, a transformers tokenizer, and `(hf_name, tensor)` pairs
-such as `model.layers.3.self_attn.q_proj.weight` with HF shapes `[out, in]`.
+Hugging Face: its config (transformers' values, see `workers.hf_config`), a transformers
+tokenizer, and `(hf_name, tensor)` pairs such as `model.layers.3.self_attn.q_proj.weight` with
+HF shapes `[out, in]`. transformers is imported only by what needs it (the tokenizer, a config
+not resolved before), so a rank actor loading weights never pays for it.
 
-Tokenizer cache: converting a GGUF vocabulary into a fast tokenizer takes seconds, so the
+Config cache: see `workers.hf_config`. Tokenizer cache: converting a GGUF vocabulary into a fast tokenizer takes seconds, so the
 result is saved once under `$FLOTILLA_CACHE_DIR/tokenizers/` (default `~/.cache/flotilla`),
 keyed by the GGUF file's path, size and mtime. `FLOTILLA_CACHE_DIR` is, with the config
 loader, the only environment variable Flotilla reads: it names a disk location, not a setting.
@@ -24,12 +26,14 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from importlib.metadata import version
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from workers.gguf_loader import iter_gguf_weights, read_gguf_config
+from workers.hf_config import HFConfig, cached_config
 
 # re-exported: the cache path lives with the other torch-free path logic (`flotilla bench`)
 from workers.model_path import (  # noqa: F401
@@ -39,15 +43,27 @@ from workers.model_path import (  # noqa: F401
     tokenizer_cache_path,
 )
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 ShardFilter = Callable[[str], bool]
 
 
-def load_hf_config(path: str) -> PretrainedConfig:
-    """The model's transformers config (built from GGUF metadata for a .gguf file)."""
+def load_hf_config(path: str) -> HFConfig:
+    """The model's config as transformers resolves it (built from GGUF metadata for a .gguf
+    file)."""
     path = resolve_model_path(path)
     if is_gguf(path):
         return read_gguf_config(path)
-    return AutoConfig.from_pretrained(path)
+    with open(os.path.join(path, "config.json"), "rb") as f:
+        source = f.read()
+
+    def resolve():
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(path)
+
+    return cached_config(b"config.json\0" + source, path, resolve)
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -57,16 +73,47 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     only the first load per file pays for the conversion.
     """
     path = resolve_model_path(path)
-    if not is_gguf(path):
-        return AutoTokenizer.from_pretrained(path)
-    cached = tokenizer_cache_path(path)
-    if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
-        return AutoTokenizer.from_pretrained(cached)
+    cached = tokenizer_cache_path(path) if is_gguf(path) else None
+    if cached and os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
+        return _load_cached_tokenizer(cached)
+    from transformers import AutoTokenizer  # here: importing AutoTokenizer costs ~1 s of CPU
+
+    if not cached:
+        return AutoTokenizer.from_pretrained(path, **_config_for_tokenizer(path))
     tokenizer = AutoTokenizer.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path)
     )
     _save_atomically(tokenizer, cached)
     return tokenizer
+
+
+# In a GGUF tokenizer's cache entry: the class AutoTokenizer loads the entry as, and the
+# transformers version that chose it.
+_CLASS_FILE = "flotilla_tokenizer_class.json"
+
+
+def _load_cached_tokenizer(cached: str) -> PreTrainedTokenizerBase:
+    """Load a cache entry as the class AutoTokenizer chose for it when it was written.
+    AutoTokenizer's own choice first scans the import structure of every transformers model
+    (~1 s of CPU per process on a 2-core EPYC), and every group replica loads the tokenizer.
+    An entry without the record, or from another transformers version, goes through
+    AutoTokenizer as before."""
+    import importlib
+
+    try:
+        with open(os.path.join(cached, _CLASS_FILE), encoding="utf-8") as f:
+            record = json.load(f)
+        if record["transformers"] != version("transformers"):
+            raise ValueError("written by another transformers version")
+        module, name = record["class"].rsplit(".", 1)
+        if module.split(".")[0] != "transformers":
+            raise ValueError(f"{module} is not transformers")
+        cls = getattr(importlib.import_module(module), name)
+    except (OSError, ValueError, KeyError, TypeError, ImportError, AttributeError):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(cached)
+    return cls.from_pretrained(cached, _from_auto=True)  # exactly AutoTokenizer's call
 
 
 def iter_weights(
@@ -114,6 +161,21 @@ def _iter_torch_bins(
                 yield name, _cast(tensor, dtype)
 
 
+def _config_for_tokenizer(path: str) -> dict:
+    """`config=` for AutoTokenizer, so that it does not resolve the model's config itself (the
+    import that workers.hf_config avoids). Given only where AutoTokenizer's choice reads the
+    config as the attributes we have: tokenizer_config.json names the class and brings no
+    remote code; otherwise AutoTokenizer also asks the config's class, so it resolves it."""
+    try:
+        with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as f:
+            tokenizer_config = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not tokenizer_config.get("tokenizer_class") or "auto_map" in tokenizer_config:
+        return {}
+    return {"config": load_hf_config(path)}
+
+
 def _save_atomically(tokenizer: PreTrainedTokenizerBase, target: str) -> None:
     """Write into a temporary sibling, then rename: readers never see a half-written entry,
     and when two workers convert the same file at once the first rename wins."""
@@ -122,12 +184,25 @@ def _save_atomically(tokenizer: PreTrainedTokenizerBase, target: str) -> None:
     staging = tempfile.mkdtemp(prefix=".staging-", dir=parent)
     try:
         tokenizer.save_pretrained(staging)
+        _record_class(staging)
         os.rename(staging, target)
     except OSError:
         if not os.path.isdir(target):
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _record_class(entry: str) -> None:
+    from transformers import AutoTokenizer
+
+    cls = type(AutoTokenizer.from_pretrained(entry))
+    record = {
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "transformers": version("transformers"),
+    }
+    with open(os.path.join(entry, _CLASS_FILE), "w", encoding="utf-8") as f:
+        json.dump(record, f)
 
 
 def _safetensors_files(path: str) -> list[str]:

