@@ -83,8 +83,11 @@ class Grammars:
         self._lltok = None
         self._failed: BaseException | None = None
         self._ready = threading.Event()
+        # Not a daemon: one still inside llguidance's native code when the interpreter
+        # finalizes crashes the process (SIGSEGV, 1 exit in 15 right after an engine was
+        # built); exit waits for the build instead (under a second).
         args = (hf_tokenizer,)
-        threading.Thread(target=self._build, args=args, name="grammar-tok", daemon=True).start()
+        threading.Thread(target=self._build, args=args, name="grammar-tok").start()
 
     def _build(self, hf_tokenizer) -> None:
         try:

@@ -172,3 +172,25 @@ def test_preempted_requests_keep_their_grammar(engine, tiny_model_dir):
         if o.finish_reason == "stop":
             jsonschema.validate(json.loads(o.text), SCHEMA)
     assert any(o.finish_reason == "stop" for o in starved)
+
+
+def test_exit_waits_for_the_grammar_tokenizer_build(engine, monkeypatch):
+    """The engine builds llguidance's tokenizer on a thread. A daemon thread still inside
+    llguidance's native code when the interpreter finalizes crashed the process (SIGSEGV in
+    ~1 of 15 processes that exited right after building an engine): the thread must not be a
+    daemon, so that exit waits for it."""
+    import threading
+
+    from cluster import grammar
+
+    started: list[threading.Thread] = []
+
+    class Recorded(threading.Thread):
+        def start(self):
+            started.append(self)
+            super().start()
+
+    monkeypatch.setattr(grammar.threading, "Thread", Recorded)
+    built = grammar.Grammars(engine.tokenizer, engine.vocab_size, engine.eos_token_ids)
+    assert [(t.name, t.daemon) for t in started] == [("grammar-tok", False)]
+    assert built._tokenizer() is not None
