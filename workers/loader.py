@@ -112,7 +112,12 @@ def _load_cached_tokenizer(cached: str) -> PreTrainedTokenizerBase:
     except (OSError, ValueError, KeyError, TypeError, ImportError, AttributeError):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(cached)
+        tokenizer = AutoTokenizer.from_pretrained(cached)
+        try:  # an entry written before the record existed, or by another version: record now
+            _write_class_record(cached, type(tokenizer))
+        except OSError:
+            pass  # a read-only cache: the next load asks AutoTokenizer again
+        return tokenizer
     return cls.from_pretrained(cached, _from_auto=True)  # exactly AutoTokenizer's call
 
 
@@ -196,13 +201,23 @@ def _save_atomically(tokenizer: PreTrainedTokenizerBase, target: str) -> None:
 def _record_class(entry: str) -> None:
     from transformers import AutoTokenizer
 
-    cls = type(AutoTokenizer.from_pretrained(entry))
+    _write_class_record(entry, type(AutoTokenizer.from_pretrained(entry)))
+
+
+def _write_class_record(entry: str, cls: type) -> None:
+    """Atomically (a sibling, then a rename): concurrent loads of an entry may all write it."""
     record = {
         "class": f"{cls.__module__}.{cls.__qualname__}",
         "transformers": version("transformers"),
     }
-    with open(os.path.join(entry, _CLASS_FILE), "w", encoding="utf-8") as f:
-        json.dump(record, f)
+    fd, staging = tempfile.mkstemp(prefix=".staging-", dir=entry)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(record, f)
+        os.replace(staging, os.path.join(entry, _CLASS_FILE))
+    except OSError:
+        os.unlink(staging)
+        raise
 
 
 def _safetensors_files(path: str) -> list[str]:

@@ -135,15 +135,20 @@ def test_gguf_tokenizer_equals_transformers_and_is_cached(
     assert [p for p in os.listdir(os.path.dirname(cache)) if p.startswith(".")] == []
     assert type(second) is type(transformers.AutoTokenizer.from_pretrained(cache))
 
-    # A record from another transformers version is not trusted: AutoTokenizer chooses again.
+    # A record from another transformers version is not trusted: AutoTokenizer chooses again,
+    # and its choice is recorded for the next load.
     record = os.path.join(cache, loader._CLASS_FILE)
     with open(record, encoding="utf-8") as f:
-        stale = json.load(f) | {"transformers": "0.0.1"}
+        fresh = json.load(f)
     with open(record, "w", encoding="utf-8") as f:
-        json.dump(stale, f)
+        json.dump(fresh | {"transformers": "0.0.1"}, f)
     calls.clear()
     third = loader.load_tokenizer(gguf_path)
     assert calls == [((cache,), {})]
+    with open(record, encoding="utf-8") as f:
+        assert json.load(f) == fresh
+    loader.load_tokenizer(gguf_path)
+    assert len(calls) == 1
 
     for tokenizer in (first, second, third):
         assert tokenizer.is_fast
