@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from gguf.quants import dequantize
 
+from workers.gguf_dequant import dequantize
 from workers.gguf_file import GGUFFile
 from workers.hf_config import HFConfig, cached_config
 
@@ -156,12 +156,8 @@ def _dequantized(
         name = gguf_to_hf_name(tensor.name)
         if shard_filter is not None and not shard_filter(name):
             continue
-        array = dequantize(tensor.data, tensor.tensor_type)
-        if not array.flags.writeable:  # F32 comes back as a view of the read-only mmap
-            array = array.copy()
         # GGUF lists dimensions fastest-first (ggml `ne`); HF shapes are slowest-first.
-        shape = tuple(reversed(tensor.shape))
-        weight = torch.from_numpy(array.reshape(shape))
+        weight = dequantize(tensor.data, tensor.tensor_type, tuple(reversed(tensor.shape)))
         projection = name.split(".")[-2]
         if projection in permuted_heads:
             weight = unpermute_rope_rows(weight, permuted_heads[projection])
