@@ -14,7 +14,8 @@ undo that permutation, so the tensors we yield are the HF checkpoint's tensors. 
 architectures are stored unpermuted.
 
 The file is read with `workers.gguf_file.GGUFFile`, which skips the tokenizer's string arrays
-(gguf-py's `GGUFReader` spends seconds building numpy views of every one of their elements).
+(gguf-py's `GGUFReader` spends seconds building numpy views of every one of their elements),
+and dequantized by `workers.gguf_dequant`.
 """
 
 from __future__ import annotations

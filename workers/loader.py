@@ -12,10 +12,12 @@ tokenizer, and `(hf_name, tensor)` pairs such as `model.layers.3.self_attn.q_pro
 HF shapes `[out, in]`. transformers is imported only by what needs it (the tokenizer, a config
 not resolved before), so a rank actor loading weights never pays for it.
 
-Config cache: see `workers.hf_config`. Tokenizer cache: converting a GGUF vocabulary into a fast tokenizer takes seconds, so the
-result is saved once under `$FLOTILLA_CACHE_DIR/tokenizers/` (default `~/.cache/flotilla`),
-keyed by the GGUF file's path, size and mtime. `FLOTILLA_CACHE_DIR` is, with the config
-loader, the only environment variable Flotilla reads: it names a disk location, not a setting.
+Config cache: see `workers.hf_config`. Tokenizer cache: converting a GGUF vocabulary into a
+fast tokenizer takes seconds, so the result is saved once under
+`$FLOTILLA_CACHE_DIR/tokenizers/` (default `~/.cache/flotilla`), keyed by the GGUF file's
+path, size and mtime, with the class AutoTokenizer loads it as. `FLOTILLA_CACHE_DIR` is, with
+the config loader, the only environment variable Flotilla reads: it names a disk location,
+not a setting.
 """
 
 from __future__ import annotations
@@ -168,9 +170,9 @@ def _iter_torch_bins(
 
 def _config_for_tokenizer(path: str) -> dict:
     """`config=` for AutoTokenizer, so that it does not resolve the model's config itself (the
-    import that workers.hf_config avoids). Given only where AutoTokenizer's choice reads the
-    config as the attributes we have: tokenizer_config.json names the class and brings no
-    remote code; otherwise AutoTokenizer also asks the config's class, so it resolves it."""
+    import workers.hf_config avoids). Passed only when AutoTokenizer's choice reads nothing of
+    the config but attributes we hold: tokenizer_config.json names the class and brings no
+    remote code. Otherwise its choice looks at the config's class too, so it resolves it."""
     try:
         with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as f:
             tokenizer_config = json.load(f)
