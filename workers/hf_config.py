@@ -16,13 +16,11 @@ JSON. The values are transformers' own, so there are no defaults here to drift f
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any
 
-from workers.model_path import config_cache_path
+from workers.model_path import config_cache_path, write_json_atomically
 
 
 class HFConfig:
@@ -60,7 +58,10 @@ def cached_config(source: bytes, name_or_path: str, resolve: Callable[[], Any]) 
             entry = json.load(f)
     except (OSError, ValueError):  # not there yet, or unreadable: resolve it again
         entry = _entry(resolve())
-        _save_atomically(entry, path)
+        try:
+            write_json_atomically(path, entry)
+        except OSError:
+            pass  # an unwritable cache costs the next load's time; the config is returned
     values = dict(entry["values"], _name_or_path=name_or_path)
     return HFConfig(values, entry["aliases"])
 
@@ -69,20 +70,3 @@ def _entry(config) -> dict[str, Any]:
     # to_json_string: the JSON-safe form transformers writes to config.json (dtype as a name).
     values = json.loads(config.to_json_string(use_diff=False))
     return {"values": values, "aliases": dict(type(config).attribute_map)}
-
-
-def _save_atomically(entry: dict[str, Any], path: str) -> None:
-    """Write a sibling, then rename: a reader never sees half an entry, and when two processes
-    resolve the same config at once either rename leaves a whole one. A cache that cannot be
-    written costs only the next load's time: the config is returned all the same."""
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, staging = tempfile.mkstemp(prefix=".staging-", dir=os.path.dirname(path))
-    except OSError:
-        return
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(entry, f)
-        os.replace(staging, path)
-    except OSError:
-        os.unlink(staging)

@@ -43,6 +43,7 @@ from workers.model_path import (  # noqa: F401
     is_gguf,
     resolve_model_path,
     tokenizer_cache_path,
+    write_json_atomically,
 )
 
 if TYPE_CHECKING:
@@ -207,19 +208,12 @@ def _record_class(entry: str) -> None:
 
 
 def _write_class_record(entry: str, cls: type) -> None:
-    """Atomically (a sibling, then a rename): concurrent loads of an entry may all write it."""
     record = {
         "class": f"{cls.__module__}.{cls.__qualname__}",
         "transformers": version("transformers"),
     }
-    fd, staging = tempfile.mkstemp(prefix=".staging-", dir=entry)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f)
-        os.replace(staging, os.path.join(entry, _CLASS_FILE))
-    except OSError:
-        os.unlink(staging)
-        raise
+    # atomic: concurrent loads of one entry may all write it
+    write_json_atomically(os.path.join(entry, _CLASS_FILE), record)
 
 
 def _safetensors_files(path: str) -> list[str]:

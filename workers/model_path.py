@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
+import tempfile
+from typing import Any
 
 from workers.config import DEFAULT_MODEL
 
@@ -72,6 +75,21 @@ def config_cache_path(source: bytes) -> str:
     """Where the resolved config built from `source` lives (see workers.hf_config)."""
     digest = hashlib.sha256(source).hexdigest()[:32]
     return os.path.join(_cache_root(), "configs", f"{digest}.json")
+
+
+def write_json_atomically(path: str, value: Any) -> None:
+    """Write `value` as JSON to a sibling, then rename it onto `path`: a reader never sees half
+    a file, and of processes writing the same file at once one whole write wins. OSError if
+    the directory cannot be written (the caller decides whether that matters)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, staging = tempfile.mkstemp(prefix=".staging-", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(value, f)
+        os.replace(staging, path)
+    except OSError:
+        os.unlink(staging)
+        raise
 
 
 def _cache_root() -> str:
